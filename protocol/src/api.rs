@@ -1,0 +1,57 @@
+//! The HTTP API between `baton-vmm` and its clients (`batonctl`, `curl --unix-socket`).
+//!
+//! Bodies are JSON. The API path prefix carries the version.
+
+use serde::{Deserialize, Serialize};
+
+/// Path prefix of every API endpoint; the version of the API is part of it.
+pub const API_PREFIX: &str = "/api/v1";
+
+/// The lifecycle state of a VM as the API reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// vCPUs are running guest code.
+    Running,
+    /// vCPUs are stopped by `vm.pause`.
+    Paused,
+    /// The VM is being torn down.
+    ShuttingDown,
+}
+
+/// Answer to `GET /api/v1/vm.info`.
+///
+/// ```
+/// use baton_protocol::api::{VmInfo, VmState};
+/// let info = VmInfo { state: VmState::Running, cpus: 2, memory_bytes: 256 << 20,
+///     memory_path: "/dev/shm/baton-vm".into(), kernel: "/k".into(), cmdline: String::new(),
+///     pid: 1, uptime_ms: 5 };
+/// let json = serde_json::to_string(&info).unwrap();
+/// assert_eq!(serde_json::from_str::<VmInfo>(&json).unwrap(), info);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// Current lifecycle state.
+    pub state: VmState,
+    /// Number of vCPUs.
+    pub cpus: u8,
+    /// Guest RAM size in bytes.
+    pub memory_bytes: u64,
+    /// Path of the file that backs guest RAM (a second VMM maps the same path).
+    pub memory_path: String,
+    /// Path of the guest kernel.
+    pub kernel: String,
+    /// Guest kernel command line.
+    pub cmdline: String,
+    /// Process id of the VMM.
+    pub pid: u32,
+    /// Milliseconds since the VMM started the guest.
+    pub uptime_ms: u64,
+}
+
+/// Error body returned with every non-2xx status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// Human-readable reason.
+    pub error: String,
+}

@@ -1,0 +1,38 @@
+# Shared set-up for test.sh, demo.sh and bench.sh. Source it; every step is idempotent.
+
+# Debian packages the tests and benchmarks use. QEMU 10 comes from bookworm-backports
+# (qemu-storage-daemon is in qemu-system-common).
+setup_packages() {
+    local need=()
+    command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+    command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
+    command -v iasl >/dev/null || need+=(acpica-tools)
+    [[ -x /bin/busybox ]] || need+=(busybox-static)
+    command -v cpio >/dev/null || need+=(cpio)
+    command -v ip >/dev/null || need+=(iproute2)
+    command -v curl >/dev/null || need+=(curl)
+    command -v gzip >/dev/null || need+=(gzip)
+    ((${#need[@]})) || return 0
+    echo "== installing Debian packages: ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    if . /etc/os-release && [[ ${VERSION_CODENAME:-} == bookworm ]] &&
+        ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/; then
+        echo 'deb http://deb.debian.org/debian bookworm-backports main' >/etc/apt/sources.list.d/bookworm-backports.list
+    fi
+    apt-get update -qq
+    local bp=()
+    grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/ && bp=(-t bookworm-backports)
+    apt-get install -y -qq "${bp[@]}" qemu-system-x86 qemu-system-common qemu-utils >/dev/null
+    apt-get install -y -qq acpica-tools busybox-static cpio iproute2 curl gzip >/dev/null
+}
+
+setup_rust() {
+    rustup target list --installed | grep -qx x86_64-unknown-none ||
+        rustup target add x86_64-unknown-none
+}
+
+# The freestanding test guest; tests find it at this path (or at $BATON_TEST_GUEST).
+GUEST=tests/guest/target/x86_64-unknown-none/release/baton-test-guest
+build_guest() {
+    (cd tests/guest && cargo build --release --quiet)
+}

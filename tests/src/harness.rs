@@ -1,0 +1,182 @@
+//! Running baton's binaries in tests: where they are, and reading their output against a
+//! deadline (never fixed sleeps).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
+use std::time::{Duration, Instant};
+
+/// The cargo target profile directory the running test executable lives in
+/// (`target/<profile>`), where the workspace's binaries are built.
+pub fn target_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test-binary>
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// Path of a workspace binary (`baton-vmm`, `batonctl`, `baton-blk`, ...).
+pub fn bin(name: &str) -> PathBuf {
+    target_dir().join(name)
+}
+
+/// Repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// The freestanding test guest: `$BATON_TEST_GUEST`, or the release build in tests/guest.
+pub fn guest() -> PathBuf {
+    std::env::var_os("BATON_TEST_GUEST")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            repo_root().join("tests/guest/target/x86_64-unknown-none/release/baton-test-guest")
+        })
+}
+
+/// Whether /dev/kvm can be opened; tests that need it print why they skip otherwise.
+pub fn kvm_available() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// A fresh scratch directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates `baton-<tag>-<pid>-<n>`.
+    pub fn new(tag: &str) -> Self {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("baton-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+
+    /// A path inside the directory.
+    pub fn join(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process whose stdout lines are collected on a thread; killed on drop.
+pub struct Proc {
+    /// The process.
+    pub child: Child,
+    lines: Receiver<String>,
+    /// Every line seen so far.
+    pub seen: Vec<String>,
+}
+
+impl Proc {
+    /// Spawns `cmd` with stdout piped (stderr inherited so test logs show it).
+    pub fn spawn(mut cmd: Command) -> std::io::Result<Self> {
+        let mut child = cmd.stdout(Stdio::piped()).stdin(Stdio::null()).spawn()?;
+        let out = child.stdout.take().ok_or(std::io::ErrorKind::BrokenPipe)?;
+        Ok(Proc {
+            child,
+            lines: read_lines(out),
+            seen: Vec::new(),
+        })
+    }
+
+    /// Waits until a line satisfies `pred` and returns it; `None` at the deadline or EOF.
+    pub fn wait_line(&mut self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if pred(&l) {
+                        return Some(l);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    /// Waits for the process to exit; kills it at the deadline. Returns its exit code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                // Drain what is left so `seen` is complete.
+                while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(200)) {
+                    self.seen.push(l);
+                }
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// All output seen, for assertion messages.
+    pub fn transcript(&self) -> String {
+        self.seen.join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read_lines(out: ChildStdout) -> Receiver<String> {
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Polls `f` until it returns `Some` or the deadline passes.
+pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The first JSON object line in `lines` that has a `"result"` key.
+pub fn result_json(lines: &[String]) -> Option<serde_json::Value> {
+    lines.iter().find_map(|l| {
+        let start = l.find('{')?;
+        let v: serde_json::Value = serde_json::from_str(&l[start..]).ok()?;
+        v.get("result").is_some().then_some(v)
+    })
+}

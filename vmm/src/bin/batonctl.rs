@@ -1,0 +1,82 @@
+//! `batonctl`: command-line client of the baton-vmm HTTP API.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use baton_protocol::api::API_PREFIX;
+use clap::{Parser, Subcommand};
+
+/// Controls a running baton-vmm through its API socket.
+#[derive(Parser, Debug)]
+#[command(name = "batonctl", version)]
+struct Args {
+    /// The VMM's API socket (--api-socket of baton-vmm).
+    #[arg(long, short = 's', env = "BATON_API_SOCKET")]
+    api_socket: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Print the VM's state as JSON.
+    Info,
+    /// Stop all vCPUs.
+    Pause,
+    /// Resume vCPUs.
+    Resume,
+    /// Stop the VM; baton-vmm exits 0.
+    Shutdown,
+}
+
+/// One HTTP/1.1 request on a fresh connection; returns (status, body).
+fn request(socket: &PathBuf, method: &str, endpoint: &str) -> anyhow::Result<(u16, String)> {
+    let mut s = UnixStream::connect(socket)
+        .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", socket.display()))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    write!(
+        s,
+        "{method} {API_PREFIX}/{endpoint} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("malformed response from {}", socket.display()))?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let (method, endpoint) = match args.cmd {
+        Cmd::Info => ("GET", "vm.info"),
+        Cmd::Pause => ("PUT", "vm.pause"),
+        Cmd::Resume => ("PUT", "vm.resume"),
+        Cmd::Shutdown => ("PUT", "vm.shutdown"),
+    };
+    match request(&args.api_socket, method, endpoint) {
+        Ok((200..=299, body)) => {
+            if !body.is_empty() {
+                println!("{body}");
+            }
+            ExitCode::SUCCESS
+        }
+        Ok((status, body)) => {
+            eprintln!("batonctl: {endpoint} failed ({status}): {body}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("batonctl: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! Command-line configuration of a VM: option strings in, typed values out.
+
+use std::path::PathBuf;
+
+/// Errors in option values; each names the option and what was wrong.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A `key=value` list had an entry without `=`.
+    #[error("'{0}' is not key=value")]
+    NotKeyValue(String),
+    /// A key the option does not know.
+    #[error("unknown key '{key}' (expected one of: {expected})")]
+    UnknownKey {
+        /// The key given.
+        key: String,
+        /// The keys that are accepted.
+        expected: &'static str,
+    },
+    /// A size that does not parse.
+    #[error("invalid size '{0}' (examples: 256M, 2G, 1048576)")]
+    BadSize(String),
+    /// Memory size zero.
+    #[error("memory size must be greater than zero")]
+    ZeroMemory,
+    /// Memory size not a multiple of the page size.
+    #[error("memory size {0} is not a multiple of 4 KiB")]
+    UnalignedMemory(u64),
+    /// A required key is missing.
+    #[error("missing '{0}='")]
+    Missing(&'static str),
+    /// A boolean that is neither on nor off.
+    #[error("'{0}' must be on or off")]
+    BadBool(String),
+    /// A serial spec that is not stdio, off or file=PATH.
+    #[error("invalid serial '{0}' (expected stdio, off or file=PATH)")]
+    BadSerial(String),
+}
+
+/// `--memory size=SIZE[,path=FILE][,hugepages=on]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// Guest RAM size in bytes.
+    pub size: u64,
+    /// File that backs guest RAM; `None` means a new file under /dev/shm (or /dev/hugepages).
+    pub path: Option<PathBuf>,
+    /// Back RAM with huge pages (the file must be on hugetlbfs).
+    pub hugepages: bool,
+}
+
+/// Where the serial console goes (`--serial`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialConfig {
+    /// The VMM's stdout (and stdin for input).
+    Stdio,
+    /// Appended to a file.
+    File(PathBuf),
+    /// Discarded.
+    Off,
+}
+
+/// Parses a size with an optional K/M/G/T suffix (binary units).
+pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
+    let bad = || ConfigError::BadSize(s.to_string());
+    let t = s.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(bad()),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits.parse().map_err(|_| bad())?;
+    n.checked_mul(1u64 << shift).ok_or_else(bad)
+}
+
+fn key_values(s: &str) -> Result<Vec<(&str, &str)>, ConfigError> {
+    s.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.split_once('=')
+                .ok_or_else(|| ConfigError::NotKeyValue(p.to_string()))
+        })
+        .collect()
+}
+
+fn parse_bool(v: &str) -> Result<bool, ConfigError> {
+    match v {
+        "on" | "true" | "yes" => Ok(true),
+        "off" | "false" | "no" => Ok(false),
+        _ => Err(ConfigError::BadBool(v.to_string())),
+    }
+}
+
+impl std::str::FromStr for MemoryConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let (mut size, mut path, mut hugepages) = (None, None, false);
+        for (k, v) in key_values(s)? {
+            match k {
+                "size" => size = Some(parse_size(v)?),
+                "path" => path = Some(PathBuf::from(v)),
+                "hugepages" => hugepages = parse_bool(v)?,
+                _ => {
+                    return Err(ConfigError::UnknownKey {
+                        key: k.to_string(),
+                        expected: "size, path, hugepages",
+                    });
+                }
+            }
+        }
+        let size = size.ok_or(ConfigError::Missing("size"))?;
+        if size == 0 {
+            return Err(ConfigError::ZeroMemory);
+        }
+        if size % 4096 != 0 {
+            return Err(ConfigError::UnalignedMemory(size));
+        }
+        Ok(MemoryConfig {
+            size,
+            path,
+            hugepages,
+        })
+    }
+}
+
+impl std::str::FromStr for SerialConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "stdio" => Ok(SerialConfig::Stdio),
+            "off" => Ok(SerialConfig::Off),
+            _ => match s.strip_prefix("file=") {
+                Some(p) if !p.is_empty() => Ok(SerialConfig::File(PathBuf::from(p))),
+                _ => Err(ConfigError::BadSerial(s.to_string())),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn memory_options() {
+        let m: MemoryConfig = "size=1G,path=/dev/shm/x,hugepages=on".parse().unwrap();
+        assert_eq!(m.size, 1 << 30);
+        assert_eq!(m.path, Some(PathBuf::from("/dev/shm/x")));
+        assert!(m.hugepages);
+        assert_eq!(
+            "size=0".parse::<MemoryConfig>(),
+            Err(ConfigError::ZeroMemory)
+        );
+        assert_eq!(
+            "path=/x".parse::<MemoryConfig>(),
+            Err(ConfigError::Missing("size"))
+        );
+        assert!("size=1G,color=red".parse::<MemoryConfig>().is_err());
+        assert!("size=1000".parse::<MemoryConfig>().is_err());
+    }
+
+    #[test]
+    fn serial_options() {
+        assert_eq!("stdio".parse(), Ok(SerialConfig::Stdio));
+        assert_eq!("off".parse(), Ok(SerialConfig::Off));
+        assert_eq!(
+            "file=/tmp/s".parse(),
+            Ok(SerialConfig::File("/tmp/s".into()))
+        );
+        assert!("file=".parse::<SerialConfig>().is_err());
+        assert!("tty".parse::<SerialConfig>().is_err());
+    }
+}

@@ -1,0 +1,66 @@
+//! Devices the VMM emulates itself: only what the data path never touches
+//! (serial console, ACPI power/reset registers). Port I/O exits are dispatched here.
+
+pub mod serial;
+
+use std::sync::{Arc, Mutex};
+
+use crate::control::{ExitReason, VmControl};
+use crate::layout;
+
+/// Dispatches port I/O exits to the emulated devices.
+pub struct PioBus {
+    serial: Arc<Mutex<serial::ConsoleSerial>>,
+    control: Arc<VmControl>,
+}
+
+impl PioBus {
+    /// A bus with COM1 and the ACPI registers.
+    pub fn new(serial: Arc<Mutex<serial::ConsoleSerial>>, control: Arc<VmControl>) -> Self {
+        PioBus { serial, control }
+    }
+
+    /// Handles an `in` from the guest.
+    pub fn read(&self, port: u16, data: &mut [u8]) {
+        data.fill(0xff);
+        match port {
+            p if (layout::PORT_COM1..layout::PORT_COM1 + 8).contains(&p) => {
+                if let (Some(d), Ok(mut s)) = (data.first_mut(), self.serial.lock()) {
+                    *d = s.read(offset(p));
+                }
+            }
+            layout::PORT_SLEEP_CONTROL | layout::PORT_RESET => data.fill(0),
+            _ => {}
+        }
+    }
+
+    /// Handles an `out` from the guest.
+    pub fn write(&self, port: u16, data: &[u8]) {
+        let Some(&v) = data.first() else { return };
+        match port {
+            p if (layout::PORT_COM1..layout::PORT_COM1 + 8).contains(&p) => {
+                if let Ok(mut s) = self.serial.lock() {
+                    if let Err(e) = s.write(offset(p), v) {
+                        tracing::warn!("serial: {e:?}");
+                    }
+                }
+            }
+            layout::PORT_SLEEP_CONTROL => {
+                // HW-reduced ACPI sleep control: SLP_EN is bit 5, SLP_TYP bits 2..4.
+                if v & (1 << 5) != 0 && (v >> 2) & 7 == layout::S5_SLEEP_TYPE {
+                    self.control.exit(ExitReason::PowerOff);
+                }
+            }
+            layout::PORT_RESET if v == layout::RESET_VALUE => {
+                self.control.exit(ExitReason::Reset);
+            }
+            // i8042 "pulse reset line", the legacy way PC guests reboot.
+            0x64 if v == 0xfe => self.control.exit(ExitReason::Reset),
+            _ => {}
+        }
+    }
+}
+
+fn offset(port: u16) -> u8 {
+    u8::try_from(port - layout::PORT_COM1).unwrap_or(0)
+}

@@ -1,0 +1,24 @@
+//! COM1: a 16550 UART from vm-superio, wired to an irqfd for IRQ 4 and to the console.
+
+use std::io::Write;
+
+use vm_superio::Trigger;
+use vm_superio::serial::{NoEvents, Serial};
+use vmm_sys_util::eventfd::EventFd;
+
+/// Raises the serial interrupt by signalling an eventfd registered as KVM irqfd for GSI 4.
+pub struct IrqTrigger(pub EventFd);
+
+impl Trigger for IrqTrigger {
+    type E = std::io::Error;
+
+    fn trigger(&self) -> std::io::Result<()> {
+        self.0.write(1)
+    }
+}
+
+/// Where console output goes.
+pub type ConsoleOut = Box<dyn Write + Send>;
+
+/// The guest's console UART.
+pub type ConsoleSerial = Serial<IrqTrigger, NoEvents, ConsoleOut>;

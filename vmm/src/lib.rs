@@ -1,0 +1,19 @@
+//! baton-vmm: a KVM VMM front-end. Guest RAM is a shared file mapping so that a second VMM
+//! process (live update) and vhost-user back-ends can map it by path.
+//!
+//! Module map: [`config`] parses options, [`memory`] maps RAM, [`boot`] loads a PVH kernel,
+//! [`acpi`] writes the firmware tables, [`cpuid`] and [`vcpu`] set up and run vCPUs,
+//! [`devices`] emulates the serial console and ACPI registers, [`control`] coordinates
+//! pause/resume/exit, [`vm`] ties them together, and [`api`] serves the HTTP API.
+
+pub mod acpi;
+pub mod api;
+pub mod boot;
+pub mod config;
+pub mod control;
+pub mod cpuid;
+pub mod devices;
+pub mod layout;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,95 @@
+//! `baton-vmm`: boots a PVH ELF kernel in a KVM VM.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use baton_vmm::api::ApiSocket;
+use baton_vmm::config::{MemoryConfig, SerialConfig};
+use baton_vmm::control::ExitReason;
+use baton_vmm::vm::{Vm, VmConfig};
+use clap::Parser;
+
+/// A KVM VMM whose devices are served by vhost-user back-ends.
+#[derive(Parser, Debug)]
+#[command(name = "baton-vmm", version)]
+struct Args {
+    /// PVH ELF kernel to boot.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Initramfs, passed to the kernel as a PVH module.
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Guest RAM: size=SIZE[,path=FILE][,hugepages=on]. The file is mapped MAP_SHARED.
+    #[arg(long, default_value = "size=256M")]
+    memory: MemoryConfig,
+    /// Serial console: stdio, file=PATH or off.
+    #[arg(long, default_value = "stdio")]
+    serial: SerialConfig,
+    /// HTTP API socket path.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+    /// VM name (names the default RAM file /dev/shm/baton-NAME.ram).
+    #[arg(long)]
+    name: Option<String>,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BATON_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    match run(args) {
+        Ok(reason) => {
+            if let ExitReason::Crash(what) = &reason {
+                eprintln!("baton-vmm: guest stopped: {what}");
+            } else {
+                tracing::info!(?reason, "VM stopped");
+            }
+            ExitCode::from(u8::try_from(reason.exit_code()).unwrap_or(1))
+        }
+        Err(e) => {
+            eprintln!("baton-vmm: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: Args) -> anyhow::Result<ExitReason> {
+    // Bind the API socket first: an address in use must leave nothing behind.
+    let mut api = args
+        .api_socket
+        .as_deref()
+        .map(ApiSocket::bind)
+        .transpose()?;
+    let name = args
+        .name
+        .unwrap_or_else(|| format!("pid{}", std::process::id()));
+    let vm = Vm::start(VmConfig {
+        name,
+        kernel: args.kernel,
+        cmdline: args.cmdline,
+        initramfs: args.initramfs,
+        cpus: args.cpus,
+        memory: args.memory,
+        serial: args.serial,
+    })?;
+    if let Some(api) = api.as_mut() {
+        api.serve(vm.clone())?;
+    }
+    let reason = vm.wait();
+    drop(api);
+    // Drop the VM (and with it the RAM file it created) before exiting; vCPU threads that
+    // still hold references only park, so release ours and exit.
+    drop(vm);
+    Ok(reason)
+}

@@ -1,0 +1,286 @@
+//! One VM: KVM objects, guest RAM, devices and vCPU threads, built from a [`VmConfig`].
+
+use std::fs::OpenOptions;
+use std::io::Read;
+use std::os::unix::thread::JoinHandleExt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use baton_protocol::api::{VmInfo, VmState};
+use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{MemoryConfig, SerialConfig};
+use crate::control::{ExitReason, VmControl};
+use crate::devices::PioBus;
+use crate::devices::serial::{ConsoleOut, ConsoleSerial, IrqTrigger};
+use crate::memory::GuestRam;
+use crate::{acpi, boot, cpuid, layout, vcpu};
+
+/// Most vCPUs a VM may have (8-bit xAPIC ids, 255 is broadcast).
+pub const MAX_CPUS: u32 = 254;
+
+/// Everything needed to build a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Name, used for the default RAM file.
+    pub name: String,
+    /// PVH ELF kernel.
+    pub kernel: PathBuf,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Optional initramfs, passed as a PVH module.
+    pub initramfs: Option<PathBuf>,
+    /// vCPU count.
+    pub cpus: u32,
+    /// Guest RAM.
+    pub memory: MemoryConfig,
+    /// Console.
+    pub serial: SerialConfig,
+}
+
+/// Errors building a VM, one per step.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// Loading the guest failed.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// /dev/kvm cannot be used.
+    #[error("cannot open /dev/kvm: {0} (is KVM available and accessible to this user?)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    /// Bad vCPU count.
+    #[error("--cpus {0}: must be between 1 and {1}")]
+    Cpus(u32, u32),
+    /// Guest RAM.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    /// A KVM VM-level ioctl failed; the string names the step.
+    #[error("{0}: {1}")]
+    Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// vCPU setup.
+    #[error(transparent)]
+    Vcpu(#[from] vcpu::VcpuError),
+    /// The serial output file.
+    #[error("cannot open serial output {0}: {1}")]
+    SerialFile(PathBuf, #[source] std::io::Error),
+    /// eventfd / thread creation.
+    #[error("{0}: {1}")]
+    Os(&'static str, #[source] std::io::Error),
+}
+
+/// A running VM, shared by the main thread and the API.
+pub struct Vm {
+    control: Arc<VmControl>,
+    vcpu_threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    cpus: u32,
+    config: VmConfig,
+    ram: GuestRam,
+    started: Instant,
+    _vm: VmFd,
+}
+
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+impl Vm {
+    /// Builds the VM and starts its vCPUs. Checks that need nothing created come first, so a
+    /// bad kernel or an unusable /dev/kvm leaves nothing behind.
+    pub fn start(config: VmConfig) -> Result<Arc<Vm>, VmError> {
+        let kernel = boot::check_kernel(&config.kernel)?;
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let max = u32::try_from(kvm.get_max_vcpus())
+            .unwrap_or(1)
+            .min(MAX_CPUS);
+        if config.cpus == 0 || config.cpus > max {
+            return Err(VmError::Cpus(config.cpus, max));
+        }
+        let ram = GuestRam::new(&config.memory, &config.name)?;
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
+        vm.set_identity_map_address(layout::KVM_IDENTITY_MAP)
+            .map_err(|e| VmError::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+        vm.set_tss_address(usize::try_from(layout::KVM_TSS).unwrap_or(0))
+            .map_err(|e| VmError::Kvm("KVM_SET_TSS_ADDR", e))?;
+        vm.create_irq_chip()
+            .map_err(|e| VmError::Kvm("KVM_CREATE_IRQCHIP", e))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit)
+            .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
+        for (slot, region) in ram.mem.iter().enumerate() {
+            let r = kvm_userspace_memory_region {
+                slot: u32::try_from(slot).unwrap_or(u32::MAX),
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: the region is a live mapping owned by `ram`, which the returned Vm keeps
+            // for as long as the KVM VM exists.
+            unsafe { vm.set_user_memory_region(r) }
+                .map_err(|e| VmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+        }
+
+        let rsdp = acpi::create_tables(&ram.mem, config.cpus)?;
+        let boot = boot::load(
+            &ram.mem,
+            config.memory.size,
+            &config.kernel,
+            kernel,
+            &config.cmdline,
+            config.initramfs.as_deref(),
+            rsdp,
+        )?;
+
+        let control = Arc::new(VmControl::default());
+        let serial = Arc::new(Mutex::new(console(&config.serial, &vm)?));
+        if config.serial == SerialConfig::Stdio {
+            forward_stdin(serial.clone());
+        }
+        let bus = Arc::new(PioBus::new(serial, control.clone()));
+
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| VmError::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        let mut vcpus = Vec::new();
+        for id in 0..config.cpus {
+            let fd = vm
+                .create_vcpu(u64::from(id))
+                .map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e))?;
+            vcpu::configure(&fd, &cpuid::for_vcpu(&supported, id, config.cpus))?;
+            if id == 0 {
+                vcpu::set_pvh_entry(&fd, &boot)?;
+            }
+            vcpus.push(fd);
+        }
+
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
+            .map_err(|e| VmError::Os("registering the vCPU kick signal", e.into()))?;
+        let mut threads = Vec::new();
+        for (id, fd) in (0u32..).zip(vcpus) {
+            let (bus, mem, control) = (bus.clone(), ram.mem.clone(), control.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || vcpu::run(fd, id, bus, mem, control))
+                .map_err(|e| VmError::Os("spawning a vCPU thread", e))?;
+            threads.push(handle);
+        }
+        Ok(Arc::new(Vm {
+            control,
+            vcpu_threads: Mutex::new(threads),
+            cpus: config.cpus,
+            config,
+            ram,
+            started: Instant::now(),
+            _vm: vm,
+        }))
+    }
+
+    fn kick(&self) {
+        let threads = self.vcpu_threads.lock().unwrap_or_else(|e| e.into_inner());
+        for t in threads.iter() {
+            // SAFETY: the JoinHandle is held and never joined, so the thread id stays valid
+            // even after the thread returned (a joinable thread's id lives until it is joined).
+            unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+        }
+    }
+
+    /// Stops every vCPU; returns once all are parked.
+    pub fn pause(&self) -> bool {
+        let n = usize::try_from(self.cpus).unwrap_or(usize::MAX);
+        self.control
+            .pause(n, || self.kick(), Duration::from_secs(5))
+    }
+
+    /// Lets the vCPUs run again.
+    pub fn resume(&self) {
+        self.control.resume();
+    }
+
+    /// Asks the VM to stop; [`Vm::wait`] then returns.
+    pub fn shutdown(&self) {
+        self.control.exit(ExitReason::Shutdown);
+        self.kick();
+    }
+
+    /// Blocks until the VM stops.
+    pub fn wait(&self) -> ExitReason {
+        let r = self.control.wait_exit();
+        self.kick();
+        r
+    }
+
+    /// What `vm.info` reports.
+    pub fn info(&self) -> VmInfo {
+        let state = if self.control.exit_reason().is_some() {
+            VmState::ShuttingDown
+        } else if self.control.is_paused() {
+            VmState::Paused
+        } else {
+            VmState::Running
+        };
+        VmInfo {
+            state,
+            cpus: u8::try_from(self.cpus).unwrap_or(u8::MAX),
+            memory_bytes: self.ram.size,
+            memory_path: self.ram.path.display().to_string(),
+            kernel: self.config.kernel.display().to_string(),
+            cmdline: self.config.cmdline.clone(),
+            pid: std::process::id(),
+            uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+fn console(cfg: &SerialConfig, vm: &VmFd) -> Result<ConsoleSerial, VmError> {
+    let out: ConsoleOut = match cfg {
+        SerialConfig::Stdio => Box::new(std::io::stdout()),
+        SerialConfig::File(p) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| VmError::SerialFile(p.clone(), e))?,
+        ),
+        SerialConfig::Off => Box::new(std::io::sink()),
+    };
+    let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Os("eventfd", e))?;
+    vm.register_irqfd(&evt, layout::COM1_GSI)
+        .map_err(|e| VmError::Kvm("KVM_IRQFD (serial)", e))?;
+    Ok(ConsoleSerial::new(IrqTrigger(evt), out))
+}
+
+/// Feeds the VMM's stdin to the guest's UART, waiting when its FIFO is full.
+fn forward_stdin(serial: Arc<Mutex<ConsoleSerial>>) {
+    let _ = std::thread::Builder::new()
+        .name("stdin".into())
+        .spawn(move || {
+            let mut buf = [0u8; 64];
+            let mut stdin = std::io::stdin();
+            while let Ok(n @ 1..) = stdin.read(&mut buf) {
+                let mut pending = &buf[..n];
+                while !pending.is_empty() {
+                    let taken = serial
+                        .lock()
+                        .map(|mut s| s.enqueue_raw_bytes(pending).unwrap_or(0))
+                        .unwrap_or(0);
+                    pending = &pending[taken..];
+                    if !pending.is_empty() {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+        });
+}

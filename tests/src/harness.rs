@@ -180,3 +180,41 @@ pub fn result_json(lines: &[String]) -> Option<serde_json::Value> {
         v.get("result").is_some().then_some(v)
     })
 }
+
+/// Output of a process run to completion.
+#[derive(Debug)]
+pub struct Finished {
+    /// Exit code (`None` if killed at the deadline or by a signal).
+    pub code: Option<i32>,
+    /// Standard output.
+    pub stdout: String,
+    /// Standard error.
+    pub stderr: String,
+}
+
+/// Runs `cmd` to completion, killing it after `timeout`.
+pub fn run_to_end(mut cmd: Command, timeout: Duration) -> std::io::Result<Finished> {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let pid = child.id();
+    let (tx, rx) = channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(timeout) {
+        Ok(out) => out?,
+        Err(_) => {
+            // SAFETY: plain kill(2) of our own child's pid.
+            unsafe { libc::kill(i32::try_from(pid).unwrap_or(0), libc::SIGKILL) };
+            rx.recv().map_err(|_| std::io::ErrorKind::BrokenPipe)??
+        }
+    };
+    Ok(Finished {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}

@@ -1,0 +1,528 @@
+//! The device core: rings, TAP queues, negotiated state and the worker threads. It lives for the
+//! whole process; front-ends come and go around it (see [`crate::vhost`]).
+//!
+//! One worker thread per queue pair waits (epoll) on its TAP queue (edge-triggered readable), its
+//! RX and TX kick eventfds and a wake eventfd the adapter uses after changing ring state; worker 0
+//! also serves the control queue. Every ring sits behind its own mutex: a worker holds it while it
+//! processes the ring, so once GET_VRING_BASE has taken the lock and marked the ring stopped, no
+//! guest-memory write and no notification can follow until the ring is started again.
+
+use std::io;
+use std::num::Wrapping;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+use crate::datapath::{self, Scratch};
+use crate::ratelimit::Stats;
+use crate::tap::Tap;
+use crate::virtio::{Negotiated, config_space, ctrl};
+
+/// Guest memory as mapped from the front-end's memory table.
+pub type GuestMem = GuestMemoryMmap<()>;
+/// Guest memory that the adapter can swap under the workers.
+pub type Mem = GuestMemoryAtomic<GuestMem>;
+
+/// Largest ring size accepted.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+
+/// Static device configuration from the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// MAC address offered in the config space.
+    pub mac: [u8; 6],
+    /// MTU offered in the config space.
+    pub mtu: u16,
+    /// Number of queue pairs (= TAP queues).
+    pub pairs: u16,
+}
+
+/// One virtqueue and its vhost-user state.
+#[derive(Debug)]
+pub struct Vring {
+    /// The split ring.
+    pub queue: Queue,
+    /// Kick eventfd (front-end → us).
+    pub kick: Option<Arc<EventFd>>,
+    /// Call eventfd (us → front-end).
+    pub call: Option<EventFd>,
+    /// SET_VRING_ENABLE state.
+    pub enabled: bool,
+    /// Started by SET_VRING_KICK, stopped by GET_VRING_BASE or a disconnect.
+    pub started: bool,
+}
+
+impl Vring {
+    fn new() -> Self {
+        Vring {
+            // MAX_QUEUE_SIZE is a power of two: `new` cannot fail.
+            queue: Queue::new(MAX_QUEUE_SIZE).unwrap_or_else(|_| unreachable_queue()),
+            kick: None,
+            call: None,
+            enabled: false,
+            started: false,
+        }
+    }
+
+    /// Whether the worker may process this ring.
+    pub fn active(&self) -> bool {
+        self.started && self.enabled && self.queue.ready()
+    }
+
+    /// Notifies the front-end if the driver wants it (EVENT_IDX aware).
+    pub fn signal(&mut self, mem: &GuestMem) {
+        if self.queue.needs_notification(mem).unwrap_or(true) {
+            if let Some(call) = &self.call {
+                let _ = call.write(1);
+            }
+        }
+    }
+
+    /// Stops the ring: no memory access or notification until restarted.
+    pub fn stop(&mut self) {
+        self.started = false;
+        self.kick = None;
+        self.call = None;
+    }
+}
+
+fn unreachable_queue() -> Queue {
+    // Queue::new only fails for sizes that are not a power of two; 256 is one.
+    #[allow(clippy::unwrap_used)]
+    Queue::new(256).unwrap()
+}
+
+/// An RX/TX ring pair and its TAP queue.
+#[derive(Debug)]
+pub struct QueuePair {
+    /// Receive ring (TAP → guest), even index.
+    pub rx: Mutex<Vring>,
+    /// Transmit ring (guest → TAP), odd index.
+    pub tx: Mutex<Vring>,
+    /// The TAP queue of this pair.
+    pub tap: Tap,
+    /// Wakes the worker after ring state changed.
+    pub wake: EventFd,
+}
+
+/// The device core shared by the adapter and the workers.
+#[derive(Debug)]
+pub struct Device {
+    /// Command-line configuration.
+    pub cfg: NetConfig,
+    /// Queue pairs.
+    pub pairs: Vec<QueuePair>,
+    /// Control queue (index 2 * pairs).
+    pub ctrl: Mutex<Vring>,
+    /// Guest memory of the current front-end.
+    pub mem: Mem,
+    /// Acked virtio features of the current front-end.
+    features: AtomicU64,
+    /// Queue pairs the driver asked for with VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET.
+    pub active_pairs: AtomicUsize,
+    /// Error counters.
+    pub stats: Stats,
+    /// Set on SIGTERM: workers exit.
+    pub shutdown: AtomicBool,
+}
+
+/// Locks a mutex, recovering from poisoning (a panicked worker must not take the service down).
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Device {
+    /// Builds the device over already opened TAP queues (one per pair).
+    pub fn new(cfg: NetConfig, taps: Vec<Tap>) -> io::Result<Arc<Device>> {
+        let mut pairs = Vec::with_capacity(taps.len());
+        for tap in taps {
+            pairs.push(QueuePair {
+                rx: Mutex::new(Vring::new()),
+                tx: Mutex::new(Vring::new()),
+                tap,
+                wake: EventFd::new(EFD_NONBLOCK)?,
+            });
+        }
+        let n = pairs.len();
+        Ok(Arc::new(Device {
+            cfg,
+            pairs,
+            ctrl: Mutex::new(Vring::new()),
+            mem: GuestMemoryAtomic::new(GuestMemoryMmap::new()),
+            features: AtomicU64::new(0),
+            active_pairs: AtomicUsize::new(n),
+            stats: Stats::default(),
+            shutdown: AtomicBool::new(false),
+        }))
+    }
+
+    /// Number of virtqueues (data queues plus the control queue).
+    pub fn num_queues(&self) -> usize {
+        self.pairs.len() * 2 + 1
+    }
+
+    /// The ring with vhost-user index `index`.
+    pub fn vring(&self, index: usize) -> Option<&Mutex<Vring>> {
+        if index == self.pairs.len() * 2 {
+            return Some(&self.ctrl);
+        }
+        let pair = self.pairs.get(index / 2)?;
+        Some(if index % 2 == 0 { &pair.rx } else { &pair.tx })
+    }
+
+    /// Wakes the worker that serves ring `index` (or all of them).
+    pub fn wake(&self, index: Option<usize>) {
+        match index.and_then(|i| self.pairs.get(i / 2)) {
+            Some(p) => {
+                let _ = p.wake.write(1);
+            }
+            None => {
+                for p in &self.pairs {
+                    let _ = p.wake.write(1);
+                }
+            }
+        }
+    }
+
+    /// The features acked by the current front-end.
+    pub fn negotiated(&self) -> Negotiated {
+        Negotiated {
+            features: self.features.load(Ordering::Acquire),
+        }
+    }
+
+    /// Applies acked features: TAP header size and offloads, EVENT_IDX on every ring.
+    pub fn set_features(&self, features: u64) -> Result<(), crate::tap::TapError> {
+        let n = Negotiated { features };
+        for p in &self.pairs {
+            p.tap.set_vnet_hdr_size(n.hdr_len())?;
+            p.tap.set_offload(n.tap_offload())?;
+        }
+        let event_idx = n.has(crate::virtio::f::EVENT_IDX);
+        for i in 0..self.num_queues() {
+            if let Some(v) = self.vring(i) {
+                lock(v).queue.set_event_idx(event_idx);
+            }
+        }
+        self.features.store(features, Ordering::Release);
+        Ok(())
+    }
+
+    /// Stops every ring (front-end gone, RESET_OWNER, or shutdown) and resets per-front-end
+    /// state; the TAP queues stay open, so frames wait in them.
+    pub fn stop_all(&self) {
+        for i in 0..self.num_queues() {
+            if let Some(v) = self.vring(i) {
+                let mut v = lock(v);
+                v.stop();
+                v.enabled = false;
+                v.queue.set_ready(false);
+            }
+        }
+        self.active_pairs.store(self.pairs.len(), Ordering::Release);
+        self.wake(None);
+    }
+
+    /// The config space bytes.
+    pub fn config(&self) -> [u8; 12] {
+        let pairs = u16::try_from(self.pairs.len()).unwrap_or(u16::MAX);
+        config_space(self.cfg.mac, pairs, self.cfg.mtu)
+    }
+
+    /// Starts one worker thread per queue pair.
+    pub fn spawn_workers(self: &Arc<Self>) -> io::Result<Vec<JoinHandle<()>>> {
+        (0..self.pairs.len())
+            .map(|i| {
+                let dev = Arc::clone(self);
+                std::thread::Builder::new()
+                    .name(format!("net-q{i}"))
+                    .spawn(move || {
+                        if let Err(e) = Worker::new(&dev, i).and_then(|mut w| w.run()) {
+                            tracing::error!(pair = i, "worker failed: {e}");
+                        }
+                    })
+            })
+            .collect()
+    }
+
+    /// Serves the control queue.
+    fn process_ctrl(&self) {
+        let mut vr = lock(&self.ctrl);
+        if !vr.active() {
+            return;
+        }
+        let mem = self.mem.memory();
+        loop {
+            let _ = vr.queue.disable_notification(&*mem);
+            let mut done: Vec<(u16, u32)> = Vec::new();
+            match vr.queue.iter(&*mem) {
+                Ok(iter) => {
+                    for chain in iter {
+                        let head = chain.head_index();
+                        let len = self.ctrl_command(chain, &mem);
+                        done.push((head, len));
+                    }
+                }
+                Err(e) => self.stats.bad_chain.hit("control queue", &e),
+            }
+            for (head, len) in &done {
+                let _ = vr.queue.add_used(&*mem, *head, *len);
+            }
+            if !done.is_empty() {
+                vr.signal(&mem);
+            }
+            if !vr.queue.enable_notification(&*mem).unwrap_or(false) {
+                break;
+            }
+        }
+    }
+
+    /// Executes one control command; returns the bytes written (1 for the ack, 0 on a bad chain).
+    fn ctrl_command(&self, chain: virtio_queue::DescriptorChain<&GuestMem>, mem: &GuestMem) -> u32 {
+        let mut cmd = [0u8; 8];
+        let mut have = 0usize;
+        let mut ack: Option<GuestAddress> = None;
+        for desc in chain {
+            if desc.is_write_only() {
+                if ack.is_none() && desc.len() >= 1 {
+                    ack = Some(desc.addr());
+                }
+            } else if have < cmd.len() {
+                let take = (cmd.len() - have).min(usize::try_from(desc.len()).unwrap_or(0));
+                if let Some(dst) = cmd.get_mut(have..have + take) {
+                    if mem.read_slice(dst, desc.addr()).is_err() {
+                        self.stats
+                            .bad_ctrl
+                            .hit("control queue", &"bad buffer address");
+                        return 0;
+                    }
+                }
+                have += take;
+            }
+        }
+        let Some(ack) = ack else {
+            self.stats
+                .bad_ctrl
+                .hit("control queue", &"no writable ack buffer");
+            return 0;
+        };
+        let status = if have < 2 {
+            ctrl::ERR
+        } else {
+            match (cmd[0], cmd[1]) {
+                (ctrl::CLASS_MQ, ctrl::MQ_VQ_PAIRS_SET) if have >= 4 => {
+                    let n = usize::from(u16::from_le_bytes([cmd[2], cmd[3]]));
+                    if (1..=self.pairs.len()).contains(&n) {
+                        self.active_pairs.store(n, Ordering::Release);
+                        self.wake(None);
+                        ctrl::OK
+                    } else {
+                        ctrl::ERR
+                    }
+                }
+                (ctrl::CLASS_RX | ctrl::CLASS_MAC | ctrl::CLASS_VLAN | ctrl::CLASS_ANNOUNCE, _) => {
+                    ctrl::OK
+                }
+                _ => ctrl::ERR,
+            }
+        };
+        if status == ctrl::ERR {
+            self.stats.bad_ctrl.hit(
+                "control queue",
+                &format_args!("command {}/{} refused", cmd[0], cmd[1]),
+            );
+        }
+        if mem.write_obj(status, ack).is_err() {
+            return 0;
+        }
+        1
+    }
+}
+
+const TOKEN_WAKE: u64 = 0;
+const TOKEN_TAP: u64 = 1;
+const TOKEN_RX: u64 = 2;
+const TOKEN_TX: u64 = 3;
+const TOKEN_CTRL: u64 = 4;
+
+const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
+const IFF_ATTACH_QUEUE: libc::c_short = 0x0200;
+const IFF_DETACH_QUEUE: libc::c_short = 0x0400;
+
+struct Worker<'a> {
+    dev: &'a Device,
+    index: usize,
+    pair: &'a QueuePair,
+    epoll: Epoll,
+    kicks: [Option<Arc<EventFd>>; 3],
+    attached: bool,
+    scratch: Scratch,
+}
+
+impl<'a> Worker<'a> {
+    fn new(dev: &'a Arc<Device>, index: usize) -> io::Result<Self> {
+        let pair = dev
+            .pairs
+            .get(index)
+            .ok_or_else(|| io::Error::other("no such pair"))?;
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            pair.wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, TOKEN_WAKE),
+        )?;
+        epoll.ctl(
+            ControlOperation::Add,
+            pair.tap.as_raw_fd(),
+            EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, TOKEN_TAP),
+        )?;
+        Ok(Worker {
+            dev,
+            index,
+            pair,
+            epoll,
+            kicks: [None, None, None],
+            attached: true,
+            scratch: Scratch::new(),
+        })
+    }
+
+    /// Re-reads the kick fds of our rings and updates the epoll set and the TAP queue attachment.
+    fn resync(&mut self) -> io::Result<()> {
+        let rings: [(Option<&Mutex<Vring>>, u64); 3] = [
+            (Some(&self.pair.rx), TOKEN_RX),
+            (Some(&self.pair.tx), TOKEN_TX),
+            (
+                if self.index == 0 {
+                    Some(&self.dev.ctrl)
+                } else {
+                    None
+                },
+                TOKEN_CTRL,
+            ),
+        ];
+        let mut rx_enabled = false;
+        for (slot, (ring, token)) in self.kicks.iter_mut().zip(rings) {
+            let Some(ring) = ring else { continue };
+            let (now, enabled) = {
+                let v = lock(ring);
+                (v.kick.clone(), v.enabled)
+            };
+            if token == TOKEN_RX {
+                rx_enabled = enabled;
+            }
+            let same = match (&now, &*slot) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if same {
+                continue;
+            }
+            if let Some(old) = slot.take() {
+                let _ = self.epoll.ctl(
+                    ControlOperation::Delete,
+                    old.as_raw_fd(),
+                    EpollEvent::default(),
+                );
+            }
+            if let Some(new) = &now {
+                self.epoll.ctl(
+                    ControlOperation::Add,
+                    new.as_raw_fd(),
+                    EpollEvent::new(EventSet::IN, token),
+                )?;
+            }
+            *slot = now;
+        }
+        // Queue 0 stays attached so that frames wait in the TAP while no front-end is connected;
+        // the others follow the driver's ring enable and MQ pair count.
+        let want = self.index == 0
+            || (rx_enabled && self.index < self.dev.active_pairs.load(Ordering::Acquire));
+        if want != self.attached {
+            let mut req = [0u8; 40];
+            let flags = if want {
+                IFF_ATTACH_QUEUE
+            } else {
+                IFF_DETACH_QUEUE
+            };
+            req[16..18].copy_from_slice(&flags.to_ne_bytes());
+            // SAFETY: TUNSETQUEUE reads an ifreq (40 bytes) from `req`, which outlives the call.
+            let r =
+                unsafe { libc::ioctl(self.pair.tap.as_raw_fd(), TUNSETQUEUE, req.as_mut_ptr()) };
+            if r < 0 {
+                tracing::warn!(
+                    pair = self.index,
+                    "TUNSETQUEUE failed: {}",
+                    io::Error::last_os_error()
+                );
+            } else {
+                self.attached = want;
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&mut self) -> io::Result<()> {
+        let mut events = [EpollEvent::default(); 8];
+        self.resync()?;
+        let (mut do_rx, mut do_tx, mut do_ctrl) = (true, true, self.index == 0);
+        loop {
+            if self.dev.shutdown.load(Ordering::Acquire) {
+                return Ok(());
+            }
+            if do_tx {
+                do_tx = datapath::process_tx(self.dev, self.pair, &mut self.scratch);
+            }
+            if do_rx {
+                do_rx = datapath::process_rx(self.dev, self.pair, &mut self.scratch);
+            }
+            if do_ctrl {
+                self.dev.process_ctrl();
+                do_ctrl = false;
+            }
+            let timeout = if do_rx || do_tx { 0 } else { -1 };
+            let n = match self.epoll.wait(timeout, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,
+                Err(e) => return Err(e),
+            };
+            for ev in events.iter().take(n) {
+                match ev.data() {
+                    TOKEN_WAKE => {
+                        let _ = self.pair.wake.read();
+                        self.resync()?;
+                        do_rx = true;
+                        do_tx = true;
+                        do_ctrl = self.index == 0;
+                    }
+                    TOKEN_TAP => do_rx = true,
+                    t => {
+                        let slot = usize::try_from(t - TOKEN_RX).unwrap_or(0);
+                        if let Some(Some(k)) = self.kicks.get(slot) {
+                            let _ = k.read();
+                        }
+                        match t {
+                            TOKEN_RX => do_rx = true,
+                            TOKEN_TX => do_tx = true,
+                            _ => do_ctrl = true,
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Steps a queue's next_avail back by `n` chains (they were looked at but not consumed).
+pub fn rewind(queue: &mut Queue, n: usize) {
+    let n = u16::try_from(n).unwrap_or(u16::MAX);
+    let next = Wrapping(queue.next_avail()) - Wrapping(n);
+    queue.set_next_avail(next.0);
+}

@@ -1,0 +1,16 @@
+//! baton-net-tap: a vhost-user-net back-end over a TAP device that outlives its front-ends.
+//!
+//! Layout: [`tap`] opens and configures the TAP queues, [`virtio`] holds the virtio-net wire
+//! constants and the negotiated-feature logic, [`datapath`] moves frames between the rings and the
+//! TAP, [`device`] is the device core (rings, workers, control queue) that lives for the whole
+//! process, [`vhost`] adapts it to the vhost-user protocol, and [`server`] accepts front-ends one
+//! at a time on the same socket.
+
+pub mod cli;
+pub mod datapath;
+pub mod device;
+pub mod ratelimit;
+pub mod server;
+pub mod tap;
+pub mod vhost;
+pub mod virtio;

@@ -1,0 +1,63 @@
+//! baton-net-tap: vhost-user-net back-end service over a TAP device that outlives its front-ends.
+
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use baton_net_tap::cli::{Args, default_mac};
+use baton_net_tap::device::{Device, NetConfig};
+use baton_net_tap::{server, tap::Tap};
+use clap::Parser;
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let taps = if args.tap_fd.is_empty() {
+        let name = args.tap.as_deref().unwrap_or_default();
+        Tap::open_queues(name, usize::from(args.queues))?
+    } else {
+        if args.queues != 1 && usize::from(args.queues) != args.tap_fd.len() {
+            bail!(
+                "--queues {} does not match the {} --tap-fd given",
+                args.queues,
+                args.tap_fd.len()
+            );
+        }
+        args.tap_fd
+            .iter()
+            .map(|fd| Tap::from_inherited_fd(*fd))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    let name = taps
+        .first()
+        .map(|t| t.name().to_string())
+        .unwrap_or_default();
+    let pairs = u16::try_from(taps.len()).context("too many queues")?;
+    let cfg = NetConfig {
+        mac: args.mac.unwrap_or_else(|| default_mac(&name)),
+        mtu: args.mtu,
+        pairs,
+    };
+    let (listener, bound) = server::listener(args.socket.as_deref())?;
+    let dev = Device::new(cfg, taps).context("creating the device")?;
+    server::handle_signals(dev.clone(), args.socket.filter(|_| bound))?;
+    dev.spawn_workers().context("starting the workers")?;
+    tracing::info!(tap = %name, queues = pairs, "serving");
+    server::notify_ready();
+    server::serve(dev, listener)?;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("baton-net-tap: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! Accepting front-ends: one at a time, in a loop, on the same socket (bound from `--socket` or
+//! inherited through systemd socket activation), plus readiness notification and SIGTERM.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use nix::sys::signal::{SigSet, Signal};
+use vhost::vhost_user::{BackendReqHandler, Error as VuError};
+
+use crate::device::{Device, lock};
+use crate::vhost::Adapter;
+
+/// Errors setting up the service socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Neither --socket nor socket activation.
+    #[error("no socket: pass --socket PATH or start under systemd socket activation")]
+    NoSocket,
+    /// Binding the socket failed.
+    #[error("cannot listen on {path}")]
+    Bind {
+        /// The path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The socket path exists and is not a socket.
+    #[error("{0} exists and is not a socket")]
+    NotASocket(PathBuf),
+}
+
+/// The listening socket: fd 3 under socket activation (LISTEN_PID is us, LISTEN_FDS ≥ 1), else a
+/// fresh socket bound at `path` (a stale socket file there is replaced). Returns whether we
+/// bound it ourselves.
+pub fn listener(path: Option<&Path>) -> Result<(UnixListener, bool), ServerError> {
+    let activated = std::env::var("LISTEN_PID")
+        .ok()
+        .and_then(|p| p.parse::<u32>().ok())
+        == Some(std::process::id())
+        && std::env::var("LISTEN_FDS")
+            .ok()
+            .and_then(|n| n.parse::<u32>().ok())
+            .unwrap_or(0)
+            >= 1;
+    if activated {
+        // SAFETY: under socket activation systemd passes the listening socket as fd 3, owned by
+        // us and used nowhere else.
+        let l = unsafe { UnixListener::from_raw_fd(3) };
+        // SAFETY: setting FD_CLOEXEC on fd 3, which we own.
+        unsafe { libc::fcntl(3, libc::F_SETFD, libc::FD_CLOEXEC) };
+        return Ok((l, false));
+    }
+    let path = path.ok_or(ServerError::NoSocket)?;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(ServerError::NotASocket(path.to_path_buf()));
+        }
+        let _ = std::fs::remove_file(path);
+    }
+    UnixListener::bind(path)
+        .map(|l| (l, true))
+        .map_err(|source| ServerError::Bind {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Sends READY=1 to $NOTIFY_SOCKET if set (path or abstract '@name').
+pub fn notify_ready() {
+    let Ok(target) = std::env::var("NOTIFY_SOCKET") else {
+        return;
+    };
+    let sent = UnixDatagram::unbound().and_then(|s| {
+        if let Some(name) = target.strip_prefix('@') {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
+            s.send_to_addr(b"READY=1", &addr)
+        } else {
+            s.send_to(b"READY=1", &target)
+        }
+    });
+    if let Err(e) = sent {
+        tracing::warn!("sd_notify to {target} failed: {e}");
+    }
+}
+
+/// Blocks SIGTERM/SIGINT in this thread (and every thread spawned after) and starts a thread
+/// that, on either, stops all rings, removes the socket file we bound, and exits 0. A TAP that
+/// existed before (persistent) stays; one we created goes with our last fd.
+pub fn handle_signals(dev: Arc<Device>, socket: Option<PathBuf>) -> io::Result<()> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGTERM);
+    set.add(Signal::SIGINT);
+    set.thread_block().map_err(io::Error::from)?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let sig = set.wait();
+            tracing::info!("{sig:?}: stopping rings and exiting");
+            dev.shutdown.store(true, Ordering::Release);
+            dev.stop_all();
+            if let Some(p) = socket {
+                let _ = std::fs::remove_file(p);
+            }
+            std::process::exit(0);
+        })?;
+    Ok(())
+}
+
+/// Accepts front-ends forever, one at a time; a second one while one is connected is closed
+/// at once without touching the first.
+pub fn serve(dev: Arc<Device>, listener: UnixListener) -> io::Result<()> {
+    let busy = Arc::new(AtomicBool::new(false));
+    loop {
+        let stream = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        };
+        if busy.swap(true, Ordering::AcqRel) {
+            tracing::warn!("refusing a second front-end while one is connected");
+            drop(stream);
+            continue;
+        }
+        tracing::info!("front-end connected");
+        let dev = Arc::clone(&dev);
+        let busy = Arc::clone(&busy);
+        std::thread::Builder::new()
+            .name("vhost-user".into())
+            .spawn(move || {
+                if let Err(e) = connection(&dev, stream) {
+                    tracing::info!("front-end connection ended: {e}");
+                }
+                dev.stop_all();
+                tracing::info!(
+                    "front-end gone; rings stopped, TAP kept open, waiting for the next one"
+                );
+                busy.store(false, Ordering::Release);
+            })?;
+    }
+}
+
+const SET_VRING_ENABLE: u32 = 18;
+const FLAG_VERSION: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+
+fn recv(fd: RawFd, buf: &mut [u8], flags: libc::c_int) -> io::Result<usize> {
+    // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes for the duration of the call.
+    let r = unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            flags | libc::MSG_WAITALL,
+        )
+    };
+    usize::try_from(r).map_err(|_| io::Error::last_os_error())
+}
+
+/// Serves SET_VRING_ENABLE ourselves (see the module doc of [`crate::vhost`]). Returns whether
+/// the next message was consumed here.
+fn pre_filter(sock: &UnixStream, adapter: &Mutex<Adapter>) -> io::Result<bool> {
+    let fd = sock.as_raw_fd();
+    let mut hdr = [0u8; 12];
+    if recv(fd, &mut hdr, libc::MSG_PEEK)? < hdr.len() {
+        return Ok(false);
+    }
+    let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
+    let (code, flags, size) = (word(0), word(4), word(8));
+    if code != SET_VRING_ENABLE || size != 8 {
+        return Ok(false);
+    }
+    let mut msg = [0u8; 20];
+    if recv(fd, &mut msg, 0)? < msg.len() {
+        return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+    }
+    let index = u32::from_le_bytes([msg[12], msg[13], msg[14], msg[15]]);
+    let num = u32::from_le_bytes([msg[16], msg[17], msg[18], msg[19]]);
+    let mut a = lock(adapter);
+    let res = match num {
+        0 | 1 => a.vring_enable(index, num == 1),
+        _ => Err(VuError::InvalidParam),
+    };
+    if let Err(e) = &res {
+        tracing::warn!("SET_VRING_ENABLE {index} {num} refused: {e}");
+    }
+    if flags & FLAG_NEED_REPLY != 0 && a.reply_ack() {
+        let mut reply = [0u8; 20];
+        reply[0..4].copy_from_slice(&SET_VRING_ENABLE.to_le_bytes());
+        reply[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+        reply[8..12].copy_from_slice(&8u32.to_le_bytes());
+        reply[12..20].copy_from_slice(&u64::from(res.is_err()).to_le_bytes());
+        use std::io::Write;
+        (&*sock).write_all(&reply)?;
+    }
+    Ok(true)
+}
+
+/// Serves one front-end until it goes away.
+fn connection(dev: &Arc<Device>, stream: UnixStream) -> io::Result<()> {
+    let adapter = Arc::new(Mutex::new(Adapter::new(Arc::clone(dev))));
+    let peek = stream.try_clone()?;
+    let mut handler = BackendReqHandler::from_stream(stream, Arc::clone(&adapter));
+    loop {
+        if pre_filter(&peek, &adapter)? {
+            continue;
+        }
+        match handler.handle_request() {
+            Ok(()) => {}
+            // The request was read whole and refused (acked with an error if asked): go on.
+            Err(
+                e @ (VuError::InvalidParam
+                | VuError::InvalidOperation(_)
+                | VuError::InactiveFeature(_)
+                | VuError::InactiveOperation(_)
+                | VuError::ReqHandlerError(_)
+                | VuError::BackendInternalError
+                | VuError::FeatureMismatch
+                | VuError::SocketRetry(_)),
+            ) => tracing::warn!("front-end request refused: {e}"),
+            Err(VuError::Disconnected) => return Ok(()),
+            Err(e) => return Err(io::Error::other(e.to_string())),
+        }
+    }
+}

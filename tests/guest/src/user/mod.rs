@@ -1,0 +1,102 @@
+//! CPL3: the guest's drivers, boot sequence and tests. Code here runs natively under PVM and
+//! enters the kernel only through [`sys`] (the `int3` system-call gate).
+//!
+//! BSP boot sequence ([`bsp_main`]): fill the IDT, set up the serial port, read the PVH start
+//! info, calibrate the clocks, find ACPI, start the APs, print the `ready` line, run the test
+//! named by `test=` on the command line, print its JSON result and power off.
+
+pub mod acpi;
+pub mod pvh;
+pub mod serial;
+pub mod smp;
+pub mod sys;
+pub mod tests;
+pub mod time;
+
+use crate::kernel;
+use crate::println;
+
+/// First CPL3 code on every CPU, entered from `entry64` by `iretq`.
+pub extern "C" fn user_entry(cpu: u64, start_info: u64) -> ! {
+    if cpu == 0 { bsp_main(start_info) } else { smp::ap_main(cpu as usize) }
+}
+
+/// What the tests know about the booted machine.
+pub struct Machine<'a> {
+    /// CPUs online, BSP included.
+    pub cpus: usize,
+    /// Usable RAM in MiB.
+    pub mem_mib: u64,
+    /// Guest time from the PVH entry to the ready line, in microseconds.
+    pub boot_us: u64,
+    /// The kernel command line.
+    pub cmdline: &'a str,
+}
+
+fn bsp_main(start_info: u64) -> ! {
+    kernel::tables::init_idt();
+    serial::init();
+    let Some(info) = pvh::BootInfo::parse(start_info) else {
+        println!("baton-test-guest: no valid PVH start info at {start_info:#x}");
+        sys::crash()
+    };
+    let pit_ok = time::calibrate();
+    println!(
+        "baton-test-guest: pvh v{} cmdline=\"{}\" mem_mib={} e820_entries={} tsc_khz={}{} lapic_khz={}",
+        info.version,
+        info.cmdline(),
+        info.mem_mib(),
+        info.memmap_entries,
+        time::tsc_hz() / 1000,
+        if pit_ok { "" } else { " (PIT unusable: guessed)" },
+        time::lapic_hz() / 1000,
+    );
+    if let Some((addr, size)) = info.module {
+        println!("baton-test-guest: initramfs {size} bytes at {addr:#x}");
+    }
+
+    let Some(acpi) = acpi::find_rsdp(info.rsdp).and_then(acpi::Acpi::new) else {
+        println!("baton-test-guest: no ACPI RSDP found; cannot power off, stopping");
+        sys::crash()
+    };
+    let power_off = acpi.find(b"FACP").and_then(acpi::power_off_method);
+    let bsp_apic = sys::apic_id();
+    let cpus = match acpi.find(b"APIC") {
+        Some(madt) => acpi::madt_cpus(madt),
+        None => acpi::CpuList { ids: [bsp_apic; kernel::MAX_CPUS], len: 1, skipped: 0 },
+    };
+    println!("cpu 0 online apic_id={bsp_apic} (bsp)");
+    let online = smp::start_aps(&cpus, bsp_apic);
+    if cpus.skipped > 0 {
+        println!("baton-test-guest: {} CPUs not started (limit {})", cpus.skipped, kernel::MAX_CPUS);
+    }
+
+    // SAFETY: BOOT_TSC was written once by the BSP's PVH entry, before any other code ran.
+    let boot_tsc = unsafe { kernel::boot::BOOT_TSC };
+    let machine = Machine {
+        cpus: online,
+        mem_mib: info.mem_mib(),
+        boot_us: time::tsc_to_us(sys::rdtsc().wrapping_sub(boot_tsc)),
+        cmdline: info.cmdline(),
+    };
+    println!(
+        "baton-test-guest ready cpus={} mem_mib={} boot_ms={}.{:03} cmdline=\"{}\"",
+        machine.cpus,
+        machine.mem_mib,
+        machine.boot_us / 1000,
+        machine.boot_us % 1000,
+        machine.cmdline,
+    );
+
+    tests::run(&machine);
+
+    match power_off {
+        Some(method) => {
+            acpi::power_off(method);
+            time::sleep_us(500_000);
+            println!("baton-test-guest: ACPI power off ({method:?}) did not stop the VM");
+        }
+        None => println!("baton-test-guest: no ACPI power-off method found (FADT)"),
+    }
+    sys::crash()
+}

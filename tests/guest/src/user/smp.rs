@@ -1,0 +1,114 @@
+//! SMP at CPL3: start the APs with INIT-SIPI-SIPI (the kernel only writes the ICR), let
+//! each report itself, then park them in `hlt` until the BSP posts a job.
+
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use super::acpi::CpuList;
+use super::{sys, time};
+use crate::kernel::boot::{AP_NEXT_CPU, ap_trampoline};
+use crate::kernel::{AP_TRAMPOLINE, MAX_CPUS, WAKE_VECTOR};
+use crate::println;
+
+/// ICR: INIT, level assert.
+const ICR_INIT: u32 = 0x4500;
+/// ICR: start-up, level assert; the vector is the trampoline's page number.
+const ICR_SIPI: u32 = 0x4600 | (AP_TRAMPOLINE >> 12) as u32;
+/// ICR: fixed delivery, level assert.
+const ICR_FIXED: u32 = 0x4000;
+
+/// `APIC id + 1` of each online CPU by CPU index (0 = not online).
+static ONLINE: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+/// Bumped by the BSP to post a job to every AP.
+static JOB_SEQ: AtomicU64 = AtomicU64::new(0);
+/// Number of AP jobs finished.
+static JOB_DONE: AtomicU64 = AtomicU64::new(0);
+/// The shared counter the `smp` job increments.
+pub static COUNTER: AtomicU64 = AtomicU64::new(0);
+/// Increments per CPU in the `smp` job.
+pub const JOB_INCREMENTS: u64 = 100_000;
+
+/// Waits (sleeping) up to `us` microseconds for CPU `cpu` to come online.
+fn wait_online(cpu: usize, us: u64) -> bool {
+    let deadline = sys::rdtsc() + time::us_to_tsc(us);
+    while ONLINE[cpu].load(Ordering::Acquire) == 0 {
+        if sys::rdtsc() >= deadline {
+            return false;
+        }
+        time::sleep_us(20);
+    }
+    true
+}
+
+/// Starts every CPU in `cpus` except the BSP, one after the other; returns how many CPUs
+/// (including the BSP) are online.
+pub fn start_aps(cpus: &CpuList, bsp_apic: u32) -> usize {
+    ONLINE[0].store(bsp_apic + 1, Ordering::Release);
+    let code = ap_trampoline();
+    // SAFETY: the trampoline page below 1 MiB is RAM that neither the loader (start info,
+    // memory map, command line) nor the image uses; it is identity-mapped and user-writable.
+    unsafe { core::ptr::copy_nonoverlapping(code.as_ptr(), AP_TRAMPOLINE as *mut u8, code.len()) };
+
+    let mut next = 1;
+    for &apic in cpus.ids[..cpus.len].iter().filter(|&&id| id != bsp_apic) {
+        if next >= MAX_CPUS {
+            break;
+        }
+        AP_NEXT_CPU.store(next as u32, Ordering::Release);
+        sys::ipi(apic, ICR_INIT);
+        time::sleep_us(100);
+        sys::ipi(apic, ICR_SIPI);
+        let online = wait_online(next, 2_000) || {
+            sys::ipi(apic, ICR_SIPI);
+            wait_online(next, 500_000)
+        };
+        if online {
+            next += 1;
+        } else {
+            println!("baton-test-guest: cpu with apic_id={apic} did not start");
+        }
+    }
+    next
+}
+
+/// Entry of an AP at CPL3: report, then run posted jobs, idling in `hlt` in between.
+pub fn ap_main(cpu: usize) -> ! {
+    let apic = sys::apic_id();
+    println!("cpu {cpu} online apic_id={apic}");
+    ONLINE[cpu].store(apic + 1, Ordering::Release);
+    let mut seen = 0;
+    loop {
+        let seq = JOB_SEQ.load(Ordering::Acquire);
+        if seq != seen {
+            seen = seq;
+            run_job();
+            JOB_DONE.fetch_add(1, Ordering::AcqRel);
+        } else {
+            sys::idle(0, Some((&JOB_SEQ, seq)));
+        }
+    }
+}
+
+/// The `smp` test's per-CPU job: contended atomic increments of [`COUNTER`].
+pub fn run_job() {
+    for _ in 0..JOB_INCREMENTS {
+        COUNTER.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Posts a job to all `aps` APs, wakes them with an IPI, and waits (sleeping, up to
+/// `timeout_us`) until they finish; returns how many finished.
+pub fn run_on_aps(aps: usize, timeout_us: u64) -> u64 {
+    let before = JOB_DONE.load(Ordering::Acquire);
+    JOB_SEQ.fetch_add(1, Ordering::AcqRel);
+    for slot in ONLINE.iter().take(aps + 1).skip(1) {
+        let apic = slot.load(Ordering::Acquire);
+        if apic != 0 {
+            sys::ipi(apic - 1, ICR_FIXED | u32::from(WAKE_VECTOR));
+        }
+    }
+    let deadline = sys::rdtsc() + time::us_to_tsc(timeout_us);
+    while JOB_DONE.load(Ordering::Acquire) - before < aps as u64 && sys::rdtsc() < deadline {
+        time::sleep_us(100);
+    }
+    JOB_DONE.load(Ordering::Acquire) - before
+}

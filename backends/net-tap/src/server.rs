@@ -71,6 +71,18 @@ pub fn listener(path: Option<&Path>) -> Result<(UnixListener, bool), ServerError
         })
 }
 
+/// Logs to stderr (`RUST_LOG` filter, default info; colours only on a terminal).
+pub fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 /// Sends READY=1 to $NOTIFY_SOCKET if set (path or abstract '@name').
 pub fn notify_ready() {
     let Ok(target) = std::env::var("NOTIFY_SOCKET") else {

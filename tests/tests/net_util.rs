@@ -1,0 +1,339 @@
+//! Shared pieces of the baton-net-tap tests (included with `#[path]` by each `net_*.rs`):
+//! network namespaces removed on drop, the back-end process, threads that open sockets inside a
+//! namespace, and the Linux test guest. Everything stays inside namespaces the tests create.
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use baton_tests::harness::{self, TempDir, wait_until};
+
+/// A network namespace `baton-test-<tag>-<pid>`, deleted on drop.
+pub struct Netns(pub String);
+
+impl Netns {
+    /// Creates the namespace with `lo` up.
+    pub fn new(tag: &str) -> Netns {
+        let name = format!("baton-test-{tag}-{}", std::process::id());
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        sh(&format!("ip netns add {name}"));
+        let ns = Netns(name);
+        ns.exec("ip link set lo up");
+        ns
+    }
+
+    /// Runs a shell command inside the namespace; panics with its output if it fails.
+    pub fn exec(&self, cmd: &str) -> String {
+        sh(&format!("ip netns exec {} sh -c '{cmd}'", self.0))
+    }
+
+    /// Runs a shell command inside the namespace; returns (success, output).
+    pub fn try_exec(&self, cmd: &str) -> (bool, String) {
+        try_sh(&format!("ip netns exec {} sh -c '{cmd}'", self.0))
+    }
+
+    /// Runs `f` on a thread that has entered the namespace (sockets it opens live there).
+    pub fn thread<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = format!("/var/run/netns/{}", self.0);
+        std::thread::spawn(move || {
+            let nsf = File::open(&path).expect("open netns");
+            // SAFETY: setns on a valid namespace fd; affects only this thread.
+            let r = unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Runs `sh -c cmd`; returns (success, stdout+stderr).
+pub fn try_sh(cmd: &str) -> (bool, String) {
+    let out = Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .expect("run sh");
+    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
+    s.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), s)
+}
+
+/// Runs `sh -c cmd`, panicking with its output if it fails.
+pub fn sh(cmd: &str) -> String {
+    let (ok, out) = try_sh(cmd);
+    assert!(ok, "`{cmd}` failed: {out}");
+    out
+}
+
+/// Why a test that needs root networking cannot run, if it cannot.
+pub fn net_skip_reason() -> Option<String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Some("needs root (network namespaces, TAP devices)".into());
+    }
+    if !Path::new("/dev/net/tun").exists() {
+        return Some("/dev/net/tun is missing".into());
+    }
+    if !try_sh("ip netns list").0 {
+        return Some("`ip netns` does not work here".into());
+    }
+    None
+}
+
+/// The baton-net-tap binary next to the test executable.
+pub fn net_tap_bin() -> PathBuf {
+    let b = harness::bin("baton-net-tap");
+    assert!(
+        b.exists(),
+        "{} is missing: build the workspace (cargo build --workspace) first",
+        b.display()
+    );
+    b
+}
+
+/// A unique TAP name (≤ 15 bytes).
+pub fn tap_name(tag: &str) -> String {
+    format!("bt{tag}{}", std::process::id() % 100_000)
+}
+
+/// A running baton-net-tap (inside a namespace), killed on drop; stderr goes to a log file.
+pub struct NetTap {
+    /// The process (`ip netns exec` execs it, so this is baton-net-tap itself).
+    pub child: Child,
+    /// Its vhost-user socket.
+    pub socket: PathBuf,
+    /// Its stderr.
+    pub log: PathBuf,
+}
+
+impl NetTap {
+    /// Starts `baton-net-tap --socket <dir>/net.sock <args>` in `ns` and waits for the socket.
+    pub fn start(ns: &Netns, dir: &TempDir, args: &[&str]) -> NetTap {
+        let socket = dir.join("net.sock");
+        let log = dir.join("net-tap.log");
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.0])
+            .arg(net_tap_bin())
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn baton-net-tap");
+        let mut t = NetTap { child, socket, log };
+        let up = wait_until(Duration::from_secs(10), || {
+            if t.socket.exists() {
+                return Some(true);
+            }
+            t.child.try_wait().ok().flatten().map(|_| false)
+        });
+        assert_eq!(
+            up,
+            Some(true),
+            "baton-net-tap did not come up:\n{}",
+            t.log_text()
+        );
+        t
+    }
+
+    /// Everything it logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        wait_until(timeout, || self.log_text().contains(needle).then_some(())).is_some()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Sends SIGTERM and returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let code = wait_until(Duration::from_secs(10), || {
+            self.child.try_wait().ok().flatten()
+        });
+        code.and_then(|s| s.code())
+    }
+}
+
+impl Drop for NetTap {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The Linux guest (vmlinuz, initramfs.gz): `$BATON_LINUX_GUEST`, else built once by
+/// tests/linux-guest/build.sh, else by a small built-in builder (same contract: virtio modules
+/// loaded, busybox, runs the base64 script from `baton.script=`, then powers off).
+/// Returns Err(reason) when it cannot be had.
+pub fn linux_guest() -> Result<(PathBuf, PathBuf), String> {
+    let dir = match std::env::var_os("BATON_LINUX_GUEST") {
+        Some(d) => PathBuf::from(d),
+        None => harness::target_dir().join("net-linux-guest"),
+    };
+    let (k, i) = (dir.join("vmlinuz"), dir.join("initramfs.gz"));
+    if k.exists() && i.exists() {
+        return Ok((k, i));
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    // Serialize builders across test binaries.
+    let lock = File::create(dir.with_extension("lock")).map_err(|e| e.to_string())?;
+    // SAFETY: flock on an fd we own.
+    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+    if k.exists() && i.exists() {
+        return Ok((k, i));
+    }
+    let script = harness::repo_root().join("tests/linux-guest/build.sh");
+    let (ok, out) = if script.exists() {
+        try_sh(&format!("bash {} {} 2>&1", script.display(), dir.display()))
+    } else {
+        try_sh(&format!("cd {} && {FALLBACK_BUILD}", dir.display()))
+    };
+    if ok && k.exists() && i.exists() {
+        Ok((k, i))
+    } else {
+        Err(format!("building the Linux guest failed: {out}"))
+    }
+}
+
+const FALLBACK_BUILD: &str = r#"set -e
+command -v qemu-system-x86_64 >/dev/null || { echo "no qemu-system-x86_64"; exit 1; }
+[ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || { echo "no busybox"; exit 1; }
+rm -rf work && mkdir -p work && cd work
+pkg=$(apt-cache depends linux-image-cloud-amd64 | sed -n 's/.*Depends: \(linux-image-[^ ]*\)/\1/p' | head -1)
+apt-get download "$pkg" >/dev/null 2>&1
+dpkg-deb -x linux-image-*.deb root
+mkdir -p initrd/bin initrd/dev initrd/proc initrd/sys initrd/tmp initrd/lib/modules
+cp "$(command -v busybox)" initrd/bin/busybox
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net; do
+  f=$(find root/lib/modules -name "$m.ko*" | head -1); cp "$f" initrd/lib/modules/
+done
+cat > initrd/init <<'EOS'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t tmpfs tmpfs /dev; mount -t tmpfs tmpfs /tmp
+for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net; do insmod /lib/modules/$m.ko 2>/dev/null; done
+mdev -s
+s=$(sed -n 's/.*baton.script=\([^ ]*\).*/\1/p' /proc/cmdline)
+echo "$s" | base64 -d > /tmp/script.sh
+sh /tmp/script.sh
+echo "BATON-GUEST-EXIT $?"
+poweroff -f
+EOS
+chmod +x initrd/init
+(cd initrd && find . | cpio -o -H newc 2>/dev/null | gzip) > ../initramfs.gz
+cp root/boot/vmlinuz-* ../vmlinuz
+cd .. && rm -rf work
+"#;
+
+/// Why QEMU-based tests cannot run, if they cannot.
+pub fn qemu_skip_reason() -> Option<String> {
+    if let Some(r) = net_skip_reason() {
+        return Some(r);
+    }
+    if !try_sh("command -v qemu-system-x86_64").0 {
+        return Some("qemu-system-x86_64 is not installed".into());
+    }
+    None
+}
+
+/// Boots the guest under QEMU/TCG with one vhost-user-net device on `socket`, running
+/// `script`; returns its console output when it powers off (or at the deadline).
+pub fn run_guest(
+    guest: &(PathBuf, PathBuf),
+    socket: &Path,
+    mac: &str,
+    queues: u16,
+    script: &str,
+) -> String {
+    let b64 = base64(script.as_bytes());
+    let mut cmd = Command::new("qemu-system-x86_64");
+    let smp = queues.to_string();
+    cmd.args([
+        "-accel",
+        "tcg",
+        "-m",
+        "512M",
+        "-smp",
+        &smp,
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-monitor",
+        "none",
+    ])
+    .args(["-no-reboot", "-nodefaults"])
+    .args([
+        "-object",
+        "memory-backend-memfd,id=mem,size=512M,share=on",
+        "-machine",
+        "memory-backend=mem",
+    ])
+    .arg("-chardev")
+    .arg(format!("socket,id=n0,path={}", socket.display()))
+    .arg("-netdev")
+    .arg(format!("vhost-user,id=net0,chardev=n0,queues={queues}"))
+    .arg("-device")
+    .arg(if queues > 1 {
+        format!(
+            "virtio-net-pci,netdev=net0,mac={mac},mq=on,vectors={}",
+            2 * queues + 2
+        )
+    } else {
+        format!("virtio-net-pci,netdev=net0,mac={mac}")
+    })
+    .arg("-kernel")
+    .arg(&guest.0)
+    .arg("-initrd")
+    .arg(&guest.1)
+    .arg("-append")
+    .arg(format!("console=ttyS0 quiet panic=-1 baton.script={b64}"));
+    let f = harness::run_to_end(cmd, Duration::from_secs(120)).expect("run qemu");
+    format!("{}\n{}", f.stdout, f.stderr)
+}
+
+/// Standard base64 (the guest decodes it with busybox base64).
+pub fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::new();
+    for c in data.chunks(3) {
+        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, sh) in [18, 12, 6, 0].iter().enumerate() {
+            if i <= c.len() {
+                s.push(char::from(T[((n >> sh) & 63) as usize]));
+            } else {
+                s.push('=');
+            }
+        }
+    }
+    s
+}

@@ -4,7 +4,8 @@
 //! address of `hvm_start_info`) → `common32` (CR3, CR4.PAE, EFER.LME, CR0.PG) → far jump to
 //! `entry64` → TSS descriptor, `ltr`, LAPIC enable → `iretq` to `user_entry(cpu, start_info)`
 //! at CPL3. Application processors (APs) start in real mode at [`AP_TRAMPOLINE`] and join
-//! the same path at `ap_entry32` with the CPU index the BSP stored in [`AP_NEXT_CPU`].
+//! the same path at `ap_entry32` with the CPU index the BSP stored for their APIC id in
+//! [`CPU_INDEX_BY_APIC`].
 //!
 //! The page tables are assembled at build time: an identity map of the first 4 GiB with
 //! 2 MiB pages, user-accessible (U/S set) and writable, the top GiB (LAPIC, IOAPIC, PCI
@@ -12,7 +13,7 @@
 //!
 //! [`AP_TRAMPOLINE`]: super::AP_TRAMPOLINE
 
-use core::sync::atomic::AtomicU32;
+use core::sync::atomic::AtomicU8;
 
 use super::MAX_CPUS;
 
@@ -25,9 +26,10 @@ pub const TSS_STRIDE: usize = 8320;
 /// Offset of the I/O permission bitmap inside a TSS.
 pub const IOMAP_OFFSET: usize = 104;
 
-/// CPU index the next AP takes; the BSP writes it before sending the SIPI.
+/// CPU index of each AP by local APIC id, written by the BSP before it sends the SIPIs;
+/// an AP reads its own entry in `ap_entry32` (so APs can start in parallel without locks).
 #[unsafe(no_mangle)]
-pub static AP_NEXT_CPU: AtomicU32 = AtomicU32::new(0);
+pub static CPU_INDEX_BY_APIC: [AtomicU8; 256] = [const { AtomicU8::new(0) }; 256];
 
 /// TSC value read at the very first guest instruction (PVH entry).
 #[unsafe(no_mangle)]
@@ -138,7 +140,9 @@ ap_entry32:
     mov %ax, %ds
     mov %ax, %es
     mov %ax, %ss
-    mov AP_NEXT_CPU, %edi
+    mov 0xfee00020, %edi            /* local APIC id (paging is off: physical) */
+    shr $24, %edi
+    movzbl CPU_INDEX_BY_APIC(%edi), %edi
     xor %esi, %esi
 
 common32:

@@ -2,8 +2,9 @@
 //! enters the kernel only through [`sys`] (the `int3` system-call gate).
 //!
 //! BSP boot sequence ([`bsp_main`]): fill the IDT, set up the serial port, read the PVH start
-//! info, calibrate the clocks, find ACPI, start the APs, print the `ready` line, run the test
-//! named by `test=` on the command line, print its JSON result and power off.
+//! info, find ACPI (CPUs, power-off), send INIT-SIPI to the APs, calibrate the clocks while
+//! they boot, wait for them, print the `ready` line, run the test named by `test=` on the
+//! command line, print its JSON result and power off.
 
 pub mod acpi;
 pub mod pvh;
@@ -34,27 +35,15 @@ pub struct Machine<'a> {
 }
 
 fn bsp_main(start_info: u64) -> ! {
+    // SAFETY: BOOT_TSC was written once by the BSP's PVH entry, before any other code ran.
+    let boot_tsc = unsafe { kernel::boot::BOOT_TSC };
+    let entered = sys::rdtsc();
     kernel::tables::init_idt();
     serial::init();
     let Some(info) = pvh::BootInfo::parse(start_info) else {
         println!("baton-test-guest: no valid PVH start info at {start_info:#x}");
         sys::crash()
     };
-    let pit_ok = time::calibrate();
-    println!(
-        "baton-test-guest: pvh v{} cmdline=\"{}\" mem_mib={} e820_entries={} tsc_khz={}{} lapic_khz={}",
-        info.version,
-        info.cmdline(),
-        info.mem_mib(),
-        info.memmap_entries,
-        time::tsc_hz() / 1000,
-        if pit_ok { "" } else { " (PIT unusable: guessed)" },
-        time::lapic_hz() / 1000,
-    );
-    if let Some((addr, size)) = info.module {
-        println!("baton-test-guest: initramfs {size} bytes at {addr:#x}");
-    }
-
     let Some(acpi) = acpi::find_rsdp(info.rsdp).and_then(acpi::Acpi::new) else {
         println!("baton-test-guest: no ACPI RSDP found; cannot power off, stopping");
         sys::crash()
@@ -65,18 +54,19 @@ fn bsp_main(start_info: u64) -> ! {
         Some(madt) => acpi::madt_cpus(madt),
         None => acpi::CpuList { ids: [bsp_apic; kernel::MAX_CPUS], len: 1, skipped: 0 },
     };
+    let acpi_done = sys::rdtsc();
+    // The APs boot (emulated, under PVM) while the BSP reports and calibrates its clocks.
+    let startup = smp::start_aps(&cpus, bsp_apic);
     println!("cpu 0 online apic_id={bsp_apic} (bsp)");
-    let online = smp::start_aps(&cpus, bsp_apic);
-    if cpus.skipped > 0 {
-        println!("baton-test-guest: {} CPUs not started (limit {})", cpus.skipped, kernel::MAX_CPUS);
-    }
+    let clock = time::calibrate();
+    let calibrated = sys::rdtsc();
+    let online = smp::finish_startup(&startup);
+    let ready = sys::rdtsc();
 
-    // SAFETY: BOOT_TSC was written once by the BSP's PVH entry, before any other code ran.
-    let boot_tsc = unsafe { kernel::boot::BOOT_TSC };
     let machine = Machine {
         cpus: online,
         mem_mib: info.mem_mib(),
-        boot_us: time::tsc_to_us(sys::rdtsc().wrapping_sub(boot_tsc)),
+        boot_us: time::tsc_to_us(ready.wrapping_sub(boot_tsc)),
         cmdline: info.cmdline(),
     };
     println!(
@@ -87,6 +77,28 @@ fn bsp_main(start_info: u64) -> ! {
         machine.boot_us % 1000,
         machine.cmdline,
     );
+    // Details go after the ready line: under PVM every byte of serial output costs an exit.
+    let us = |from: u64, to: u64| time::tsc_to_us(to.wrapping_sub(from));
+    println!(
+        "baton-test-guest: pvh v{} e820_entries={} tsc_khz={} lapic_khz={} clock={:?} \
+         boot_us: kernel={} acpi={} calibrate={} smp_wait={} power_off={:?}",
+        info.version,
+        info.memmap_entries,
+        time::tsc_hz() / 1000,
+        time::lapic_hz() / 1000,
+        clock,
+        us(boot_tsc, entered),
+        us(entered, acpi_done),
+        us(acpi_done, calibrated),
+        us(calibrated, ready),
+        power_off,
+    );
+    if let Some((addr, size)) = info.module {
+        println!("baton-test-guest: initramfs {size} bytes at {addr:#x}");
+    }
+    if cpus.skipped > 0 {
+        println!("baton-test-guest: {} CPUs not started (limit {})", cpus.skipped, kernel::MAX_CPUS);
+    }
 
     tests::run(&machine);
 

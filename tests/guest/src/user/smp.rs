@@ -5,7 +5,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use super::acpi::CpuList;
 use super::{sys, time};
-use crate::kernel::boot::{AP_NEXT_CPU, ap_trampoline};
+use crate::kernel::boot::{CPU_INDEX_BY_APIC, ap_trampoline};
 use crate::kernel::{AP_TRAMPOLINE, MAX_CPUS, WAKE_VECTOR};
 use crate::println;
 
@@ -39,35 +39,69 @@ fn wait_online(cpu: usize, us: u64) -> bool {
     true
 }
 
-/// Starts every CPU in `cpus` except the BSP, one after the other; returns how many CPUs
-/// (including the BSP) are online.
-pub fn start_aps(cpus: &CpuList, bsp_apic: u32) -> usize {
+/// The APs being started: APIC id by CPU index (index 0 is the BSP).
+pub struct Startup {
+    apic: [u32; MAX_CPUS],
+    count: usize,
+}
+
+/// Starts every CPU in `cpus` except the BSP, all at once: INIT to each, a short delay,
+/// SIPI to each. It does not wait for them (see [`finish_startup`]), so their (emulated)
+/// trampolines run while the BSP calibrates its clocks. Must run before the TSC is
+/// calibrated only in the sense that its one delay is a fixed TSC count (≥ 100 µs up to
+/// 3 GHz).
+pub fn start_aps(cpus: &CpuList, bsp_apic: u32) -> Startup {
     ONLINE[0].store(bsp_apic + 1, Ordering::Release);
+    let mut startup = Startup { apic: [bsp_apic; MAX_CPUS], count: 1 };
+    for &apic in cpus.ids[..cpus.len].iter().filter(|&&id| id != bsp_apic) {
+        if startup.count < MAX_CPUS && apic < 0xff {
+            startup.apic[startup.count] = apic;
+            CPU_INDEX_BY_APIC[apic as usize].store(startup.count as u8, Ordering::Relaxed);
+            startup.count += 1;
+        }
+    }
+    if startup.count == 1 {
+        return startup;
+    }
     let code = ap_trampoline();
     // SAFETY: the trampoline page below 1 MiB is RAM that neither the loader (start info,
     // memory map, command line) nor the image uses; it is identity-mapped and user-writable.
     unsafe { core::ptr::copy_nonoverlapping(code.as_ptr(), AP_TRAMPOLINE as *mut u8, code.len()) };
-
-    let mut next = 1;
-    for &apic in cpus.ids[..cpus.len].iter().filter(|&&id| id != bsp_apic) {
-        if next >= MAX_CPUS {
-            break;
-        }
-        AP_NEXT_CPU.store(next as u32, Ordering::Release);
+    core::sync::atomic::fence(Ordering::SeqCst);
+    for &apic in &startup.apic[1..startup.count] {
         sys::ipi(apic, ICR_INIT);
-        time::sleep_us(100);
+    }
+    let t = sys::rdtsc();
+    while sys::rdtsc() - t < 300_000 {
+        core::hint::spin_loop();
+    }
+    for &apic in &startup.apic[1..startup.count] {
         sys::ipi(apic, ICR_SIPI);
-        let online = wait_online(next, 2_000) || {
+    }
+    startup
+}
+
+/// Waits for the APs [`start_aps`] started (retrying INIT-SIPI-SIPI once for a late one);
+/// returns how many CPUs, BSP included, are online. Needs calibrated clocks.
+pub fn finish_startup(startup: &Startup) -> usize {
+    let mut online = 1;
+    for cpu in 1..startup.count {
+        let apic = startup.apic[cpu];
+        let up = wait_online(cpu, 100_000) || {
+            sys::ipi(apic, ICR_INIT);
+            time::sleep_us(200);
             sys::ipi(apic, ICR_SIPI);
-            wait_online(next, 500_000)
+            time::sleep_us(200);
+            sys::ipi(apic, ICR_SIPI);
+            wait_online(cpu, 500_000)
         };
-        if online {
-            next += 1;
+        if up {
+            online += 1;
         } else {
-            println!("baton-test-guest: cpu with apic_id={apic} did not start");
+            println!("baton-test-guest: cpu {cpu} (apic_id={apic}) did not start");
         }
     }
-    next
+    online
 }
 
 /// Entry of an AP at CPL3: report, then run posted jobs, idling in `hlt` in between.

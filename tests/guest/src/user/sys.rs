@@ -97,3 +97,9 @@ pub unsafe fn peek<T: Copy>(addr: u64) -> T {
     // SAFETY: the caller guarantees the range is mapped; unaligned reads are allowed.
     unsafe { core::ptr::read_unaligned(addr as *const T) }
 }
+
+/// Executes `cpuid` (leaf, subleaf 0); returns eax, ebx, ecx, edx.
+pub fn cpuid(leaf: u32) -> [u32; 4] {
+    let r = core::arch::x86_64::__cpuid_count(leaf, 0);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}

@@ -1,0 +1,320 @@
+//! baton-net-tap command line, TAP setup errors, lifetime rules without a guest: bad options
+//! exit non-zero with a clear message; a TAP name taken by a non-TAP device, no permission for
+//! TAP creation; a second concurrent front-end is refused without disturbing the first;
+//! SIGTERM exits 0 leaving a persistent TAP; socket activation and sd_notify.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
+
+#[path = "net_util.rs"]
+mod net_util;
+
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+use std::time::Duration;
+
+use baton_tests::harness::{TempDir, run_to_end, wait_until};
+use net_util::*;
+
+/// Runs baton-net-tap inside `ns` with `args`; returns (exit code, stderr).
+fn run_in(ns: &Netns, args: &[&str]) -> (Option<i32>, String) {
+    let mut cmd = Command::new("ip");
+    cmd.args(["netns", "exec", &ns.0])
+        .arg(net_tap_bin())
+        .args(args);
+    let f = run_to_end(cmd, Duration::from_secs(20)).unwrap();
+    (f.code, f.stderr)
+}
+
+macro_rules! skip_unless_net {
+    ($name:literal) => {
+        if let Some(why) = net_skip_reason() {
+            eprintln!("skipping {}: {why}", $name);
+            return;
+        }
+    };
+}
+
+#[test]
+fn net_cli_bad_options_exit_nonzero_with_a_message() {
+    skip_unless_net!("net_cli_bad_options_exit_nonzero_with_a_message");
+    let ns = Netns::new("nc1");
+    let dir = TempDir::new("net-cli");
+    let sock = dir.join("s.sock");
+    let sock = sock.to_str().unwrap();
+    let tap = tap_name("c");
+    let cases: &[(&[&str], &str)] = &[
+        (&["--socket", sock], "--tap"),
+        (
+            &["--socket", sock, "--tap", "a-name-that-is-too-long"],
+            "too long",
+        ),
+        (
+            &["--socket", sock, "--tap", "bad/name"],
+            "not a valid interface name",
+        ),
+        (
+            &[
+                "--socket",
+                sock,
+                "--tap",
+                &tap,
+                "--mac",
+                "01:00:5e:00:00:01",
+            ],
+            "multicast",
+        ),
+        (
+            &[
+                "--socket",
+                sock,
+                "--tap",
+                &tap,
+                "--mac",
+                "52:54:00:zz:00:01",
+            ],
+            "hex",
+        ),
+        (&["--socket", sock, "--tap", &tap, "--mtu", "10"], "--mtu"),
+        (
+            &["--socket", sock, "--tap", &tap, "--queues", "0"],
+            "--queues",
+        ),
+        (
+            &["--socket", "/nonexistent-dir/x.sock", "--tap", &tap],
+            "cannot listen on /nonexistent-dir/x.sock",
+        ),
+        (&["--socket", sock, "--tap-fd", "77"], "fd 77 is not a TAP"),
+        (
+            &["--socket", sock, "--tap", &tap, "--tap-fd", "77"],
+            "cannot be used with",
+        ),
+        (&["--tap", &tap], "no socket"),
+    ];
+    for (args, want) in cases {
+        let (code, err) = run_in(&ns, args);
+        assert!(
+            code.is_some_and(|c| c != 0),
+            "{args:?}: exit {code:?}, stderr:\n{err}"
+        );
+        assert!(
+            err.contains(want),
+            "{args:?}: stderr lacks {want:?}:\n{err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?} panicked:\n{err}");
+    }
+}
+
+#[test]
+fn net_cli_tap_name_taken_by_a_non_tap_device() {
+    skip_unless_net!("net_cli_tap_name_taken_by_a_non_tap_device");
+    let ns = Netns::new("nc2");
+    let dir = TempDir::new("net-cli");
+    let name = tap_name("d");
+    // Whichever of these link types the kernel has.
+    let kind = ["dummy", "veth", "bridge"]
+        .into_iter()
+        .find(|k| ns.try_exec(&format!("ip link add {name} type {k}")).0);
+    let Some(kind) = kind else {
+        eprintln!(
+            "skipping net_cli_tap_name_taken_by_a_non_tap_device: no dummy/veth/bridge link type"
+        );
+        return;
+    };
+    let (code, err) = run_in(
+        &ns,
+        &["--socket", dir.join("s").to_str().unwrap(), "--tap", &name],
+    );
+    assert!(code.is_some_and(|c| c != 0), "exit {code:?}: {err}");
+    assert!(err.contains("is not a TAP device"), "{err}");
+    // The other device is untouched.
+    ns.exec(&format!("ip -d link show {name} | grep -q {kind}"));
+}
+
+#[test]
+fn net_cli_no_permission_to_create_a_tap() {
+    skip_unless_net!("net_cli_no_permission_to_create_a_tap");
+    if !try_sh("command -v setpriv").0 {
+        eprintln!("skipping net_cli_no_permission_to_create_a_tap: setpriv is not installed");
+        return;
+    }
+    let ns = Netns::new("nc3");
+    let dir = TempDir::new("net-cli");
+    // The unprivileged user must be able to reach the binary and the socket directory.
+    let bin = net_tap_bin();
+    if !try_sh(&format!(
+        "setpriv --reuid=65534 --regid=65534 --clear-groups test -x {}",
+        bin.display()
+    ))
+    .0
+    {
+        eprintln!(
+            "skipping net_cli_no_permission_to_create_a_tap: nobody cannot execute {}",
+            bin.display()
+        );
+        return;
+    }
+    sh(&format!("chmod 777 {}", dir.0.display()));
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        &ns.0,
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+    ])
+    .arg(bin)
+    .args([
+        "--socket",
+        dir.join("s").to_str().unwrap(),
+        "--tap",
+        &tap_name("p"),
+    ]);
+    let f = run_to_end(cmd, Duration::from_secs(20)).unwrap();
+    assert!(
+        f.code.is_some_and(|c| c != 0),
+        "exit {:?}: {}",
+        f.code,
+        f.stderr
+    );
+    assert!(
+        f.stderr.contains("no permission") || f.stderr.contains("cannot open /dev/net/tun"),
+        "{}",
+        f.stderr
+    );
+    assert!(!f.stderr.contains("panicked"), "{}", f.stderr);
+}
+
+fn get_features(s: &mut UnixStream) -> u64 {
+    // VHOST_USER_GET_FEATURES, version 1, no payload.
+    let mut msg = [0u8; 12];
+    msg[0] = 1;
+    msg[4] = 1;
+    s.write_all(&msg).unwrap();
+    let mut reply = [0u8; 20];
+    s.read_exact(&mut reply).unwrap();
+    u64::from_le_bytes(reply[12..20].try_into().unwrap())
+}
+
+#[test]
+fn net_second_frontend_is_refused_without_disturbing_the_first() {
+    skip_unless_net!("net_second_frontend_is_refused_without_disturbing_the_first");
+    let ns = Netns::new("nc4");
+    let dir = TempDir::new("net-cli");
+    let tap = NetTap::start(&ns, &dir, &["--tap", &tap_name("r")]);
+    let mut first = UnixStream::connect(&tap.socket).unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let f = get_features(&mut first);
+    assert_ne!(f & (1 << 32), 0, "VERSION_1 offered");
+    let mut second = UnixStream::connect(&tap.socket).unwrap();
+    second
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(
+        second.read(&mut b).unwrap_or(0),
+        0,
+        "second front-end must be closed"
+    );
+    assert_eq!(get_features(&mut first), f, "first front-end still served");
+    assert!(
+        tap.wait_log("refusing a second front-end", Duration::from_secs(5)),
+        "{}",
+        tap.log_text()
+    );
+    drop(first);
+    assert!(
+        tap.wait_log("front-end gone", Duration::from_secs(5)),
+        "{}",
+        tap.log_text()
+    );
+    // After the first leaves, the next one is served.
+    let mut third = UnixStream::connect(&tap.socket).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(get_features(&mut third), f);
+}
+
+#[test]
+fn net_sigterm_exits_0_and_leaves_a_persistent_tap() {
+    skip_unless_net!("net_sigterm_exits_0_and_leaves_a_persistent_tap");
+    let ns = Netns::new("nc5");
+    let dir = TempDir::new("net-cli");
+    let name = tap_name("s");
+    ns.exec(&format!(
+        "ip tuntap add dev {name} mode tap multi_queue vnet_hdr"
+    ));
+    let mut tap = NetTap::start(&ns, &dir, &["--tap", &name, "--queues", "2"]);
+    let mut fe = UnixStream::connect(&tap.socket).unwrap();
+    fe.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    get_features(&mut fe);
+    assert_eq!(tap.terminate(), Some(0), "{}", tap.log_text());
+    ns.exec(&format!("ip link show {name} >/dev/null"));
+
+    // A TAP that baton-net-tap created itself goes away with it.
+    let name2 = tap_name("t");
+    let dir2 = TempDir::new("net-cli");
+    let mut tap2 = NetTap::start(&ns, &dir2, &["--tap", &name2]);
+    ns.exec(&format!("ip link show {name2} >/dev/null"));
+    assert_eq!(tap2.terminate(), Some(0), "{}", tap2.log_text());
+    assert!(
+        !ns.try_exec(&format!("ip link show {name2}")).0,
+        "non-persistent TAP left behind"
+    );
+}
+
+#[test]
+fn net_socket_activation_and_sd_notify() {
+    skip_unless_net!("net_socket_activation_and_sd_notify");
+    let ns = Netns::new("nc6");
+    let dir = TempDir::new("net-cli");
+    let listener = UnixListener::bind(dir.join("act.sock")).unwrap();
+    let notify = UnixDatagram::bind(dir.join("notify.sock")).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let lfd = listener.as_raw_fd();
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        &ns.0,
+        "sh",
+        "-c",
+        "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"",
+    ])
+    .arg(net_tap_bin())
+    .args(["--tap", &tap_name("a")])
+    .env("NOTIFY_SOCKET", dir.join("notify.sock"))
+    .stderr(std::process::Stdio::null());
+    // SAFETY: only async-signal-safe calls (dup2) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(lfd, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut buf = [0u8; 64];
+    let n = notify.recv(&mut buf).expect("READY=1 from sd_notify");
+    assert_eq!(&buf[..n], b"READY=1");
+    let mut fe = UnixStream::connect(dir.join("act.sock")).unwrap();
+    fe.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_ne!(get_features(&mut fe), 0);
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = wait_until(Duration::from_secs(10), || child.try_wait().ok().flatten());
+    assert_eq!(st.and_then(|s| s.code()), Some(0));
+}

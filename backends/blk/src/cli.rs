@@ -1,0 +1,58 @@
+//! Command-line options of `baton-blk`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, ValueEnum};
+
+/// Which I/O engine executes disk requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum IoEngineKind {
+    /// io_uring with one ring per queue, one submission batch per kick.
+    #[value(name = "io_uring")]
+    IoUring,
+    /// Synchronous preadv/pwritev on the queue's thread.
+    Sync,
+}
+
+/// vhost-user-blk back-end over a raw disk image; it outlives its front-ends.
+#[derive(Clone, Debug, Parser)]
+#[command(name = "baton-blk", version)]
+pub struct Args {
+    /// UNIX socket to listen on (ignored under socket activation: LISTEN_FDS/LISTEN_PID).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Raw image: a regular file or a block device.
+    #[arg(long)]
+    pub image: PathBuf,
+    /// Expose the disk read-only (VIRTIO_BLK_F_RO).
+    #[arg(long)]
+    pub readonly: bool,
+    /// Number of virtqueues (VIRTIO_BLK_F_MQ when > 1).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub queues: u16,
+    /// Maximum size of each virtqueue (a power of two).
+    #[arg(long, default_value_t = 256)]
+    pub queue_size: u16,
+    /// Open the image with O_DIRECT.
+    #[arg(long)]
+    pub direct: bool,
+    /// Serial returned by VIRTIO_BLK_T_GET_ID (at most 20 bytes are used).
+    #[arg(long, default_value = "baton-blk")]
+    pub serial: String,
+    /// I/O engine; io_uring falls back to sync when it cannot be set up.
+    #[arg(long, value_enum, default_value_t = IoEngineKind::IoUring)]
+    pub io_engine: IoEngineKind,
+}
+
+impl Args {
+    /// Checks what clap cannot: the queue size.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.queue_size.is_power_of_two() || self.queue_size < 4 || self.queue_size > 1024 {
+            return Err(format!(
+                "--queue-size {} must be a power of two in 4..=1024",
+                self.queue_size
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,238 @@
+//! The vhost-user inflight region (INFLIGHT_SHMFD), split-virtqueue layout, kept as the spec's
+//! "Inflight I/O tracking" section and libvhost-user do: per queue
+//! `{features u64, version u16, desc_num u16, last_batch_head u16, used_idx u16,
+//! desc[desc_num] {inflight u8, pad[5], next u16, counter u64}}`, each queue's area
+//! `align_up(16 * queue_size + 2, 64)` bytes.
+//!
+//! Per request: `begin(head)` (counter, inflight = 1) when the head is popped, before any I/O;
+//! `pre_put(head)` (last_batch_head) before the used-ring update; `post_put(head, used_idx)`
+//! (inflight = 0, used_idx) after it.
+
+use std::fs::File;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{Bytes, FileOffset, VolatileMemory};
+
+/// Errors of the inflight region.
+#[derive(Debug, thiserror::Error)]
+pub enum InflightError {
+    /// memfd_create or ftruncate failed.
+    #[error("cannot create the inflight memfd: {0}")]
+    Create(#[source] std::io::Error),
+    /// mmap failed.
+    #[error("cannot map the inflight region: {0}")]
+    Map(String),
+    /// The region the front-end gave is too small for its queues.
+    #[error("inflight region too small: {size} bytes for {queues} queues of {queue_size}")]
+    TooSmall {
+        /// Size given.
+        size: u64,
+        /// Queues.
+        queues: u16,
+        /// Queue size.
+        queue_size: u16,
+    },
+}
+
+const HDR: usize = 16;
+const DESC: usize = 16;
+
+/// Bytes per queue in the region.
+pub fn queue_region_size(queue_size: u16) -> u64 {
+    let raw = DESC as u64 * u64::from(queue_size) + 2;
+    raw.div_ceil(64) * 64
+}
+
+/// A mapped inflight region shared with the front-end.
+#[derive(Debug, Clone)]
+pub struct InflightRegion {
+    map: Arc<MmapRegion<()>>,
+    queues: u16,
+    queue_size: u16,
+}
+
+impl InflightRegion {
+    /// Creates a zeroed memfd-backed region (GET_INFLIGHT_FD).
+    pub fn create(queues: u16, queue_size: u16) -> Result<(Self, File, u64), InflightError> {
+        let size = queue_region_size(queue_size) * u64::from(queues);
+        let fd = nix::sys::memfd::memfd_create(
+            c"baton-blk-inflight",
+            nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
+        )
+        .map_err(|e| InflightError::Create(e.into()))?;
+        let file = File::from(fd);
+        file.set_len(size).map_err(InflightError::Create)?;
+        let region = Self::map(
+            file.try_clone().map_err(InflightError::Create)?,
+            0,
+            size,
+            queues,
+            queue_size,
+        )?;
+        Ok((region, file, size))
+    }
+
+    /// Maps a region given by the front-end (SET_INFLIGHT_FD).
+    pub fn map(
+        file: File,
+        offset: u64,
+        size: u64,
+        queues: u16,
+        queue_size: u16,
+    ) -> Result<Self, InflightError> {
+        if size < queue_region_size(queue_size) * u64::from(queues)
+            || queues == 0
+            || queue_size == 0
+        {
+            return Err(InflightError::TooSmall {
+                size,
+                queues,
+                queue_size,
+            });
+        }
+        let len = usize::try_from(size).map_err(|e| InflightError::Map(e.to_string()))?;
+        let map = MmapRegion::<()>::from_file(FileOffset::new(file, offset), len)
+            .map_err(|e| InflightError::Map(e.to_string()))?;
+        Ok(Self {
+            map: Arc::new(map),
+            queues,
+            queue_size,
+        })
+    }
+
+    /// The tracker of queue `index`, initialised (version 1, desc_num) if the area is new.
+    pub fn queue(&self, index: u16) -> Option<InflightQueue> {
+        if index >= self.queues {
+            return None;
+        }
+        let base = usize::try_from(queue_region_size(self.queue_size) * u64::from(index)).ok()?;
+        let mut q = InflightQueue {
+            map: self.map.clone(),
+            base,
+            desc_num: self.queue_size,
+            counter: 0,
+        };
+        if q.get::<u16>(8) == 0 {
+            q.set::<u16>(8, 1);
+            q.set::<u16>(10, self.queue_size);
+        }
+        q.counter = (0..self.queue_size)
+            .filter(|&i| q.get::<u8>(q.desc(i)) == 1)
+            .map(|i| q.get::<u64>(q.desc(i) + 8))
+            .max()
+            .map_or(0, |c| c + 1);
+        Some(q)
+    }
+}
+
+/// One queue's tracking area.
+#[derive(Debug)]
+pub struct InflightQueue {
+    map: Arc<MmapRegion<()>>,
+    base: usize,
+    desc_num: u16,
+    counter: u64,
+}
+
+impl InflightQueue {
+    fn desc(&self, head: u16) -> usize {
+        HDR + DESC * usize::from(head)
+    }
+
+    fn get<T: vm_memory::ByteValued + Default>(&self, off: usize) -> T {
+        self.map
+            .as_volatile_slice()
+            .read_obj(self.base + off)
+            .unwrap_or_default()
+    }
+
+    fn set<T: vm_memory::ByteValued>(&self, off: usize, v: T) {
+        let _ = self.map.as_volatile_slice().write_obj(v, self.base + off);
+    }
+
+    fn fence() {
+        std::sync::atomic::fence(Ordering::SeqCst);
+    }
+
+    /// A descriptor head was taken from the avail ring: mark it inflight.
+    pub fn begin(&mut self, head: u16) {
+        if head >= self.desc_num {
+            return;
+        }
+        let d = self.desc(head);
+        self.set::<u64>(d + 8, self.counter);
+        self.counter += 1;
+        Self::fence();
+        self.set::<u8>(d, 1);
+    }
+
+    /// About to put `head` into the used ring.
+    pub fn pre_put(&self, head: u16) {
+        if head < self.desc_num {
+            self.set::<u16>(12, head);
+        }
+    }
+
+    /// `head` is in the used ring whose index is now `used_idx`.
+    pub fn post_put(&self, head: u16, used_idx: u16) {
+        if head < self.desc_num {
+            Self::fence();
+            self.set::<u8>(self.desc(head), 0);
+            Self::fence();
+            self.set::<u16>(14, used_idx);
+        }
+    }
+
+    /// Heads still marked inflight, oldest first.
+    pub fn pending(&self) -> Vec<u16> {
+        let mut v: Vec<(u64, u16)> = (0..self.desc_num)
+            .filter(|&i| self.get::<u8>(self.desc(i)) == 1)
+            .map(|i| (self.get::<u64>(self.desc(i) + 8), i))
+            .collect();
+        v.sort_unstable();
+        v.into_iter().map(|(_, i)| i).collect()
+    }
+
+    /// Reconciles the region with the guest's used index (libvhost-user's check): if the
+    /// used ring moved past what the region recorded, the last batch head did complete.
+    pub fn reconcile(&self, guest_used_idx: u16) {
+        if self.get::<u16>(14) != guest_used_idx {
+            let h = self.get::<u16>(12);
+            if h < self.desc_num {
+                self.set::<u8>(self.desc(h), 0);
+            }
+            self.set::<u16>(14, guest_used_idx);
+        }
+    }
+
+    #[cfg(test)]
+    /// Raw fields for tests: (version, desc_num, last_batch_head, used_idx).
+    pub fn header(&self) -> (u16, u16, u16, u16) {
+        (self.get(8), self.get(10), self.get(12), self.get(14))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn begin_put_cycle() {
+        let (r, _f, size) = InflightRegion::create(2, 8).unwrap();
+        assert_eq!(size, 2 * 192);
+        let mut q = r.queue(1).unwrap();
+        assert_eq!(q.header(), (1, 8, 0, 0));
+        q.begin(3);
+        q.begin(5);
+        assert_eq!(q.pending(), vec![3, 5]);
+        q.pre_put(5);
+        q.post_put(5, 1);
+        assert_eq!(q.pending(), vec![3]);
+        assert_eq!(q.header(), (1, 8, 5, 1));
+        q.begin(200); // out of range: ignored
+        let q2 = r.queue(1).unwrap();
+        assert_eq!(q2.pending(), vec![3]);
+    }
+}

@@ -172,6 +172,26 @@ impl NetTap {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Asks for the counters (SIGUSR1) and returns the value of `name` from the next stats line.
+    pub fn stat(&self, name: &str) -> Option<u64> {
+        let before = self.log_text().matches("stats: ").count();
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGUSR1) };
+        let line = wait_until(Duration::from_secs(10), || {
+            let log = self.log_text();
+            (log.matches("stats: ").count() > before)
+                .then(|| {
+                    log.lines()
+                        .filter(|l| l.contains("stats: "))
+                        .last()
+                        .map(str::to_string)
+                })
+                .flatten()
+        })?;
+        line.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{name}="))?.parse().ok())
+    }
+
     /// Sends SIGTERM and returns the exit code.
     pub fn terminate(&mut self) -> Option<i32> {
         // SAFETY: kill(2) on our own child's pid.
@@ -336,4 +356,95 @@ pub fn base64(data: &[u8]) -> String {
         }
     }
     s
+}
+
+/// Ones'-complement sum of 16-bit big-endian words.
+pub fn csum_add(mut sum: u32, data: &[u8]) -> u32 {
+    for c in data.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+    }
+    sum
+}
+
+/// Folds a ones'-complement sum to 16 bits.
+pub fn csum_fold(mut sum: u32) -> u16 {
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// Parses "aa:bb:cc:dd:ee:ff".
+pub fn mac(s: &str) -> [u8; 6] {
+    let mut m = [0u8; 6];
+    for (d, p) in m.iter_mut().zip(s.trim().split(':')) {
+        *d = u8::from_str_radix(p, 16).unwrap();
+    }
+    m
+}
+
+/// An Ethernet/IPv4/UDP frame. With `partial`, the UDP checksum holds only the pseudo-header
+/// sum and the returned virtio-net header asks the device to complete it (NEEDS_CSUM).
+pub fn udp_frame(
+    src_mac: [u8; 6],
+    dst_mac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    payload: &[u8],
+    partial: bool,
+) -> ([u8; 12], Vec<u8>) {
+    let udp_len = 8 + payload.len();
+    let ip_len = 20 + udp_len;
+    let mut f = Vec::with_capacity(14 + ip_len);
+    f.extend_from_slice(&dst_mac);
+    f.extend_from_slice(&src_mac);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let mut ip = vec![0x45, 0, 0, 0, 0, 1, 0x40, 0, 64, 17, 0, 0];
+    ip[2..4].copy_from_slice(&(ip_len as u16).to_be_bytes());
+    ip.extend_from_slice(&src);
+    ip.extend_from_slice(&dst);
+    let c = !csum_fold(csum_add(0, &ip));
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&ip);
+    let mut udp = Vec::with_capacity(udp_len);
+    udp.extend_from_slice(&sport.to_be_bytes());
+    udp.extend_from_slice(&dport.to_be_bytes());
+    udp.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&src);
+    pseudo.extend_from_slice(&dst);
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&(udp_len as u16).to_be_bytes());
+    let mut hdr = [0u8; 12];
+    if partial {
+        let c = csum_fold(csum_add(0, &pseudo));
+        udp[6..8].copy_from_slice(&c.to_be_bytes());
+        hdr[0] = 1; // NEEDS_CSUM
+        hdr[6..8].copy_from_slice(&34u16.to_le_bytes()); // csum_start
+        hdr[8..10].copy_from_slice(&6u16.to_le_bytes()); // csum_offset
+    } else {
+        let mut c = !csum_fold(csum_add(csum_add(0, &pseudo), &udp));
+        if c == 0 {
+            c = 0xffff;
+        }
+        udp[6..8].copy_from_slice(&c.to_be_bytes());
+    }
+    f.extend_from_slice(&udp);
+    (hdr, f)
+}
+
+/// The UDP (destination port, payload) of an Ethernet/IPv4 frame, if it is one.
+pub fn udp_payload(frame: &[u8]) -> Option<(u16, &[u8])> {
+    if frame.len() < 42 || frame[12..14] != [0x08, 0x00] || frame[23] != 17 {
+        return None;
+    }
+    let ihl = usize::from(frame[14] & 0x0f) * 4;
+    let udp = frame.get(14 + ihl..)?;
+    let dport = u16::from_be_bytes([udp[2], udp[3]]);
+    let len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+    Some((dport, udp.get(8..len)?))
 }

@@ -52,16 +52,20 @@ pub struct Scratch {
     segs: Vec<(GuestAddress, u32)>,
     /// (head, len) to complete.
     used: Vec<(u16, u32)>,
+    /// One byte after the guest's RX buffers: the TAP truncates a frame that does not fit and
+    /// reports only the bytes it copied, so a byte landing here means "did not fit".
+    overflow: Box<[u8; 1]>,
 }
 
 impl Scratch {
     /// Allocates the buffers.
     pub fn new() -> Self {
         Scratch {
-            iovs: Vec::with_capacity(MAX_IOVS),
+            iovs: Vec::with_capacity(MAX_IOVS + 1),
             chains: Vec::with_capacity(MAX_IOVS),
             segs: Vec::with_capacity(4),
             used: Vec::with_capacity(BUDGET),
+            overflow: Box::new([0u8; 1]),
         }
     }
 }
@@ -362,9 +366,15 @@ pub fn process_rx(dev: &Device, pair: &QueuePair, s: &mut Scratch) -> bool {
                 break;
             }
         };
-        // SAFETY: every iovec points into guest memory mapped by `mem` (held for the whole
-        // call) and was offered by the driver as device-writable.
+        s.iovs.push(libc::iovec {
+            iov_base: s.overflow.as_mut_ptr().cast(),
+            iov_len: 1,
+        });
+        // SAFETY: every iovec but the last points into guest memory mapped by `mem` (held for
+        // the whole call) and was offered by the driver as device-writable; the last one is
+        // our own one-byte overflow buffer.
         let r = unsafe { libc::readv(pair.tap.as_raw_fd(), s.iovs.as_ptr(), iov_count(&s.iovs)) };
+        s.iovs.pop();
         let n = match usize::try_from(r) {
             Ok(n) => n,
             Err(_) => {
@@ -380,7 +390,7 @@ pub fn process_rx(dev: &Device, pair: &QueuePair, s: &mut Scratch) -> bool {
             // The TAP reports the full length of a frame it had to truncate.
             dev.stats.rx_too_large.hit(
                 "frame larger than the guest's buffers dropped",
-                &format_args!("{n} bytes > {cap}"),
+                &format_args!("more than {cap} bytes"),
             );
             rewind(&mut vr.queue, s.chains.len());
             continue;

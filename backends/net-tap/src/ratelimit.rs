@@ -64,6 +64,22 @@ pub struct Stats {
     pub tx_frames: AtomicU64,
 }
 
+impl Stats {
+    /// One line with every counter (logged on SIGUSR1).
+    pub fn summary(&self) -> String {
+        format!(
+            "rx_frames={} tx_frames={} bad_chain={} rx_too_large={} bad_tx_header={} tap_io={} bad_ctrl={}",
+            self.rx_frames.load(Ordering::Relaxed),
+            self.tx_frames.load(Ordering::Relaxed),
+            self.bad_chain.total(),
+            self.rx_too_large.total(),
+            self.bad_tx_header.total(),
+            self.tap_io.total(),
+            self.bad_ctrl.total(),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -102,18 +102,25 @@ pub fn notify_ready() {
     }
 }
 
-/// Blocks SIGTERM/SIGINT in this thread (and every thread spawned after) and starts a thread
-/// that, on either, stops all rings, removes the socket file we bound, and exits 0. A TAP that
-/// existed before (persistent) stays; one we created goes with our last fd.
+/// Blocks SIGTERM/SIGINT/SIGUSR1 in this thread (and every thread spawned after) and starts a
+/// thread that logs the counters on SIGUSR1 and, on SIGTERM/SIGINT, stops all rings, removes the
+/// socket file we bound, and exits 0. A TAP that existed before (persistent) stays; one we
+/// created goes with our last fd.
 pub fn handle_signals(dev: Arc<Device>, socket: Option<PathBuf>) -> io::Result<()> {
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
+    set.add(Signal::SIGUSR1);
     set.thread_block().map_err(io::Error::from)?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            let sig = set.wait();
+            let sig = loop {
+                match set.wait() {
+                    Ok(Signal::SIGUSR1) => tracing::info!("stats: {}", dev.stats.summary()),
+                    other => break other,
+                }
+            };
             tracing::info!("{sig:?}: stopping rings and exiting");
             dev.shutdown.store(true, Ordering::Release);
             dev.stop_all();

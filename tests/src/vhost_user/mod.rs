@@ -15,6 +15,7 @@
 pub mod blk;
 pub mod frontend;
 pub mod memory;
+pub mod net;
 pub mod virtq;
 
 /// Errors of the driver.

@@ -458,3 +458,49 @@ fn net_driver_bad_input_is_counted_and_never_fatal() {
     assert!(tap.wait_log("front-end gone", T));
     assert_eq!(tap.terminate(), Some(0));
 }
+
+#[test]
+fn net_driver_frames_wait_in_the_tap_between_front_ends() {
+    skip_unless_net!("net_driver_frames_wait_in_the_tap_between_front_ends");
+    let (ns, _dir, tap, _name, tap_mac) = setup("nw1", 61, &[]);
+    let send_from_ns = |port: u16, msg: &'static str| {
+        ns.thread(move || {
+            let s = UdpSocket::bind("10.213.61.1:0").unwrap();
+            s.send_to(msg.as_bytes(), ("10.213.61.2", port)).unwrap();
+        })
+        .join()
+        .unwrap();
+    };
+    let mut d = NetDriver::connect(&tap.socket, NetOptions::default()).unwrap();
+    send_from_ns(8001, "first");
+    d.rx[0]
+        .recv_matching(T, |fr| {
+            udp_payload(&fr.data).is_some_and(|(p, _)| p == 8001)
+        })
+        .unwrap();
+    // The front-end goes away; a frame arrives while nobody is connected.
+    drop(d);
+    assert!(tap.wait_log("front-end gone", T), "{}", tap.log_text());
+    send_from_ns(8002, "while-away");
+    // The next front-end gets it, and traffic flows both ways again.
+    let mut d = NetDriver::connect(&tap.socket, NetOptions::default()).unwrap();
+    let fr = d.rx[0]
+        .recv_matching(T, |fr| {
+            udp_payload(&fr.data).is_some_and(|(p, _)| p == 8002)
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tap.log_text()));
+    assert_eq!(udp_payload(&fr.data).unwrap().1, b"while-away");
+    let sink = udp_sink(&ns, "10.213.61.1:8003".into(), 1);
+    let (h, f) = udp_frame(
+        DRIVER_MAC,
+        tap_mac,
+        [10, 213, 61, 2],
+        [10, 213, 61, 1],
+        5000,
+        8003,
+        b"back",
+        false,
+    );
+    d.tx[0].send(&h, &f).unwrap();
+    assert_eq!(sink.join().unwrap(), vec![b"back".to_vec()]);
+}

@@ -50,6 +50,7 @@ fn accept(l: &TcpListener) -> Option<TcpStream> {
 /// One guest session: ping, guest→namespace stream (verified byte for byte here) and
 /// namespace→guest stream (verified by md5 in the guest). Panics with the transcript on failure.
 fn session(
+    queues: u16,
     ns: &Netns,
     guest: &(std::path::PathBuf, std::path::PathBuf),
     tap: &NetTap,
@@ -79,9 +80,10 @@ fn session(
         "ip link set lo up; ip link set eth0 up; ip addr add 10.213.{subnet}.2/24 dev eth0\n\
          ping -c 3 -W 5 {host_ip} >/dev/null && echo PING-OK\n\
          seq 1 {n} | nc {host_ip} 5001; echo SEND-DONE\n\
-         echo RECV-MD5 $(nc {host_ip} 5002 | md5sum)\n"
+         echo RECV-MD5 $(nc {host_ip} 5002 | md5sum)\n\
+         echo QUEUES $(ls /sys/class/net/eth0/queues | tr \"\\n\" \" \")\n"
     );
-    let out = run_guest(guest, &tap.socket, "52:54:00:12:34:56", 1, &script);
+    let out = run_guest(guest, &tap.socket, "52:54:00:12:34:56", queues, &script);
     let ctx = || {
         format!(
             "guest console:\n{out}\nbaton-net-tap log:\n{}",
@@ -105,6 +107,13 @@ fn session(
         "namespace→guest stream failed\n{}",
         ctx()
     );
+    if queues > 1 {
+        assert!(
+            out.contains("rx-1"),
+            "the guest does not have 2 queue pairs\n{}",
+            ctx()
+        );
+    }
     assert!(
         out.contains(&format!("RECV-MD5 {down_md5}")),
         "namespace→guest data differs (want {down_md5})\n{}",
@@ -133,7 +142,7 @@ fn net_qemu_ping_tcp_and_reconnect() {
         "ip addr add 10.213.7.1/24 dev {name} && ip link set {name} up"
     ));
 
-    session(&ns, &guest, &tap, 7, 40_000);
+    session(1, &ns, &guest, &tap, 7, 40_000);
     assert!(
         tap.wait_log("front-end gone", Duration::from_secs(10)),
         "no disconnect seen:\n{}",
@@ -148,7 +157,7 @@ fn net_qemu_ping_tcp_and_reconnect() {
     ns.exec(&format!("ip link show {name} >/dev/null"));
 
     // A second QEMU on the same running back-end.
-    session(&ns, &guest, &tap, 7, 25_000);
+    session(1, &ns, &guest, &tap, 7, 25_000);
     assert!(
         tap.alive(),
         "baton-net-tap exited after the second front-end:\n{}",
@@ -160,4 +169,29 @@ fn net_qemu_ping_tcp_and_reconnect() {
         "SIGTERM must exit 0:\n{}",
         tap.log_text()
     );
+}
+
+#[test]
+fn net_qemu_two_queue_pairs() {
+    if let Some(why) = qemu_skip_reason() {
+        eprintln!("skipping net_qemu_two_queue_pairs: {why}");
+        return;
+    }
+    let guest = match linux_guest() {
+        Ok(g) => g,
+        Err(why) => {
+            eprintln!("skipping net_qemu_two_queue_pairs: {why}");
+            return;
+        }
+    };
+    let ns = Netns::new("nq2");
+    let dir = TempDir::new("net-qemu");
+    let name = tap_name("m");
+    let mut tap = NetTap::start(&ns, &dir, &["--tap", &name, "--queues", "2"]);
+    ns.exec(&format!(
+        "ip addr add 10.213.8.1/24 dev {name} && ip link set {name} up"
+    ));
+    session(2, &ns, &guest, &tap, 8, 30_000);
+    assert!(tap.alive(), "{}", tap.log_text());
+    assert_eq!(tap.terminate(), Some(0), "{}", tap.log_text());
 }

@@ -9,6 +9,7 @@ use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
     EnabledStatus, IoApic, LocalInterruptController, MADT, ProcessorLocalApic,
 };
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -74,6 +75,8 @@ fn dsdt(cpus: u8) -> Sdt {
     let cpu_refs: Vec<&dyn Aml> = cpu_devs.iter().map(|d| d as &dyn Aml).collect();
     aml::Scope::new("_SB_".into(), cpu_refs).to_aml_bytes(&mut dsdt);
 
+    dsdt.append_slice(&pci_root());
+
     let com_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
     let com_uid = aml::Name::new("_UID".into(), &aml::ZERO);
     let io = aml::IO::new(layout::PORT_COM1, layout::PORT_COM1, 1, 8);
@@ -84,6 +87,36 @@ fn dsdt(cpus: u8) -> Sdt {
     com1.to_aml_bytes(&mut dsdt);
     dsdt.update_checksum();
     dsdt
+}
+
+/// The PCI root bridge (bus 0 only) with its I/O and memory windows.
+fn pci_root() -> Vec<u8> {
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08"));
+    let cid = aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03"));
+    let seg = aml::Name::new("_SEG".into(), &aml::ZERO);
+    let bbn = aml::Name::new("_BBN".into(), &aml::ZERO);
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let bus = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let cfg_io = aml::IO::new(0xcf8, 0xcf8, 1, 8);
+    let io_lo = aml::AddressSpace::new_io(0u16, 0xcf7u16, None);
+    let io_hi = aml::AddressSpace::new_io(0xd00u16, 0xffffu16, None);
+    let mmio = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        u32::try_from(layout::PCI_MMIO_START).unwrap_or(0),
+        u32::try_from(layout::PCI_MMIO_END - 1).unwrap_or(0),
+        None,
+    );
+    let crs_tpl = aml::ResourceTemplate::new(vec![&bus, &cfg_io, &io_lo, &io_hi, &mmio]);
+    let crs = aml::Name::new("_CRS".into(), &crs_tpl);
+    let dev = aml::Device::new("_SB_.PCI0".into(), vec![&hid, &cid, &seg, &bbn, &uid, &crs]);
+    bytes(&dev)
+}
+
+fn mcfg() -> MCFG {
+    let mut m = MCFG::new(OEM_ID, OEM_TABLE_ID, 1);
+    m.add_ecam(layout::PCI_ECAM, 0, 0, 0);
+    m
 }
 
 fn fadt(dsdt_addr: u64) -> acpi_tables::fadt::FADT {
@@ -159,9 +192,11 @@ pub fn create_tables(mem: &GuestMemoryMmap, cpus: u32) -> Result<u64, AcpiError>
     let dsdt_addr = place(dsdt(cpus).as_slice())?;
     let fadt_addr = place(&bytes(&fadt(dsdt_addr)))?;
     let madt_addr = place(&bytes(&madt(cpus)))?;
+    let mcfg_addr = place(&bytes(&mcfg()))?;
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, 1);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    xsdt.add_entry(mcfg_addr);
     let xsdt_addr = place(&bytes(&xsdt))?;
     let rsdp = Rsdp::new(OEM_ID, xsdt_addr);
     mem.write_slice(&bytes(&rsdp), GuestAddress(rsdp_addr))?;
@@ -174,6 +209,7 @@ pub fn tables_for_inspection(cpus: u8) -> Vec<(String, Vec<u8>)> {
         ("DSDT".into(), dsdt(cpus).as_slice().to_vec()),
         ("FACP".into(), bytes(&fadt(0x1000))),
         ("APIC".into(), bytes(&madt(cpus))),
+        ("MCFG".into(), bytes(&mcfg())),
     ]
 }
 

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::vhost_user::{DeviceConfig, DeviceKind};
+
 /// Errors in option values; each names the option and what was wrong.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -31,6 +33,12 @@ pub enum ConfigError {
     /// A boolean that is neither on nor off.
     #[error("'{0}' must be on or off")]
     BadBool(String),
+    /// A MAC address that does not parse.
+    #[error("invalid MAC address '{0}' (expected six hex bytes like 52:54:00:12:34:56)")]
+    BadMac(String),
+    /// A number that does not parse or is out of range.
+    #[error("invalid {0} '{1}'")]
+    BadNumber(&'static str, String),
     /// A serial spec that is not stdio, off or file=PATH.
     #[error("invalid serial '{0}' (expected stdio, off or file=PATH)")]
     BadSerial(String),
@@ -145,6 +153,87 @@ impl std::str::FromStr for SerialConfig {
     }
 }
 
+fn parse_mac(s: &str) -> Result<[u8; 6], ConfigError> {
+    let bad = || ConfigError::BadMac(s.to_string());
+    let parts: Vec<&str> = s.split(':').collect();
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (m, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *m = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(bad()); // multicast
+    }
+    Ok(mac)
+}
+
+fn parse_u16(what: &'static str, v: &str, min: u16) -> Result<u16, ConfigError> {
+    v.parse::<u16>()
+        .ok()
+        .filter(|n| *n >= min)
+        .ok_or_else(|| ConfigError::BadNumber(what, v.to_string()))
+}
+
+/// A locally administered MAC derived from `seed` (used when `--net` names none).
+pub fn default_mac(seed: u32) -> [u8; 6] {
+    let b = seed.to_be_bytes();
+    [0x52, 0x54, 0x00, b[1], b[2], b[3]]
+}
+
+/// Parses `--disk socket=PATH[,queues=N,queue_size=N]` or
+/// `--net socket=PATH[,mac=MAC,queues=N,queue_size=N,mtu=N]`.
+pub fn parse_device(s: &str, net: bool, seed: u32) -> Result<DeviceConfig, ConfigError> {
+    let (mut socket, mut queues, mut queue_size, mut mac, mut mtu) = (None, 1, 256, None, None);
+    let expected = if net {
+        "socket, queues, queue_size, mac, mtu"
+    } else {
+        "socket, queues, queue_size"
+    };
+    for (k, v) in key_values(s)? {
+        match k {
+            "socket" => socket = Some(PathBuf::from(v)),
+            "queues" => queues = parse_u16("queues", v, 1)?,
+            "queue_size" => {
+                queue_size = parse_u16("queue_size", v, 1)?;
+                if !queue_size.is_power_of_two() || queue_size > 32768 {
+                    return Err(ConfigError::BadNumber(
+                        "queue_size (a power of two)",
+                        v.into(),
+                    ));
+                }
+            }
+            "mac" if net => mac = Some(parse_mac(v)?),
+            "mtu" if net => mtu = Some(parse_u16("mtu", v, 68)?),
+            _ => {
+                return Err(ConfigError::UnknownKey {
+                    key: k.to_string(),
+                    expected,
+                });
+            }
+        }
+    }
+    let socket = socket.ok_or(ConfigError::Missing("socket"))?;
+    let kind = if net {
+        DeviceKind::Net {
+            mac: mac.unwrap_or_else(|| default_mac(seed)),
+            mtu,
+        }
+    } else {
+        DeviceKind::Block
+    };
+    Ok(DeviceConfig {
+        socket,
+        queues,
+        queue_size,
+        kind,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -175,6 +264,38 @@ mod tests {
         );
         assert!("size=1G,color=red".parse::<MemoryConfig>().is_err());
         assert!("size=1000".parse::<MemoryConfig>().is_err());
+    }
+
+    #[test]
+    fn device_options() {
+        let d = parse_device("socket=/run/b.sock,queues=2,queue_size=128", false, 1).unwrap();
+        assert_eq!(
+            (d.queues, d.queue_size, d.kind),
+            (2, 128, DeviceKind::Block)
+        );
+        let n = parse_device("socket=/s,mac=52:54:00:ab:cd:ef,queues=2", true, 1).unwrap();
+        assert_eq!(
+            n.kind,
+            DeviceKind::Net {
+                mac: [0x52, 0x54, 0, 0xab, 0xcd, 0xef],
+                mtu: None
+            }
+        );
+        assert!(matches!(
+            parse_device("socket=/s,mac=52:54:00:ab:cd", true, 1),
+            Err(ConfigError::BadMac(_))
+        ));
+        assert!(matches!(
+            parse_device("socket=/s,mac=zz:54:00:ab:cd:ef", true, 1),
+            Err(ConfigError::BadMac(_))
+        ));
+        assert!(matches!(
+            parse_device("socket=/s,mac=01:54:00:ab:cd:ef", true, 1),
+            Err(ConfigError::BadMac(_))
+        ));
+        assert!(parse_device("queues=2", false, 1).is_err());
+        assert!(parse_device("socket=/s,queue_size=100", false, 1).is_err());
+        assert!(parse_device("socket=/s,mac=52:54:00:ab:cd:ef", false, 1).is_err());
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! 0x0009_fc00  reserved             EBDA, legacy VGA and ROM area
 //! 0x000e_0000  ACPI tables          RSDP first, then XSDT, FADT, MADT, DSDT
 //! 0x0010_0000  RAM                  kernel (ELF load address), initramfs at the top of low RAM
-//! 0xc000_0000  MMIO hole            IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
+//! 0xc000_0000  MMIO hole            PCI BARs up to 0xe000_0000, ECAM at 0xe000_0000,
+//!                                   IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
 //! 0x1_0000_0000 RAM (high)          whatever does not fit below the hole
 //! ```
 
@@ -31,6 +32,12 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// Where RAM continues above the MMIO hole.
 pub const RAM_ABOVE_4G: u64 = 0x1_0000_0000;
+/// PCI memory BARs are allocated from here up to [`PCI_MMIO_END`].
+pub const PCI_MMIO_START: u64 = MMIO_HOLE_START;
+/// End (exclusive) of the 32-bit PCI BAR window; ECAM follows.
+pub const PCI_MMIO_END: u64 = 0xe000_0000;
+/// PCI Express enhanced configuration (ECAM) for bus 0.
+pub const PCI_ECAM: u64 = 0xe000_0000;
 /// Local APIC base (default, per vCPU).
 pub const LAPIC_BASE: u32 = 0xfee0_0000;
 /// IOAPIC base.

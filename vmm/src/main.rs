@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use baton_vmm::api::ApiSocket;
-use baton_vmm::config::{MemoryConfig, SerialConfig};
+use baton_vmm::config::{MemoryConfig, SerialConfig, parse_device};
 use baton_vmm::control::ExitReason;
 use baton_vmm::vm::{Vm, VmConfig};
 use clap::Parser;
@@ -34,6 +34,12 @@ struct Args {
     /// HTTP API socket path.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// A vhost-user block device: socket=PATH[,queues=N,queue_size=N]. Repeatable.
+    #[arg(long)]
+    disk: Vec<String>,
+    /// A vhost-user net device: socket=PATH[,mac=MAC,queues=N,queue_size=N,mtu=N]. Repeatable.
+    #[arg(long)]
+    net: Vec<String>,
     /// VM name (names the default RAM file /dev/shm/baton-NAME.ram).
     #[arg(long)]
     name: Option<String>,
@@ -64,7 +70,35 @@ fn main() -> ExitCode {
     }
 }
 
+fn block_exit_signals() -> std::io::Result<libc::sigset_t> {
+    let mut set = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the set; sigaddset and pthread_sigmask only read and
+    // write that set and this thread's mask.
+    unsafe {
+        libc::sigemptyset(set.as_mut_ptr());
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(set.as_mut_ptr(), s);
+        }
+        let set = set.assume_init();
+        match libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) {
+            0 => Ok(set),
+            e => Err(std::io::Error::from_raw_os_error(e)),
+        }
+    }
+}
+
 fn run(args: Args) -> anyhow::Result<ExitReason> {
+    let mut devices = Vec::new();
+    for d in &args.disk {
+        devices.push(parse_device(d, false, 0).map_err(|e| anyhow::anyhow!("--disk {d}: {e}"))?);
+    }
+    for (i, n) in (0u32..).zip(&args.net) {
+        let seed = std::process::id().wrapping_mul(31).wrapping_add(i);
+        devices.push(parse_device(n, true, seed).map_err(|e| anyhow::anyhow!("--net {n}: {e}"))?);
+    }
+    // SIGTERM/SIGINT/SIGHUP are taken by a thread of their own (blocked everywhere else), so
+    // that they shut the VM down cleanly and the RAM file and API socket are removed.
+    let signals = block_exit_signals()?;
     // Bind the API socket first: an address in use must leave nothing behind.
     let mut api = args
         .api_socket
@@ -82,10 +116,22 @@ fn run(args: Args) -> anyhow::Result<ExitReason> {
         cpus: args.cpus,
         memory: args.memory,
         serial: args.serial,
+        devices,
     })?;
     if let Some(api) = api.as_mut() {
         api.serve(vm.clone())?;
     }
+    let on_signal = vm.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let mut sig = 0;
+            // SAFETY: sigwait reads the set we built and writes one int we own.
+            if unsafe { libc::sigwait(&signals, &mut sig) } == 0 {
+                tracing::info!("signal {sig}: shutting down");
+                on_signal.shutdown();
+            }
+        })?;
     let reason = vm.wait();
     drop(api);
     // Drop the VM (and with it the RAM file it created) before exiting; vCPU threads that

@@ -150,12 +150,15 @@ pub fn run(
                 bus.read(port, data);
                 None
             }
-            // Nothing is memory-mapped in the VMM yet: reads float high, writes are dropped.
-            Ok(VcpuExit::MmioRead(_, data)) => {
-                data.fill(0xff);
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                bus.mmio_read(addr, data);
                 None
             }
-            Ok(VcpuExit::MmioWrite(..)) | Ok(VcpuExit::Hlt) => None,
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                bus.mmio_write(addr, data);
+                None
+            }
+            Ok(VcpuExit::Hlt) => None,
             Ok(VcpuExit::Shutdown) => Some("triple fault (KVM_EXIT_SHUTDOWN)".to_string()),
             Ok(VcpuExit::InternalError) => Some(internal_error(&mut vcpu)),
             Ok(VcpuExit::FailEntry(reason, cpu)) => Some(format!(

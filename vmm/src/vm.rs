@@ -17,7 +17,12 @@ use crate::config::{MemoryConfig, SerialConfig};
 use crate::control::{ExitReason, VmControl};
 use crate::devices::PioBus;
 use crate::devices::serial::{ConsoleOut, ConsoleSerial, IrqTrigger};
+use crate::interrupts::IrqRouting;
 use crate::memory::GuestRam;
+use crate::pci::PciBus;
+use crate::vhost_user::{DeviceConfig, VhostUserDevice, VhostUserError};
+use crate::virtio::VirtioBackend;
+use crate::virtio::pci::{VirtioPciDevice, VirtioPciError, layout as vp_layout};
 use crate::{acpi, boot, cpuid, layout, vcpu};
 
 /// Most vCPUs a VM may have (8-bit xAPIC ids, 255 is broadcast).
@@ -40,6 +45,8 @@ pub struct VmConfig {
     pub memory: MemoryConfig,
     /// Console.
     pub serial: SerialConfig,
+    /// vhost-user devices, in PCI slot order.
+    pub devices: Vec<DeviceConfig>,
 }
 
 /// Errors building a VM, one per step.
@@ -69,6 +76,21 @@ pub enum VmError {
     /// The serial output file.
     #[error("cannot open serial output {0}: {1}")]
     SerialFile(PathBuf, #[source] std::io::Error),
+    /// Two devices name the same back-end socket.
+    #[error("two devices use the vhost-user socket {0}: each back-end serves one device")]
+    SharedSocket(PathBuf),
+    /// A vhost-user back-end could not be set up.
+    #[error(transparent)]
+    VhostUser(#[from] VhostUserError),
+    /// A virtio-pci device could not be created.
+    #[error(transparent)]
+    VirtioPci(#[from] VirtioPciError),
+    /// Interrupt routing.
+    #[error(transparent)]
+    Irq(#[from] crate::interrupts::IrqError),
+    /// No room for another BAR or slot.
+    #[error("no room on the PCI bus for device {0}")]
+    PciFull(PathBuf),
     /// eventfd / thread creation.
     #[error("{0}: {1}")]
     Os(&'static str, #[source] std::io::Error),
@@ -82,7 +104,7 @@ pub struct Vm {
     config: VmConfig,
     ram: GuestRam,
     started: Instant,
-    _vm: VmFd,
+    _vm: Arc<VmFd>,
 }
 
 fn kick_signal() -> libc::c_int {
@@ -96,6 +118,11 @@ impl Vm {
     /// bad kernel or an unusable /dev/kvm leaves nothing behind.
     pub fn start(config: VmConfig) -> Result<Arc<Vm>, VmError> {
         let kernel = boot::check_kernel(&config.kernel)?;
+        for (i, d) in config.devices.iter().enumerate() {
+            if config.devices[..i].iter().any(|o| o.socket == d.socket) {
+                return Err(VmError::SharedSocket(d.socket.clone()));
+            }
+        }
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let max = u32::try_from(kvm.get_max_vcpus())
             .unwrap_or(1)
@@ -104,9 +131,10 @@ impl Vm {
             return Err(VmError::Cpus(config.cpus, max));
         }
         let ram = GuestRam::new(&config.memory, &config.name)?;
-        let vm = kvm
-            .create_vm()
-            .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?;
+        let vm = Arc::new(
+            kvm.create_vm()
+                .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?,
+        );
         vm.set_identity_map_address(layout::KVM_IDENTITY_MAP)
             .map_err(|e| VmError::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
         vm.set_tss_address(usize::try_from(layout::KVM_TSS).unwrap_or(0))
@@ -149,7 +177,8 @@ impl Vm {
         if config.serial == SerialConfig::Stdio {
             forward_stdin(serial.clone());
         }
-        let bus = Arc::new(PioBus::new(serial, control.clone()));
+        let pci = Arc::new(create_pci(&config, &kvm, &vm, &ram)?);
+        let bus = Arc::new(PioBus::new(serial, control.clone(), pci));
 
         let supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -242,6 +271,55 @@ impl Vm {
             uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
         }
     }
+}
+
+/// The PCI bus with one virtio-pci device per vhost-user back-end.
+fn create_pci(
+    config: &VmConfig,
+    kvm: &Kvm,
+    vm: &Arc<VmFd>,
+    ram: &GuestRam,
+) -> Result<PciBus, VmError> {
+    let mut bus = PciBus::new(layout::PCI_ECAM);
+    if config.devices.is_empty() {
+        return Ok(bus);
+    }
+    let max_gsi =
+        u32::try_from(kvm.check_extension_int(kvm_ioctls::Cap::IrqRouting)).unwrap_or(1024);
+    let irq = Arc::new(IrqRouting::new(vm.clone(), max_gsi));
+    let mut bars = vm_allocator::AddressAllocator::new(
+        layout::PCI_MMIO_START,
+        layout::PCI_MMIO_END - layout::PCI_MMIO_START,
+    )
+    .map_err(|_| VmError::PciFull(PathBuf::new()))?;
+    for (i, d) in config.devices.iter().enumerate() {
+        let full = || VmError::PciFull(d.socket.clone());
+        let range = bars
+            .allocate(
+                vp_layout::SIZE,
+                vp_layout::SIZE,
+                vm_allocator::AllocPolicy::FirstMatch,
+            )
+            .map_err(|_| full())?;
+        let backend = VhostUserDevice::connect(d.clone(), ram.mem.clone())?;
+        let dev = VirtioPciDevice::new(
+            format!(
+                "{}{i}",
+                if backend.device_type() == 1 {
+                    "net"
+                } else {
+                    "disk"
+                }
+            ),
+            Box::new(backend),
+            vm.clone(),
+            irq.clone(),
+            ram.mem.clone(),
+            range.start(),
+        )?;
+        bus.add(Arc::new(Mutex::new(dev))).ok_or_else(full)?;
+    }
+    Ok(bus)
 }
 
 fn console(cfg: &SerialConfig, vm: &VmFd) -> Result<ConsoleSerial, VmError> {

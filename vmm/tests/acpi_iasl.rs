@@ -42,6 +42,10 @@ fn tables_disassemble_with_iasl() {
                 assert!(dsl.contains("_S5"), "{dsl}");
                 assert!(dsl.contains("ACPI0007"), "{dsl}");
                 assert!(dsl.contains("PNP0501"), "{dsl}");
+                assert!(dsl.contains("PNP0A08"), "{dsl}");
+            }
+            "MCFG" => {
+                assert!(dsl.contains("Base Address : 00000000E0000000"), "{dsl}");
             }
             _ => {}
         }

@@ -7,21 +7,46 @@ use std::sync::{Arc, Mutex};
 
 use crate::control::{ExitReason, VmControl};
 use crate::layout;
+use crate::pci::PciBus;
 
-/// Dispatches port I/O exits to the emulated devices.
+/// Dispatches port I/O and MMIO exits to the emulated devices and the PCI bus.
 pub struct PioBus {
     serial: Arc<Mutex<serial::ConsoleSerial>>,
     control: Arc<VmControl>,
+    pci: Arc<PciBus>,
 }
 
 impl PioBus {
-    /// A bus with COM1 and the ACPI registers.
-    pub fn new(serial: Arc<Mutex<serial::ConsoleSerial>>, control: Arc<VmControl>) -> Self {
-        PioBus { serial, control }
+    /// A bus with COM1, the ACPI registers and PCI.
+    pub fn new(
+        serial: Arc<Mutex<serial::ConsoleSerial>>,
+        control: Arc<VmControl>,
+        pci: Arc<PciBus>,
+    ) -> Self {
+        PioBus {
+            serial,
+            control,
+            pci,
+        }
+    }
+
+    /// Handles an MMIO read; nothing decoded reads as all ones.
+    pub fn mmio_read(&self, addr: u64, data: &mut [u8]) {
+        if !self.pci.mmio_read(addr, data) {
+            data.fill(0xff);
+        }
+    }
+
+    /// Handles an MMIO write; nothing decoded drops it.
+    pub fn mmio_write(&self, addr: u64, data: &[u8]) {
+        self.pci.mmio_write(addr, data);
     }
 
     /// Handles an `in` from the guest.
     pub fn read(&self, port: u16, data: &mut [u8]) {
+        if self.pci.pio_read(port, data) {
+            return;
+        }
         data.fill(0xff);
         match port {
             p if (layout::PORT_COM1..layout::PORT_COM1 + 8).contains(&p) => {
@@ -36,6 +61,9 @@ impl PioBus {
 
     /// Handles an `out` from the guest.
     pub fn write(&self, port: u16, data: &[u8]) {
+        if self.pci.pio_write(port, data) {
+            return;
+        }
         let Some(&v) = data.first() else { return };
         match port {
             p if (layout::PORT_COM1..layout::PORT_COM1 + 8).contains(&p) => {

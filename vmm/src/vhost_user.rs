@@ -1,0 +1,399 @@
+//! The vhost-user front-end of one device: connects to a back-end's socket, negotiates, and
+//! hands it the rings, kick (ioeventfd) and call (irqfd) eventfds when the guest starts the
+//! device. Implements [`VirtioBackend`] for the virtio-pci transport.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+    VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::virtio::{self, ActiveQueue, VirtioBackend};
+
+/// virtio-blk feature bits baton passes through.
+pub mod blk {
+    /// Max segment size / count, geometry, block size, flush, topology, config WCE, MQ,
+    /// discard, write zeroes, read-only.
+    pub const FEATURES: u64 = (1 << 1)
+        | (1 << 2)
+        | (1 << 4)
+        | (1 << 5)
+        | (1 << 6)
+        | (1 << 9)
+        | (1 << 10)
+        | (1 << 11)
+        | (1 << 12)
+        | (1 << 13)
+        | (1 << 14);
+    /// virtio_blk_config size.
+    pub const CONFIG_SIZE: u32 = 60;
+}
+
+/// virtio-net feature bits baton passes through.
+pub mod net {
+    /// CSUM, GUEST_CSUM, MTU, MAC, GUEST_TSO4/6, GUEST_ECN, GUEST_UFO, HOST_TSO4/6, HOST_ECN,
+    /// HOST_UFO, MRG_RXBUF, STATUS, CTRL_VQ, MQ.
+    pub const FEATURES: u64 = (1 << 0)
+        | (1 << 1)
+        | (1 << 3)
+        | (1 << 5)
+        | (1 << 7)
+        | (1 << 8)
+        | (1 << 9)
+        | (1 << 10)
+        | (1 << 11)
+        | (1 << 12)
+        | (1 << 13)
+        | (1 << 14)
+        | (1 << 15)
+        | (1 << 16)
+        | (1 << 17)
+        | (1 << 22);
+    /// Feature bit: MAC address in config space (baton provides it).
+    pub const F_MAC: u64 = 1 << 5;
+    /// Feature bit: link status in config space.
+    pub const F_STATUS: u64 = 1 << 16;
+    /// Feature bit: MTU in config space.
+    pub const F_MTU: u64 = 1 << 3;
+    /// Feature bit: control queue.
+    pub const F_CTRL_VQ: u64 = 1 << 17;
+    /// Feature bit: multi-queue.
+    pub const F_MQ: u64 = 1 << 22;
+}
+
+/// Protocol features baton uses when the back-end offers them.
+const PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::MQ
+    .union(VhostUserProtocolFeatures::REPLY_ACK)
+    .union(VhostUserProtocolFeatures::CONFIG)
+    .union(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+    .union(VhostUserProtocolFeatures::RESET_DEVICE);
+
+/// What kind of device a back-end serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// virtio-blk; configuration space comes from the back-end (GET_CONFIG).
+    Block,
+    /// virtio-net; configuration space comes from the options.
+    Net {
+        /// MAC address.
+        mac: [u8; 6],
+        /// MTU, if set.
+        mtu: Option<u16>,
+    },
+}
+
+/// Options of one vhost-user device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// Back-end socket.
+    pub socket: PathBuf,
+    /// Queues (blk) or queue pairs (net).
+    pub queues: u16,
+    /// Largest ring size offered to the guest.
+    pub queue_size: u16,
+    /// Block or net.
+    pub kind: DeviceKind,
+}
+
+/// Errors talking to a back-end, one per protocol step; each names the socket.
+#[derive(Debug, thiserror::Error)]
+pub enum VhostUserError {
+    /// connect() failed.
+    #[error("cannot connect to vhost-user back-end {0}: {1}")]
+    Connect(PathBuf, #[source] vhost::Error),
+    /// A protocol step failed.
+    #[error("vhost-user back-end {socket}: {step} failed: {source}")]
+    Step {
+        /// The socket.
+        socket: PathBuf,
+        /// The request.
+        step: &'static str,
+        /// The error.
+        #[source]
+        source: vhost::Error,
+    },
+    /// The back-end lacks features baton needs.
+    #[error(
+        "vhost-user back-end {0} does not offer required features {1:#x} (VERSION_1 and vhost-user protocol features)"
+    )]
+    MissingFeatures(PathBuf, u64),
+    /// The back-end has fewer queues than asked for.
+    #[error("vhost-user back-end {0} serves at most {1} queues, {2} were asked for")]
+    TooFewQueues(PathBuf, u64, u64),
+}
+
+/// A connected vhost-user back-end.
+pub struct VhostUserDevice {
+    fe: Frontend,
+    cfg: DeviceConfig,
+    backend_features: u64,
+    protocol: VhostUserProtocolFeatures,
+    offered: u64,
+    queue_count: u16,
+    config_space: Vec<u8>,
+    mem: GuestMemoryMmap,
+    inflight: Option<(VhostUserInflight, File)>,
+    started: Vec<u16>,
+}
+
+impl VhostUserDevice {
+    /// Connects and negotiates everything that does not depend on the guest.
+    pub fn connect(cfg: DeviceConfig, mem: GuestMemoryMmap) -> Result<Self, VhostUserError> {
+        let sock = cfg.socket.clone();
+        let step = |step: &'static str| {
+            let socket = sock.clone();
+            move |source| VhostUserError::Step {
+                socket: socket.clone(),
+                step,
+                source,
+            }
+        };
+        let queue_count = match cfg.kind {
+            DeviceKind::Block => cfg.queues,
+            DeviceKind::Net { .. } => cfg.queues.saturating_mul(2),
+        };
+        let mut fe = Frontend::connect(&cfg.socket, u64::from(queue_count) + 1)
+            .map_err(|e| VhostUserError::Connect(sock.clone(), e))?;
+        fe.set_owner().map_err(step("SET_OWNER"))?;
+        let features = fe.get_features().map_err(step("GET_FEATURES"))?;
+        let required = virtio::F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if features & required != required {
+            return Err(VhostUserError::MissingFeatures(sock, required & !features));
+        }
+        let theirs = fe
+            .get_protocol_features()
+            .map_err(step("GET_PROTOCOL_FEATURES"))?;
+        let protocol = theirs & PROTOCOL_FEATURES;
+        fe.set_protocol_features(protocol)
+            .map_err(step("SET_PROTOCOL_FEATURES"))?;
+        if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+            // Every request asks for an answer, so a refusal is seen where it happens.
+            fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+        }
+        let mut queue_count = queue_count;
+        let device_features = match cfg.kind {
+            DeviceKind::Block => blk::FEATURES,
+            DeviceKind::Net { .. } => net::FEATURES,
+        };
+        let mut offered = features & (device_features | virtio::TRANSPORT_FEATURES);
+        if let DeviceKind::Net { mtu, .. } = cfg.kind {
+            offered |= net::F_MAC | net::F_STATUS;
+            if mtu.is_some() {
+                offered |= net::F_MTU;
+            }
+            if cfg.queues > 1 {
+                offered |= net::F_MQ;
+            }
+            if offered & net::F_CTRL_VQ != 0 {
+                queue_count += 1;
+            }
+        }
+        if protocol.contains(VhostUserProtocolFeatures::MQ) {
+            let max = fe.get_queue_num().map_err(step("GET_QUEUE_NUM"))?;
+            if max < u64::from(queue_count) {
+                return Err(VhostUserError::TooFewQueues(sock, max, queue_count.into()));
+            }
+        } else if queue_count > 2 || (cfg.kind == DeviceKind::Block && queue_count > 1) {
+            return Err(VhostUserError::TooFewQueues(sock, 1, queue_count.into()));
+        }
+        let config_space = match &cfg.kind {
+            DeviceKind::Block if protocol.contains(VhostUserProtocolFeatures::CONFIG) => {
+                let buf = vec![0u8; blk::CONFIG_SIZE as usize];
+                let (_, payload) = fe
+                    .get_config(0, blk::CONFIG_SIZE, VhostUserConfigFlags::WRITABLE, &buf)
+                    .map_err(step("GET_CONFIG"))?;
+                let mut c = payload.to_vec();
+                // num_queues (offset 34) is what baton exposes, not the back-end's maximum.
+                if let Some(b) = c.get_mut(34..36) {
+                    b.copy_from_slice(&cfg.queues.to_le_bytes());
+                }
+                c
+            }
+            DeviceKind::Block => vec![0; blk::CONFIG_SIZE as usize],
+            DeviceKind::Net { mac, mtu } => {
+                let mut c = mac.to_vec();
+                c.extend_from_slice(&1u16.to_le_bytes()); // status: link up
+                c.extend_from_slice(&cfg.queues.to_le_bytes());
+                c.extend_from_slice(&mtu.unwrap_or(1500).to_le_bytes());
+                c
+            }
+        };
+        Ok(VhostUserDevice {
+            fe,
+            cfg,
+            backend_features: features,
+            protocol,
+            offered,
+            queue_count,
+            config_space,
+            mem,
+            inflight: None,
+            started: Vec::new(),
+        })
+    }
+
+    fn step<T>(&self, step: &'static str, r: vhost::Result<T>) -> Result<T, String> {
+        r.map_err(|e| {
+            VhostUserError::Step {
+                socket: self.cfg.socket.clone(),
+                step,
+                source: e,
+            }
+            .to_string()
+        })
+    }
+
+    /// The socket this device talks to.
+    pub fn socket(&self) -> &Path {
+        &self.cfg.socket
+    }
+
+    fn memory_regions(&self) -> Vec<VhostUserMemoryRegionInfo> {
+        self.mem
+            .iter()
+            .filter_map(|r| {
+                let fo = r.file_offset()?;
+                Some(VhostUserMemoryRegionInfo {
+                    guest_phys_addr: r.start_addr().0,
+                    memory_size: r.len(),
+                    userspace_addr: r.as_ptr() as u64,
+                    mmap_offset: fo.start(),
+                    mmap_handle: fo.file().as_raw_fd(),
+                })
+            })
+            .collect()
+    }
+}
+
+impl VirtioBackend for VhostUserDevice {
+    fn device_type(&self) -> u16 {
+        match self.cfg.kind {
+            DeviceKind::Block => 2,
+            DeviceKind::Net { .. } => 1,
+        }
+    }
+
+    fn queue_count(&self) -> u16 {
+        self.queue_count
+    }
+
+    fn max_queue_size(&self) -> u16 {
+        self.cfg.queue_size
+    }
+
+    fn features(&self) -> u64 {
+        self.offered
+    }
+
+    fn read_config(&mut self, offset: u64, data: &mut [u8]) {
+        data.fill(0);
+        let Ok(start) = usize::try_from(offset) else {
+            return;
+        };
+        for (i, d) in data.iter_mut().enumerate() {
+            *d = self.config_space.get(start + i).copied().unwrap_or(0);
+        }
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Only virtio-blk's writeback byte (offset 32) is writable; pass it on.
+        if self.cfg.kind == DeviceKind::Block
+            && self.protocol.contains(VhostUserProtocolFeatures::CONFIG)
+        {
+            let Ok(off) = u32::try_from(offset) else {
+                return;
+            };
+            if let Err(e) = self
+                .fe
+                .set_config(off, VhostUserConfigFlags::WRITABLE, data)
+            {
+                tracing::warn!(socket = %self.cfg.socket.display(), "SET_CONFIG: {e}");
+                return;
+            }
+            let start = usize::try_from(offset).unwrap_or(usize::MAX);
+            if let Some(dst) = self.config_space.get_mut(start..start + data.len()) {
+                dst.copy_from_slice(data);
+            }
+        }
+    }
+
+    fn activate(&mut self, features: u64, queues: &[ActiveQueue<'_>]) -> Result<(), String> {
+        let acked = (features & self.offered & self.backend_features)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let r = self.fe.set_features(acked);
+        self.step("SET_FEATURES", r)?;
+        let regions = self.memory_regions();
+        let r = self.fe.set_mem_table(&regions);
+        self.step("SET_MEM_TABLE", r)?;
+        if self
+            .protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            if self.inflight.is_none() {
+                let want = VhostUserInflight {
+                    mmap_size: 0,
+                    mmap_offset: 0,
+                    num_queues: self.queue_count,
+                    queue_size: self.cfg.queue_size,
+                };
+                let r = self.fe.get_inflight_fd(&want);
+                self.inflight = Some(self.step("GET_INFLIGHT_FD", r)?);
+            }
+            if let Some((info, file)) = &self.inflight {
+                let r = self.fe.set_inflight_fd(info, file.as_raw_fd());
+                self.step("SET_INFLIGHT_FD", r)?;
+            }
+        }
+        for q in queues {
+            let i = usize::from(q.index);
+            let r = self.fe.set_vring_num(i, q.size);
+            self.step("SET_VRING_NUM", r)?;
+            let addrs = VringConfigData {
+                queue_max_size: self.cfg.queue_size,
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: q.desc,
+                used_ring_addr: q.used,
+                avail_ring_addr: q.avail,
+                log_addr: None,
+            };
+            let r = self.fe.set_vring_addr(i, &addrs);
+            self.step("SET_VRING_ADDR", r)?;
+            let r = self.fe.set_vring_base(i, 0);
+            self.step("SET_VRING_BASE", r)?;
+            let r = self.fe.set_vring_call(i, q.call);
+            self.step("SET_VRING_CALL", r)?;
+            let r = self.fe.set_vring_kick(i, q.kick);
+            self.step("SET_VRING_KICK", r)?;
+            let r = self.fe.set_vring_enable(i, true);
+            self.step("SET_VRING_ENABLE", r)?;
+            self.started.push(q.index);
+        }
+        tracing::info!(socket = %self.cfg.socket.display(), queues = queues.len(), "device started");
+        Ok(())
+    }
+
+    fn reset(&mut self) {
+        for q in std::mem::take(&mut self.started) {
+            let i = usize::from(q);
+            let _ = self.fe.set_vring_enable(i, false);
+            if let Err(e) = self.fe.get_vring_base(i) {
+                tracing::warn!(socket = %self.cfg.socket.display(), "GET_VRING_BASE {q}: {e}");
+            }
+        }
+        if self
+            .protocol
+            .contains(VhostUserProtocolFeatures::RESET_DEVICE)
+        {
+            let _ = self.fe.reset_device();
+        }
+        // A fresh start after reset has no requests in flight.
+        self.inflight = None;
+    }
+}

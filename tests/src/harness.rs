@@ -139,7 +139,13 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// SIGTERM first, so that a VMM or back-end cleans up after itself; SIGKILL after 2 s.
     fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on our own, not yet reaped, child.
+            unsafe { libc::kill(i32::try_from(self.child.id()).unwrap_or(0), libc::SIGTERM) };
+            let _ = wait_until(Duration::from_secs(2), || self.child.try_wait().ok().flatten());
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

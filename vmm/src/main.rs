@@ -134,8 +134,7 @@ fn run(args: Args) -> anyhow::Result<ExitReason> {
         })?;
     let reason = vm.wait();
     drop(api);
-    // Drop the VM (and with it the RAM file it created) before exiting; vCPU threads that
-    // still hold references only park, so release ours and exit.
-    drop(vm);
+    // Other threads (API, vCPUs) may still hold the VM: remove its files explicitly.
+    vm.cleanup();
     Ok(reason)
 }

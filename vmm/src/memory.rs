@@ -131,11 +131,19 @@ impl GuestRam {
     }
 }
 
-impl Drop for GuestRam {
-    fn drop(&mut self) {
+impl GuestRam {
+    /// Removes the backing file if this process created it (the mapping stays valid).
+    /// Called when the VM stops, even if other threads still hold references.
+    pub fn remove_file(&self) {
         if self.created {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        self.remove_file();
     }
 }
 

@@ -251,6 +251,11 @@ impl Vm {
         r
     }
 
+    /// Releases what outlives the process unless removed: the RAM file this VMM created.
+    pub fn cleanup(&self) {
+        self.ram.remove_file();
+    }
+
     /// What `vm.info` reports.
     pub fn info(&self) -> VmInfo {
         let state = if self.control.exit_reason().is_some() {

@@ -7,15 +7,17 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, channel};
 use std::time::{Duration, Instant};
 
-/// The cargo target profile directory the running test executable lives in
-/// (`target/<profile>`), where the workspace's binaries are built.
+/// The cargo target profile directory (`target/<profile>`) of the running executable, where
+/// the workspace's binaries are built: tests run from `target/<profile>/deps/`, binaries
+/// from `target/<profile>/`.
 pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap_or_default();
-    // target/<profile>/deps/<test-binary>
-    exe.parent()
-        .and_then(Path::parent)
-        .map(Path::to_path_buf)
-        .unwrap_or_default()
+    let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir.parent().map(Path::to_path_buf).unwrap_or_default()
+    } else {
+        dir
+    }
 }
 
 /// Path of a workspace binary (`baton-vmm`, `batonctl`, `baton-blk`, ...).
@@ -144,7 +146,9 @@ impl Drop for Proc {
         if let Ok(None) = self.child.try_wait() {
             // SAFETY: kill(2) on our own, not yet reaped, child.
             unsafe { libc::kill(i32::try_from(self.child.id()).unwrap_or(0), libc::SIGTERM) };
-            let _ = wait_until(Duration::from_secs(2), || self.child.try_wait().ok().flatten());
+            let _ = wait_until(Duration::from_secs(2), || {
+                self.child.try_wait().ok().flatten()
+            });
         }
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -199,6 +199,8 @@ fn idle() {
 }
 
 /// System-call dispatcher, called from `syscall_entry` with interrupts disabled.
+// Register arguments carry 32-bit APIC values: truncation is the ABI.
+#[allow(clippy::cast_possible_truncation)]
 extern "C" fn syscall_dispatch(a0: u64, a1: u64, a2: u64, nr: u64) -> u64 {
     match nr {
         n if n == Sys::Idle as u64 => {

@@ -91,14 +91,12 @@ pub fn madt_cpus(madt: u64) -> CpuList {
             9 => read::<u32>(at + 4).zip(read::<u32>(at + 8)),
             _ => None,
         };
-        if let Some((id, flags)) = cpu {
-            if flags & 1 != 0 {
-                if list.len < MAX_CPUS && id < 0xff && !list.ids[..list.len].contains(&id) {
-                    list.ids[list.len] = id;
-                    list.len += 1;
-                } else {
-                    list.skipped += 1;
-                }
+        if let Some((id, _)) = cpu.filter(|&(_, flags)| flags & 1 != 0) {
+            if list.len < MAX_CPUS && id < 0xff && !list.ids[..list.len].contains(&id) {
+                list.ids[list.len] = id;
+                list.len += 1;
+            } else {
+                list.skipped += 1;
             }
         }
         at += entry_len;
@@ -119,7 +117,7 @@ pub enum PowerOff {
 fn gas_io_port(addr: u64) -> Option<u16> {
     let space: u8 = read(addr)?;
     let address: u64 = read(addr + 4)?;
-    (space == 1 && address != 0 && address <= 0xffff).then_some(address as u16)
+    u16::try_from(address).ok().filter(|&port| space == 1 && port != 0)
 }
 
 /// Works out the S5 method from the FADT (and the DSDT it points to).
@@ -136,7 +134,7 @@ pub fn power_off_method(fadt: u64) -> Option<PowerOff> {
     }
     let port = field(172, 12)
         .and_then(gas_io_port)
-        .or_else(|| read::<u32>(field(64, 4)?).filter(|&p| p != 0 && p <= 0xffff).map(|p| p as u16))?;
+        .or_else(|| u16::try_from(read::<u32>(field(64, 4)?)?).ok().filter(|&p| p != 0))?;
     Some(PowerOff::Pm1aCnt { port, slp_typ })
 }
 

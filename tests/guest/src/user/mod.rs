@@ -19,7 +19,10 @@ use crate::println;
 
 /// First CPL3 code on every CPU, entered from `entry64` by `iretq`.
 pub extern "C" fn user_entry(cpu: u64, start_info: u64) -> ! {
-    if cpu == 0 { bsp_main(start_info) } else { smp::ap_main(cpu as usize) }
+    match usize::try_from(cpu) {
+        Ok(0) | Err(_) => bsp_main(start_info),
+        Ok(cpu) => smp::ap_main(cpu),
+    }
 }
 
 /// What the tests know about the booted machine.

@@ -3,6 +3,13 @@
 
 use super::sys::peek;
 
+/// Reads a start-info field (or a byte of the memory map, module list or command line).
+fn rd<T: Copy>(addr: u64) -> T {
+    // SAFETY: callers pass addresses below 4 GiB (checked) inside the structures the PVH
+    // loader placed in RAM, which is identity-mapped; the fields are plain integers.
+    unsafe { peek(addr) }
+}
+
 /// `hvm_start_info.magic`.
 const MAGIC: u32 = 0x336e_c578;
 /// Longest command line kept.
@@ -32,20 +39,17 @@ impl BootInfo {
         if addr == 0 || addr >= 1 << 32 {
             return None;
         }
-        // SAFETY (all `peek`s below): the loader placed the start info, its memory map, the
-        // module list and the command line in RAM below 4 GiB, which is identity-mapped;
-        // the fields are plain integers.
-        let magic: u32 = unsafe { peek(addr) };
+        let magic: u32 = rd(addr);
         if magic != MAGIC {
             return None;
         }
-        let version: u32 = unsafe { peek(addr + 4) };
-        let nr_modules: u32 = unsafe { peek(addr + 12) };
-        let modlist: u64 = unsafe { peek(addr + 16) };
-        let cmdline_paddr: u64 = unsafe { peek(addr + 24) };
-        let rsdp: u64 = unsafe { peek(addr + 32) };
+        let version: u32 = rd(addr + 4);
+        let nr_modules: u32 = rd(addr + 12);
+        let modlist: u64 = rd(addr + 16);
+        let cmdline_paddr: u64 = rd(addr + 24);
+        let rsdp: u64 = rd(addr + 32);
         let (memmap, memmap_entries): (u64, u32) = if version >= 1 {
-            unsafe { (peek(addr + 40), peek(addr + 48)) }
+            (rd(addr + 40), rd(addr + 48))
         } else {
             (0, 0)
         };
@@ -62,20 +66,20 @@ impl BootInfo {
         if memmap != 0 && memmap < 1 << 32 {
             for i in 0..u64::from(memmap_entries.min(128)) {
                 let entry = memmap + i * 24;
-                let size: u64 = unsafe { peek(entry + 8) };
-                let kind: u32 = unsafe { peek(entry + 16) };
+                let size: u64 = rd(entry + 8);
+                let kind: u32 = rd(entry + 16);
                 if kind == E820_RAM {
                     info.ram_bytes += size;
                 }
             }
         }
         if nr_modules > 0 && modlist != 0 && modlist < 1 << 32 {
-            let (paddr, size): (u64, u64) = unsafe { (peek(modlist), peek(modlist + 8)) };
+            let (paddr, size): (u64, u64) = (rd(modlist), rd(modlist + 8));
             info.module = Some((paddr, size));
         }
         if cmdline_paddr != 0 && cmdline_paddr < 1 << 32 {
             while info.cmdline_len < CMDLINE_MAX {
-                let b: u8 = unsafe { peek(cmdline_paddr + info.cmdline_len as u64) };
+                let b: u8 = rd(cmdline_paddr + info.cmdline_len as u64);
                 if b == 0 {
                     break;
                 }

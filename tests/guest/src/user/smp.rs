@@ -12,6 +12,7 @@ use crate::println;
 /// ICR: INIT, level assert.
 const ICR_INIT: u32 = 0x4500;
 /// ICR: start-up, level assert; the vector is the trampoline's page number.
+#[allow(clippy::cast_possible_truncation)] // the trampoline's page number is below 0x100
 const ICR_SIPI: u32 = 0x4600 | (AP_TRAMPOLINE >> 12) as u32;
 /// ICR: fixed delivery, level assert.
 const ICR_FIXED: u32 = 0x4000;
@@ -56,7 +57,11 @@ pub fn start_aps(cpus: &CpuList, bsp_apic: u32) -> Startup {
     for &apic in cpus.ids[..cpus.len].iter().filter(|&&id| id != bsp_apic) {
         if startup.count < MAX_CPUS && apic < 0xff {
             startup.apic[startup.count] = apic;
-            CPU_INDEX_BY_APIC[apic as usize].store(startup.count as u8, Ordering::Relaxed);
+            // Both fit: apic < 0xff and count < MAX_CPUS (16).
+            let index = u8::try_from(startup.count).unwrap_or(0);
+            if let Some(slot) = usize::try_from(apic).ok().and_then(|a| CPU_INDEX_BY_APIC.get(a)) {
+                slot.store(index, Ordering::Relaxed);
+            }
             startup.count += 1;
         }
     }

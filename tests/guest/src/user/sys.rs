@@ -38,12 +38,12 @@ pub fn idle(ticks: u32, wait_on: Option<(&AtomicU64, u64)>) {
 
 /// Arms (or with 0 stops) the one-shot local APIC timer; returns the count it had.
 pub fn timer(ticks: u32) -> u32 {
-    syscall(Sys::Timer, u64::from(ticks), 0, 0) as u32
+    u32::try_from(syscall(Sys::Timer, u64::from(ticks), 0, 0)).unwrap_or(0)
 }
 
 /// This CPU's local APIC id.
 pub fn apic_id() -> u32 {
-    syscall(Sys::ApicId, 0, 0, 0) as u32
+    u32::try_from(syscall(Sys::ApicId, 0, 0, 0)).unwrap_or(u32::MAX)
 }
 
 /// Sends an IPI (`icr_low` is the ICR's low word: vector, delivery mode, level).

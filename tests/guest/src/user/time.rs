@@ -29,12 +29,12 @@ pub fn lapic_hz() -> u64 {
 
 /// Converts TSC ticks to microseconds.
 pub fn tsc_to_us(ticks: u64) -> u64 {
-    (u128::from(ticks) * 1_000_000 / u128::from(tsc_hz().max(1))) as u64
+    u64::try_from(u128::from(ticks) * 1_000_000 / u128::from(tsc_hz().max(1))).unwrap_or(u64::MAX)
 }
 
 /// Converts microseconds to TSC ticks.
 pub fn us_to_tsc(us: u64) -> u64 {
-    (u128::from(us) * u128::from(tsc_hz()) / 1_000_000) as u64
+    u64::try_from(u128::from(us) * u128::from(tsc_hz()) / 1_000_000).unwrap_or(u64::MAX)
 }
 
 /// Measures the TSC over a PIT channel 2 one-shot window. Returns the TSC ticks it took and
@@ -43,10 +43,10 @@ pub fn us_to_tsc(us: u64) -> u64 {
 fn pit_window() -> Option<(u64, u64)> {
     outb(0x61, (inb(0x61) & !0x02) | 0x01); // gate on, speaker off
     outb(0x43, 0xb0); // channel 2, lobyte/hibyte, mode 0, binary
-    outb(0x42, PIT_COUNT as u8);
+    outb(0x42, PIT_COUNT.to_le_bytes()[0]);
     // Counting starts when the high byte is written: somewhere in [s0, s1].
     let s0 = rdtsc();
-    outb(0x42, (PIT_COUNT >> 8) as u8);
+    outb(0x42, PIT_COUNT.to_le_bytes()[1]);
     let s1 = rdtsc();
     let mut last_low = s1;
     loop {
@@ -136,7 +136,8 @@ fn measure() -> bool {
     let lapic_ticks = u64::from(u32::MAX - left);
     let tsc_span = (b0 + b1) / 2 - (a0 + a1) / 2;
     if left != 0 && lapic_ticks > 0 && tsc_span > 0 {
-        let hz = (u128::from(lapic_ticks) * u128::from(tsc_hz()) / u128::from(tsc_span)) as u64;
+        let hz = u64::try_from(u128::from(lapic_ticks) * u128::from(tsc_hz()) / u128::from(tsc_span))
+            .unwrap_or(0);
         if (1_000_000..10_000_000_000).contains(&hz) {
             LAPIC_HZ.store(hz, Ordering::Relaxed);
         }
@@ -153,7 +154,7 @@ pub fn sleep_until(deadline: u64) {
             return;
         }
         let ticks = u128::from(deadline - now) * u128::from(lapic_hz()) / u128::from(tsc_hz());
-        sys::idle(ticks.clamp(1, u128::from(u32::MAX)) as u32, None);
+        sys::idle(u32::try_from(ticks.max(1)).unwrap_or(u32::MAX), None);
     }
 }
 

@@ -51,6 +51,14 @@ pub fn ipi(apic_id: u32, icr_low: u32) {
     syscall(Sys::Ipi, u64::from(apic_id), u64::from(icr_low), 0);
 }
 
+/// Halts with a CPL3 `hlt`: the kernel catches the #GP, skips the instruction and idles
+/// until an interrupt arrives (like [`idle`] without arguments).
+pub fn hlt() {
+    // SAFETY: the kernel's #GP handler implements this gate and returns after the `hlt`
+    // with all registers preserved.
+    unsafe { asm!("hlt", options(nomem, nostack)) }
+}
+
 /// Stops the VM with a triple fault.
 pub fn crash() -> ! {
     syscall(Sys::Crash, 0, 0, 0);

@@ -5,7 +5,7 @@
 //! | `boot` (default) | nothing beyond booting |
 //! | `smp` | every CPU adds [`smp::JOB_INCREMENTS`] to a shared atomic counter |
 //! | `ticks n=N ms=M` | prints `tick K` every M ms (sleeping on the APIC timer), N times; 0 = forever |
-//! | `idle` | halts forever (for VMM pause/resume/shutdown tests) |
+//! | `idle` | halts forever with CPL3 `hlt` (the #GP idle gate), for VMM pause/resume/shutdown tests |
 //! | `fault` | reads an unmapped address: the exception report and a triple fault |
 
 use core::fmt;
@@ -27,7 +27,7 @@ pub fn run(m: &Machine) {
         "smp" => test_smp(m),
         "ticks" => test_ticks(m),
         "idle" => loop {
-            sys::idle(0, None);
+            sys::hlt();
         },
         "fault" => {
             println!("baton-test-guest: fault test: reading unmapped address {UNMAPPED:#x}");

@@ -59,8 +59,11 @@ fn bsp_main(start_info: u64) -> ! {
     };
     let acpi_done = sys::rdtsc();
     // The APs boot (emulated, under PVM) while the BSP reports and calibrates its clocks.
+    // Holding the serial lock meanwhile keeps "cpu 0" the first report.
+    let mut serial = serial::Serial::lock();
     let startup = smp::start_aps(&cpus, bsp_apic);
-    println!("cpu 0 online apic_id={bsp_apic} (bsp)");
+    serial.line(format_args!("cpu 0 online apic_id={bsp_apic} (bsp)"));
+    drop(serial);
     let clock = time::calibrate();
     let calibrated = sys::rdtsc();
     let online = smp::finish_startup(&startup);

@@ -72,11 +72,17 @@ impl Write for Serial {
     }
 }
 
+impl Serial {
+    /// Prints a formatted line.
+    pub fn line(&mut self, args: fmt::Arguments) {
+        let _ = self.write_fmt(args);
+        let _ = self.write_str("\n");
+    }
+}
+
 /// Prints a formatted line under the serial lock (used by [`println!`]).
 pub fn print_line(args: fmt::Arguments) {
-    let mut serial = Serial::lock();
-    let _ = serial.write_fmt(args);
-    let _ = serial.write_str("\n");
+    Serial::lock().line(args);
 }
 
 /// Prints a panic message without taking the lock (the panicking CPU may hold it).

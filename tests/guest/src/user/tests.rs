@@ -97,9 +97,17 @@ fn test_ticks(m: &Machine) {
     let ms: u64 = cmdline_value(m.cmdline, "ms").and_then(|v| v.parse().ok()).unwrap_or(100);
     let start = sys::rdtsc();
     let period = time::us_to_tsc(ms * 1000);
+    let mut next = start;
     let mut k = 1u64;
     while n == 0 || k <= n {
-        time::sleep_until(start + k * period);
+        next += period;
+        let now = sys::rdtsc();
+        if now > next {
+            // Late by more than a period (the VM was paused): restart the cadence from now
+            // instead of printing a burst of overdue ticks.
+            next = now + period;
+        }
+        time::sleep_until(next);
         println!("tick {k}");
         k += 1;
     }

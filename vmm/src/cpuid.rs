@@ -25,8 +25,17 @@ fn core_bits(n: u32) -> u32 {
     }
 }
 
-/// Patches `supported` (KVM_GET_SUPPORTED_CPUID) for vCPU `id` of `cpus`.
-pub fn for_vcpu(supported: &CpuId, id: u32, cpus: u32) -> CpuId {
+/// KVM's hypervisor leaf range starts here (signature "KVMKVMKVM").
+const LEAF_HYPERVISOR: u32 = 0x4000_0000;
+/// Timing leaf (as VMware and QEMU's `vmware-cpuid-freq` define it): EAX = TSC kHz,
+/// EBX = local APIC timer (bus) kHz. Saves a guest its timer calibration.
+const LEAF_TIMING: u32 = 0x4000_0010;
+/// KVM's local APIC timer runs at 1 GHz.
+const KVM_APIC_BUS_KHZ: u32 = 1_000_000;
+
+/// Patches `supported` (KVM_GET_SUPPORTED_CPUID) for vCPU `id` of `cpus`; `tsc_khz` (if known)
+/// is published in the timing leaf.
+pub fn for_vcpu(supported: &CpuId, id: u32, cpus: u32, tsc_khz: Option<u32>) -> CpuId {
     let mut entries: Vec<kvm_cpuid_entry2> = supported
         .as_slice()
         .iter()
@@ -72,6 +81,18 @@ pub fn for_vcpu(supported: &CpuId, id: u32, cpus: u32) -> CpuId {
     for leaf in [LEAF_TOPOLOGY, LEAF_TOPOLOGY_V2] {
         if leaf <= max_basic {
             entries.extend(topology(leaf, id, cpus));
+        }
+    }
+    if let Some(khz) = tsc_khz {
+        if let Some(h) = entries.iter_mut().find(|e| e.function == LEAF_HYPERVISOR) {
+            h.eax = h.eax.max(LEAF_TIMING);
+            entries.retain(|e| e.function != LEAF_TIMING);
+            entries.push(kvm_cpuid_entry2 {
+                function: LEAF_TIMING,
+                eax: khz,
+                ebx: KVM_APIC_BUS_KHZ,
+                ..Default::default()
+            });
         }
     }
     // The entries came from a valid CpuId and we added at most 6: this cannot exceed the cap.
@@ -124,7 +145,7 @@ mod tests {
 
     #[test]
     fn apic_id_and_counts() {
-        let c = for_vcpu(&supported(), 3, 4);
+        let c = for_vcpu(&supported(), 3, 4, None);
         let l1 = c.as_slice().iter().find(|e| e.function == 1).unwrap();
         assert_eq!(l1.ebx >> 24, 3);
         assert_eq!((l1.ebx >> 16) & 0xff, 4);
@@ -140,6 +161,34 @@ mod tests {
             c.as_slice().iter().filter(|e| e.function == 0x1f).count(),
             3
         );
+    }
+
+    #[test]
+    fn timing_leaf_when_tsc_known() {
+        let mut entries = supported().as_slice().to_vec();
+        entries.push(kvm_cpuid_entry2 {
+            function: LEAF_HYPERVISOR,
+            eax: 0x4000_0001,
+            ..Default::default()
+        });
+        let c = for_vcpu(
+            &CpuId::from_entries(&entries).unwrap(),
+            0,
+            1,
+            Some(2_600_000),
+        );
+        let h = c
+            .as_slice()
+            .iter()
+            .find(|e| e.function == LEAF_HYPERVISOR)
+            .unwrap();
+        assert_eq!(h.eax, LEAF_TIMING);
+        let t = c
+            .as_slice()
+            .iter()
+            .find(|e| e.function == LEAF_TIMING)
+            .unwrap();
+        assert_eq!((t.eax, t.ebx), (2_600_000, KVM_APIC_BUS_KHZ));
     }
 
     #[test]

@@ -188,7 +188,8 @@ impl Vm {
             let fd = vm
                 .create_vcpu(u64::from(id))
                 .map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e))?;
-            vcpu::configure(&fd, &cpuid::for_vcpu(&supported, id, config.cpus))?;
+            let tsc_khz = fd.get_tsc_khz().ok();
+            vcpu::configure(&fd, &cpuid::for_vcpu(&supported, id, config.cpus, tsc_khz))?;
             if id == 0 {
                 vcpu::set_pvh_entry(&fd, &boot)?;
             }

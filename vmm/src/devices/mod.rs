@@ -3,6 +3,7 @@
 
 pub mod serial;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::control::{ExitReason, VmControl};
@@ -14,6 +15,7 @@ pub struct PioBus {
     serial: Arc<Mutex<serial::ConsoleSerial>>,
     control: Arc<VmControl>,
     pci: Arc<PciBus>,
+    serial_error_logged: AtomicBool,
 }
 
 impl PioBus {
@@ -27,6 +29,7 @@ impl PioBus {
             serial,
             control,
             pci,
+            serial_error_logged: AtomicBool::new(false),
         }
     }
 
@@ -67,9 +70,17 @@ impl PioBus {
         let Some(&v) = data.first() else { return };
         match port {
             p if (layout::PORT_COM1..layout::PORT_COM1 + 8).contains(&p) => {
+                // String I/O (`rep outsb`) delivers several bytes in one exit.
                 if let Ok(mut s) = self.serial.lock() {
-                    if let Err(e) = s.write(offset(p), v) {
-                        tracing::warn!("serial: {e:?}");
+                    for &b in data {
+                        if let Err(e) = s.write(offset(p), b) {
+                            // The guest decides how often this happens: say it once.
+                            if !self.serial_error_logged.swap(true, Ordering::Relaxed) {
+                                tracing::warn!(
+                                    "serial output failing (further errors not logged): {e:?}"
+                                );
+                            }
+                        }
                     }
                 }
             }

@@ -84,11 +84,11 @@ impl PioBus {
                     }
                 }
             }
-            layout::PORT_SLEEP_CONTROL => {
-                // HW-reduced ACPI sleep control: SLP_EN is bit 5, SLP_TYP bits 2..4.
-                if v & (1 << 5) != 0 && (v >> 2) & 7 == layout::S5_SLEEP_TYPE {
-                    self.control.exit(ExitReason::PowerOff);
-                }
+            // HW-reduced ACPI sleep control: SLP_EN is bit 5, SLP_TYP bits 2..4.
+            layout::PORT_SLEEP_CONTROL
+                if v & (1 << 5) != 0 && (v >> 2) & 7 == layout::S5_SLEEP_TYPE =>
+            {
+                self.control.exit(ExitReason::PowerOff);
             }
             layout::PORT_RESET if v == layout::RESET_VALUE => {
                 self.control.exit(ExitReason::Reset);

@@ -255,8 +255,8 @@ mod tests {
         let mut c = space();
         let a = c.add_capability(&[0x11, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[]);
         let b = c.add_capability(&[0x09, 0, 4], &[]);
-        assert_eq!(c.bytes(0x34, 1), &[a as u8]);
-        assert_eq!(c.bytes(a + 1, 1), &[b as u8]);
+        assert_eq!(c.bytes(0x34, 1), &[cap_ptr(a)]);
+        assert_eq!(c.bytes(a + 1, 1), &[cap_ptr(b)]);
         assert_eq!(c.bytes(b + 1, 1), &[0]);
         assert_ne!(c.read_reg(1) & STATUS_CAP_LIST, 0);
         // Read-only: writes to the vendor id are ignored.

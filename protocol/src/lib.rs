@@ -9,3 +9,4 @@
 
 pub mod api;
 pub mod frame;
+pub mod state;

@@ -1,0 +1,707 @@
+//! The live-update **state stream**: everything the new VMM needs to take over a paused guest.
+//!
+//! One [`VmState`] travels as one frame of kind [`STATE_KIND`] (magic `BLUS`, version 1) on
+//! the live-update socket. Guest RAM is not in it: the new VMM maps the same file
+//! ([`MemoryState::path`]). Back-ends are not in it either: the new VMM reconnects to each
+//! socket and replays the ring state in [`VhostUserState`]. File descriptors that cannot be
+//! re-opened (the inflight region, VFIO) travel on the cpr channel ([`crate::cpr`]) and are
+//! referred to here by name.
+//!
+//! KVM structures are carried as their exact bytes ([`Raw`]), whose layout is kernel ABI;
+//! `kvm_fpu`, which kvm-bindings gives no byte conversion, goes field by field ([`FpuState`]).
+//! [`VmState::validate`] checks the whole state for internal consistency before any of it
+//! reaches KVM.
+//!
+//! ```
+//! use baton_protocol::frame::{read_frame, write_frame};
+//! use baton_protocol::state::{VmState, MAX_STATE_LEN, STATE_KIND};
+//!
+//! let state = VmState::example(2);
+//! let mut wire = Vec::new();
+//! write_frame(&mut wire, &STATE_KIND, &state).unwrap();
+//! let back: VmState = read_frame(&mut wire.as_slice(), &STATE_KIND, MAX_STATE_LEN).unwrap();
+//! assert_eq!(back, state);
+//!
+//! // An inconsistent state is refused by the reader.
+//! let mut bad = state.clone();
+//! bad.vcpus.pop();
+//! let mut wire = Vec::new();
+//! write_frame(&mut wire, &STATE_KIND, &bad).unwrap();
+//! let err = read_frame::<_, VmState>(&mut wire.as_slice(), &STATE_KIND, MAX_STATE_LEN);
+//! assert!(err.unwrap_err().to_string().contains("2 vCPUs"));
+//! ```
+
+mod example;
+mod raw;
+mod validate;
+
+use std::path::PathBuf;
+
+use kvm_bindings::{
+    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_pit_state2, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs,
+};
+use serde::{Deserialize, Serialize};
+
+pub use raw::{Blob, FpuState, Raw};
+pub use validate::{
+    MAX_DEVICES, MAX_MSIX_VECTORS, MAX_MSRS, MAX_QUEUE_SIZE, MAX_SERIAL_BUFFER, MAX_VCPUS,
+    MAX_XSAVE_LEN, MIN_XSAVE_LEN, NO_VECTOR, PCI_CONFIG_LEN, StateError,
+};
+
+use crate::frame::FrameKind;
+
+/// Frame kind of the state stream: magic `BLUS`, version 1.
+pub const STATE_KIND: FrameKind = FrameKind::new("live-update state", *b"BLUS", 1);
+
+/// Largest state frame a reader accepts (16 MiB; a 2-vCPU VM with two devices is ~40 KiB).
+pub const MAX_STATE_LEN: usize = 16 << 20;
+
+/// The whole state of a paused VM, sent by the old VMM to the new one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmState {
+    /// How the VM was built; the new VMM builds the same VM from it.
+    pub config: VmConfigState,
+    /// One entry per vCPU, in id order (`vcpus[i].id == i`).
+    pub vcpus: Vec<VcpuState>,
+    /// In-kernel PIC and IOAPIC.
+    pub irqchip: IrqchipState,
+    /// In-kernel PIT.
+    pub pit: PitState,
+    /// kvmclock.
+    pub clock: ClockState,
+    /// One entry per vhost-user device, in the order of `config.devices`.
+    pub devices: Vec<DeviceState>,
+    /// The 16550 UART.
+    pub serial: SerialState,
+    /// CLOCK_REALTIME in ns when the old VMM paused the vCPUs (for blackout accounting).
+    #[serde(default)]
+    pub paused_at_unix_ns: u64,
+}
+
+/// The VM's configuration: what `baton-vmm` was started with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmConfigState {
+    /// VM name (used in file names and logs).
+    pub name: String,
+    /// PVH ELF kernel (not reloaded: the guest is already running; kept for `vm.info`).
+    pub kernel: PathBuf,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Initramfs, if any.
+    pub initramfs: Option<PathBuf>,
+    /// Number of vCPUs.
+    pub cpus: u32,
+    /// Guest RAM.
+    pub memory: MemoryState,
+    /// Where the console goes (the new VMM's `--serial` may override).
+    pub serial: SerialConfigState,
+    /// API socket (the new VMM's `--api-socket` may override).
+    pub api_socket: Option<PathBuf>,
+    /// vhost-user devices, in PCI slot order.
+    pub devices: Vec<DeviceConfigState>,
+}
+
+/// Guest RAM: a shared file that the new VMM maps again by path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryState {
+    /// Size in bytes (a multiple of 4 KiB).
+    pub size: u64,
+    /// The file that backs guest RAM (on tmpfs or hugetlbfs).
+    pub path: PathBuf,
+    /// The file is on hugetlbfs.
+    pub hugepages: bool,
+}
+
+/// Console destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SerialConfigState {
+    /// The VMM's stdin/stdout.
+    Stdio,
+    /// Appended to a file.
+    File(PathBuf),
+    /// Discarded.
+    Off,
+}
+
+/// Options of one vhost-user device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceConfigState {
+    /// Back-end socket; each socket serves one device.
+    pub socket: PathBuf,
+    /// Queues (block) or queue pairs (net).
+    pub queues: u16,
+    /// Largest ring size offered to the guest (a power of two, at most 32768).
+    pub queue_size: u16,
+    /// Block or net.
+    pub kind: DeviceKindState,
+}
+
+/// What a vhost-user device is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeviceKindState {
+    /// virtio-blk.
+    Block,
+    /// virtio-net.
+    Net {
+        /// MAC address.
+        mac: [u8; 6],
+        /// MTU, if set.
+        mtu: Option<u16>,
+    },
+}
+
+/// One model-specific register.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsrEntry {
+    /// MSR index.
+    pub index: u32,
+    /// Value.
+    pub data: u64,
+}
+
+/// Registers and in-kernel state of one vCPU.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// vCPU index (also its APIC id).
+    pub id: u32,
+    /// General-purpose registers (`KVM_GET_REGS`).
+    pub regs: Raw<kvm_regs>,
+    /// Segment and control registers (`KVM_GET_SREGS`).
+    pub sregs: Raw<kvm_sregs>,
+    /// x87/SSE state (`KVM_GET_FPU`); redundant with `xsave`, restored first.
+    pub fpu: FpuState,
+    /// XSAVE area (`KVM_GET_XSAVE`, 4096 bytes, or `KVM_GET_XSAVE2`, larger).
+    pub xsave: Blob,
+    /// Extended control registers (`KVM_GET_XCRS`).
+    pub xcrs: Raw<kvm_xcrs>,
+    /// Local APIC registers (`KVM_GET_LAPIC`).
+    pub lapic: Raw<kvm_lapic_state>,
+    /// MSRs (`KVM_GET_MSRS`), including the TSC (0x10) and kvmclock MSRs.
+    pub msrs: Vec<MsrEntry>,
+    /// Pending exceptions, interrupts and NMIs (`KVM_GET_VCPU_EVENTS`).
+    pub vcpu_events: Raw<kvm_vcpu_events>,
+    /// `KVM_GET_MP_STATE` (0 runnable, 1 uninitialized, 2 init-received, 3 halted, ...).
+    pub mp_state: u32,
+    /// Debug registers (`KVM_GET_DEBUGREGS`), if saved.
+    #[serde(default)]
+    pub debugregs: Option<Raw<kvm_debugregs>>,
+    /// Guest TSC frequency in kHz (`KVM_GET_TSC_KHZ`); the new VMM must set the same.
+    #[serde(default)]
+    pub tsc_khz: Option<u32>,
+}
+
+/// In-kernel interrupt controllers (`KVM_GET_IRQCHIP`, chip ids 0, 1 and 2).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IrqchipState {
+    /// Master 8259 (chip id 0).
+    pub pic_master: Raw<kvm_irqchip>,
+    /// Slave 8259 (chip id 1).
+    pub pic_slave: Raw<kvm_irqchip>,
+    /// IOAPIC (chip id 2).
+    pub ioapic: Raw<kvm_irqchip>,
+}
+
+/// In-kernel PIT (`KVM_GET_PIT2`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PitState {
+    /// Channels and flags.
+    pub pit: Raw<kvm_pit_state2>,
+}
+
+/// kvmclock (`KVM_GET_CLOCK`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockState {
+    /// Guest clock in ns.
+    pub clock: u64,
+    /// `KVM_CLOCK_*` flags as returned (TSC_STABLE, REALTIME, HOST_TSC).
+    pub flags: u32,
+    /// Host CLOCK_REALTIME in ns at the time of `clock` (valid with `KVM_CLOCK_REALTIME`).
+    pub realtime: u64,
+    /// Host TSC at the time of `clock` (valid with `KVM_CLOCK_HOST_TSC`).
+    pub host_tsc: u64,
+}
+
+impl From<&kvm_clock_data> for ClockState {
+    fn from(c: &kvm_clock_data) -> Self {
+        ClockState {
+            clock: c.clock,
+            flags: c.flags,
+            realtime: c.realtime,
+            host_tsc: c.host_tsc,
+        }
+    }
+}
+
+impl From<&ClockState> for kvm_clock_data {
+    fn from(c: &ClockState) -> Self {
+        kvm_clock_data {
+            clock: c.clock,
+            flags: c.flags,
+            realtime: c.realtime,
+            host_tsc: c.host_tsc,
+            ..Default::default()
+        }
+    }
+}
+
+/// One vhost-user device: its PCI function, virtio-pci transport and back-end rings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceState {
+    /// PCI configuration space and MSI-X.
+    pub pci: PciDeviceState,
+    /// virtio-pci common configuration registers.
+    pub virtio: VirtioPciState,
+    /// What the back-end was told, to replay on the new connection.
+    pub vhost_user: VhostUserState,
+}
+
+/// PCI function state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PciDeviceState {
+    /// Device number on bus 0.
+    pub slot: u8,
+    /// The 256-byte configuration space as the guest sees it (BARs as programmed).
+    pub config: Blob,
+    /// Guest-physical base of the device's memory BAR as currently mapped.
+    pub bar_base: u64,
+    /// MSI-X table, PBA and control word.
+    pub msix: MsixState,
+}
+
+/// One MSI-X table entry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixEntryState {
+    /// Message address, low 32 bits.
+    pub addr_lo: u32,
+    /// Message address, high 32 bits.
+    pub addr_hi: u32,
+    /// Message data.
+    pub data: u32,
+    /// Vector control (bit 0: masked).
+    pub control: u32,
+}
+
+/// MSI-X capability state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsixState {
+    /// Table entries (1 to 2048).
+    pub table: Vec<MsixEntryState>,
+    /// Pending bits, 64 vectors per word (`ceil(table.len() / 64)` words).
+    pub pba: Vec<u64>,
+    /// Message control word (bit 15 enable, bit 14 function mask).
+    pub control: u16,
+}
+
+/// virtio-pci common configuration (virtio 1.x section 4.1.4.3).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioPciState {
+    /// Features the device offers.
+    pub device_features: u64,
+    /// Features the driver accepted.
+    pub driver_features: u64,
+    /// `device_feature_select` register.
+    pub device_feature_select: u32,
+    /// `driver_feature_select` register.
+    pub driver_feature_select: u32,
+    /// MSI-X vector for configuration changes (0xffff: none).
+    pub config_msix_vector: u16,
+    /// Device status byte.
+    pub status: u8,
+    /// Configuration generation counter.
+    pub config_generation: u8,
+    /// `queue_select` register.
+    pub queue_select: u16,
+    /// Per-queue registers.
+    pub queues: Vec<VirtioQueueState>,
+}
+
+/// Registers of one virtqueue as the driver programmed them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtioQueueState {
+    /// Ring size (a power of two; 0 when the driver left the queue unused).
+    pub size: u16,
+    /// MSI-X vector (0xffff: none).
+    pub msix_vector: u16,
+    /// `queue_enable`.
+    pub enabled: bool,
+    /// Descriptor table guest address.
+    pub desc: u64,
+    /// Available ring guest address.
+    pub avail: u64,
+    /// Used ring guest address.
+    pub used: u64,
+}
+
+/// The back-end side of one device: negotiated features and the started rings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VhostUserState {
+    /// Back-end socket (equal to the device's configured socket).
+    pub socket: PathBuf,
+    /// Virtio features set with `SET_FEATURES`; the new connection must get the same.
+    pub features: u64,
+    /// Protocol features set with `SET_PROTOCOL_FEATURES`.
+    pub protocol_features: u64,
+    /// Rings that were started, by queue index.
+    pub rings: Vec<VringState>,
+    /// Inflight region shared with the back-end, if negotiated.
+    pub inflight: Option<InflightState>,
+}
+
+/// One started vhost-user ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VringState {
+    /// Queue index.
+    pub index: u16,
+    /// Ring size (`SET_VRING_NUM`).
+    pub size: u16,
+    /// Descriptor table guest address.
+    pub desc: u64,
+    /// Available ring guest address.
+    pub avail: u64,
+    /// Used ring guest address.
+    pub used: u64,
+    /// What `GET_VRING_BASE` returned: next available index to process (split rings: < 65536).
+    pub next_avail: u32,
+    /// The ring was enabled (`SET_VRING_ENABLE 1`).
+    pub enabled: bool,
+}
+
+/// The inflight region (`GET_INFLIGHT_FD`); its fd travels on the cpr channel as `fd_name`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InflightState {
+    /// Size of the mapping.
+    pub mmap_size: u64,
+    /// Offset of the mapping in the fd.
+    pub mmap_offset: u64,
+    /// Queues covered.
+    pub num_queues: u16,
+    /// Entries per queue.
+    pub queue_size: u16,
+    /// Name of the fd in the cpr manifest (e.g. `inflight-disk0`).
+    pub fd_name: String,
+}
+
+/// 16550 UART registers (the fields of vm-superio's `SerialState`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialState {
+    /// Divisor latch low byte.
+    pub baud_divisor_low: u8,
+    /// Divisor latch high byte.
+    pub baud_divisor_high: u8,
+    /// Interrupt enable register.
+    pub interrupt_enable: u8,
+    /// Interrupt identification register.
+    pub interrupt_identification: u8,
+    /// Line control register.
+    pub line_control: u8,
+    /// Line status register.
+    pub line_status: u8,
+    /// Modem control register.
+    pub modem_control: u8,
+    /// Modem status register.
+    pub modem_status: u8,
+    /// Scratch register.
+    pub scratch: u8,
+    /// Bytes received and not yet read by the guest.
+    pub in_buffer: Vec<u8>,
+}
+
+impl VmState {
+    /// A consistent example state with `cpus` vCPUs, one block and one net device (for docs
+    /// and tests; the register contents are placeholders).
+    pub fn example(cpus: u32) -> VmState {
+        example::example(cpus)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::{FrameError, Validate, encode_frame, read_frame};
+    use kvm_bindings::kvm_irqchip;
+
+    fn roundtrip(s: &VmState) -> Result<VmState, FrameError> {
+        let wire = encode_frame(&STATE_KIND, s)?;
+        read_frame(&mut wire.as_slice(), &STATE_KIND, MAX_STATE_LEN)
+    }
+
+    fn invalid(s: &VmState) -> StateError {
+        s.validate().unwrap_err()
+    }
+
+    #[test]
+    fn example_round_trips_through_a_frame() {
+        for cpus in [1, 2, 8] {
+            let s = VmState::example(cpus);
+            s.validate().unwrap();
+            assert_eq!(roundtrip(&s).unwrap(), s);
+        }
+    }
+
+    #[test]
+    fn state_size_and_speed_are_small() {
+        let s = VmState::example(2);
+        let wire = encode_frame(&STATE_KIND, &s).unwrap();
+        assert!(wire.len() < 64 << 10, "{} bytes", wire.len());
+        let t = std::time::Instant::now();
+        for _ in 0..10 {
+            let _ = roundtrip(&s).unwrap();
+        }
+        // Generous for a debug build; release is far faster.
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(2),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+
+    #[test]
+    fn every_flipped_byte_of_a_state_frame_is_an_error() {
+        let mut s = VmState::example(1);
+        s.devices.truncate(1);
+        s.config.devices.truncate(1);
+        s.vcpus[0].xsave = Blob(vec![0; 4096]);
+        let wire = encode_frame(&STATE_KIND, &s).unwrap();
+        // Every byte of the header, then a stride through the payload.
+        let positions = (0..32).chain((32..wire.len()).step_by(97));
+        for i in positions {
+            let mut bad = wire.clone();
+            bad[i] ^= 0x41;
+            assert!(
+                read_frame::<_, VmState>(&mut bad.as_slice(), &STATE_KIND, MAX_STATE_LEN).is_err(),
+                "byte {i} accepted"
+            );
+        }
+    }
+
+    #[test]
+    fn cpu_count_and_ids_checked() {
+        let mut s = VmState::example(2);
+        s.vcpus.pop();
+        assert_eq!(
+            invalid(&s),
+            StateError::CpuCount {
+                config: 2,
+                vcpus: 1
+            }
+        );
+        let mut s = VmState::example(2);
+        s.vcpus.swap(0, 1);
+        assert_eq!(invalid(&s), StateError::VcpuId { position: 0, id: 1 });
+        let mut s = VmState::example(1);
+        s.config.cpus = 0;
+        s.vcpus.clear();
+        assert_eq!(invalid(&s), StateError::CpuRange(0));
+    }
+
+    #[test]
+    fn vcpu_contents_checked() {
+        let mut s = VmState::example(1);
+        s.vcpus[0].xsave = Blob(vec![0; 100]);
+        assert!(matches!(
+            invalid(&s),
+            StateError::XsaveSize { len: 100, .. }
+        ));
+        let mut s = VmState::example(1);
+        let m = s.vcpus[0].msrs[0];
+        s.vcpus[0].msrs.push(m);
+        assert!(matches!(
+            invalid(&s),
+            StateError::DuplicateMsr { index: 0x10, .. }
+        ));
+        let mut s = VmState::example(1);
+        s.vcpus[0].mp_state = 77;
+        assert!(matches!(invalid(&s), StateError::MpState { value: 77, .. }));
+    }
+
+    #[test]
+    fn memory_and_irqchip_checked() {
+        let mut s = VmState::example(1);
+        s.config.memory.size = 4095;
+        assert_eq!(invalid(&s), StateError::MemorySize(4095));
+        let mut s = VmState::example(1);
+        s.config.memory.path = "".into();
+        assert_eq!(invalid(&s), StateError::NoMemoryPath);
+        let mut s = VmState::example(1);
+        s.irqchip.ioapic = Raw::new(&kvm_irqchip::default());
+        assert!(matches!(
+            invalid(&s),
+            StateError::IrqchipId {
+                chip: "ioapic",
+                found: 0,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn devices_checked() {
+        let mut s = VmState::example(1);
+        s.config.devices[1].socket = s.config.devices[0].socket.clone();
+        s.devices[1].vhost_user.socket = s.config.devices[0].socket.clone();
+        assert!(matches!(invalid(&s), StateError::DuplicateSocket(_)));
+        let mut s = VmState::example(1);
+        s.devices.pop();
+        assert!(matches!(
+            invalid(&s),
+            StateError::DeviceCount {
+                config: 2,
+                state: 1
+            }
+        ));
+        let mut s = VmState::example(1);
+        s.devices[1].pci.slot = s.devices[0].pci.slot;
+        assert!(matches!(invalid(&s), StateError::DuplicateSlot(1)));
+        let mut s = VmState::example(1);
+        s.devices[0].vhost_user.socket = "/elsewhere".into();
+        assert!(matches!(
+            invalid(&s),
+            StateError::DeviceSocket { device: 0, .. }
+        ));
+        let mut s = VmState::example(1);
+        s.config.devices[0].queue_size = 300;
+        assert!(matches!(
+            invalid(&s),
+            StateError::QueueSize { size: 300, .. }
+        ));
+        let mut s = VmState::example(1);
+        s.config.devices[0].queue_size = 65535;
+        assert!(matches!(
+            invalid(&s),
+            StateError::QueueSize { max: 32768, .. }
+        ));
+        let mut s = VmState::example(1);
+        s.devices[1].virtio.queues.truncate(1);
+        let e = invalid(&s);
+        assert!(
+            matches!(e, StateError::VirtqueueCount { found: 1, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("2 or 3"), "{e}");
+    }
+
+    #[test]
+    fn queues_and_rings_checked() {
+        let mut s = VmState::example(1);
+        s.devices[0].virtio.queues[0].size = 96;
+        s.devices[0].vhost_user.rings[0].size = 96;
+        assert!(matches!(
+            invalid(&s),
+            StateError::QueueSize { size: 96, .. }
+        ));
+        // A disabled queue's registers are not checked.
+        let mut s = VmState::example(1);
+        s.devices[1].virtio.queues[1].enabled = false;
+        s.devices[1].virtio.queues[1].size = 3;
+        s.devices[1].vhost_user.rings.pop();
+        s.validate().unwrap();
+        let mut s = VmState::example(1);
+        s.devices[0].vhost_user.rings[0].index = 5;
+        assert!(matches!(
+            invalid(&s),
+            StateError::RingIndex {
+                index: 5,
+                queues: 1,
+                ..
+            }
+        ));
+        let mut s = VmState::example(1);
+        let r = s.devices[1].vhost_user.rings[0];
+        s.devices[1].vhost_user.rings[1] = r;
+        assert!(matches!(
+            invalid(&s),
+            StateError::DuplicateRing { index: 0, .. }
+        ));
+        let mut s = VmState::example(1);
+        s.devices[0].vhost_user.rings[0].avail += 8;
+        assert!(matches!(
+            invalid(&s),
+            StateError::RingMismatch { index: 0, .. }
+        ));
+        let mut s = VmState::example(1);
+        s.devices[0].vhost_user.rings[0].next_avail = 0x1_0000;
+        assert!(matches!(invalid(&s), StateError::RingBase { .. }));
+        let mut s = VmState::example(1);
+        if let Some(inf) = s.devices[0].vhost_user.inflight.as_mut() {
+            inf.fd_name.clear();
+        }
+        assert!(matches!(
+            invalid(&s),
+            StateError::Inflight {
+                detail: "fd_name is empty",
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn msix_checked() {
+        let mut s = VmState::example(1);
+        s.devices[0].pci.msix.table.clear();
+        assert!(matches!(
+            invalid(&s),
+            StateError::MsixTableSize { len: 0, .. }
+        ));
+        let mut s = VmState::example(1);
+        s.devices[0].pci.msix.table = vec![MsixEntryState::default(); MAX_MSIX_VECTORS + 1];
+        assert!(matches!(invalid(&s), StateError::MsixTableSize { .. }));
+        let mut s = VmState::example(1);
+        s.devices[0].pci.msix.pba.push(0);
+        assert!(matches!(
+            invalid(&s),
+            StateError::MsixPbaSize {
+                len: 2,
+                expected: 1,
+                ..
+            }
+        ));
+        let mut s = VmState::example(1);
+        s.devices[0].virtio.queues[0].msix_vector = 9;
+        assert!(matches!(
+            invalid(&s),
+            StateError::MsixVector { vector: 9, .. }
+        ));
+        let mut s = VmState::example(1);
+        s.devices[0].virtio.config_msix_vector = NO_VECTOR;
+        s.validate().unwrap();
+        let mut s = VmState::example(1);
+        s.devices[0].pci.config = Blob(vec![0; 255]);
+        assert!(matches!(
+            invalid(&s),
+            StateError::PciConfigLen { len: 255, .. }
+        ));
+    }
+
+    #[test]
+    fn serial_buffer_capped() {
+        let mut s = VmState::example(1);
+        s.serial.in_buffer = vec![0; MAX_SERIAL_BUFFER + 1];
+        assert!(matches!(invalid(&s), StateError::SerialBuffer(_)));
+    }
+
+    #[test]
+    fn clock_converts_both_ways() {
+        let c = ClockState {
+            clock: 1,
+            flags: 2,
+            realtime: 3,
+            host_tsc: 4,
+        };
+        assert_eq!(ClockState::from(&kvm_bindings::kvm_clock_data::from(&c)), c);
+    }
+
+    #[test]
+    fn optional_fields_default_when_absent() {
+        let s = VmState::example(1);
+        let mut v = serde_json::to_value(&s).unwrap();
+        let obj = v.as_object_mut().unwrap();
+        obj.remove("paused_at_unix_ns");
+        obj["vcpus"][0].as_object_mut().unwrap().remove("tsc_khz");
+        let back: VmState = serde_json::from_value(v).unwrap();
+        assert_eq!(back.paused_at_unix_ns, 0);
+        assert_eq!(back.vcpus[0].tsc_khz, None);
+    }
+}

@@ -1,0 +1,524 @@
+//! Hostile input to baton-blk through the host-side driver: every bad request gets IOERR or
+//! UNSUPP (or, when it has no status byte, is returned with len 0), and the back-end keeps
+//! serving. Plus command-line errors, socket activation and sd_notify.
+
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // test code: panics are failures
+
+mod blk_common;
+
+use std::os::unix::net::{UnixDatagram, UnixListener};
+use std::time::Duration;
+
+use baton_tests::vhost_user::blk::*;
+use baton_tests::vhost_user::virtq::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, RawDesc};
+use blk_common::*;
+use vm_memory::GuestAddress;
+
+const MIB: u64 = 1 << 20;
+const MEM: u64 = 16 * MIB;
+
+fn connect(b: &Blk, queue_size: u16) -> BlkDriver {
+    BlkDriver::connect(
+        &b.sock,
+        BlkOptions {
+            queues: 1,
+            queue_size,
+            mem_size: MEM,
+            slots: 8,
+            ..BlkOptions::default()
+        },
+    )
+    .unwrap()
+}
+
+/// A raw descriptor: (addr, len, flags); `next` links are filled in by `raw_chain`.
+type D = (u64, u32, u16);
+
+/// Publishes a chain of raw descriptors. `links[i]` = index (into `ds`) of the next one,
+/// for descriptors with NEXT set. Returns (head, status address if any).
+fn raw_chain(d: &mut BlkDriver, ds: &[D], links: &[Option<usize>]) -> u16 {
+    let q = d.queue(0);
+    let ids = q.vq.alloc_descs(ds.len()).unwrap();
+    for (i, &(addr, len, flags)) in ds.iter().enumerate() {
+        let next = links.get(i).copied().flatten().map(|j| ids[j]);
+        let flags = if next.is_some() {
+            flags | DESC_F_NEXT
+        } else {
+            flags
+        };
+        q.vq.write_desc(
+            ids[i],
+            RawDesc {
+                addr,
+                len,
+                flags,
+                next: next.unwrap_or(0),
+            },
+        )
+        .unwrap();
+    }
+    let head = ids[0];
+    q.vq.track(ids);
+    q.vq.publish(head).unwrap();
+    q.vq.kick().unwrap();
+    head
+}
+
+fn seq(n: usize) -> Vec<Option<usize>> {
+    (0..n).map(|i| (i + 1 < n).then_some(i + 1)).collect()
+}
+
+struct Bufs {
+    hdr: GuestAddress,
+    data: GuestAddress,
+    status: GuestAddress,
+}
+
+fn bufs(d: &BlkDriver, rtype: u32, sector: u64) -> Bufs {
+    let hdr = d.mem.alloc(16, 16).unwrap();
+    let data = d.mem.alloc(4096, 4096).unwrap();
+    let status = d.mem.alloc(1, 1).unwrap();
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&rtype.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    d.mem.write(hdr, &h).unwrap();
+    d.mem.write(status, &[S_UNSET]).unwrap();
+    Bufs { hdr, data, status }
+}
+
+fn status(d: &BlkDriver, b: &Bufs) -> u8 {
+    d.mem.read(b.status, 1).unwrap()[0]
+}
+
+/// The back-end still serves well-formed requests.
+fn still_serving(d: &mut BlkDriver, seed: u64) {
+    let q = d.queue(0);
+    let data = pattern(seed, 4096);
+    assert_eq!(
+        q.write(64, &data).unwrap(),
+        S_OK,
+        "back-end stopped serving writes"
+    );
+    let (st, back) = q.read(64, 4096).unwrap();
+    assert_eq!(
+        (st, back == data),
+        (S_OK, true),
+        "back-end stopped serving reads"
+    );
+}
+
+#[test]
+fn requests_past_the_end_of_the_disk() {
+    let b = Blk::start(MIB, &[]);
+    let mut d = connect(&b, 256);
+    let cap = d.capacity;
+    let q = d.queue(0);
+    assert_eq!(q.read(cap, 512).unwrap().0, S_IOERR);
+    assert_eq!(q.read(cap - 1, 1024).unwrap().0, S_IOERR);
+    assert_eq!(q.read(u64::MAX / 256, 512).unwrap().0, S_IOERR);
+    assert_eq!(q.write(cap - 1, &[1u8; 1024]).unwrap(), S_IOERR);
+    assert_eq!(q.read(cap - 1, 512).unwrap().0, S_OK);
+    // Not a multiple of the sector size.
+    assert_eq!(q.read(0, 100).unwrap().0, S_IOERR);
+    still_serving(&mut d, 1);
+    assert_eq!(b.image().len() as u64, MIB, "the image grew");
+}
+
+#[test]
+fn write_discard_on_readonly() {
+    let b = Blk::start(MIB, &["--readonly"]);
+    let mut d = connect(&b, 256);
+    assert!(
+        d.conn().unwrap().offered & (1 << 5) != 0,
+        "VIRTIO_BLK_F_RO not offered"
+    );
+    let q = d.queue(0);
+    assert_eq!(q.write(0, &pattern(1, 4096)).unwrap(), S_IOERR);
+    assert_eq!(q.ranges(T_DISCARD, &[(0, 8, 0)]).unwrap(), S_IOERR);
+    assert_eq!(q.ranges(T_WRITE_ZEROES, &[(0, 8, 0)]).unwrap(), S_IOERR);
+    assert_eq!(q.read(0, 4096).unwrap().0, S_OK);
+    assert_eq!(q.flush().unwrap(), S_OK);
+    assert!(
+        b.image().iter().all(|&x| x == 0),
+        "read-only image modified"
+    );
+}
+
+#[test]
+fn unknown_type_is_unsupp_and_bad_discard_flags() {
+    let b = Blk::start(MIB, &[]);
+    let mut d = connect(&b, 256);
+    let q = d.queue(0);
+    for t in [2, 3, 7, 9, 14, 0xffff_ffff] {
+        assert_eq!(
+            q.run(Req {
+                rtype: t,
+                sector: 0,
+                out: &[],
+                in_len: 0
+            })
+            .unwrap()
+            .status,
+            S_UNSUPP,
+            "type {t}"
+        );
+    }
+    // DISCARD must have no flags; WRITE_ZEROES only UNMAP.
+    assert_eq!(q.ranges(T_DISCARD, &[(0, 8, 1)]).unwrap(), S_UNSUPP);
+    assert_eq!(q.ranges(T_WRITE_ZEROES, &[(0, 8, 2)]).unwrap(), S_UNSUPP);
+    // Out of range, truncated segment, too many segments.
+    assert_eq!(q.ranges(T_DISCARD, &[(d_cap(&b), 8, 0)]).unwrap(), S_IOERR);
+    let r = q
+        .run(Req {
+            rtype: T_DISCARD,
+            sector: 0,
+            out: &[0u8; 8],
+            in_len: 0,
+        })
+        .unwrap();
+    assert_eq!(r.status, S_IOERR);
+    let many: Vec<_> = (0..33).map(|i| (i * 8, 8, 0)).collect();
+    assert_eq!(q.ranges(T_DISCARD, &many).unwrap(), S_IOERR);
+    still_serving(&mut d, 2);
+}
+
+fn d_cap(b: &Blk) -> u64 {
+    b.image().len() as u64 / 512
+}
+
+#[test]
+fn header_too_short_and_wrong_direction() {
+    let b = Blk::start(MIB, &[]);
+    let mut d = connect(&b, 256);
+    // Header of 8 bytes.
+    let x = bufs(&d, T_IN, 0);
+    let h = raw_chain(
+        &mut d,
+        &[(x.hdr.0, 8, 0), (x.status.0, 1, DESC_F_WRITE)],
+        &seq(2),
+    );
+    let done = d.queue(0).wait_head(h, Duration::from_secs(10)).unwrap();
+    assert_eq!((status(&d, &x), done.used_len), (S_IOERR, 1));
+
+    // T_IN whose data buffer is device-readable.
+    let x = bufs(&d, T_IN, 0);
+    d.mem.write(x.data, &[0xaa; 512]).unwrap();
+    let h = raw_chain(
+        &mut d,
+        &[
+            (x.hdr.0, 16, 0),
+            (x.data.0, 512, 0),
+            (x.status.0, 1, DESC_F_WRITE),
+        ],
+        &seq(3),
+    );
+    d.queue(0).wait_head(h, Duration::from_secs(10)).unwrap();
+    assert_eq!(status(&d, &x), S_IOERR);
+    assert_eq!(
+        d.mem.read(x.data, 512).unwrap(),
+        vec![0xaa; 512],
+        "device wrote a readable buffer"
+    );
+
+    // T_OUT whose data buffer is device-writable.
+    let x = bufs(&d, T_OUT, 0);
+    d.mem.write(x.data, &[0xbb; 512]).unwrap();
+    let h = raw_chain(
+        &mut d,
+        &[
+            (x.hdr.0, 16, 0),
+            (x.data.0, 512, DESC_F_WRITE),
+            (x.status.0, 1, DESC_F_WRITE),
+        ],
+        &seq(3),
+    );
+    d.queue(0).wait_head(h, Duration::from_secs(10)).unwrap();
+    assert_eq!(status(&d, &x), S_IOERR);
+    assert!(
+        b.image()[..512].iter().all(|&v| v == 0),
+        "wrong-direction write reached the disk"
+    );
+
+    // Status descriptor device-readable: no status written, used len 0, no crash.
+    let x = bufs(&d, T_FLUSH, 0);
+    let h = raw_chain(&mut d, &[(x.hdr.0, 16, 0), (x.status.0, 1, 0)], &seq(2));
+    let done = d.queue(0).wait_head(h, Duration::from_secs(10)).unwrap();
+    assert_eq!((status(&d, &x), done.used_len), (S_UNSET, 0));
+    still_serving(&mut d, 3);
+}
+
+#[test]
+fn addresses_outside_guest_memory() {
+    let b = Blk::start(MIB, &[]);
+    let mut d = connect(&b, 256);
+    let far = MEM + 0x10_0000;
+    // Data outside memory.
+    let x = bufs(&d, T_IN, 0);
+    let h = raw_chain(
+        &mut d,
+        &[
+            (x.hdr.0, 16, 0),
+            (far, 4096, DESC_F_WRITE),
+            (x.status.0, 1, DESC_F_WRITE),
+        ],
+        &seq(3),
+    );
+    d.queue(0).wait_head(h, Duration::from_secs(10)).unwrap();
+    assert_eq!(status(&d, &x), S_IOERR);
+    // Data straddling the end of memory.
+    let x = bufs(&d, T_OUT, 0);
+    let h = raw_chain(
+        &mut d,
+        &[
+            (x.hdr.0, 16, 0),
+            (MEM - 512, 4096, 0),
+            (x.status.0, 1, DESC_F_WRITE),
+        ],
+        &seq(3),
+    );
+    d.queue(0).wait_head(h, Duration::from_secs(10)).unwrap();
+    assert_eq!(status(&d, &x), S_IOERR);
+    // Header outside memory.
+    let x = bufs(&d, T_IN, 0);
+    let h = raw_chain(
+        &mut d,
+        &[
+            (far, 16, 0),
+            (x.data.0, 512, DESC_F_WRITE),
+            (x.status.0, 1, DESC_F_WRITE),
+        ],
+        &seq(3),
+    );
+    d.queue(0).wait_head(h, Duration::from_secs(10)).unwrap();
+    assert_eq!(status(&d, &x), S_IOERR);
+    // Status outside memory: nothing to write, the chain is still returned.
+    let x = bufs(&d, T_FLUSH, 0);
+    let h = raw_chain(&mut d, &[(x.hdr.0, 16, 0), (far, 1, DESC_F_WRITE)], &seq(2));
+    d.queue(0).wait_head(h, Duration::from_secs(10)).unwrap();
+    // Indirect table outside memory.
+    let h = raw_chain(&mut d, &[(far, 64, DESC_F_INDIRECT)], &[None]);
+    d.queue(0).wait_head(h, Duration::from_secs(10)).unwrap();
+    still_serving(&mut d, 4);
+}
+
+#[test]
+fn looping_chain_and_chain_longer_than_the_queue() {
+    let b = Blk::start(MIB, &[]);
+    let mut d = connect(&b, 16);
+    // d0 (header) -> d1 -> d0 -> ...: a loop with no writable byte.
+    let x = bufs(&d, T_OUT, 0);
+    let h = raw_chain(
+        &mut d,
+        &[(x.hdr.0, 16, 0), (x.data.0, 512, 0)],
+        &[Some(1), Some(0)],
+    );
+    let done = d.queue(0).wait_head(h, Duration::from_secs(10)).unwrap();
+    assert_eq!(done.used_len, 0);
+    assert!(
+        b.image()[..512].iter().all(|&v| v == 0),
+        "a looping chain was written"
+    );
+
+    // header -> W -> W -> back to the first W: cycles longer than the 16-entry queue.
+    let x = bufs(&d, T_IN, 0);
+    let h = raw_chain(
+        &mut d,
+        &[
+            (x.hdr.0, 16, 0),
+            (x.data.0, 512, DESC_F_WRITE),
+            (x.status.0, 1, DESC_F_WRITE),
+        ],
+        &[Some(1), Some(2), Some(1)],
+    );
+    // The device cannot know where the status byte of a looping chain is: it returns the
+    // chain (IOERR in its last writable byte) and performs no I/O.
+    d.queue(0).wait_head(h, Duration::from_secs(10)).unwrap();
+    let data = d.mem.read(x.data, 511).unwrap();
+    assert!(
+        data.iter().all(|&v| v == 0),
+        "data was read into a looping chain"
+    );
+
+    // An indirect table of 32 entries (twice the queue size) that all chain forward, and an
+    // indirect table whose last entry points back to its first.
+    for looped in [false, true] {
+        let x = bufs(&d, T_IN, 0);
+        let table = d.mem.alloc(32 * 16, 16).unwrap();
+        for i in 0..32u16 {
+            let (addr, len, mut flags) = match i {
+                0 => (x.hdr.0, 16, 0),
+                31 => (x.status.0, 1, DESC_F_WRITE),
+                _ => (x.data.0 + u64::from(i) * 8, 8, DESC_F_WRITE),
+            };
+            let next = if i < 31 { i + 1 } else { 0 };
+            if i < 31 || looped {
+                flags |= DESC_F_NEXT;
+            }
+            d.mem
+                .write(
+                    table.unchecked_add_(u64::from(i) * 16),
+                    &RawDesc {
+                        addr,
+                        len,
+                        flags,
+                        next,
+                    }
+                    .to_bytes(),
+                )
+                .unwrap();
+        }
+        let h = raw_chain(&mut d, &[(table.0, 32 * 16, DESC_F_INDIRECT)], &[None]);
+        d.queue(0).wait_head(h, Duration::from_secs(10)).unwrap();
+    }
+    still_serving(&mut d, 5);
+}
+
+trait AddU64 {
+    fn unchecked_add_(self, v: u64) -> GuestAddress;
+}
+impl AddU64 for GuestAddress {
+    fn unchecked_add_(self, v: u64) -> GuestAddress {
+        GuestAddress(self.0 + v)
+    }
+}
+
+#[test]
+fn bad_head_index_in_the_avail_ring() {
+    let b = Blk::start(MIB, &[]);
+    let mut d = connect(&b, 16);
+    let q = d.queue(0);
+    // Publish a head index beyond the queue size.
+    q.vq.publish(1000).unwrap();
+    q.vq.kick().unwrap();
+    // Then normal requests on the same queue still work.
+    still_serving(&mut d, 6);
+}
+
+#[test]
+fn cli_errors_are_clear_and_nonzero() {
+    let dir = tmpdir("cli");
+    let sock = dir.join("s.sock");
+    // Missing image.
+    let missing = dir.join("nope.img");
+    let (code, err) = run_failing(
+        &[
+            os(std::path::Path::new("--socket")),
+            os(&sock),
+            "--image".as_ref(),
+            os(&missing),
+        ],
+        false,
+    );
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("nope.img") && err.contains("No such file"),
+        "{err}"
+    );
+    // Socket in a missing directory.
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let bad_sock = dir.join("no/such/dir/s.sock");
+    let (code, err) = run_failing(
+        &[
+            "--socket".as_ref(),
+            os(&bad_sock),
+            "--image".as_ref(),
+            os(&img),
+        ],
+        false,
+    );
+    assert_ne!(code, Some(0));
+    assert!(err.contains("does not exist"), "{err}");
+    // Bad queue size.
+    let (code, err) = run_failing(
+        &[
+            "--socket".as_ref(),
+            os(&sock),
+            "--image".as_ref(),
+            os(&img),
+            "--queue-size".as_ref(),
+            "100".as_ref(),
+        ],
+        false,
+    );
+    assert_ne!(code, Some(0));
+    assert!(err.contains("queue-size"), "{err}");
+    // Image without permission (as an unprivileged user when we are root).
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&img, std::fs::Permissions::from_mode(0o000)).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    // SAFETY: getuid has no preconditions.
+    let root = unsafe { libc::getuid() } == 0;
+    let (code, err) = run_failing(
+        &["--socket".as_ref(), os(&sock), "--image".as_ref(), os(&img)],
+        root,
+    );
+    if code == Some(0) || err.contains("Operation not permitted") && !err.contains("image") {
+        eprintln!("skipping the permission case: cannot drop privileges here ({err})");
+    } else {
+        assert_ne!(code, Some(0));
+        assert!(
+            err.contains("Permission denied") && err.contains("disk.img"),
+            "{err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn socket_activation_and_sd_notify() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let dir = tmpdir("act");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 1 << 20]).unwrap();
+    let sock = dir.join("activated.sock");
+    let listener = UnixListener::bind(&sock).unwrap();
+    let notify_path = dir.join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let lfd = listener.as_raw_fd();
+    let mut cmd = std::process::Command::new("bash"); // dash cannot name fds above 9
+    // The shell moves the listening socket to fd 3 (dup2 in pre_exec could clobber std's
+    // own exec-status pipe), then execs baton-blk with its own pid as LISTEN_PID.
+    cmd.arg("-c")
+        .arg(format!(
+            "exec 3<&{lfd}; LISTEN_PID=$$ LISTEN_FDS=1 exec {} --image {}",
+            bin("baton-blk").display(),
+            img.display()
+        ))
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("RUST_LOG", "warn");
+    // SAFETY: fcntl is async-signal-safe; it clears FD_CLOEXEC on the child's copy only.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(lfd, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let mut buf = [0u8; 64];
+    let n = notify.recv(&mut buf).expect("no sd_notify message");
+    assert_eq!(&buf[..n], b"READY=1");
+    let mut d = BlkDriver::connect(
+        &sock,
+        BlkOptions {
+            mem_size: MEM,
+            slots: 4,
+            ..BlkOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(d.queue(0).write(0, &pattern(7, 4096)).unwrap(), S_OK);
+    drop(d);
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = wait_until(Duration::from_secs(20), || child.try_wait().unwrap()).unwrap();
+    assert_eq!(st.code(), Some(0));
+    assert_eq!(&std::fs::read(&img).unwrap()[..4096], &pattern(7, 4096)[..]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -9,4 +9,5 @@
 
 pub mod api;
 pub mod frame;
+pub mod handshake;
 pub mod state;

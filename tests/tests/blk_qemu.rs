@@ -1,0 +1,224 @@
+//! baton-blk under QEMU (TCG) with a real Linux guest (Debian cloud kernel + busybox initramfs
+//! from tests/linux-guest/build.sh): the guest writes patterns and discards, the host checks
+//! the image, then a second QEMU connects to the same running baton-blk and reads the same data.
+
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // test code: panics are failures
+
+mod blk_common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use baton_tests::harness;
+use blk_common::*;
+
+const MIB: usize = 1 << 20;
+
+fn skip_reason() -> Option<String> {
+    let ok = |c: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(format!("command -v {c} >/dev/null"))
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    for c in ["qemu-system-x86_64", "cpio", "apt-get", "dpkg-deb"] {
+        if !ok(c) {
+            return Some(format!("{c} is not installed"));
+        }
+    }
+    if !Path::new("/bin/busybox").exists() && !ok("busybox") {
+        return Some("busybox-static is not installed".into());
+    }
+    None
+}
+
+/// Builds (once, cached, serialized with a lock file) the guest; Err(reason) if impossible.
+fn linux_guest() -> Result<(PathBuf, PathBuf), String> {
+    let dir = match std::env::var_os("BATON_LINUX_GUEST") {
+        Some(d) => PathBuf::from(d),
+        None => harness::target_dir().join("linux-guest"),
+    };
+    let (k, i) = (dir.join("vmlinuz"), dir.join("initramfs.gz"));
+    let script = harness::repo_root().join("tests/linux-guest/build.sh");
+    let out = Command::new("flock")
+        .arg(dir.with_extension("lock"))
+        .arg("bash")
+        .arg(&script)
+        .arg(&dir)
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+    if out.status.success() && k.exists() && i.exists() {
+        Ok((k, i))
+    } else {
+        Err(format!(
+            "building the Linux guest failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+fn base64(data: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut s = String::new();
+    for c in data.chunks(3) {
+        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, sh) in [18, 12, 6, 0].iter().enumerate() {
+            s.push(if i <= c.len() {
+                char::from(T[((n >> sh) & 63) as usize])
+            } else {
+                '='
+            });
+        }
+    }
+    s
+}
+
+fn run_qemu(guest: &(PathBuf, PathBuf), sock: &Path, script: &str) -> String {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-accel",
+        "tcg",
+        "-m",
+        "512M",
+        "-smp",
+        "2",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-monitor",
+        "none",
+    ])
+    .args(["-no-reboot", "-nodefaults"])
+    .args([
+        "-object",
+        "memory-backend-memfd,id=mem,size=512M,share=on",
+        "-machine",
+        "memory-backend=mem",
+    ])
+    .arg("-chardev")
+    .arg(format!("socket,id=c0,path={}", sock.display()))
+    .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=2"])
+    .arg("-kernel")
+    .arg(&guest.0)
+    .arg("-initrd")
+    .arg(&guest.1)
+    .arg("-append")
+    .arg(format!(
+        "console=ttyS0 quiet panic=-1 baton.script={}",
+        base64(script.as_bytes())
+    ));
+    let f = harness::run_to_end(cmd, Duration::from_secs(240)).expect("run qemu");
+    format!("{}\n{}", f.stdout, f.stderr)
+}
+
+/// The value after `KEY ` on the console (lines may carry terminal escapes before the key).
+fn line_value<'a>(out: &'a str, key: &str) -> Option<&'a str> {
+    let k = format!("{key} ");
+    out.lines()
+        .find_map(|l| l.find(&k).map(|i| l[i + k.len()..].trim()))
+}
+
+/// The 1 KiB pattern the guest builds: "baton-blk-00000-" ... 64 times 16 bytes.
+fn guest_pattern() -> Vec<u8> {
+    let p: Vec<u8> = (0..64)
+        .flat_map(|i| format!("baton-blk-{i:05}-").into_bytes())
+        .collect();
+    assert_eq!(p.len(), 1024);
+    p
+}
+
+const WRITE_SCRIPT: &str = r#"
+dev=/dev/vda
+[ -b $dev ] || { echo "NO-BLOCK-DEVICE"; ls -l /dev /sys/block; exit 1; }
+echo "SIZE $(blockdev --getsize64 $dev)"
+echo "SERIAL $(cat /sys/block/vda/serial 2>/dev/null)"
+echo "MQ $(ls /sys/block/vda/mq | wc -l)"
+echo "RO $(cat /sys/block/vda/ro)"
+i=0; while [ $i -lt 64 ]; do printf "baton-blk-%05d-" $i; i=$((i+1)); done > /tmp/p
+dd if=/tmp/p of=$dev bs=1024 seek=100 conv=fsync 2>/dev/null || echo "WRITE1-FAILED"
+i=0; while [ $i -lt 1024 ]; do cat /tmp/p; i=$((i+1)); done > /tmp/big
+dd if=/tmp/big of=$dev bs=65536 seek=128 conv=fsync 2>/dev/null || echo "WRITE2-FAILED"
+blkdiscard -o 16777216 -l 1048576 $dev && echo "DISCARD-OK"
+sync
+echo 3 > /proc/sys/vm/drop_caches
+echo "SUM1 $(dd if=$dev bs=1024 skip=100 count=1 2>/dev/null | md5sum | cut -d' ' -f1)"
+echo "SUM2 $(dd if=$dev bs=65536 skip=128 count=16 2>/dev/null | md5sum | cut -d' ' -f1)"
+echo "SUMP $(md5sum < /tmp/p | cut -d' ' -f1)"
+echo "ZERO $(dd if=$dev bs=65536 skip=256 count=16 2>/dev/null | md5sum | cut -d' ' -f1)"
+echo "ZREF $(dd if=/dev/zero bs=65536 count=16 2>/dev/null | md5sum | cut -d' ' -f1)"
+"#;
+
+const READ_SCRIPT: &str = r#"
+dev=/dev/vda
+[ -b $dev ] || { echo "NO-BLOCK-DEVICE"; exit 1; }
+echo "SUM1 $(dd if=$dev bs=1024 skip=100 count=1 2>/dev/null | md5sum | cut -d' ' -f1)"
+echo "SUM2 $(dd if=$dev bs=65536 skip=128 count=16 2>/dev/null | md5sum | cut -d' ' -f1)"
+echo "ZERO $(dd if=$dev bs=65536 skip=256 count=16 2>/dev/null | md5sum | cut -d' ' -f1)"
+"#;
+
+#[test]
+fn linux_guest_writes_discards_and_a_second_qemu_reads_back() {
+    if let Some(r) = skip_reason() {
+        eprintln!("SKIP linux_guest_writes_discards_and_a_second_qemu_reads_back: {r}");
+        return;
+    }
+    let guest = match linux_guest() {
+        Ok(g) => g,
+        Err(r) => {
+            eprintln!("SKIP linux_guest_writes_discards_and_a_second_qemu_reads_back: {r}");
+            return;
+        }
+    };
+    // 64 MiB image filled with 0xAA so that discarded ranges are visible as zeroes.
+    let dir = tmpdir("qemu");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0xaau8; 64 * MIB]).unwrap();
+    let mut b = Blk::start_on(dir, img, &["--queues", "2", "--serial", "baton-qemu"]);
+
+    let out = run_qemu(&guest, &b.sock, WRITE_SCRIPT);
+    assert!(
+        out.contains("BATON-GUEST-EXIT"),
+        "guest did not finish:\n{out}"
+    );
+    assert_eq!(line_value(&out, "SIZE"), Some("67108864"), "{out}");
+    assert_eq!(line_value(&out, "SERIAL"), Some("baton-qemu"), "{out}");
+    assert_eq!(line_value(&out, "MQ"), Some("2"), "{out}");
+    assert_eq!(line_value(&out, "RO"), Some("0"), "{out}");
+    assert!(out.contains("DISCARD-OK"), "{out}");
+    assert!(!out.contains("FAILED"), "{out}");
+    assert_eq!(line_value(&out, "SUM1"), line_value(&out, "SUMP"), "{out}");
+    assert_eq!(line_value(&out, "ZERO"), line_value(&out, "ZREF"), "{out}");
+
+    // The host sees exactly what the guest wrote.
+    let image = b.image();
+    let p = guest_pattern();
+    assert_eq!(&image[100 * 1024..101 * 1024], &p[..], "first pattern");
+    for k in 0..1024 {
+        let off = 128 * 65536 + k * 1024;
+        assert_eq!(&image[off..off + 1024], &p[..], "big pattern, KiB {k}");
+    }
+    assert!(
+        image[16 * MIB..17 * MIB].iter().all(|&v| v == 0),
+        "discarded range not zero"
+    );
+    assert!(
+        image[17 * MIB..18 * MIB].iter().all(|&v| v == 0xaa),
+        "discard went too far"
+    );
+    assert!(b.alive(), "baton-blk died with the first QEMU");
+
+    // A second QEMU on the same running baton-blk reads the same data.
+    let out2 = run_qemu(&guest, &b.sock, READ_SCRIPT);
+    assert!(
+        out2.contains("BATON-GUEST-EXIT"),
+        "second guest did not finish:\n{out2}"
+    );
+    for k in ["SUM1", "SUM2", "ZERO"] {
+        assert_eq!(line_value(&out2, k), line_value(&out, k), "{k}\n{out2}");
+    }
+    assert!(b.alive());
+    assert_eq!(b.signal_and_wait(libc::SIGTERM).code(), Some(0));
+}

@@ -24,6 +24,10 @@ pub const KCODE: u16 = 0x08;
 pub const TIMER_VECTOR: u8 = 0x20;
 /// Vector of the wake-up IPI one CPU sends another.
 pub const WAKE_VECTOR: u8 = 0x21;
+/// First vector of the device (MSI-X) interrupts.
+pub const DEV_VECTOR_FIRST: u8 = 0x30;
+/// Number of device vectors (0x30..0x6f).
+pub const DEV_VECTOR_COUNT: u8 = 0x40;
 /// Vector of the local APIC spurious interrupt.
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 

@@ -4,8 +4,8 @@
 //! `entry64`; the CPU reads gates only when it delivers a vector.
 
 use super::boot::IDT;
-use super::trap::{exc_stubs, irq_eoi_entry, spurious_entry, syscall_entry};
-use super::{KCODE, SPURIOUS_VECTOR, TIMER_VECTOR, WAKE_VECTOR};
+use super::trap::{dev_irq_entry, exc_stubs, irq_eoi_entry, spurious_entry, syscall_entry};
+use super::{DEV_VECTOR_COUNT, DEV_VECTOR_FIRST, KCODE, SPURIOUS_VECTOR, TIMER_VECTOR, WAKE_VECTOR};
 
 /// Interrupt gate, present, DPL 0.
 const GATE_KERNEL: u64 = 0x8e;
@@ -20,7 +20,8 @@ fn gate(handler: u64, attributes: u64) -> [u64; 2] {
     [low, handler >> 32]
 }
 
-/// Fills the IDT: exceptions 0..31, the `int3` system-call gate, timer, wake and spurious.
+/// Fills the IDT: exceptions 0..31, the `int3` system-call gate, timer, wake, device
+/// (MSI-X) and spurious.
 pub fn init_idt() {
     let stubs = &raw const exc_stubs as u64;
     let idt = &raw mut IDT;
@@ -35,5 +36,8 @@ pub fn init_idt() {
     set(3, &raw const syscall_entry as u64, GATE_USER);
     set(TIMER_VECTOR, &raw const irq_eoi_entry as u64, GATE_KERNEL);
     set(WAKE_VECTOR, &raw const irq_eoi_entry as u64, GATE_KERNEL);
+    for vector in DEV_VECTOR_FIRST..DEV_VECTOR_FIRST + DEV_VECTOR_COUNT {
+        set(vector, &raw const dev_irq_entry as u64, GATE_KERNEL);
+    }
     set(SPURIOUS_VECTOR, &raw const spurious_entry as u64, GATE_KERNEL);
 }

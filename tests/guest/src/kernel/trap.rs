@@ -8,7 +8,8 @@
 //!   register clobbered, so the entry saves nothing (each CPL0 instruction is emulated under
 //!   PVM).
 //! - The timer and wake vectors only acknowledge the local APIC: their purpose is to end a
-//!   `hlt`.
+//!   `hlt`. Device vectors ([`DEV_VECTOR_FIRST`](super::DEV_VECTOR_FIRST) and up) also
+//!   increment [`DEV_IRQ_COUNT`].
 
 use core::arch::{asm, global_asm};
 
@@ -150,6 +151,17 @@ irq_eoi_entry:
     pop %rax
     iretq
 
+    /* device MSI-X vectors: count, acknowledge the local APIC, return */
+    .balign 16
+    .globl dev_irq_entry
+dev_irq_entry:
+    lock incq {irq_count}(%rip)
+    push %rax
+    mov $0xfee000b0, %eax
+    movl $0, (%rax)
+    pop %rax
+    iretq
+
     .balign 16
     .globl spurious_entry
 spurious_entry:
@@ -158,6 +170,7 @@ spurious_entry:
     "#,
     exception = sym exception,
     dispatch = sym syscall_dispatch,
+    irq_count = sym DEV_IRQ_COUNT,
     options(att_syntax),
 );
 
@@ -168,9 +181,16 @@ unsafe extern "C" {
     pub static syscall_entry: u8;
     /// Entry of the timer and wake vectors.
     pub static irq_eoi_entry: u8;
+    /// Entry of the device (MSI-X) vectors: increments [`DEV_IRQ_COUNT`] and acknowledges.
+    pub static dev_irq_entry: u8;
     /// Entry of the spurious vector.
     pub static spurious_entry: u8;
 }
+
+/// Number of device (MSI-X) interrupts taken on any CPU. CPL3 drivers read it before
+/// checking their used rings and pass it to `Idle`, so an interrupt that arrives between the
+/// check and the halt is never lost.
+pub static DEV_IRQ_COUNT: core::sync::atomic::AtomicU64 = core::sync::atomic::AtomicU64::new(0);
 
 /// Local APIC register offsets used by the kernel.
 mod lapic {

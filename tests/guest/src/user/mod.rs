@@ -7,12 +7,21 @@
 //! command line, print its JSON result and power off.
 
 pub mod acpi;
+pub mod blk;
+pub mod blktests;
+pub mod devices;
+pub mod dma;
+pub mod net;
+pub mod nettests;
+pub mod pci;
 pub mod pvh;
 pub mod serial;
 pub mod smp;
 pub mod sys;
 pub mod tests;
 pub mod time;
+pub mod virtio;
+pub mod virtq;
 
 use crate::kernel;
 use crate::println;
@@ -69,6 +78,7 @@ fn bsp_main(start_info: u64) -> ! {
     let online = smp::finish_startup(&startup);
     let ready = sys::rdtsc();
 
+    dma::init(info.ram_bytes);
     let machine = Machine {
         cpus: online,
         mem_mib: info.mem_mib(),

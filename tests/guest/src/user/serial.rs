@@ -116,3 +116,10 @@ impl fmt::Display for JsonStr<'_> {
         Ok(())
     }
 }
+
+/// Reads one received byte from COM1 if there is one (polled: LSR bit 0, then RBR). The VMM
+/// forwards its standard input to the UART.
+pub fn read_byte() -> Option<u8> {
+    const LSR_DR: u8 = 0x01;
+    (inb(LSR) & LSR_DR != 0).then(|| inb(COM1))
+}

@@ -111,3 +111,46 @@ pub fn cpuid(leaf: u32) -> [u32; 4] {
     let r = core::arch::x86_64::__cpuid_count(leaf, 0);
     [r.eax, r.ebx, r.ecx, r.edx]
 }
+
+/// Writes a 32-bit word to an I/O port.
+pub fn outl(port: u16, value: u32) {
+    // SAFETY: as in `outb`.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack)) }
+}
+
+/// Reads a 32-bit word from an I/O port.
+pub fn inl(port: u16) -> u32 {
+    let value: u32;
+    // SAFETY: as in `outb`.
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack)) }
+    value
+}
+
+/// Reads a device register (MMIO, in the uncached top GiB).
+///
+/// # Safety
+/// `addr` must be a mapped, naturally aligned device register or RAM location below 4 GiB.
+pub unsafe fn mmio_read<T: Copy>(addr: u64) -> T {
+    // SAFETY: guaranteed by the caller.
+    unsafe { core::ptr::read_volatile(addr as *const T) }
+}
+
+/// Writes a device register (MMIO).
+///
+/// # Safety
+/// As for [`mmio_read`]; the write must not corrupt memory the program relies on.
+pub unsafe fn mmio_write<T: Copy>(addr: u64, value: T) {
+    // SAFETY: guaranteed by the caller.
+    unsafe { core::ptr::write_volatile(addr as *mut T, value) }
+}
+
+/// Device interrupts taken so far (read before checking used rings, pass to [`wait_irq`]).
+pub fn irq_count() -> u64 {
+    crate::kernel::trap::DEV_IRQ_COUNT.load(core::sync::atomic::Ordering::Acquire)
+}
+
+/// Halts until a device interrupt arrives, unless one arrived since [`irq_count`] returned
+/// `seen`; arms the timer with `ticks` first (0: no timeout).
+pub fn wait_irq(seen: u64, ticks: u32) {
+    idle(ticks, Some((&crate::kernel::trap::DEV_IRQ_COUNT, seen)));
+}

@@ -13,7 +13,7 @@ use core::sync::atomic::Ordering;
 
 use super::pvh::cmdline_value;
 use super::serial::JsonStr;
-use super::{Machine, smp, sys, time};
+use super::{Machine, blktests, nettests, smp, sys, time};
 use crate::println;
 
 /// An address above the 4 GiB identity map: reading it page-faults.
@@ -29,6 +29,12 @@ pub fn run(m: &Machine) {
         "idle" => loop {
             sys::hlt();
         },
+        "blk" => blktests::test_blk(m),
+        "blk-cont" => blktests::test_blk_cont(m),
+        "blk-lat" => blktests::test_blk_lat(m),
+        "virtio-bad" => blktests::test_virtio_bad(m),
+        "net" => nettests::test_net(m),
+        "net-cont" => nettests::test_net_cont(m),
         "fault" => {
             println!("baton-test-guest: fault test: reading unmapped address {UNMAPPED:#x}");
             // SAFETY: deliberately not safe: the read page-faults and the kernel's exception
@@ -41,7 +47,7 @@ pub fn run(m: &Machine) {
 }
 
 /// Prints the result line: `{"test":…,"result":"pass"|"fail"[,"reason":…],…}`.
-fn report(m: &Machine, name: &str, result: Result<(), &str>, extra: fmt::Arguments) {
+pub fn report(m: &Machine, name: &str, result: Result<(), &str>, extra: fmt::Arguments) {
     struct Reason<'a>(Result<(), &'a str>);
     impl fmt::Display for Reason<'_> {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

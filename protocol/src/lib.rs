@@ -8,6 +8,7 @@
 #![deny(missing_docs)]
 
 pub mod api;
+pub mod cpr;
 pub mod frame;
 pub mod handshake;
 pub mod state;

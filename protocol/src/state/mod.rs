@@ -9,7 +9,7 @@
 //!
 //! KVM structures are carried as their exact bytes ([`Raw`]), whose layout is kernel ABI;
 //! `kvm_fpu`, which kvm-bindings gives no byte conversion, goes field by field ([`FpuState`]).
-//! [`VmState::validate`] checks the whole state for internal consistency before any of it
+//! `VmState::validate` ([`crate::frame::Validate`]) checks the whole state for internal consistency before any of it
 //! reaches KVM.
 //!
 //! ```

@@ -82,7 +82,7 @@ impl Blk {
         let mut queues = [const { None }; 8];
         for (i, slot) in queues.iter_mut().enumerate().take(nq) {
             let index = u16::try_from(i).unwrap_or(0);
-            let mut vq = dev.setup_queue(index, QUEUE_SIZE, false)?;
+            let mut vq = dev.setup_queue(index, QUEUE_SIZE, false, !poll)?;
             vq.set_interrupts(!poll);
             let n = u64::from(vq.size);
             let hdrs = dma::alloc(32 * n, 4096).ok_or(VirtioError::NoMemory)?;

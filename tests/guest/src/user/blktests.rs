@@ -432,7 +432,7 @@ fn misprogram(f: super::pci::Function, size: u16, bad_desc: Option<u64>) -> Resu
     let mut dev = VirtioPci::new(f).map_err(|_| "transport")?;
     dev.reset();
     dev.negotiate(0).map_err(|_| "features")?;
-    let q = dev.setup_queue(0, size, true).map_err(|_| "queue setup")?;
+    let q = dev.setup_queue(0, size, true, true).map_err(|_| "queue setup")?;
     if let Some(addr) = bad_desc {
         dev.set_queue_desc(q.index, addr);
     }

@@ -11,13 +11,23 @@ pub const VIRTIO_NET: u16 = 0x1041;
 /// virtio-blk.
 pub const VIRTIO_BLK: u16 = 0x1042;
 
-/// The `nth` virtio function with device id `device` on bus 0.
+/// Transitional (legacy + modern) device id of the same device type: 0x1000 net, 0x1001 blk.
+fn transitional(device: u16) -> u16 {
+    match device {
+        VIRTIO_NET => 0x1000,
+        VIRTIO_BLK => 0x1001,
+        _ => 0,
+    }
+}
+
+/// The `nth` virtio function with modern device id `device` (or its transitional id; the
+/// driver uses the modern interface of either) on bus 0.
 pub fn find(device: u16, nth: usize) -> Option<Function> {
     let (fns, n) = pci::enumerate();
     fns[..n]
         .iter()
         .flatten()
-        .filter(|f| f.vendor == 0x1af4 && f.device == device)
+        .filter(|f| f.vendor == 0x1af4 && (f.device == device || f.device == transitional(device)))
         .nth(nth)
         .copied()
 }

@@ -122,8 +122,8 @@ impl Net {
         let mut pairs = [const { None }; MAX_PAIRS];
         for (i, slot) in pairs.iter_mut().enumerate().take(npairs) {
             let i = u16::try_from(i).unwrap_or(0);
-            let mut rx = dev.setup_queue(2 * i, QSIZE, false)?;
-            let mut tx = dev.setup_queue(2 * i + 1, QSIZE, false)?;
+            let mut rx = dev.setup_queue(2 * i, QSIZE, false, !poll)?;
+            let mut tx = dev.setup_queue(2 * i + 1, QSIZE, false, false)?;
             rx.set_interrupts(!poll);
             tx.set_interrupts(false);
             let rx_bufs = dma::alloc(BUF * u64::from(rx.size), 4096).ok_or(VirtioError::NoMemory)?;
@@ -131,7 +131,7 @@ impl Net {
             *slot = Some(Pair { rx, tx, rx_bufs, tx_bufs });
         }
         let mut ctrl = if f & F_CTRL_VQ != 0 {
-            Some(dev.setup_queue(2 * max_pairs, 16, false)?)
+            Some(dev.setup_queue(2 * max_pairs, 16, false, false)?)
         } else {
             None
         };

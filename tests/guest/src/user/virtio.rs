@@ -218,8 +218,9 @@ impl VirtioPci {
 
     /// Sets up queue `index` with `size` descriptors (at most the device's maximum; `raw`
     /// writes exactly `size`, even if invalid, for the bad-driver test) and its own MSI-X
-    /// vector; enables it.
-    pub fn setup_queue(&mut self, index: u16, size: u16, raw: bool) -> Result<Virtq, VirtioError> {
+    /// vector (`interrupts`; otherwise no vector at all: back-ends built on virtio-queue
+    /// signal every completion without EVENT_IDX, whatever the avail flags say); enables it.
+    pub fn setup_queue(&mut self, index: u16, size: u16, raw: bool, interrupts: bool) -> Result<Virtq, VirtioError> {
         if index >= self.num_queues() {
             return Err(VirtioError::NoQueue(index));
         }
@@ -231,15 +232,19 @@ impl VirtioPci {
         let size = if raw { size } else { size.min(max) };
         let mut q = Virtq::new(index, size.max(1)).ok_or(VirtioError::NoMemory)?;
         self.wr(common::QUEUE_SIZE, size);
-        let slot = NEXT_VECTOR.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-        let entry = index;
-        if slot >= DEV_VECTOR_COUNT || entry >= self.msix_vectors {
-            return Err(VirtioError::NoVector(index));
-        }
-        self.program_vector(entry, DEV_VECTOR_FIRST + slot);
-        self.wr(common::QUEUE_MSIX_VECTOR, entry);
-        if self.rd::<u16>(common::QUEUE_MSIX_VECTOR) != entry {
-            return Err(VirtioError::NoVector(index));
+        if interrupts {
+            let slot = NEXT_VECTOR.fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            let entry = index;
+            if slot >= DEV_VECTOR_COUNT || entry >= self.msix_vectors {
+                return Err(VirtioError::NoVector(index));
+            }
+            self.program_vector(entry, DEV_VECTOR_FIRST + slot);
+            self.wr(common::QUEUE_MSIX_VECTOR, entry);
+            if self.rd::<u16>(common::QUEUE_MSIX_VECTOR) != entry {
+                return Err(VirtioError::NoVector(index));
+            }
+        } else {
+            self.wr(common::QUEUE_MSIX_VECTOR, NO_VECTOR);
         }
         // 64-bit fields as two 32-bit writes (the spec allows it; some devices need it).
         for (off, addr) in [(common::QUEUE_DESC, q.desc), (common::QUEUE_DRIVER, q.avail), (common::QUEUE_DEVICE, q.used)] {

@@ -32,8 +32,11 @@ pub struct Stats {
     pub rx_packets: u64,
     /// Frames sent.
     pub tx_packets: u64,
-    /// Frames received but not handled (not for us, unknown protocol, bad checksum).
+    /// Frames for us that were not handled (malformed, bad checksum, fragment, unknown IP
+    /// protocol or UDP port).
     pub rx_dropped: u64,
+    /// Frames not for us (other ethertypes such as IPv6, other IP or ARP targets).
+    pub rx_ignored: u64,
     /// Frames that could not be sent (TX ring full).
     pub tx_dropped: u64,
     /// ARP requests answered.
@@ -44,6 +47,13 @@ pub struct Stats {
     pub udp_echoed: u64,
     /// ICMP echo replies received for our own pings.
     pub ping_replies: u64,
+}
+
+/// What became of a received frame.
+enum Rx {
+    Handled,
+    Ignored,
+    Dropped,
 }
 
 struct Pair {
@@ -193,8 +203,10 @@ impl Net {
                 refill = true;
                 self.stats.rx_packets += 1;
                 handled += 1;
-                if !self.handle(q, &frame[..n]) {
-                    self.stats.rx_dropped += 1;
+                match self.handle(q, &frame[..n]) {
+                    Rx::Handled => {}
+                    Rx::Ignored => self.stats.rx_ignored += 1,
+                    Rx::Dropped => self.stats.rx_dropped += 1,
                 }
             }
             if refill {
@@ -226,17 +238,25 @@ impl Net {
         true
     }
 
-    fn handle(&mut self, q: usize, f: &[u8]) -> bool {
+    fn handle(&mut self, q: usize, f: &[u8]) -> Rx {
         if f.len() < 14 {
-            return false;
+            return Rx::Dropped;
         }
         let ethertype = u16::from_be_bytes([f[12], f[13]]);
         let src_mac: [u8; 6] = f[6..12].try_into().unwrap_or([0; 6]);
-        match ethertype {
-            0x0806 => self.arp(q, &f[14..]),
-            0x0800 => self.ipv4(q, src_mac, &f[14..]),
+        let ours = match ethertype {
+            0x0806 => f.len() >= 42 && (f[38..42] == self.ip || f[28..32] == self.peer),
+            0x0800 => f.len() >= 34 && f[30..34] == self.ip,
             _ => false,
+        };
+        if !ours {
+            return Rx::Ignored;
         }
+        let ok = match ethertype {
+            0x0806 => self.arp(q, &f[14..]),
+            _ => self.ipv4(q, src_mac, &f[14..]),
+        };
+        if ok { Rx::Handled } else { Rx::Dropped }
     }
 
     fn arp(&mut self, q: usize, a: &[u8]) -> bool {

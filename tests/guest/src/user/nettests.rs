@@ -121,7 +121,7 @@ pub fn test_net(m: &Machine) {
         "net",
         result,
         format_args!(
-            ",\"mac\":\"{}\",\"ip\":\"{}\",\"peer\":\"{}\",\"peer_arp\":{},\"ping_replies\":{},\"queues\":{},\"rx_packets\":{},\"tx_packets\":{},\"rx_dropped\":{},\"tx_dropped\":{},\"arp_replied\":{},\"icmp_replied\":{},\"udp_echoed\":{},\"max_rx_gap_us\":{max_gap},\"mode\":\"{}\",\"stopped_by\":\"{}\",\"elapsed_ms\":{}",
+            ",\"mac\":\"{}\",\"ip\":\"{}\",\"peer\":\"{}\",\"peer_arp\":{},\"ping_replies\":{},\"queues\":{},\"rx_packets\":{},\"tx_packets\":{},\"rx_dropped\":{},\"rx_ignored\":{},\"tx_dropped\":{},\"arp_replied\":{},\"icmp_replied\":{},\"udp_echoed\":{},\"max_rx_gap_us\":{max_gap},\"mode\":\"{}\",\"stopped_by\":\"{}\",\"elapsed_ms\":{}",
             mac_str(n.mac),
             ip_str(n.ip),
             ip_str(n.peer),
@@ -131,6 +131,7 @@ pub fn test_net(m: &Machine) {
             s.rx_packets,
             s.tx_packets,
             s.rx_dropped,
+            s.rx_ignored,
             s.tx_dropped,
             s.arp_replied,
             s.icmp_replied,

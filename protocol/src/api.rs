@@ -55,3 +55,13 @@ pub struct ApiError {
     /// Human-readable reason.
     pub error: String,
 }
+
+/// Body of `PUT /api/v1/vm.live-update`.
+///
+/// The answer (200) is a JSON report with `blackout_us` and the timed steps of both VMMs; an
+/// error (500) says whether the guest was rolled back to the old VMM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveUpdateRequest {
+    /// The new VMM's `--incoming` socket.
+    pub destination: String,
+}

@@ -67,6 +67,11 @@ use serde::{Deserialize, Serialize};
 use crate::frame::{FrameError, FrameKind, Validate, read_any_frame, write_frame};
 use crate::state::{MAX_STATE_LEN, STATE_KIND, VmState};
 
+/// Frame kind of [`Prepare`]: magic `BLUP`.
+pub const PREPARE_KIND: FrameKind = FrameKind::new("live-update prepare", *b"BLUP", 1);
+/// Frame kind of the answer to [`Prepare`] (a [`Ready`] payload): magic `BLUQ`.
+pub const PREPARED_KIND: FrameKind = FrameKind::new("live-update prepared", *b"BLUQ", 1);
+
 /// Version of the live-update protocol as a whole (the handshake and the state stream).
 pub const LIVE_UPDATE_VERSION: u16 = 1;
 /// Frame kind of [`Hello`]: magic `BLUH`, version 1.
@@ -119,6 +124,18 @@ impl Hello {
             role,
         }
     }
+}
+
+/// Old → new, while the guest still runs on the old VMM: the VM's configuration and device
+/// layout, so the new VMM can map RAM and build the VM, vCPUs and devices before the switch
+/// (the switch itself then only moves state). Device ring positions are empty here; they
+/// arrive with the [`VmState`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prepare {
+    /// The VM's configuration.
+    pub config: crate::state::VmConfigState,
+    /// Each device's PCI and virtio layout (slot, BAR, features, queues).
+    pub devices: Vec<crate::state::DeviceState>,
 }
 
 /// Time spent in one named step, in microseconds (for the blackout breakdown).
@@ -248,6 +265,14 @@ pub enum MessageError {
     /// Abort without a reason.
     #[error("abort without a reason")]
     NoReason,
+    /// A prepare message whose device list does not match its configuration.
+    #[error("prepare lists {config} devices in the configuration but {devices} device states")]
+    PrepareDevices {
+        /// Devices in the configuration.
+        config: usize,
+        /// Device states.
+        devices: usize,
+    },
 }
 
 fn text(field: &'static str, s: &str) -> Result<(), MessageError> {
@@ -281,6 +306,19 @@ impl Validate for Ready {
     type Error = MessageError;
     fn validate(&self) -> Result<(), MessageError> {
         phases(&self.phases)
+    }
+}
+
+impl Validate for Prepare {
+    type Error = MessageError;
+    fn validate(&self) -> Result<(), MessageError> {
+        if self.config.devices.len() != self.devices.len() {
+            return Err(MessageError::PrepareDevices {
+                config: self.config.devices.len(),
+                devices: self.devices.len(),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -348,6 +386,28 @@ where
         return Err(HandshakeError::Aborted(abort.reason));
     }
     Ok(raw.decode()?)
+}
+
+/// Old VMM: sends the configuration before pausing (see [`Prepare`]).
+pub fn send_prepare<W: Write>(w: &mut W, p: &Prepare) -> Result<(), HandshakeError> {
+    write_frame(w, &PREPARE_KIND, p)?;
+    Ok(())
+}
+
+/// New VMM: reads [`Prepare`].
+pub fn recv_prepare<R: Read>(r: &mut R) -> Result<Prepare, HandshakeError> {
+    expect(r, &PREPARE_KIND, MAX_STATE_LEN)
+}
+
+/// New VMM: the VM is built; the old VMM may pause. Carries the build's timings.
+pub fn send_prepared<W: Write>(w: &mut W, ready: &Ready) -> Result<(), HandshakeError> {
+    write_frame(w, &PREPARED_KIND, ready)?;
+    Ok(())
+}
+
+/// Old VMM: waits until the new VMM has built the VM.
+pub fn recv_prepared<R: Read>(r: &mut R) -> Result<Ready, HandshakeError> {
+    expect(r, &PREPARED_KIND, MAX_MESSAGE_LEN)
 }
 
 /// Old VMM: sends the paused VM's state. Returns the bytes written.

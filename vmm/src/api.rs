@@ -7,7 +7,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use baton_protocol::api::{API_PREFIX, ApiError};
+use baton_protocol::api::{API_PREFIX, ApiError, LiveUpdateRequest};
+use std::io::Read as _;
 use tiny_http::{Header, Method, Response, Server};
 
 use crate::vm::Vm;
@@ -63,8 +64,11 @@ impl ApiSocket {
         std::thread::Builder::new()
             .name("api".into())
             .spawn(move || {
-                for req in server.incoming_requests() {
-                    let (status, body) = handle(&vm, req.method(), req.url());
+                for mut req in server.incoming_requests() {
+                    let mut body_in = String::new();
+                    let _ =
+                        std::io::Read::take(req.as_reader(), MAX_BODY).read_to_string(&mut body_in);
+                    let (status, body) = handle(&vm, req.method(), req.url(), &body_in);
                     let mut resp = Response::from_string(body).with_status_code(status);
                     if let Ok(h) = Header::from_bytes("Content-Type", "application/json") {
                         resp.add_header(h);
@@ -88,8 +92,11 @@ fn error(status: u16, msg: impl Into<String>) -> (u16, String) {
     (status, body)
 }
 
+/// Largest request body read.
+const MAX_BODY: u64 = 64 << 10;
+
 /// Routes one request; returns (status, JSON body).
-fn handle(vm: &Vm, method: &Method, url: &str) -> (u16, String) {
+fn handle(vm: &Arc<Vm>, method: &Method, url: &str, body: &str) -> (u16, String) {
     let Some(endpoint) = url
         .strip_prefix(API_PREFIX)
         .and_then(|r| r.strip_prefix('/'))
@@ -116,7 +123,19 @@ fn handle(vm: &Vm, method: &Method, url: &str) -> (u16, String) {
             vm.shutdown();
             (204, String::new())
         }
-        (_, "vm.info" | "vm.pause" | "vm.resume" | "vm.shutdown") => {
+        (Method::Put, "vm.live-update") => {
+            let req: LiveUpdateRequest = match serde_json::from_str(body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return error(400, format!("body must be {{\"destination\": PATH}}: {e}"));
+                }
+            };
+            match vm.live_update(std::path::Path::new(&req.destination)) {
+                Ok(report) => (200, serde_json::to_string(&report).unwrap_or_default()),
+                Err(e) => error(500, e.to_string()),
+            }
+        }
+        (_, "vm.info" | "vm.pause" | "vm.resume" | "vm.shutdown" | "vm.live-update") => {
             error(405, format!("{method} not allowed on {endpoint}"))
         }
         _ => error(404, format!("unknown endpoint {endpoint}")),

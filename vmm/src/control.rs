@@ -13,6 +13,8 @@ pub enum ExitReason {
     Reset,
     /// `vm.shutdown` through the API.
     Shutdown,
+    /// The VM moved to a new VMM (live update).
+    LiveUpdated,
     /// The VM died: triple fault, emulation failure, failed entry. The text says what and where.
     Crash(String),
 }
@@ -21,7 +23,10 @@ impl ExitReason {
     /// The process exit code for this reason.
     pub fn exit_code(&self) -> i32 {
         match self {
-            ExitReason::PowerOff | ExitReason::Shutdown | ExitReason::Reset => 0,
+            ExitReason::PowerOff
+            | ExitReason::Shutdown
+            | ExitReason::Reset
+            | ExitReason::LiveUpdated => 0,
             ExitReason::Crash(_) => 1,
         }
     }

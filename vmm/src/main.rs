@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use baton_vmm::api::ApiSocket;
 use baton_vmm::config::{MemoryConfig, SerialConfig, parse_device};
 use baton_vmm::control::ExitReason;
+use baton_vmm::migration::Incoming;
 use baton_vmm::vm::{Vm, VmConfig};
 use clap::Parser;
 
@@ -14,8 +15,13 @@ use clap::Parser;
 #[command(name = "baton-vmm", version)]
 struct Args {
     /// PVH ELF kernel to boot.
-    #[arg(long)]
-    kernel: PathBuf,
+    #[arg(long, required_unless_present = "incoming")]
+    kernel: Option<PathBuf>,
+    /// Take over a running VM from another baton-vmm (live update): listen on this socket
+    /// (and PATH.cpr for the cpr channel). The configuration arrives with the VM; --serial
+    /// and --api-socket may override.
+    #[arg(long, conflicts_with_all = ["kernel", "initramfs", "disk", "net"])]
+    incoming: Option<PathBuf>,
     /// Kernel command line.
     #[arg(long, default_value = "")]
     cmdline: String,
@@ -29,8 +35,8 @@ struct Args {
     #[arg(long, default_value = "size=256M")]
     memory: MemoryConfig,
     /// Serial console: stdio, file=PATH or off.
-    #[arg(long, default_value = "stdio")]
-    serial: SerialConfig,
+    #[arg(long)]
+    serial: Option<SerialConfig>,
     /// HTTP API socket path.
     #[arg(long)]
     api_socket: Option<PathBuf>,
@@ -108,16 +114,24 @@ fn run(args: Args) -> anyhow::Result<ExitReason> {
     let name = args
         .name
         .unwrap_or_else(|| format!("pid{}", std::process::id()));
-    let vm = Vm::start(VmConfig {
-        name,
-        kernel: args.kernel,
-        cmdline: args.cmdline,
-        initramfs: args.initramfs,
-        cpus: args.cpus,
-        memory: args.memory,
-        serial: args.serial,
-        devices,
-    })?;
+    let vm = match (&args.incoming, args.kernel) {
+        (Some(path), _) => {
+            let incoming = Incoming::bind(path)?;
+            eprintln!("baton-vmm: waiting for a VM on {}", path.display());
+            incoming.accept(args.serial)?
+        }
+        (None, Some(kernel)) => Vm::start(VmConfig {
+            name,
+            kernel,
+            cmdline: args.cmdline,
+            initramfs: args.initramfs,
+            cpus: args.cpus,
+            memory: args.memory,
+            serial: args.serial.unwrap_or(SerialConfig::Stdio),
+            devices,
+        })?,
+        (None, None) => anyhow::bail!("--kernel or --incoming is required"),
+    };
     if let Some(api) = api.as_mut() {
         api.serve(vm.clone())?;
     }

@@ -65,7 +65,8 @@ pub struct GuestRam {
     pub path: PathBuf,
     /// Size in bytes.
     pub size: u64,
-    created: bool,
+    /// Whether this process removes the file at exit (it created it, or took the VM over).
+    owned: std::sync::atomic::AtomicBool,
 }
 
 impl GuestRam {
@@ -91,7 +92,7 @@ impl GuestRam {
             mem: GuestMemoryMmap::default(),
             path,
             size: cfg.size,
-            created: !existed,
+            owned: std::sync::atomic::AtomicBool::new(!existed),
         };
         ram.check_room(&file, cfg)?;
         let current = file
@@ -135,9 +136,14 @@ impl GuestRam {
     /// Removes the backing file if this process created it (the mapping stays valid).
     /// Called when the VM stops, even if other threads still hold references.
     pub fn remove_file(&self) {
-        if self.created {
+        if self.owned.swap(false, std::sync::atomic::Ordering::SeqCst) {
             let _ = std::fs::remove_file(&self.path);
         }
+    }
+
+    /// Sets whether this process removes the file at exit.
+    pub fn set_owned(&self, owned: bool) {
+        self.owned.store(owned, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -1,7 +1,7 @@
 //! vCPUs: initial state (PVH entry for the boot vCPU; the others wait for INIT-SIPI in the
 //! in-kernel LAPIC), and the per-vCPU thread that runs KVM_RUN and dispatches exits.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
     KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, Msrs, kvm_fpu,
@@ -131,7 +131,7 @@ pub fn set_pvh_entry(vcpu: &VcpuFd, boot: &BootInfo) -> Result<(), VcpuError> {
 
 /// Runs one vCPU until the VM stops. Exits are handled here; a fatal one stops the VM.
 pub fn run(
-    mut vcpu: VcpuFd,
+    vcpu: Arc<Mutex<VcpuFd>>,
     id: u32,
     bus: Arc<PioBus>,
     mem: GuestMemoryMmap,
@@ -141,6 +141,9 @@ pub fn run(
         if control.pause_requested() && !control.park_vcpu() {
             return;
         }
+        // Held across KVM_RUN and the exit's handling; released while parked, so a paused
+        // vCPU's state can be read and written from another thread (live update).
+        let mut vcpu = vcpu.lock().unwrap_or_else(|e| e.into_inner());
         let fatal = match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 bus.write(port, data);

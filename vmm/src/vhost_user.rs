@@ -128,9 +128,10 @@ pub enum VhostUserError {
     TooFewQueues(PathBuf, u64, u64),
 }
 
-/// A connected vhost-user back-end.
+/// A vhost-user back-end: connected while the VM runs, disconnected while its rings are
+/// handed over to another VMM (live update).
 pub struct VhostUserDevice {
-    fe: Frontend,
+    fe: Option<Frontend>,
     cfg: DeviceConfig,
     backend_features: u64,
     protocol: VhostUserProtocolFeatures,
@@ -140,6 +141,17 @@ pub struct VhostUserDevice {
     mem: GuestMemoryMmap,
     inflight: Option<(VhostUserInflight, File)>,
     started: Vec<u16>,
+    /// Virtio features the guest acknowledged, as sent with SET_FEATURES.
+    acked: u64,
+}
+
+/// Ring position of a started queue, as GET_VRING_BASE returned it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RingBase {
+    /// Queue index.
+    pub index: u16,
+    /// Next available-ring index the back-end would process.
+    pub next_avail: u16,
 }
 
 impl VhostUserDevice {
@@ -225,7 +237,7 @@ impl VhostUserDevice {
             }
         };
         Ok(VhostUserDevice {
-            fe,
+            fe: Some(fe),
             cfg,
             backend_features: features,
             protocol,
@@ -235,7 +247,58 @@ impl VhostUserDevice {
             mem,
             inflight: None,
             started: Vec::new(),
+            acked: 0,
         })
+    }
+
+    /// A device for a back-end that another VMM is using right now (incoming live update):
+    /// nothing is sent until [`VirtioBackend::resume`]. `offered` and `queue_count` come from
+    /// the saved state, so the guest sees exactly the device it had.
+    pub fn handed_over(
+        cfg: DeviceConfig,
+        mem: GuestMemoryMmap,
+        offered: u64,
+        queue_count: u16,
+        config_space: Vec<u8>,
+    ) -> Self {
+        VhostUserDevice {
+            fe: None,
+            cfg,
+            backend_features: offered,
+            protocol: VhostUserProtocolFeatures::empty(),
+            offered,
+            queue_count,
+            config_space,
+            mem,
+            inflight: None,
+            started: Vec::new(),
+            acked: 0,
+        }
+    }
+
+    /// Connects again and renegotiates; the back-end must still offer every feature the guest
+    /// relies on.
+    fn reconnect(&mut self) -> Result<(), VhostUserError> {
+        let fresh = VhostUserDevice::connect(self.cfg.clone(), self.mem.clone())?;
+        let missing = self.offered & !fresh.offered;
+        if missing != 0 {
+            return Err(VhostUserError::MissingFeatures(
+                self.cfg.socket.clone(),
+                missing,
+            ));
+        }
+        self.fe = fresh.fe;
+        self.backend_features = fresh.backend_features;
+        self.protocol = fresh.protocol;
+        if fresh.config_space.len() == self.config_space.len() {
+            self.config_space = fresh.config_space;
+        }
+        Ok(())
+    }
+
+    /// The device's configuration space as the guest sees it.
+    pub fn config_space(&self) -> &[u8] {
+        &self.config_space
     }
 
     fn step<T>(&self, step: &'static str, r: vhost::Result<T>) -> Result<T, String> {
@@ -249,9 +312,81 @@ impl VhostUserDevice {
         })
     }
 
-    /// The socket this device talks to.
-    pub fn socket(&self) -> &Path {
-        &self.cfg.socket
+    fn fe(&mut self) -> Result<&mut Frontend, String> {
+        let socket = self.cfg.socket.display().to_string();
+        self.fe
+            .as_mut()
+            .ok_or_else(|| format!("vhost-user back-end {socket} is not connected"))
+    }
+
+    /// Sends the memory table, inflight region and rings; `bases` gives each queue's starting
+    /// available index (0 for a fresh start).
+    fn start_rings(
+        &mut self,
+        features: u64,
+        queues: &[ActiveQueue<'_>],
+        bases: &[u16],
+        enable: bool,
+    ) -> Result<(), String> {
+        let acked = (features & self.offered & self.backend_features)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let r = self.fe()?.set_features(acked);
+        self.step("SET_FEATURES", r)?;
+        self.acked = acked;
+        let regions = self.memory_regions();
+        let r = self.fe()?.set_mem_table(&regions);
+        self.step("SET_MEM_TABLE", r)?;
+        if self
+            .protocol
+            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            if self.inflight.is_none() {
+                let want = VhostUserInflight {
+                    mmap_size: 0,
+                    mmap_offset: 0,
+                    num_queues: self.queue_count,
+                    queue_size: self.cfg.queue_size,
+                };
+                let r = self.fe()?.get_inflight_fd(&want);
+                self.inflight = Some(self.step("GET_INFLIGHT_FD", r)?);
+            }
+            if let Some((info, file)) = &self.inflight {
+                let (info, fd) = (*info, file.as_raw_fd());
+                let r = self.fe()?.set_inflight_fd(&info, fd);
+                self.step("SET_INFLIGHT_FD", r)?;
+            }
+        }
+        for (n, q) in queues.iter().enumerate() {
+            let i = usize::from(q.index);
+            let base = bases.get(n).copied().unwrap_or(0);
+            let max = self.cfg.queue_size;
+            let fe = self.fe()?;
+            let r = fe.set_vring_num(i, q.size);
+            self.step("SET_VRING_NUM", r)?;
+            let addrs = VringConfigData {
+                queue_max_size: max,
+                queue_size: q.size,
+                flags: 0,
+                desc_table_addr: q.desc,
+                used_ring_addr: q.used,
+                avail_ring_addr: q.avail,
+                log_addr: None,
+            };
+            let r = self.fe()?.set_vring_addr(i, &addrs);
+            self.step("SET_VRING_ADDR", r)?;
+            let r = self.fe()?.set_vring_base(i, base);
+            self.step("SET_VRING_BASE", r)?;
+            let r = self.fe()?.set_vring_call(i, q.call);
+            self.step("SET_VRING_CALL", r)?;
+            let r = self.fe()?.set_vring_kick(i, q.kick);
+            self.step("SET_VRING_KICK", r)?;
+            if enable {
+                let r = self.fe()?.set_vring_enable(i, true);
+                self.step("SET_VRING_ENABLE", r)?;
+            }
+            self.started.push(q.index);
+        }
+        Ok(())
     }
 
     fn memory_regions(&self) -> Vec<VhostUserMemoryRegionInfo> {
@@ -309,10 +444,10 @@ impl VirtioBackend for VhostUserDevice {
             let Ok(off) = u32::try_from(offset) else {
                 return;
             };
-            if let Err(e) = self
-                .fe
-                .set_config(off, VhostUserConfigFlags::WRITABLE, data)
-            {
+            let Some(fe) = self.fe.as_mut() else {
+                return;
+            };
+            if let Err(e) = fe.set_config(off, VhostUserConfigFlags::WRITABLE, data) {
                 tracing::warn!(socket = %self.cfg.socket.display(), "SET_CONFIG: {e}");
                 return;
             }
@@ -324,74 +459,93 @@ impl VirtioBackend for VhostUserDevice {
     }
 
     fn activate(&mut self, features: u64, queues: &[ActiveQueue<'_>]) -> Result<(), String> {
-        let acked = (features & self.offered & self.backend_features)
-            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        let r = self.fe.set_features(acked);
-        self.step("SET_FEATURES", r)?;
-        let regions = self.memory_regions();
-        let r = self.fe.set_mem_table(&regions);
-        self.step("SET_MEM_TABLE", r)?;
-        if self
-            .protocol
-            .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
-        {
-            if self.inflight.is_none() {
-                let want = VhostUserInflight {
-                    mmap_size: 0,
-                    mmap_offset: 0,
-                    num_queues: self.queue_count,
-                    queue_size: self.cfg.queue_size,
-                };
-                let r = self.fe.get_inflight_fd(&want);
-                self.inflight = Some(self.step("GET_INFLIGHT_FD", r)?);
-            }
-            if let Some((info, file)) = &self.inflight {
-                let r = self.fe.set_inflight_fd(info, file.as_raw_fd());
-                self.step("SET_INFLIGHT_FD", r)?;
-            }
-        }
-        for q in queues {
-            let i = usize::from(q.index);
-            let r = self.fe.set_vring_num(i, q.size);
-            self.step("SET_VRING_NUM", r)?;
-            let addrs = VringConfigData {
-                queue_max_size: self.cfg.queue_size,
-                queue_size: q.size,
-                flags: 0,
-                desc_table_addr: q.desc,
-                used_ring_addr: q.used,
-                avail_ring_addr: q.avail,
-                log_addr: None,
-            };
-            let r = self.fe.set_vring_addr(i, &addrs);
-            self.step("SET_VRING_ADDR", r)?;
-            let r = self.fe.set_vring_base(i, 0);
-            self.step("SET_VRING_BASE", r)?;
-            let r = self.fe.set_vring_call(i, q.call);
-            self.step("SET_VRING_CALL", r)?;
-            let r = self.fe.set_vring_kick(i, q.kick);
-            self.step("SET_VRING_KICK", r)?;
-            let r = self.fe.set_vring_enable(i, true);
-            self.step("SET_VRING_ENABLE", r)?;
-            self.started.push(q.index);
-        }
+        self.start_rings(features, queues, &[], true)?;
         tracing::info!(socket = %self.cfg.socket.display(), queues = queues.len(), "device started");
         Ok(())
     }
 
-    fn reset(&mut self) {
+    fn suspend(&mut self) -> Result<Vec<RingBase>, String> {
+        let mut bases = Vec::new();
         for q in std::mem::take(&mut self.started) {
+            // GET_VRING_BASE stops the ring: from its answer on, the back-end neither writes
+            // guest memory nor notifies for this ring (baton-blk completes in-flight requests
+            // first).
+            let r = self.fe()?.get_vring_base(usize::from(q));
+            let base = self.step("GET_VRING_BASE", r)?;
+            bases.push(RingBase {
+                index: q,
+                next_avail: u16::try_from(base & 0xffff).unwrap_or(0),
+            });
+        }
+        // Hang up: the back-end accepts the next front-end (the new VMM, or us on rollback).
+        // The inflight region stays: it goes to the new VMM, or back to the back-end on
+        // rollback.
+        self.fe = None;
+        Ok(bases)
+    }
+
+    fn resume(
+        &mut self,
+        features: u64,
+        queues: &[ActiveQueue<'_>],
+        bases: &[u16],
+        enable: bool,
+    ) -> Result<(), String> {
+        if self.fe.is_none() {
+            self.reconnect().map_err(|e| e.to_string())?;
+        }
+        if queues.is_empty() {
+            return Ok(());
+        }
+        self.start_rings(features, queues, bases, enable)
+    }
+
+    fn enable_rings(&mut self) -> Result<(), String> {
+        for q in self.started.clone() {
+            let r = self.fe()?.set_vring_enable(usize::from(q), true);
+            self.step("SET_VRING_ENABLE", r)?;
+        }
+        Ok(())
+    }
+
+    fn inflight(&self) -> Option<(VhostUserInflight, &File)> {
+        self.inflight.as_ref().map(|(i, f)| (*i, f))
+    }
+
+    fn set_inflight(&mut self, info: VhostUserInflight, file: File) {
+        self.inflight = Some((info, file));
+    }
+
+    fn acked_features(&self) -> u64 {
+        self.acked
+    }
+
+    fn protocol_features(&self) -> u64 {
+        self.protocol.bits()
+    }
+
+    fn socket(&self) -> &Path {
+        &self.cfg.socket
+    }
+
+    fn reset(&mut self) {
+        let socket = self.cfg.socket.clone();
+        let reset_device = self
+            .protocol
+            .contains(VhostUserProtocolFeatures::RESET_DEVICE);
+        let started = std::mem::take(&mut self.started);
+        let Some(fe) = self.fe.as_mut() else {
+            return;
+        };
+        for q in started {
             let i = usize::from(q);
-            let _ = self.fe.set_vring_enable(i, false);
-            if let Err(e) = self.fe.get_vring_base(i) {
-                tracing::warn!(socket = %self.cfg.socket.display(), "GET_VRING_BASE {q}: {e}");
+            let _ = fe.set_vring_enable(i, false);
+            if let Err(e) = fe.get_vring_base(i) {
+                tracing::warn!(socket = %socket.display(), "GET_VRING_BASE {q}: {e}");
             }
         }
-        if self
-            .protocol
-            .contains(VhostUserProtocolFeatures::RESET_DEVICE)
-        {
-            let _ = self.fe.reset_device();
+        if reset_device {
+            let _ = fe.reset_device();
         }
         // A fresh start after reset has no requests in flight.
         self.inflight = None;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use baton_protocol::api::{VmInfo, VmState};
 use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -96,15 +96,21 @@ pub enum VmError {
     Os(&'static str, #[source] std::io::Error),
 }
 
-/// A running VM, shared by the main thread and the API.
+/// A VM, shared by the main thread, the API and (during a live update) the migration code.
 pub struct Vm {
-    control: Arc<VmControl>,
+    pub(crate) vm: Arc<VmFd>,
+    pub(crate) vcpus: Vec<Arc<Mutex<VcpuFd>>>,
     vcpu_threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
-    cpus: u32,
-    config: VmConfig,
-    ram: GuestRam,
+    pub(crate) control: Arc<VmControl>,
+    pub(crate) bus: Arc<PioBus>,
+    pub(crate) serial: Arc<Mutex<ConsoleSerial>>,
+    /// (PCI slot, device) of every vhost-user device.
+    pub(crate) devices: Vec<(u8, Arc<Mutex<VirtioPciDevice>>)>,
+    pub(crate) cpus: u32,
+    pub(crate) config: VmConfig,
+    pub(crate) ram: GuestRam,
+    pub(crate) msr_indices: Vec<u32>,
     started: Instant,
-    _vm: Arc<VmFd>,
 }
 
 fn kick_signal() -> libc::c_int {
@@ -113,11 +119,40 @@ fn kick_signal() -> libc::c_int {
 
 extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
+/// How the VM's devices reach their back-ends when it is built.
+pub(crate) enum Devices<'a> {
+    /// Connect and negotiate now (a fresh boot).
+    Connect,
+    /// Another VMM owns the back-ends until the switch: build from its saved state.
+    HandedOver(&'a [baton_protocol::state::DeviceState]),
+}
+
 impl Vm {
-    /// Builds the VM and starts its vCPUs. Checks that need nothing created come first, so a
-    /// bad kernel or an unusable /dev/kvm leaves nothing behind.
+    /// Builds and boots the VM. Checks that need nothing created come first, so a bad kernel
+    /// or an unusable /dev/kvm leaves nothing behind.
     pub fn start(config: VmConfig) -> Result<Arc<Vm>, VmError> {
         let kernel = boot::check_kernel(&config.kernel)?;
+        let vm = Vm::build(config, Devices::Connect)?;
+        let rsdp = acpi::create_tables(&vm.ram.mem, vm.cpus)?;
+        let boot = boot::load(
+            &vm.ram.mem,
+            vm.config.memory.size,
+            &vm.config.kernel,
+            kernel,
+            &vm.config.cmdline,
+            vm.config.initramfs.as_deref(),
+            rsdp,
+        )?;
+        if let Some(bsp) = vm.vcpus.first() {
+            vcpu::set_pvh_entry(&bsp.lock().unwrap_or_else(|e| e.into_inner()), &boot)?;
+        }
+        let vm = Arc::new(vm);
+        vm.start_vcpus()?;
+        Ok(vm)
+    }
+
+    /// Creates the KVM VM, maps RAM, creates vCPUs and devices; runs nothing.
+    pub(crate) fn build(config: VmConfig, devices: Devices<'_>) -> Result<Vm, VmError> {
         for (i, d) in config.devices.iter().enumerate() {
             if config.devices[..i].iter().any(|o| o.socket == d.socket) {
                 return Err(VmError::SharedSocket(d.socket.clone()));
@@ -161,24 +196,13 @@ impl Vm {
                 .map_err(|e| VmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
         }
 
-        let rsdp = acpi::create_tables(&ram.mem, config.cpus)?;
-        let boot = boot::load(
-            &ram.mem,
-            config.memory.size,
-            &config.kernel,
-            kernel,
-            &config.cmdline,
-            config.initramfs.as_deref(),
-            rsdp,
-        )?;
-
         let control = Arc::new(VmControl::default());
         let serial = Arc::new(Mutex::new(console(&config.serial, &vm)?));
         if config.serial == SerialConfig::Stdio {
             forward_stdin(serial.clone());
         }
-        let pci = Arc::new(create_pci(&config, &kvm, &vm, &ram)?);
-        let bus = Arc::new(PioBus::new(serial, control.clone(), pci));
+        let (pci, devs) = create_pci(&config, &kvm, &vm, &ram, devices)?;
+        let bus = Arc::new(PioBus::new(serial.clone(), control.clone(), Arc::new(pci)));
 
         let supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -190,32 +214,47 @@ impl Vm {
                 .map_err(|e| VmError::Kvm("KVM_CREATE_VCPU", e))?;
             let tsc_khz = fd.get_tsc_khz().ok();
             vcpu::configure(&fd, &cpuid::for_vcpu(&supported, id, config.cpus, tsc_khz))?;
-            if id == 0 {
-                vcpu::set_pvh_entry(&fd, &boot)?;
-            }
             vcpus.push(fd);
         }
+        let msr_indices = match vcpus.first() {
+            Some(v) => crate::snapshot::msr_indices(&kvm, v).map_err(|e| VmError::Kvm(e.0, e.1))?,
+            None => Vec::new(),
+        };
+        Ok(Vm {
+            vm,
+            vcpus: vcpus.into_iter().map(|v| Arc::new(Mutex::new(v))).collect(),
+            vcpu_threads: Mutex::new(Vec::new()),
+            control,
+            bus,
+            serial,
+            devices: devs,
+            cpus: config.cpus,
+            config,
+            ram,
+            msr_indices,
+            started: Instant::now(),
+        })
+    }
 
+    /// Starts one thread per vCPU.
+    pub(crate) fn start_vcpus(&self) -> Result<(), VmError> {
         vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
             .map_err(|e| VmError::Os("registering the vCPU kick signal", e.into()))?;
-        let mut threads = Vec::new();
-        for (id, fd) in (0u32..).zip(vcpus) {
-            let (bus, mem, control) = (bus.clone(), ram.mem.clone(), control.clone());
+        let mut threads = self.vcpu_threads.lock().unwrap_or_else(|e| e.into_inner());
+        for (id, fd) in (0u32..).zip(&self.vcpus) {
+            let (fd, bus, mem, control) = (
+                fd.clone(),
+                self.bus.clone(),
+                self.ram.mem.clone(),
+                self.control.clone(),
+            );
             let handle = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || vcpu::run(fd, id, bus, mem, control))
                 .map_err(|e| VmError::Os("spawning a vCPU thread", e))?;
             threads.push(handle);
         }
-        Ok(Arc::new(Vm {
-            control,
-            vcpu_threads: Mutex::new(threads),
-            cpus: config.cpus,
-            config,
-            ram,
-            started: Instant::now(),
-            _vm: vm,
-        }))
+        Ok(())
     }
 
     fn kick(&self) {
@@ -252,6 +291,28 @@ impl Vm {
         r
     }
 
+    /// After a live update's commit: the RAM file now belongs to the new VMM.
+    pub fn handed_over(&self) {
+        self.ram.set_owned(false);
+    }
+
+    /// Moves the VM to the new VMM on `dest` (see [`crate::migration`]); on success this VMM
+    /// stops with [`ExitReason::LiveUpdated`].
+    pub fn live_update(
+        self: &Arc<Self>,
+        dest: &std::path::Path,
+    ) -> Result<crate::migration::Report, crate::migration::LiveUpdateError> {
+        let report = crate::migration::outgoing(self, dest)?;
+        tracing::info!(blackout_us = report.blackout_us, "live update done");
+        self.control.exit(ExitReason::LiveUpdated);
+        Ok(report)
+    }
+
+    /// After taking a VM over: this VMM now owns (and will remove) the RAM file.
+    pub fn take_ownership(&self) {
+        self.ram.set_owned(true);
+    }
+
     /// Releases what outlives the process unless removed: the RAM file this VMM created.
     pub fn cleanup(&self) {
         self.ram.remove_file();
@@ -279,16 +340,21 @@ impl Vm {
     }
 }
 
+/// One virtio-pci device per vhost-user back-end, on a new PCI bus.
+type PciDevices = (PciBus, Vec<(u8, Arc<Mutex<VirtioPciDevice>>)>);
+
 /// The PCI bus with one virtio-pci device per vhost-user back-end.
 fn create_pci(
     config: &VmConfig,
     kvm: &Kvm,
     vm: &Arc<VmFd>,
     ram: &GuestRam,
-) -> Result<PciBus, VmError> {
+    how: Devices<'_>,
+) -> Result<PciDevices, VmError> {
     let mut bus = PciBus::new(layout::PCI_ECAM);
+    let mut devices = Vec::new();
     if config.devices.is_empty() {
-        return Ok(bus);
+        return Ok((bus, devices));
     }
     let max_gsi =
         u32::try_from(kvm.check_extension_int(kvm_ioctls::Cap::IrqRouting)).unwrap_or(1024);
@@ -300,32 +366,63 @@ fn create_pci(
     .map_err(|_| VmError::PciFull(PathBuf::new()))?;
     for (i, d) in config.devices.iter().enumerate() {
         let full = || VmError::PciFull(d.socket.clone());
+        let saved = match &how {
+            Devices::Connect => None,
+            Devices::HandedOver(states) => Some(states.get(i).ok_or_else(full)?),
+        };
+        let policy = match saved {
+            Some(s) => vm_allocator::AllocPolicy::ExactMatch(s.pci.bar_base),
+            None => vm_allocator::AllocPolicy::FirstMatch,
+        };
         let range = bars
-            .allocate(
-                vp_layout::SIZE,
-                vp_layout::SIZE,
-                vm_allocator::AllocPolicy::FirstMatch,
-            )
+            .allocate(vp_layout::SIZE, vp_layout::SIZE, policy)
             .map_err(|_| full())?;
-        let backend = VhostUserDevice::connect(d.clone(), ram.mem.clone())?;
-        let dev = VirtioPciDevice::new(
-            format!(
-                "{}{i}",
-                if backend.device_type() == 1 {
-                    "net"
-                } else {
-                    "disk"
-                }
+        let backend = match saved {
+            None => VhostUserDevice::connect(d.clone(), ram.mem.clone())?,
+            Some(s) => VhostUserDevice::handed_over(
+                d.clone(),
+                ram.mem.clone(),
+                s.virtio.device_features,
+                u16::try_from(s.virtio.queues.len()).unwrap_or(0),
+                device_config_space(d),
             ),
+        };
+        let name = format!(
+            "{}{i}",
+            if backend.device_type() == 1 {
+                "net"
+            } else {
+                "disk"
+            }
+        );
+        let dev = Arc::new(Mutex::new(VirtioPciDevice::new(
+            name,
             Box::new(backend),
             vm.clone(),
             irq.clone(),
             ram.mem.clone(),
             range.start(),
-        )?;
-        bus.add(Arc::new(Mutex::new(dev))).ok_or_else(full)?;
+        )?));
+        let slot = bus.add(dev.clone()).ok_or_else(full)?;
+        devices.push((u8::try_from(slot).map_err(|_| full())?, dev));
     }
-    Ok(bus)
+    Ok((bus, devices))
+}
+
+/// Device configuration space known without asking the back-end (net: from the options).
+fn device_config_space(d: &DeviceConfig) -> Vec<u8> {
+    match &d.kind {
+        crate::vhost_user::DeviceKind::Net { mac, mtu } => {
+            let mut c = mac.to_vec();
+            c.extend_from_slice(&1u16.to_le_bytes());
+            c.extend_from_slice(&d.queues.to_le_bytes());
+            c.extend_from_slice(&mtu.unwrap_or(1500).to_le_bytes());
+            c
+        }
+        crate::vhost_user::DeviceKind::Block => {
+            vec![0; crate::vhost_user::blk::CONFIG_SIZE as usize]
+        }
+    }
 }
 
 fn console(cfg: &SerialConfig, vm: &VmFd) -> Result<ConsoleSerial, VmError> {

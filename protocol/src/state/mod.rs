@@ -51,7 +51,7 @@ pub use device::{
 pub use raw::{Blob, FpuState, Raw};
 pub use validate::{
     MAX_DEVICES, MAX_MSIX_VECTORS, MAX_MSRS, MAX_QUEUE_SIZE, MAX_SERIAL_BUFFER, MAX_VCPUS,
-    MAX_XSAVE_LEN, MIN_XSAVE_LEN, NO_VECTOR, PCI_CONFIG_LEN, StateError,
+    MAX_XSAVE_LEN, MIN_XSAVE_LEN, NO_VECTOR, PCI_CONFIG_LEN, StateError, validate_devices,
 };
 
 use crate::frame::FrameKind;

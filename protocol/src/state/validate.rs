@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 
-use super::{DeviceConfigState, DeviceKindState, DeviceState, VcpuState, VmState};
+use super::{DeviceConfigState, DeviceKindState, DeviceState, VcpuState, VmConfigState, VmState};
 use crate::frame::Validate;
 
 /// Most vCPUs a state may carry (8-bit xAPIC ids, 255 is broadcast).
@@ -416,14 +416,78 @@ fn check_device(cfg: &DeviceConfigState, dev: &DeviceState) -> Result<(), StateE
     Ok(())
 }
 
+impl Validate for VmConfigState {
+    type Error = StateError;
+
+    /// Checks the configuration on its own: vCPU count, memory, sockets, queue sizes.
+    fn validate(&self) -> Result<(), StateError> {
+        if !(1..=MAX_VCPUS).contains(&self.cpus) {
+            return Err(StateError::CpuRange(self.cpus));
+        }
+        if self.memory.size == 0 || self.memory.size % 4096 != 0 {
+            return Err(StateError::MemorySize(self.memory.size));
+        }
+        if self.memory.path.as_os_str().is_empty() {
+            return Err(StateError::NoMemoryPath);
+        }
+        if self.devices.len() > MAX_DEVICES {
+            return Err(StateError::TooManyDevices(self.devices.len()));
+        }
+        let mut sockets = HashSet::new();
+        for cfg in &self.devices {
+            if !sockets.insert(&cfg.socket) {
+                return Err(StateError::DuplicateSocket(cfg.socket.clone()));
+            }
+            if cfg.queues == 0 {
+                return Err(StateError::NoQueues {
+                    socket: cfg.socket.clone(),
+                });
+            }
+            if !pow2_within(cfg.queue_size, MAX_QUEUE_SIZE) {
+                return Err(StateError::QueueSize {
+                    socket: cfg.socket.clone(),
+                    what: "configured".into(),
+                    size: cfg.queue_size,
+                    max: MAX_QUEUE_SIZE,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Checks `devices` against an already validated `config`: one state per configured device,
+/// in order, distinct slots, and each device's PCI, MSI-X, virtio and ring state consistent.
+pub fn validate_devices(config: &VmConfigState, devices: &[DeviceState]) -> Result<(), StateError> {
+    if config.devices.len() != devices.len() {
+        return Err(StateError::DeviceCount {
+            config: config.devices.len(),
+            state: devices.len(),
+        });
+    }
+    let mut slots = HashSet::new();
+    for (device, (cfg, dev)) in config.devices.iter().zip(devices).enumerate() {
+        if !slots.insert(dev.pci.slot) {
+            return Err(StateError::DuplicateSlot(dev.pci.slot));
+        }
+        if dev.vhost_user.socket != cfg.socket {
+            return Err(StateError::DeviceSocket {
+                device,
+                config: cfg.socket.clone(),
+                state: dev.vhost_user.socket.clone(),
+            });
+        }
+        check_device(cfg, dev)?;
+    }
+    Ok(())
+}
+
 impl Validate for VmState {
     type Error = StateError;
 
     fn validate(&self) -> Result<(), StateError> {
         let c = &self.config;
-        if !(1..=MAX_VCPUS).contains(&c.cpus) {
-            return Err(StateError::CpuRange(c.cpus));
-        }
+        c.validate()?;
         if usize::try_from(c.cpus) != Ok(self.vcpus.len()) {
             return Err(StateError::CpuCount {
                 config: c.cpus,
@@ -435,12 +499,6 @@ impl Validate for VmState {
                 return Err(StateError::VcpuId { position, id: v.id });
             }
             check_vcpu(v)?;
-        }
-        if c.memory.size == 0 || c.memory.size % 4096 != 0 {
-            return Err(StateError::MemorySize(c.memory.size));
-        }
-        if c.memory.path.as_os_str().is_empty() {
-            return Err(StateError::NoMemoryPath);
         }
         for (chip, expected, raw) in [
             ("pic_master", 0, &self.irqchip.pic_master),
@@ -456,46 +514,7 @@ impl Validate for VmState {
                 });
             }
         }
-        if c.devices.len() > MAX_DEVICES {
-            return Err(StateError::TooManyDevices(c.devices.len()));
-        }
-        if c.devices.len() != self.devices.len() {
-            return Err(StateError::DeviceCount {
-                config: c.devices.len(),
-                state: self.devices.len(),
-            });
-        }
-        let mut sockets = HashSet::new();
-        let mut slots = HashSet::new();
-        for (device, (cfg, dev)) in c.devices.iter().zip(&self.devices).enumerate() {
-            if !sockets.insert(&cfg.socket) {
-                return Err(StateError::DuplicateSocket(cfg.socket.clone()));
-            }
-            if !slots.insert(dev.pci.slot) {
-                return Err(StateError::DuplicateSlot(dev.pci.slot));
-            }
-            if dev.vhost_user.socket != cfg.socket {
-                return Err(StateError::DeviceSocket {
-                    device,
-                    config: cfg.socket.clone(),
-                    state: dev.vhost_user.socket.clone(),
-                });
-            }
-            if cfg.queues == 0 {
-                return Err(StateError::NoQueues {
-                    socket: cfg.socket.clone(),
-                });
-            }
-            if !pow2_within(cfg.queue_size, MAX_QUEUE_SIZE) {
-                return Err(StateError::QueueSize {
-                    socket: cfg.socket.clone(),
-                    what: "configured".into(),
-                    size: cfg.queue_size,
-                    max: MAX_QUEUE_SIZE,
-                });
-            }
-            check_device(cfg, dev)?;
-        }
+        validate_devices(c, &self.devices)?;
         if self.serial.in_buffer.len() > MAX_SERIAL_BUFFER {
             return Err(StateError::SerialBuffer(self.serial.in_buffer.len()));
         }

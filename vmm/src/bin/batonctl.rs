@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use baton_protocol::api::API_PREFIX;
+use baton_protocol::api::{API_PREFIX, LiveUpdateRequest};
 use clap::{Parser, Subcommand};
 
 /// Controls a running baton-vmm through its API socket.
@@ -30,16 +30,27 @@ enum Cmd {
     Resume,
     /// Stop the VM; baton-vmm exits 0.
     Shutdown,
+    /// Move the VM to a new baton-vmm started with `--incoming PATH`; prints the report.
+    LiveUpdate {
+        /// The new VMM's --incoming socket.
+        destination: PathBuf,
+    },
 }
 
 /// One HTTP/1.1 request on a fresh connection; returns (status, body).
-fn request(socket: &PathBuf, method: &str, endpoint: &str) -> anyhow::Result<(u16, String)> {
+fn request(
+    socket: &PathBuf,
+    method: &str,
+    endpoint: &str,
+    body: &str,
+) -> anyhow::Result<(u16, String)> {
     let mut s = UnixStream::connect(socket)
         .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", socket.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     write!(
         s,
-        "{method} {API_PREFIX}/{endpoint} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        "{method} {API_PREFIX}/{endpoint} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
     )?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
@@ -57,13 +68,22 @@ fn request(socket: &PathBuf, method: &str, endpoint: &str) -> anyhow::Result<(u1
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let (method, endpoint) = match args.cmd {
+    let mut body = String::new();
+    let (method, endpoint) = match &args.cmd {
         Cmd::Info => ("GET", "vm.info"),
         Cmd::Pause => ("PUT", "vm.pause"),
         Cmd::Resume => ("PUT", "vm.resume"),
         Cmd::Shutdown => ("PUT", "vm.shutdown"),
+        Cmd::LiveUpdate { destination } => {
+            let abs = std::path::absolute(destination).unwrap_or_else(|_| destination.clone());
+            body = serde_json::to_string(&LiveUpdateRequest {
+                destination: abs.display().to_string(),
+            })
+            .unwrap_or_default();
+            ("PUT", "vm.live-update")
+        }
     };
-    match request(&args.api_socket, method, endpoint) {
+    match request(&args.api_socket, method, endpoint, &body) {
         Ok((200..=299, body)) => {
             if !body.is_empty() {
                 println!("{body}");

@@ -22,3 +22,25 @@ pub type ConsoleOut = Box<dyn Write + Send>;
 
 /// The guest's console UART.
 pub type ConsoleSerial = Serial<IrqTrigger, NoEvents, ConsoleOut>;
+
+/// Replaces the UART's registers with a saved state (live update), keeping its interrupt
+/// eventfd and output.
+pub fn restore(
+    serial: &mut ConsoleSerial,
+    state: &vm_superio::serial::SerialState,
+) -> Result<(), String> {
+    let evt = serial
+        .interrupt_evt()
+        .0
+        .try_clone()
+        .map_err(|e| e.to_string())?;
+    let placeholder = ConsoleSerial::new(
+        IrqTrigger(evt.try_clone().map_err(|e| e.to_string())?),
+        Box::new(std::io::sink()),
+    );
+    let old = std::mem::replace(serial, placeholder);
+    let out = old.into_writer();
+    *serial = vm_superio::Serial::from_state(state, IrqTrigger(evt), NoEvents, out)
+        .map_err(|e| format!("{e:?}"))?;
+    Ok(())
+}

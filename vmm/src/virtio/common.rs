@@ -1,6 +1,8 @@
 //! The virtio-pci common configuration structure: the registers through which a driver
 //! negotiates features, sets device status and describes its queues.
 
+use baton_protocol::state::{VirtioPciState, VirtioQueueState};
+
 /// Offsets of the common configuration fields.
 mod off {
     pub const DEVICE_FEATURE_SELECT: u64 = 0x00;
@@ -223,6 +225,56 @@ impl CommonConfig {
             }
         }
         Effect::None
+    }
+}
+
+impl CommonConfig {
+    /// The registers as the live-update state stream carries them.
+    pub fn save(&self) -> VirtioPciState {
+        VirtioPciState {
+            device_features: self.device_features,
+            driver_features: self.driver_features,
+            device_feature_select: self.device_feature_select,
+            driver_feature_select: self.driver_feature_select,
+            config_msix_vector: self.config_msix_vector,
+            status: self.status,
+            config_generation: self.config_generation,
+            queue_select: self.queue_select,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| VirtioQueueState {
+                    size: q.size,
+                    msix_vector: q.msix_vector,
+                    enabled: q.enabled,
+                    desc: q.desc,
+                    avail: q.avail,
+                    used: q.used,
+                })
+                .collect(),
+        }
+    }
+
+    /// Registers from a saved state (queue count and limits stay this device's own).
+    pub fn restore(&mut self, s: &VirtioPciState) {
+        self.device_features = s.device_features;
+        self.driver_features = s.driver_features;
+        self.device_feature_select = s.device_feature_select;
+        self.driver_feature_select = s.driver_feature_select;
+        self.config_msix_vector = s.config_msix_vector;
+        self.status = s.status;
+        self.config_generation = s.config_generation;
+        self.queue_select = s.queue_select;
+        for (q, saved) in self.queues.iter_mut().zip(&s.queues) {
+            *q = QueueRegs {
+                size: saved.size,
+                msix_vector: saved.msix_vector,
+                enabled: saved.enabled,
+                desc: saved.desc,
+                avail: saved.avail,
+                used: saved.used,
+            };
+        }
     }
 }
 

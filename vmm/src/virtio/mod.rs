@@ -68,4 +68,37 @@ pub trait VirtioBackend: Send {
     fn activate(&mut self, features: u64, queues: &[ActiveQueue<'_>]) -> Result<(), String>;
     /// Stops the device (guest-driven reset).
     fn reset(&mut self);
+    /// Stops every started ring and lets go of the back-end (live update): returns where each
+    /// ring stopped.
+    fn suspend(&mut self) -> Result<Vec<crate::vhost_user::RingBase>, String>;
+    /// Reconnects if needed and configures `queues` at `bases` (one per queue, in order);
+    /// the rings are enabled now if `enable`, else by [`VirtioBackend::enable_rings`].
+    fn resume(
+        &mut self,
+        features: u64,
+        queues: &[ActiveQueue<'_>],
+        bases: &[u16],
+        enable: bool,
+    ) -> Result<(), String>;
+    /// Enables every configured ring.
+    fn enable_rings(&mut self) -> Result<(), String>;
+    /// The inflight region shared with the back-end, if any.
+    fn inflight(
+        &self,
+    ) -> Option<(
+        vhost::vhost_user::message::VhostUserInflight,
+        &std::fs::File,
+    )>;
+    /// Adopts an inflight region (received from the previous VMM).
+    fn set_inflight(
+        &mut self,
+        info: vhost::vhost_user::message::VhostUserInflight,
+        file: std::fs::File,
+    );
+    /// Features acknowledged to the back-end.
+    fn acked_features(&self) -> u64;
+    /// Negotiated protocol features.
+    fn protocol_features(&self) -> u64;
+    /// The back-end's socket.
+    fn socket(&self) -> &std::path::Path;
 }

@@ -11,12 +11,18 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use baton_protocol::state::{
+    Blob, InflightState, MsixEntryState, MsixState, PciDeviceState, VirtioPciState,
+};
+use vhost::vhost_user::message::VhostUserInflight;
+
 use super::common::{CommonConfig, Effect, NO_VECTOR};
 use super::{ActiveQueue, VirtioBackend, status};
 use crate::interrupts::IrqRouting;
 use crate::pci::config::{BarMove, ConfigSpace, PciId};
 use crate::pci::msix::{self, Msix};
 use crate::pci::{PciDevice, lo32};
+use crate::vhost_user::RingBase;
 
 /// BAR layout.
 pub mod layout {
@@ -297,6 +303,151 @@ impl VirtioPciDevice {
             .activate(self.common.driver_features, &active)?;
         self.activated = true;
         Ok(())
+    }
+}
+
+impl VirtioPciDevice {
+    /// The transport state for a live update: PCI config, MSI-X, virtio registers.
+    pub fn save(&self, slot: u8) -> (PciDeviceState, VirtioPciState) {
+        let pci = PciDeviceState {
+            slot,
+            config: Blob(self.config.bytes(0, 256).to_vec()),
+            bar_base: self.bar_base,
+            msix: MsixState {
+                table: self
+                    .msix
+                    .table
+                    .iter()
+                    .map(|e| MsixEntryState {
+                        addr_lo: e.addr_lo,
+                        addr_hi: e.addr_hi,
+                        data: e.data,
+                        control: e.control,
+                    })
+                    .collect(),
+                pba: self.msix.pba.clone(),
+                control: self.msix.control,
+            },
+        };
+        (pci, self.common.save())
+    }
+
+    /// Loads transport state saved by another VMM; routes and irqfds follow it.
+    pub fn restore(&mut self, pci: &PciDeviceState, virtio: &VirtioPciState) {
+        self.config.set_bytes(0, pci.config.as_bytes());
+        for (e, s) in self.msix.table.iter_mut().zip(&pci.msix.table) {
+            *e = msix::MsixEntry {
+                addr_lo: s.addr_lo,
+                addr_hi: s.addr_hi,
+                data: s.data,
+                control: s.control,
+            };
+        }
+        self.msix.control = pci.msix.control;
+        self.common.restore(virtio);
+        for slot in 0..self.registered.len() {
+            self.rewire(slot);
+        }
+        let n = u16::try_from(self.msix.table.len()).unwrap_or(0);
+        self.update_routes(0..n);
+    }
+
+    /// Whether the guest has the device running (DRIVER_OK without NEEDS_RESET).
+    pub fn running(&self) -> bool {
+        self.common.status & status::DRIVER_OK != 0 && self.common.status & status::NEEDS_RESET == 0
+    }
+
+    /// Stops the back-end's rings and disconnects from it (live update).
+    pub fn suspend(&mut self) -> Result<Vec<RingBase>, String> {
+        if !self.activated {
+            return Ok(Vec::new());
+        }
+        self.activated = false;
+        self.backend.suspend()
+    }
+
+    /// Reconnects the back-end and configures the guest's rings at `bases`. With `enable` the
+    /// rings start now (see [`VirtioPciDevice::enable_rings`]); without, they wait for it.
+    pub fn resume(&mut self, bases: &[RingBase], enable: bool) -> Result<(), String> {
+        let mut active = Vec::new();
+        let mut starts = Vec::new();
+        if self.running() {
+            for (i, q) in self.common.queues.iter().enumerate() {
+                if !q.enabled {
+                    continue;
+                }
+                let index = u16::try_from(i).map_err(|_| "queue index".to_string())?;
+                starts.push(
+                    bases
+                        .iter()
+                        .find(|b| b.index == index)
+                        .map_or(0, |b| b.next_avail),
+                );
+                active.push(ActiveQueue {
+                    index,
+                    size: q.size,
+                    desc: q.desc,
+                    avail: q.avail,
+                    used: q.used,
+                    kick: &self.kicks[i],
+                    call: &self.calls[i],
+                });
+            }
+        }
+        self.backend
+            .resume(self.common.driver_features, &active, &starts, enable)?;
+        self.activated = !active.is_empty();
+        if enable {
+            self.signal_queues();
+        }
+        Ok(())
+    }
+
+    /// Enables the configured rings and interrupts the guest once per ring: a spurious
+    /// interrupt is harmless, a lost one is not.
+    pub fn enable_rings(&mut self) -> Result<(), String> {
+        if !self.activated {
+            return Ok(());
+        }
+        self.backend.enable_rings()?;
+        self.signal_queues();
+        Ok(())
+    }
+
+    fn signal_queues(&self) {
+        for (q, call) in self.common.queues.iter().zip(&self.calls) {
+            if q.enabled {
+                let _ = call.write(1);
+            }
+        }
+    }
+
+    /// The inflight region description, if the back-end uses one.
+    pub fn inflight(&self) -> Option<VhostUserInflight> {
+        self.backend.inflight().map(|(i, _)| i)
+    }
+
+    /// The inflight region's file (for the cpr channel).
+    pub fn inflight_file(&self) -> Option<&std::fs::File> {
+        self.backend.inflight().map(|(_, f)| f)
+    }
+
+    /// Adopts the inflight region of the previous VMM.
+    pub fn set_inflight(&mut self, s: &InflightState, file: std::fs::File) {
+        self.backend.set_inflight(
+            VhostUserInflight {
+                mmap_size: s.mmap_size,
+                mmap_offset: s.mmap_offset,
+                num_queues: s.num_queues,
+                queue_size: s.queue_size,
+            },
+            file,
+        );
+    }
+
+    /// The back-end's negotiated features and socket, for the state stream.
+    pub fn backend(&self) -> &dyn VirtioBackend {
+        self.backend.as_ref()
     }
 }
 

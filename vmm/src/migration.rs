@@ -1,0 +1,715 @@
+//! Live update: moving a running VM from this `baton-vmm` process to a new one.
+//!
+//! Guest RAM is not copied: both processes map the same file. What moves is the state in
+//! [`baton_protocol::state::VmState`] (vCPUs, in-kernel irqchip/PIT/clock, PCI and virtio-pci
+//! registers, each vhost-user ring's position), the vhost-user inflight regions over the cpr
+//! channel, and the back-end connections, which the old VMM hangs up and the new one makes.
+//! The message sequence and the rollback rule are in [`baton_protocol::handshake`]:
+//!
+//! 1. old → new `Hello` both ways; old → new `Prepare` (configuration and device layout, sent
+//!    while the guest still runs): the new VMM maps RAM and builds the VM, vCPUs and devices.
+//! 2. old pauses the vCPUs, saves their state, stops every ring with GET_VRING_BASE (the
+//!    back-end completes in-flight requests first) and hangs up; sends the state and, on the
+//!    cpr channel, the inflight fds.
+//! 3. new restores, reconnects every back-end (same features, rings configured but not yet
+//!    enabled) and answers `Ready`.
+//! 4. old sends `Commit`: from here it never runs the guest again. new enables the rings,
+//!    signals every vector in use once, resumes the vCPUs and answers `Ack`.
+//!
+//! Any failure before `Commit` rolls back: the old VMM makes sure the new one is gone, then
+//! reconnects its back-ends at the saved ring positions and resumes the guest.
+
+use std::os::fd::AsFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use baton_protocol::cpr;
+use baton_protocol::handshake::{
+    self, Ack, Commit, HandshakeError, Hello, Phase, Prepare, Ready, Role,
+};
+use baton_protocol::state::{
+    Blob, ClockState, DeviceConfigState, DeviceKindState, DeviceState, FpuState, InflightState,
+    IrqchipState, MemoryState, MsrEntry, PitState, Raw, SerialConfigState, SerialState, VcpuState,
+    VhostUserState, VmConfigState, VmState, VringState,
+};
+use kvm_bindings::{kvm_irqchip, kvm_mp_state, kvm_msr_entry};
+
+use crate::config::{MemoryConfig, SerialConfig};
+use crate::snapshot::{self, VcpuSnapshot, VmSnapshot};
+use crate::vhost_user::{DeviceConfig, DeviceKind, RingBase};
+use crate::vm::{Devices, Vm, VmConfig, VmError};
+
+/// How long each side waits for the other at any step before giving up (and rolling back).
+pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of a live update, one per step.
+#[derive(Debug, thiserror::Error)]
+pub enum LiveUpdateError {
+    /// The destination socket cannot be reached.
+    #[error("cannot connect to the new VMM at {0}: {1}")]
+    Connect(PathBuf, #[source] std::io::Error),
+    /// A socket operation failed.
+    #[error("{0}: {1}")]
+    Io(&'static str, #[source] std::io::Error),
+    /// The peer is not who it must be, or the cpr channel failed.
+    #[error("cpr channel: {0}")]
+    Cpr(#[from] cpr::CprError),
+    /// A handshake message failed.
+    #[error("live-update handshake: {0}")]
+    Handshake(#[from] HandshakeError),
+    /// vCPUs did not stop.
+    #[error("vCPUs did not pause")]
+    Pause,
+    /// Reading or writing KVM state failed.
+    #[error("KVM state: {0}")]
+    Snapshot(#[from] snapshot::SnapshotError),
+    /// A back-end step failed.
+    #[error("{0}")]
+    Backend(String),
+    /// The new VMM failed before resuming the guest.
+    #[error("the new VMM failed: {0}")]
+    NewVmm(String),
+    /// Building the VM on the incoming side failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The state does not fit this VMM.
+    #[error("state does not fit: {0}")]
+    State(String),
+    /// The update failed and the guest runs on here again.
+    #[error("live update failed, rolled back (the guest runs on this VMM): {0}")]
+    RolledBack(Box<LiveUpdateError>),
+    /// The update failed and rollback failed too.
+    #[error("live update failed ({0}) and rollback failed: {1}")]
+    RollbackFailed(Box<LiveUpdateError>, Box<LiveUpdateError>),
+}
+
+/// What one successful switch cost, as measured by both sides.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Report {
+    /// Old VMM: vCPUs paused → Ack received (the guest runs again before the Ack is sent).
+    pub blackout_us: u64,
+    /// Steps of the old VMM.
+    pub outgoing: Vec<Phase>,
+    /// Steps of the new VMM.
+    pub incoming: Vec<Phase>,
+    /// The new VMM's pid.
+    pub new_pid: u32,
+}
+
+struct Timer {
+    last: Instant,
+    phases: Vec<Phase>,
+}
+
+impl Timer {
+    fn new() -> Self {
+        Timer {
+            last: Instant::now(),
+            phases: Vec::new(),
+        }
+    }
+
+    fn lap(&mut self, name: impl Into<String>) {
+        let now = Instant::now();
+        self.phases.push(Phase {
+            name: name.into(),
+            micros: u64::try_from((now - self.last).as_micros()).unwrap_or(u64::MAX),
+        });
+        self.last = now;
+    }
+}
+
+fn io(step: &'static str) -> impl Fn(std::io::Error) -> LiveUpdateError {
+    move |e| LiveUpdateError::Io(step, e)
+}
+
+/// The cpr channel listens beside the state socket.
+pub fn cpr_path(state_path: &Path) -> PathBuf {
+    let mut p = state_path.as_os_str().to_owned();
+    p.push(".cpr");
+    PathBuf::from(p)
+}
+
+// ---------------------------------------------------------------------------------------
+// Conversions between the VMM's state and the stream's.
+
+fn config_state(vm: &Vm) -> VmConfigState {
+    let c = &vm.config;
+    VmConfigState {
+        name: c.name.clone(),
+        kernel: c.kernel.clone(),
+        cmdline: c.cmdline.clone(),
+        initramfs: c.initramfs.clone(),
+        cpus: c.cpus,
+        memory: MemoryState {
+            size: c.memory.size,
+            path: vm.ram.path.clone(),
+            hugepages: c.memory.hugepages,
+        },
+        serial: match &c.serial {
+            SerialConfig::Stdio => SerialConfigState::Stdio,
+            SerialConfig::File(p) => SerialConfigState::File(p.clone()),
+            SerialConfig::Off => SerialConfigState::Off,
+        },
+        api_socket: None,
+        devices: c
+            .devices
+            .iter()
+            .map(|d| DeviceConfigState {
+                socket: d.socket.clone(),
+                queues: d.queues,
+                queue_size: d.queue_size,
+                kind: match d.kind {
+                    DeviceKind::Block => DeviceKindState::Block,
+                    DeviceKind::Net { mac, mtu } => DeviceKindState::Net { mac, mtu },
+                },
+            })
+            .collect(),
+    }
+}
+
+fn vm_config(s: &VmConfigState, serial: Option<SerialConfig>) -> VmConfig {
+    VmConfig {
+        name: s.name.clone(),
+        kernel: s.kernel.clone(),
+        cmdline: s.cmdline.clone(),
+        initramfs: s.initramfs.clone(),
+        cpus: s.cpus,
+        memory: MemoryConfig {
+            size: s.memory.size,
+            path: Some(s.memory.path.clone()),
+            hugepages: s.memory.hugepages,
+        },
+        serial: serial.unwrap_or(match &s.serial {
+            SerialConfigState::Stdio => SerialConfig::Stdio,
+            SerialConfigState::File(p) => SerialConfig::File(p.clone()),
+            SerialConfigState::Off => SerialConfig::Off,
+        }),
+        devices: s
+            .devices
+            .iter()
+            .map(|d| DeviceConfig {
+                socket: d.socket.clone(),
+                queues: d.queues,
+                queue_size: d.queue_size,
+                kind: match d.kind {
+                    DeviceKindState::Block => DeviceKind::Block,
+                    DeviceKindState::Net { mac, mtu } => DeviceKind::Net { mac, mtu },
+                },
+            })
+            .collect(),
+    }
+}
+
+fn vcpu_state(id: u32, s: &VcpuSnapshot) -> VcpuState {
+    VcpuState {
+        id,
+        regs: Raw::new(&s.regs),
+        sregs: Raw::new(&s.sregs),
+        fpu: FpuState::default(),
+        xsave: Blob(
+            s.xsave
+                .region
+                .iter()
+                .flat_map(|w| w.to_le_bytes())
+                .collect(),
+        ),
+        xcrs: Raw::new(&s.xcrs),
+        lapic: Raw::new(&s.lapic),
+        msrs: s
+            .msrs
+            .iter()
+            .map(|m| MsrEntry {
+                index: m.index,
+                data: m.data,
+            })
+            .collect(),
+        vcpu_events: Raw::new(&s.events),
+        mp_state: s.mp_state.mp_state,
+        debugregs: None,
+        tsc_khz: None,
+    }
+}
+
+fn vcpu_snapshot(s: &VcpuState) -> Result<VcpuSnapshot, LiveUpdateError> {
+    let mut xsave = kvm_bindings::kvm_xsave::default();
+    let bytes = s.xsave.as_bytes();
+    if bytes.len() != xsave.region.len() * 4 {
+        return Err(LiveUpdateError::State(format!(
+            "vCPU {}: xsave area of {} bytes, expected {}",
+            s.id,
+            bytes.len(),
+            xsave.region.len() * 4
+        )));
+    }
+    for (w, b) in xsave.region.iter_mut().zip(bytes.chunks_exact(4)) {
+        *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+    Ok(VcpuSnapshot {
+        mp_state: kvm_mp_state {
+            mp_state: s.mp_state,
+        },
+        regs: s.regs.get(),
+        sregs: s.sregs.get(),
+        xsave,
+        xcrs: s.xcrs.get(),
+        lapic: s.lapic.get(),
+        msrs: s
+            .msrs
+            .iter()
+            .map(|m| kvm_msr_entry {
+                index: m.index,
+                data: m.data,
+                ..Default::default()
+            })
+            .collect(),
+        events: s.vcpu_events.get(),
+    })
+}
+
+fn serial_state(s: &vm_superio::serial::SerialState) -> SerialState {
+    SerialState {
+        baud_divisor_low: s.baud_divisor_low,
+        baud_divisor_high: s.baud_divisor_high,
+        interrupt_enable: s.interrupt_enable,
+        interrupt_identification: s.interrupt_identification,
+        line_control: s.line_control,
+        line_status: s.line_status,
+        modem_control: s.modem_control,
+        modem_status: s.modem_status,
+        scratch: s.scratch,
+        in_buffer: s.in_buffer.clone(),
+    }
+}
+
+fn superio_state(s: &SerialState) -> vm_superio::serial::SerialState {
+    vm_superio::serial::SerialState {
+        baud_divisor_low: s.baud_divisor_low,
+        baud_divisor_high: s.baud_divisor_high,
+        interrupt_enable: s.interrupt_enable,
+        interrupt_identification: s.interrupt_identification,
+        line_control: s.line_control,
+        line_status: s.line_status,
+        modem_control: s.modem_control,
+        modem_status: s.modem_status,
+        scratch: s.scratch,
+        in_buffer: s.in_buffer.clone(),
+    }
+}
+
+/// The device layout (PCI, virtio registers, back-end identity) without ring positions: what
+/// the new VMM needs to build devices before the switch.
+fn device_states(vm: &Vm, bases: &[Vec<RingBase>]) -> Vec<DeviceState> {
+    vm.devices
+        .iter()
+        .enumerate()
+        .map(|(i, (slot, dev))| {
+            let d = dev.lock().unwrap_or_else(|e| e.into_inner());
+            let (pci, virtio) = d.save(*slot);
+            let b = d.backend();
+            let ring_bases = bases.get(i).map(Vec::as_slice).unwrap_or(&[]);
+            let rings = ring_bases
+                .iter()
+                .filter_map(|rb| {
+                    let q = virtio.queues.get(usize::from(rb.index))?;
+                    Some(VringState {
+                        index: rb.index,
+                        size: q.size,
+                        desc: q.desc,
+                        avail: q.avail,
+                        used: q.used,
+                        next_avail: u32::from(rb.next_avail),
+                        enabled: true,
+                    })
+                })
+                .collect();
+            let inflight = d.inflight().map(|info| InflightState {
+                mmap_size: info.mmap_size,
+                mmap_offset: info.mmap_offset,
+                num_queues: info.num_queues,
+                queue_size: info.queue_size,
+                fd_name: format!("inflight-{slot}"),
+            });
+            DeviceState {
+                pci,
+                virtio,
+                vhost_user: VhostUserState {
+                    socket: b.socket().to_path_buf(),
+                    features: b.acked_features(),
+                    protocol_features: b.protocol_features(),
+                    rings,
+                    inflight,
+                },
+            }
+        })
+        .collect()
+}
+
+fn restore_kvm(vm: &Vm, state: &VmState) -> Result<(), LiveUpdateError> {
+    if state.vcpus.len() != vm.vcpus.len() {
+        return Err(LiveUpdateError::State(format!(
+            "{} vCPUs in the state, {} here",
+            state.vcpus.len(),
+            vm.vcpus.len()
+        )));
+    }
+    for (fd, s) in vm.vcpus.iter().zip(&state.vcpus) {
+        let fd = fd.lock().unwrap_or_else(|e| e.into_inner());
+        snapshot::restore_vcpu(&fd, &vcpu_snapshot(s)?)?;
+    }
+    let chips: [kvm_irqchip; 3] = [
+        state.irqchip.pic_master.get(),
+        state.irqchip.pic_slave.get(),
+        state.irqchip.ioapic.get(),
+    ];
+    snapshot::restore_vm(
+        &vm.vm,
+        &VmSnapshot {
+            irqchips: chips,
+            pit: state.pit.pit.get(),
+            clock: kvm_bindings::kvm_clock_data::from(&state.clock),
+        },
+    )?;
+    let mut serial = vm.serial.lock().unwrap_or_else(|e| e.into_inner());
+    crate::devices::serial::restore(&mut serial, &superio_state(&state.serial))
+        .map_err(|e| LiveUpdateError::State(format!("serial: {e}")))?;
+    Ok(())
+}
+
+/// Saves everything of a paused VM except the back-ends' ring positions.
+fn save_kvm(
+    vm: &Vm,
+) -> Result<(Vec<VcpuState>, IrqchipState, PitState, ClockState), LiveUpdateError> {
+    let mut vcpus = Vec::new();
+    for (id, fd) in (0u32..).zip(&vm.vcpus) {
+        let fd = fd.lock().unwrap_or_else(|e| e.into_inner());
+        vcpus.push(vcpu_state(id, &snapshot::save_vcpu(&fd, &vm.msr_indices)?));
+    }
+    let s = snapshot::save_vm(&vm.vm)?;
+    let [pic_master, pic_slave, ioapic] = &s.irqchips;
+    Ok((
+        vcpus,
+        IrqchipState {
+            pic_master: Raw::new(pic_master),
+            pic_slave: Raw::new(pic_slave),
+            ioapic: Raw::new(ioapic),
+        },
+        PitState {
+            pit: Raw::new(&s.pit),
+        },
+        ClockState::from(&s.clock),
+    ))
+}
+
+// ---------------------------------------------------------------------------------------
+// Outgoing side.
+
+/// Moves the VM to the new VMM listening on `dest`. On success the guest runs there and this
+/// process should exit; on failure before the commit the guest runs here again.
+pub fn outgoing(vm: &Arc<Vm>, dest: &Path) -> Result<Report, LiveUpdateError> {
+    let mut t = Timer::new();
+    let mut s = UnixStream::connect(dest).map_err(|e| LiveUpdateError::Connect(dest.into(), e))?;
+    s.set_read_timeout(Some(STEP_TIMEOUT))
+        .map_err(io("socket timeout"))?;
+    s.set_write_timeout(Some(STEP_TIMEOUT))
+        .map_err(io("socket timeout"))?;
+    let peer = cpr::check_peer(&s)?;
+    let cprs = UnixStream::connect(cpr_path(dest))
+        .map_err(|e| LiveUpdateError::Connect(cpr_path(dest), e))?;
+    cpr::check_peer(&cprs)?;
+    let hello = handshake::exchange_hello(&mut s, &Hello::new(Role::Outgoing))?;
+    if i64::from(hello.pid) != i64::from(peer.pid) {
+        return Err(LiveUpdateError::NewVmm(format!(
+            "hello names pid {}, the socket's peer is pid {}",
+            hello.pid, peer.pid
+        )));
+    }
+    handshake::send_prepare(
+        &mut s,
+        &Prepare {
+            config: config_state(vm),
+            devices: device_states(vm, &[]),
+        },
+    )?;
+    let prepared = handshake::recv_prepared(&mut s)?;
+    t.lap("prepare (guest running)");
+
+    let paused_at = Instant::now();
+    let mut t = Timer::new();
+    if !vm.pause() {
+        vm.resume();
+        return Err(LiveUpdateError::Pause);
+    }
+    t.lap("pause_vcpus");
+    let (vcpus, irqchip, pit, clock) = match save_kvm(vm) {
+        Ok(v) => v,
+        Err(e) => {
+            vm.resume();
+            return Err(e);
+        }
+    };
+    t.lap("save_kvm_state");
+    let mut bases = Vec::new();
+    for (_, dev) in &vm.devices {
+        let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+        match d.suspend() {
+            Ok(b) => bases.push(b),
+            Err(e) => {
+                drop(d);
+                let cause = LiveUpdateError::Backend(e);
+                return Err(rollback(vm, &bases, None, cause));
+            }
+        }
+        t.lap(format!("suspend {}", d.backend().socket().display()));
+    }
+    let serial = serial_state(&vm.serial.lock().unwrap_or_else(|e| e.into_inner()).state());
+    let state = VmState {
+        config: config_state(vm),
+        vcpus,
+        irqchip,
+        pit,
+        clock,
+        devices: device_states(vm, &bases),
+        serial,
+        paused_at_unix_ns: unix_ns(),
+    };
+    let sent = (|| -> Result<(), LiveUpdateError> {
+        handshake::send_state(&mut s, &state)?;
+        let inflight: Vec<(String, std::os::fd::BorrowedFd<'_>)> = Vec::new();
+        let guards: Vec<_> = vm
+            .devices
+            .iter()
+            .map(|(slot, d)| (*slot, d.lock().unwrap_or_else(|e| e.into_inner())))
+            .collect();
+        let names: Vec<String> = guards
+            .iter()
+            .map(|(slot, _)| format!("inflight-{slot}"))
+            .collect();
+        let mut fds = inflight;
+        for ((_, g), name) in guards.iter().zip(&names) {
+            if let Some(f) = g.inflight_file() {
+                fds.push((name.clone(), f.as_fd()));
+            }
+        }
+        let refs: Vec<(&str, std::os::fd::BorrowedFd<'_>)> =
+            fds.iter().map(|(n, f)| (n.as_str(), *f)).collect();
+        cpr::send_fds(&cprs, &refs)?;
+        Ok(())
+    })();
+    if let Err(e) = sent {
+        return Err(rollback(vm, &bases, Some(peer.pid), e));
+    }
+    t.lap("send_state");
+    let ready: Result<Ready, HandshakeError> = handshake::recv_ready(&mut s);
+    let ready = match ready {
+        Ok(r) => r,
+        Err(e) => return Err(rollback(vm, &bases, Some(peer.pid), e.into())),
+    };
+    t.lap("new_vmm_restore");
+    // Point of no return: after this the guest must never run here again.
+    if let Err(e) = handshake::send_commit(
+        &mut s,
+        &Commit {
+            committed_at_unix_ns: unix_ns(),
+        },
+    ) {
+        return Err(rollback(vm, &bases, Some(peer.pid), e.into()));
+    }
+    vm.handed_over();
+    let ack = handshake::recv_ack(&mut s);
+    t.lap("commit_to_ack");
+    let blackout_us = u64::try_from(paused_at.elapsed().as_micros()).unwrap_or(u64::MAX);
+    let mut incoming = prepared.phases;
+    incoming.extend(ready.phases);
+    match ack {
+        Ok(a) if a.ok => incoming.extend(a.phases),
+        Ok(a) => tracing::error!("new VMM reported failure after commit: {:?}", a.error),
+        Err(e) => tracing::error!("no ack after commit (the new VMM owns the guest): {e}"),
+    }
+    Ok(Report {
+        blackout_us,
+        outgoing: t.phases,
+        incoming,
+        new_pid: hello.pid,
+    })
+}
+
+fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Makes sure the new VMM cannot run the guest, then takes the back-ends back and resumes.
+fn rollback(
+    vm: &Vm,
+    bases: &[Vec<RingBase>],
+    new_pid: Option<i32>,
+    cause: LiveUpdateError,
+) -> LiveUpdateError {
+    tracing::warn!("live update failed: {cause}; rolling back");
+    if let Some(pid) = new_pid.filter(|p| *p > 0) {
+        // SAFETY: kill(2) of the pid the socket's SO_PEERCRED named.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        // SAFETY: kill(pid, 0) only probes for existence.
+        while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
+            if std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.contains(") Z "))
+                .unwrap_or(true)
+            {
+                break; // a zombie holds no sockets
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    for (i, (_, dev)) in vm.devices.iter().enumerate() {
+        let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+        let b = bases.get(i).map(Vec::as_slice).unwrap_or(&[]);
+        if let Err(e) = d.resume(b, true) {
+            return LiveUpdateError::RollbackFailed(
+                Box::new(cause),
+                Box::new(LiveUpdateError::Backend(e)),
+            );
+        }
+    }
+    vm.resume();
+    LiveUpdateError::RolledBack(Box::new(cause))
+}
+
+// ---------------------------------------------------------------------------------------
+// Incoming side.
+
+/// Listening sockets of an incoming VMM.
+pub struct Incoming {
+    state: UnixListener,
+    cpr: UnixListener,
+    paths: [PathBuf; 2],
+}
+
+impl Incoming {
+    /// Binds `path` (state stream) and `path.cpr` (cpr channel).
+    pub fn bind(path: &Path) -> Result<Self, LiveUpdateError> {
+        let cpr_p = cpr_path(path);
+        for p in [path, cpr_p.as_path()] {
+            if UnixStream::connect(p).is_ok() {
+                return Err(LiveUpdateError::Io(
+                    "binding the incoming socket",
+                    std::io::Error::new(
+                        std::io::ErrorKind::AddrInUse,
+                        format!("{} is in use", p.display()),
+                    ),
+                ));
+            }
+            let _ = std::fs::remove_file(p);
+        }
+        Ok(Incoming {
+            state: UnixListener::bind(path).map_err(io("binding the incoming socket"))?,
+            cpr: UnixListener::bind(&cpr_p).map_err(io("binding the cpr socket"))?,
+            paths: [path.to_path_buf(), cpr_p],
+        })
+    }
+
+    /// Waits for the old VMM, takes the VM over and resumes it here.
+    pub fn accept(&self, serial: Option<SerialConfig>) -> Result<Arc<Vm>, LiveUpdateError> {
+        let (mut s, _) = self.state.accept().map_err(io("accept"))?;
+        cpr::check_peer(&s)?;
+        let (cprs, _) = self.cpr.accept().map_err(io("accept (cpr)"))?;
+        cpr::check_peer(&cprs)?;
+        s.set_read_timeout(Some(STEP_TIMEOUT))
+            .map_err(io("socket timeout"))?;
+        handshake::exchange_hello(&mut s, &Hello::new(Role::Incoming))?;
+        let prepare = handshake::recv_prepare(&mut s)?;
+        let mut t = Timer::new();
+        let vm = match Vm::build(
+            vm_config(&prepare.config, serial),
+            Devices::HandedOver(&prepare.devices),
+        ) {
+            Ok(vm) => vm,
+            Err(e) => {
+                let _ = handshake::send_abort(&mut s, &e.to_string());
+                return Err(e.into());
+            }
+        };
+        t.lap("build_vm (guest running on the old VMM)");
+        handshake::send_prepared(
+            &mut s,
+            &Ready {
+                phases: std::mem::take(&mut t.phases),
+            },
+        )?;
+        // No step timeout while the old VMM pauses: it may take as long as it likes to
+        // decide; the state itself then has STEP_TIMEOUT.
+        let state = handshake::recv_state(&mut s)?;
+        let mut t = Timer::new();
+        let mut fds = cpr::recv_fds(&cprs)?;
+        t.lap("receive_state");
+        let restored = (|| -> Result<(), LiveUpdateError> {
+            restore_kvm(&vm, &state)?;
+            t.lap("restore_kvm_state");
+            for (i, (_, dev)) in vm.devices.iter().enumerate() {
+                let saved = state
+                    .devices
+                    .get(i)
+                    .ok_or_else(|| LiveUpdateError::State(format!("no state for device {i}")))?;
+                let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+                d.restore(&saved.pci, &saved.virtio);
+                if let Some(inf) = &saved.vhost_user.inflight {
+                    if let Some(fd) = cpr::take_fd(&mut fds, &inf.fd_name) {
+                        d.set_inflight(inf, std::fs::File::from(fd));
+                    }
+                }
+                let bases: Vec<RingBase> = saved
+                    .vhost_user
+                    .rings
+                    .iter()
+                    .map(|r| RingBase {
+                        index: r.index,
+                        next_avail: u16::try_from(r.next_avail & 0xffff).unwrap_or(0),
+                    })
+                    .collect();
+                d.resume(&bases, false).map_err(LiveUpdateError::Backend)?;
+                t.lap(format!("reconnect {}", saved.vhost_user.socket.display()));
+            }
+            Ok(())
+        })();
+        if let Err(e) = restored {
+            let _ = handshake::send_ack(&mut s, &Ack::failed(e.to_string()));
+            return Err(e);
+        }
+        handshake::send_ready(
+            &mut s,
+            &Ready {
+                phases: std::mem::take(&mut t.phases),
+            },
+        )?;
+        handshake::recv_commit(&mut s)?;
+        let mut t = Timer::new();
+        for (_, dev) in &vm.devices {
+            let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = d.enable_rings() {
+                // Past the commit there is no going back: report and keep the guest running.
+                tracing::error!("enabling rings after the switch: {e}");
+            }
+        }
+        t.lap("enable_rings_and_signal");
+        let vm = Arc::new(vm);
+        vm.start_vcpus()?;
+        vm.take_ownership();
+        t.lap("resume_vcpus");
+        if let Err(e) = handshake::send_ack(&mut s, &Ack::ok(t.phases)) {
+            tracing::warn!("could not acknowledge the switch (the guest runs here): {e}");
+        }
+        Ok(vm)
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        for p in &self.paths {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}

@@ -370,3 +370,154 @@ fn sigint_idle_exits_zero() {
     assert!(b.alive());
     assert_eq!(b.signal_and_wait(libc::SIGINT).code(), Some(0));
 }
+
+fn region_u16(f: &std::fs::File, off: u64) -> u16 {
+    use std::os::unix::fs::FileExt;
+    let mut b = [0u8; 2];
+    f.read_exact_at(&mut b, off).unwrap();
+    u16::from_le_bytes(b)
+}
+
+#[test]
+fn inflight_region_is_kept_on_every_request() {
+    use std::os::unix::fs::FileExt;
+    let b = Blk::start(4 * MIB, &[]);
+    let mut d = BlkDriver::connect(&b.sock, opts(1)).unwrap();
+    let q = d.queue(0);
+    for round in 0..5u64 {
+        for i in round * 8..round * 8 + 8 {
+            q.submit(
+                Req {
+                    rtype: T_OUT,
+                    sector: i * 8,
+                    out: &pattern(i, 4096),
+                    in_len: 0,
+                },
+                i,
+            )
+            .unwrap();
+        }
+        q.kick().unwrap();
+        let mut n = 0;
+        while n < 8 {
+            n += q.wait(Duration::from_secs(10)).unwrap().len();
+        }
+    }
+    let used = q.vq.device_used_idx();
+    let (info, file) = d.inflight.as_ref().expect("no inflight region negotiated");
+    assert_eq!(info.num_queues, 1);
+    assert_eq!(region_u16(file, 8), 1, "version");
+    assert_eq!(region_u16(file, 10), 256, "desc_num");
+    assert_eq!(region_u16(file, 14), used, "used_idx");
+    for h in 0..256u64 {
+        let mut v = [0u8; 1];
+        file.read_exact_at(&mut v, 16 + 16 * h).unwrap();
+        assert_eq!(v[0], 0, "descriptor {h} still marked inflight");
+    }
+}
+
+#[test]
+fn restarted_backend_resubmits_inflight_requests() {
+    use std::os::unix::fs::FileExt;
+    let mut a = Blk::start(4 * MIB, &[]);
+    let mut d = BlkDriver::connect(&a.sock, opts(1)).unwrap();
+    assert_eq!(d.queue(0).write(0, &pattern(100, 4096)).unwrap(), S_OK);
+    // The back-end crashes.
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    // Four requests it had "popped" when it died: in the avail ring and marked inflight
+    // in the region (the avail index moved past them), never completed.
+    let mut heads = Vec::new();
+    for i in 1..=4u64 {
+        let h = d
+            .queue(0)
+            .submit(
+                Req {
+                    rtype: T_OUT,
+                    sector: i * 8,
+                    out: &pattern(100 + i, 4096),
+                    in_len: 0,
+                },
+                i,
+            )
+            .unwrap();
+        heads.push(h);
+    }
+    {
+        let (_, file) = d.inflight.as_ref().unwrap();
+        for (k, h) in heads.iter().enumerate() {
+            let off = 16 + 16 * u64::from(*h);
+            file.write_all_at(&(50 + k as u64).to_le_bytes(), off + 8)
+                .unwrap();
+            file.write_all_at(&[1], off).unwrap();
+        }
+    }
+    // A new back-end on the same image and socket; the front-end reconnects with its region.
+    std::fs::remove_file(&a.sock).unwrap();
+    let b = Blk::start_on(a.dir.clone(), a.img.clone(), &[]);
+    d.reconnect().unwrap();
+    let q = d.queue(0);
+    let mut done = HashMap::new();
+    let ok = wait_until(Duration::from_secs(10), || {
+        for c in q.poll() {
+            assert_eq!(c.status, S_OK);
+            *done.entry(c.tag).or_insert(0) += 1;
+        }
+        (q.in_flight() == 0).then_some(())
+    });
+    assert!(ok.is_some(), "inflight requests were not resubmitted");
+    assert_eq!(done.len(), 4);
+    assert!(done.values().all(|&n| n == 1));
+    // New requests continue after the resubmitted ones.
+    assert_eq!(q.write(40, &pattern(200, 4096)).unwrap(), S_OK);
+    let img = b.image();
+    for i in 0..=4u64 {
+        let off = (i * 4096) as usize;
+        assert_eq!(
+            &img[off..off + 4096],
+            &pattern(100 + i, 4096)[..],
+            "block {i}"
+        );
+    }
+    assert_eq!(&img[40 * 512..40 * 512 + 4096], &pattern(200, 4096)[..]);
+}
+
+#[test]
+fn get_vring_base_stops_the_ring_until_restarted() {
+    let b = Blk::start(4 * MIB, &[]);
+    let mut d = BlkDriver::connect(&b.sock, opts(1)).unwrap();
+    assert_eq!(d.queue(0).write(0, &pattern(1, 4096)).unwrap(), S_OK);
+    let base = d.conn().unwrap().stop_queue(0).unwrap();
+    assert_eq!(base, u32::from(d.queue(0).vq.avail_idx()));
+    // A stopped ring: no used entries, no notification, no write to the disk.
+    let used_before = d.queue(0).vq.device_used_idx();
+    d.queue(0)
+        .submit(
+            Req {
+                rtype: T_OUT,
+                sector: 8,
+                out: &pattern(2, 4096),
+                in_len: 0,
+            },
+            7,
+        )
+        .unwrap();
+    d.queue(0).kick().unwrap();
+    assert!(
+        d.queue(0).vq.wait(Duration::from_millis(300)).is_err(),
+        "a stopped ring completed a request"
+    );
+    assert_eq!(d.queue(0).vq.device_used_idx(), used_before);
+    assert!(b.image()[4096..8192].iter().all(|&v| v == 0));
+    // Restarted at the returned base, the pending request is processed.
+    let mut d2 = d;
+    let (conn, q) = {
+        let q = std::mem::take(&mut d2.queues);
+        (d2.conn().unwrap(), q)
+    };
+    conn.start_queue(&q[0].vq, base as u16).unwrap();
+    d2.queues = q;
+    let c = d2.queue(0).wait(Duration::from_secs(10)).unwrap();
+    assert_eq!((c.len(), c[0].status, c[0].tag), (1, S_OK, 7));
+    assert_eq!(&b.image()[4096..8192], &pattern(2, 4096)[..]);
+}

@@ -348,16 +348,6 @@ impl VhostUserBackendReqHandlerMut for ConnHandler {
         .map_err(|e| other(&e.to_string()))?;
         for (i, q) in self.dev.queues().iter().enumerate() {
             let tracker = u16::try_from(i).ok().and_then(|i| region.queue(i));
-            if let Some(t) = &tracker {
-                let pending = t.pending();
-                if !pending.is_empty() {
-                    tracing::warn!(
-                        queue = i,
-                        ?pending,
-                        "inflight region lists unfinished requests; they are not resubmitted"
-                    );
-                }
-            }
             q.lock().inflight = tracker;
         }
         self.inflight = Some(region);

@@ -122,27 +122,108 @@ pub struct DiskInfo {
 
 type Seg = (GuestAddress, u64);
 
-/// Parses the chain. Never fails: errors end up in the request's status.
-pub fn parse<M>(mem: &GuestMemoryMmap, chain: DescriptorChain<M>, disk: &DiskInfo) -> Request
+/// One descriptor of a chain, as the parser needs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Desc {
+    /// Guest address.
+    pub addr: GuestAddress,
+    /// Length.
+    pub len: u32,
+    /// Device-writable.
+    pub write: bool,
+    /// NEXT flag (on the last descriptor it means the chain was cut: loop, too long, unreadable).
+    pub next: bool,
+}
+
+/// The descriptors of a chain popped from the avail ring (virtio-queue walks it, following
+/// indirect tables, at most queue-size descriptors).
+pub fn descs_of<M>(chain: DescriptorChain<M>) -> Vec<Desc>
 where
     M: Deref<Target = GuestMemoryMmap>,
 {
-    let head = chain.head_index();
+    chain
+        .map(|d| Desc {
+            addr: d.addr(),
+            len: d.len(),
+            write: d.is_write_only(),
+            next: d.has_next(),
+        })
+        .collect()
+}
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const F_INDIRECT: u16 = 4;
+
+/// Walks the chain starting at `head` in the descriptor table (for resubmitting inflight
+/// heads, which are not in the avail ring any more). Same rules as virtio-queue: at most
+/// `queue_size` descriptors (or the indirect table's length), one level of indirection.
+pub fn walk(mem: &GuestMemoryMmap, table: GuestAddress, queue_size: u16, head: u16) -> Vec<Desc> {
+    let mut out: Vec<Desc> = Vec::new();
+    let (mut table, mut size, mut idx, mut ttl, mut indirect) =
+        (table, queue_size, head, queue_size, false);
+    let cut = |out: &mut Vec<Desc>| {
+        if let Some(l) = out.last_mut() {
+            l.next = true;
+        }
+    };
+    loop {
+        if idx >= size || ttl == 0 {
+            cut(&mut out);
+            break;
+        }
+        let mut raw = [0u8; 16];
+        let ok = table
+            .checked_add(16 * u64::from(idx))
+            .is_some_and(|a| mem.read_slice(&mut raw, a).is_ok());
+        if !ok {
+            cut(&mut out);
+            break;
+        }
+        let addr = u64::from_le_bytes([
+            raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
+        ]);
+        let len = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
+        let flags = u16::from_le_bytes([raw[12], raw[13]]);
+        let next = u16::from_le_bytes([raw[14], raw[15]]);
+        if flags & F_INDIRECT != 0 {
+            if indirect || len % 16 != 0 || len / 16 > u32::from(u16::MAX) {
+                cut(&mut out);
+                break;
+            }
+            table = GuestAddress(addr);
+            size = u16::try_from(len / 16).unwrap_or(0);
+            (idx, ttl, indirect) = (0, size, true);
+            continue;
+        }
+        out.push(Desc {
+            addr: GuestAddress(addr),
+            len,
+            write: flags & F_WRITE != 0,
+            next: flags & F_NEXT != 0,
+        });
+        ttl -= 1;
+        if flags & F_NEXT == 0 {
+            break;
+        }
+        idx = next;
+    }
+    out
+}
+
+/// Parses a chain. Never fails: errors end up in the request's status.
+pub fn parse(mem: &GuestMemoryMmap, head: u16, descs: &[Desc], disk: &DiskInfo) -> Request {
     let mut readable: Vec<Seg> = Vec::new();
     let mut writable: Vec<Seg> = Vec::new();
-    let mut count = 0usize;
-    let mut last_has_next = false;
-    for d in chain {
-        count += 1;
-        last_has_next = d.has_next();
-        let seg = (d.addr(), u64::from(d.len()));
-        if d.is_write_only() {
+    let count = descs.len();
+    let mut malformed = descs.last().is_some_and(|d| d.next);
+    for d in descs {
+        let seg = (d.addr, u64::from(d.len));
+        if d.write {
             writable.push(seg);
         } else {
-            if !writable.is_empty() {
-                // A readable descriptor after a writable one: the chain is malformed.
-                last_has_next = true;
-            }
+            // A readable descriptor after a writable one: the chain is malformed.
+            malformed |= !writable.is_empty();
             readable.push(seg);
         }
     }
@@ -163,7 +244,7 @@ where
             last.1 -= 1;
         }
     }
-    if count == 0 || last_has_next {
+    if count == 0 || malformed {
         // Empty, looping, too long, or unreadable descriptor: IOERR if we know where.
         tracing::debug!(head, count, "malformed descriptor chain");
         return req;

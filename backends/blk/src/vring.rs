@@ -42,6 +42,8 @@ pub struct Vring {
     pub inflight: Option<InflightQueue>,
     /// Requests completed on this queue (for logs and tests).
     pub completed: u64,
+    /// Inflight heads to resubmit before popping new ones.
+    pub resubmit: Vec<u16>,
 }
 
 impl Vring {
@@ -57,12 +59,14 @@ impl Vring {
             started: false,
             inflight: None,
             completed: 0,
+            resubmit: Vec::new(),
         })
     }
 
     /// Stops the ring: no guest memory access and no notification until restarted.
     pub fn stop(&mut self) {
         self.started = false;
+        self.resubmit.clear();
         self.queue.set_ready(false);
         self.kick = None;
         self.call = None;
@@ -89,8 +93,21 @@ impl Vring {
             .map(u16::from_le)
             .unwrap_or(0);
         self.queue.set_next_used(used);
+        self.resubmit.clear();
         if let Some(inf) = &self.inflight {
             inf.reconcile(used);
+            // As libvhost-user: the requests still marked inflight were popped and never
+            // completed; resubmit them (oldest first) and resume after them.
+            let pending = inf.pending();
+            if !pending.is_empty() {
+                let n = u16::try_from(pending.len()).unwrap_or(u16::MAX);
+                tracing::info!(
+                    ?pending,
+                    "resubmitting requests left inflight by a previous back-end"
+                );
+                self.queue.set_next_avail(used.wrapping_add(n));
+                self.resubmit = pending;
+            }
         }
         self.queue.set_ready(true);
         self.started = true;
@@ -186,6 +203,12 @@ fn process(st: &mut Vring, dev: &Device, engine: &mut Engine) {
             let _ = st.queue.disable_notification(m);
         }
         let mut batch: Vec<Request> = Vec::new();
+        // Heads a previous back-end instance left inflight go first (already marked).
+        let table = GuestAddress(st.queue.desc_table());
+        for head in std::mem::take(&mut st.resubmit) {
+            let descs = request::walk(m, table, st.queue.size(), head);
+            batch.push(request::parse(m, head, &descs, info));
+        }
         let max = usize::from(st.queue.size());
         while batch.len() < max {
             let Some(chain) = st.queue.pop_descriptor_chain(m) else {
@@ -194,7 +217,8 @@ fn process(st: &mut Vring, dev: &Device, engine: &mut Engine) {
             if let Some(inf) = st.inflight.as_mut() {
                 inf.begin(chain.head_index());
             }
-            batch.push(request::parse(m, chain, info));
+            let head = chain.head_index();
+            batch.push(request::parse(m, head, &request::descs_of(chain), info));
         }
         if batch.is_empty() {
             if event_idx && matches!(st.queue.enable_notification(m), Ok(true)) {

@@ -12,7 +12,7 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::virtio::{self, ActiveQueue, VirtioBackend};
 
@@ -363,13 +363,21 @@ impl VhostUserDevice {
             let fe = self.fe()?;
             let r = fe.set_vring_num(i, q.size);
             self.step("SET_VRING_NUM", r)?;
+            // vhost-user ring addresses are the front-end's virtual addresses; the back-end
+            // translates them through the userspace_addr of SET_MEM_TABLE's regions.
+            let hva = |gpa: u64| -> Result<u64, String> {
+                self.mem
+                    .get_host_address(GuestAddress(gpa))
+                    .map(|p| p as u64)
+                    .map_err(|e| format!("queue {}: ring address {gpa:#x}: {e}", q.index))
+            };
             let addrs = VringConfigData {
                 queue_max_size: max,
                 queue_size: q.size,
                 flags: 0,
-                desc_table_addr: q.desc,
-                used_ring_addr: q.used,
-                avail_ring_addr: q.avail,
+                desc_table_addr: hva(q.desc)?,
+                used_ring_addr: hva(q.used)?,
+                avail_ring_addr: hva(q.avail)?,
                 log_addr: None,
             };
             let r = self.fe()?.set_vring_addr(i, &addrs);

@@ -67,8 +67,6 @@ pub struct Done {
     pub id: u16,
     /// Status byte (0 = OK).
     pub status: u8,
-    /// Bytes the device wrote (data + status).
-    pub len: u32,
 }
 
 impl Blk {
@@ -168,12 +166,12 @@ impl Blk {
     /// Takes one completed request from queue `q`.
     pub fn complete(&mut self, q: usize) -> Option<Done> {
         let queue = self.queue(q);
-        let (id, len) = queue.vq.pop()?;
+        let (id, _) = queue.vq.pop()?;
         let hdr = queue.hdrs + 32 * u64::from(id);
         // SAFETY: the status byte of request `id`, written by the device before it returned
         // the chain.
         let status = unsafe { core::ptr::read_volatile((hdr + 16) as *const u8) };
-        Some(Done { id, status, len })
+        Some(Done { id, status })
     }
 
     /// True if queue `q` has completions waiting.

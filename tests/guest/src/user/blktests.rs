@@ -187,7 +187,9 @@ pub fn test_blk(m: &Machine) {
         "blk",
         result,
         format_args!(
-            ",\"queues\":{nq},\"max_queues\":{},\"capacity_sectors\":{},\"io_bytes\":{io},\"depth\":{depth},\"mode\":\"{}\",\"bytes_written\":{written},\"bytes_verified\":{verified},\"io_errors\":{io_errors},\"verify_errors\":{verify_errors},\"flush\":{},\"get_id_status\":{},\"serial\":\"{}\",\"write_us\":{},\"flush_us\":{},\"read_us\":{}",
+            ",\"pci\":\"00:{:02x}.{}\",\"queues\":{nq},\"max_queues\":{},\"capacity_sectors\":{},\"io_bytes\":{io},\"depth\":{depth},\"mode\":\"{}\",\"bytes_written\":{written},\"bytes_verified\":{verified},\"io_errors\":{io_errors},\"verify_errors\":{verify_errors},\"flush\":{},\"get_id_status\":{},\"serial\":\"{}\",\"write_us\":{},\"flush_us\":{},\"read_us\":{}",
+            blk.dev.pci.dev,
+            blk.dev.pci.func,
             blk.max_queues,
             blk.capacity,
             if poll { "poll" } else { "irq" },
@@ -357,7 +359,9 @@ pub fn test_blk_lat(m: &Machine) {
         Err(e) => return report(m, "blk-lat", Err(e), format_args!("")),
     };
     // SAFETY: only the BSP runs tests; nothing else touches SAMPLES.
-    let samples = unsafe { &mut *(&raw mut SAMPLES) };
+    let ptr = &raw mut SAMPLES;
+    // SAFETY: as above: the only reference to SAMPLES.
+    let samples = unsafe { &mut *ptr };
     let n = usize::try_from(opt(m.cmdline, "n", 1000)).unwrap_or(1000).clamp(1, samples.len());
     let range = (blk.capacity / 8).max(1);
     let mut io_errors = 0u64;

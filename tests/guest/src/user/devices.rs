@@ -86,17 +86,6 @@ impl Stop {
         }
         false
     }
-
-    /// LAPIC timer ticks until the next check (for the halt timeout).
-    pub fn ticks(&self) -> u32 {
-        let now = sys::rdtsc();
-        let mut until = self.next_serial.saturating_sub(now);
-        if let Some(d) = self.deadline {
-            until = until.min(d.saturating_sub(now));
-        }
-        let us = time::tsc_to_us(until).max(50);
-        u32::try_from(u128::from(us) * u128::from(time::lapic_hz()) / 1_000_000).unwrap_or(u32::MAX).max(1)
-    }
 }
 
 /// Waits until `ready()` or until an interrupt/timeout: in poll mode spins (checking

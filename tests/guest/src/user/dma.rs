@@ -40,8 +40,3 @@ pub fn alloc(size: u64, align: u64) -> Option<u64> {
     unsafe { core::ptr::write_bytes(base as *mut u8, 0, usize::try_from(size).ok()?) };
     Some(base)
 }
-
-/// Bytes handed out so far.
-pub fn used() -> u64 {
-    NEXT.load(Ordering::Relaxed).saturating_sub(heap_start())
-}

@@ -19,7 +19,7 @@ const F_MQ: u64 = 1 << 22;
 /// virtio-net header length (VERSION_1).
 const HDR: usize = 12;
 /// Bytes per RX/TX buffer (header + a 1514-byte frame, rounded).
-const BUF: u64 = 2048;
+const BUF: u32 = 2048;
 /// Queue size used for every queue.
 const QSIZE: u16 = 256;
 /// Most queue pairs used.
@@ -111,7 +111,7 @@ fn csum_fold(mut sum: u32) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    !(sum as u16)
+    !u16::try_from(sum).unwrap_or(0xffff)
 }
 
 impl Net {
@@ -136,8 +136,8 @@ impl Net {
             let mut tx = dev.setup_queue(2 * i + 1, QSIZE, false, false)?;
             rx.set_interrupts(!poll);
             tx.set_interrupts(false);
-            let rx_bufs = dma::alloc(BUF * u64::from(rx.size), 4096).ok_or(VirtioError::NoMemory)?;
-            let tx_bufs = dma::alloc(BUF * u64::from(tx.size), 4096).ok_or(VirtioError::NoMemory)?;
+            let rx_bufs = dma::alloc(u64::from(BUF) * u64::from(rx.size), 4096).ok_or(VirtioError::NoMemory)?;
+            let tx_bufs = dma::alloc(u64::from(BUF) * u64::from(tx.size), 4096).ok_or(VirtioError::NoMemory)?;
             *slot = Some(Pair { rx, tx, rx_bufs, tx_bufs });
         }
         let mut ctrl = if f & F_CTRL_VQ != 0 {
@@ -158,16 +158,17 @@ impl Net {
             peer_mac: None,
             peer: [0; 4],
         };
-        if let Some(cq) = ctrl.as_mut() {
-            if npairs > 1 && !set_pairs(cq, npairs) {
-                return Err(VirtioError::NeedsReset(net.dev.status()));
-            }
+        if let Some(cq) = ctrl.as_mut()
+            && npairs > 1
+            && !set_pairs(cq, npairs)
+        {
+            return Err(VirtioError::NeedsReset(net.dev.status()));
         }
         for p in net.pairs.iter_mut().flatten() {
             while p.rx.num_free() > 0 {
                 let id = p.rx.peek_free_head();
-                let addr = p.rx_bufs + BUF * u64::from(id);
-                if p.rx.push(&[(addr, BUF as u32, true)]).is_none() {
+                let addr = p.rx_bufs + u64::from(BUF) * u64::from(id);
+                if p.rx.push(&[(addr, BUF, true)]).is_none() {
                     break;
                 }
             }
@@ -186,20 +187,18 @@ impl Net {
         let mut handled = 0;
         for q in 0..self.npairs {
             let mut refill = false;
-            loop {
-                let Some(p) = self.pairs[q].as_mut() else { break };
+            while let Some(p) = self.pairs[q].as_mut() {
                 let Some((id, len)) = p.rx.pop() else { break };
-                let addr = p.rx_bufs + BUF * u64::from(id);
-                let len = (len as usize).min(BUF as usize);
+                let addr = p.rx_bufs + u64::from(BUF) * u64::from(id);
+                let len = len.min(BUF) as usize;
                 let mut frame = [0u8; 1600];
                 let n = len.saturating_sub(HDR).min(frame.len());
                 // SAFETY: RX buffer `id`, just returned by the device with `len` bytes.
                 let src = unsafe { core::slice::from_raw_parts((addr + HDR as u64) as *const u8, n) };
                 frame[..n].copy_from_slice(src);
-                // Give the buffer back at once.
-                let p = self.pairs[q].as_mut().unwrap_or_else(|| unreachable!());
+                // Give a buffer back at once (the one just freed).
                 let nid = p.rx.peek_free_head();
-                let _ = p.rx.push(&[(p.rx_bufs + BUF * u64::from(nid), BUF as u32, true)]);
+                let _ = p.rx.push(&[(p.rx_bufs + u64::from(BUF) * u64::from(nid), BUF, true)]);
                 refill = true;
                 self.stats.rx_packets += 1;
                 handled += 1;
@@ -209,10 +208,8 @@ impl Net {
                     Rx::Dropped => self.stats.rx_dropped += 1,
                 }
             }
-            if refill {
-                if let Some(p) = self.pairs[q].as_mut() {
-                    p.rx.kick();
-                }
+            if refill && let Some(p) = self.pairs[q].as_mut() {
+                p.rx.kick();
             }
         }
         handled
@@ -222,17 +219,18 @@ impl Net {
     pub fn send(&mut self, q: usize, frame: &[u8]) -> bool {
         let Some(p) = self.pairs.get_mut(q).and_then(Option::as_mut) else { return false };
         while p.tx.pop().is_some() {}
-        if p.tx.num_free() == 0 || frame.len() + HDR > BUF as usize {
+        let Ok(total) = u32::try_from(HDR + frame.len()) else { return false };
+        if p.tx.num_free() == 0 || total > BUF {
             self.stats.tx_dropped += 1;
             return false;
         }
         let id = p.tx.peek_free_head();
-        let addr = p.tx_bufs + BUF * u64::from(id);
+        let addr = p.tx_bufs + u64::from(BUF) * u64::from(id);
         // SAFETY: TX buffer `id`, free because its descriptor is.
         let buf = unsafe { core::slice::from_raw_parts_mut(addr as *mut u8, HDR + frame.len()) };
         buf[..HDR].fill(0);
         buf[HDR..].copy_from_slice(frame);
-        let _ = p.tx.push(&[(addr, (HDR + frame.len()) as u32, false)]);
+        let _ = p.tx.push(&[(addr, total, false)]);
         p.tx.kick();
         self.stats.tx_packets += 1;
         true
@@ -308,7 +306,7 @@ impl Net {
         icmp[4..6].copy_from_slice(&0xba70u16.to_be_bytes());
         icmp[6..8].copy_from_slice(&seq.to_be_bytes());
         for (i, b) in icmp[8..].iter_mut().enumerate() {
-            *b = i as u8;
+            *b = i.to_le_bytes()[0];
         }
         let c = csum_fold(csum_add(0, icmp));
         icmp[2..4].copy_from_slice(&c.to_be_bytes());
@@ -324,7 +322,7 @@ impl Net {
     fn ip_header(&self, h: &mut [u8], dst: [u8; 4], proto: u8, payload: usize) {
         h[0] = 0x45;
         h[1] = 0;
-        h[2..4].copy_from_slice(&((20 + payload) as u16).to_be_bytes());
+        h[2..4].copy_from_slice(&u16::try_from(20 + payload).unwrap_or(0).to_be_bytes());
         h[4..8].copy_from_slice(&[0, 0, 0x40, 0]);
         h[8] = 64;
         h[9] = proto;
@@ -398,12 +396,12 @@ impl Net {
         self.ip_header(&mut r[14..34], src, 17, len);
         r[34..36].copy_from_slice(&dport.to_be_bytes());
         r[36..38].copy_from_slice(&sport.to_be_bytes());
-        r[38..40].copy_from_slice(&(len as u16).to_be_bytes());
+        r[38..40].copy_from_slice(&u16::try_from(len).unwrap_or(0).to_be_bytes());
         r[42..n].copy_from_slice(data);
         // Checksum over the pseudo-header and the datagram (0 means "none": send 0xffff).
         let mut sum = csum_add(0, &self.ip);
         sum = csum_add(sum, &src);
-        sum += 17 + len as u32;
+        sum += 17 + u32::try_from(len).unwrap_or(0);
         let c = match csum_fold(csum_add(sum, &r[34..n])) {
             0 => 0xffff,
             c => c,

@@ -41,7 +41,9 @@ fn serve(n: &mut Net, poll: bool, stop: &mut Stop, until_ping: bool) -> u64 {
             return time::tsc_to_us(max_gap);
         }
         let now = sys::rdtsc();
-        if has_peer && n.stats.ping_replies == 0 && now >= next_probe {
+        // The first ping goes out as soon as the ARP reply is in; retries once a second.
+        let first_ping = n.peer_mac.is_some() && seq == 0;
+        if has_peer && n.stats.ping_replies == 0 && (now >= next_probe || first_ping) {
             next_probe = now + time::us_to_tsc(1_000_000);
             if n.peer_mac.is_none() {
                 n.arp_request();
@@ -121,13 +123,14 @@ pub fn test_net(m: &Machine) {
         "net",
         result,
         format_args!(
-            ",\"mac\":\"{}\",\"ip\":\"{}\",\"peer\":\"{}\",\"peer_arp\":{},\"ping_replies\":{},\"queues\":{},\"rx_packets\":{},\"tx_packets\":{},\"rx_dropped\":{},\"rx_ignored\":{},\"tx_dropped\":{},\"arp_replied\":{},\"icmp_replied\":{},\"udp_echoed\":{},\"max_rx_gap_us\":{max_gap},\"mode\":\"{}\",\"stopped_by\":\"{}\",\"elapsed_ms\":{}",
+            ",\"mac\":\"{}\",\"ip\":\"{}\",\"peer\":\"{}\",\"peer_arp\":{},\"ping_replies\":{},\"queues\":{},\"max_queues\":{},\"rx_packets\":{},\"tx_packets\":{},\"rx_dropped\":{},\"rx_ignored\":{},\"tx_dropped\":{},\"arp_replied\":{},\"icmp_replied\":{},\"udp_echoed\":{},\"max_rx_gap_us\":{max_gap},\"mode\":\"{}\",\"stopped_by\":\"{}\",\"elapsed_ms\":{}",
             mac_str(n.mac),
             ip_str(n.ip),
             ip_str(n.peer),
             n.peer_mac.is_some(),
             s.ping_replies,
             n.npairs,
+            n.max_pairs,
             s.rx_packets,
             s.tx_packets,
             s.rx_dropped,

@@ -46,14 +46,14 @@ impl Function {
 
     /// Reads a 16-bit field.
     pub fn read16(&self, off: u8) -> u16 {
-        let shift = u32::from(off & 2) * 8;
-        (self.read32(off) >> shift) as u16
+        let b = self.read32(off).to_le_bytes();
+        let i = usize::from(off & 2);
+        u16::from_le_bytes([b[i], b[i + 1]])
     }
 
     /// Reads an 8-bit field.
     pub fn read8(&self, off: u8) -> u8 {
-        let shift = u32::from(off & 3) * 8;
-        (self.read32(off) >> shift) as u8
+        self.read32(off).to_le_bytes()[usize::from(off & 3)]
     }
 
     /// Writes a 16-bit field (read-modify-write of its dword).
@@ -121,7 +121,7 @@ impl Function {
             return None;
         }
         NEXT_BAR.store(base + size, core::sync::atomic::Ordering::Relaxed);
-        self.write32(off, (base as u32) | (lo & 0xf));
+        self.write32(off, u32::try_from(base).unwrap_or(0) | (lo & 0xf));
         if is64 {
             self.write32(off + 4, 0);
         }
@@ -138,7 +138,8 @@ pub fn enumerate() -> ([Option<Function>; 32], usize) {
         for func in 0..8u8 {
             let probe = Function { dev, func, vendor: 0, device: 0 };
             let id = probe.read32(0);
-            let vendor = id as u16;
+            let [v0, v1, d0, d1] = id.to_le_bytes();
+            let vendor = u16::from_le_bytes([v0, v1]);
             if vendor == 0xffff || vendor == 0 {
                 if func == 0 {
                     break;
@@ -146,7 +147,7 @@ pub fn enumerate() -> ([Option<Function>; 32], usize) {
                 continue;
             }
             if n < out.len() {
-                out[n] = Some(Function { dev, func, vendor, device: (id >> 16) as u16 });
+                out[n] = Some(Function { dev, func, vendor, device: u16::from_le_bytes([d0, d1]) });
                 n += 1;
             }
             // Single-function device: skip functions 1..7.

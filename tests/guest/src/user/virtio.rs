@@ -46,6 +46,12 @@ mod common {
     pub const QUEUE_DEVICE: u64 = 0x30;
 }
 
+/// Low and high 32 bits of a 64-bit register value.
+fn halves(v: u64) -> [u32; 2] {
+    let b = v.to_le_bytes();
+    [u32::from_le_bytes([b[0], b[1], b[2], b[3]]), u32::from_le_bytes([b[4], b[5], b[6], b[7]])]
+}
+
 /// Next free device vector (each queue of each device gets its own).
 static NEXT_VECTOR: core::sync::atomic::AtomicU8 = core::sync::atomic::AtomicU8::new(0);
 
@@ -186,9 +192,9 @@ impl VirtioPci {
             return Err(VirtioError::NoVersion1);
         }
         let f = offered & (wanted | F_VERSION_1);
-        for sel in 0..2u32 {
+        for (sel, half) in (0u32..).zip(halves(f)) {
             self.wr(common::DRIVER_FEATURE_SELECT, sel);
-            self.wr(common::DRIVER_FEATURE, (f >> (32 * sel)) as u32);
+            self.wr(common::DRIVER_FEATURE, half);
         }
         let s = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
         self.set_status(s);
@@ -248,8 +254,9 @@ impl VirtioPci {
         }
         // 64-bit fields as two 32-bit writes (the spec allows it; some devices need it).
         for (off, addr) in [(common::QUEUE_DESC, q.desc), (common::QUEUE_DRIVER, q.avail), (common::QUEUE_DEVICE, q.used)] {
-            self.wr(off, addr as u32);
-            self.wr(off + 4, (addr >> 32) as u32);
+            let [lo, hi] = halves(addr);
+            self.wr(off, lo);
+            self.wr(off + 4, hi);
         }
         let off: u16 = self.rd(common::QUEUE_NOTIFY_OFF);
         q.notify = self.notify_base + u64::from(off) * u64::from(self.notify_mult);
@@ -260,8 +267,9 @@ impl VirtioPci {
     /// Rewrites queue `index`'s descriptor table address (for the bad-driver test).
     pub fn set_queue_desc(&self, index: u16, addr: u64) {
         self.wr(common::QUEUE_SELECT, index);
-        self.wr(common::QUEUE_DESC, addr as u32);
-        self.wr(common::QUEUE_DESC + 4, (addr >> 32) as u32);
+        let [lo, hi] = halves(addr);
+        self.wr(common::QUEUE_DESC, lo);
+        self.wr(common::QUEUE_DESC + 4, hi);
     }
 
     /// Sets DRIVER_OK and checks the device accepted it.

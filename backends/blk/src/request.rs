@@ -434,3 +434,195 @@ fn to_iovecs(mem: &GuestMemoryMmap, segs: &[Seg]) -> Option<Vec<IoVec>> {
     }
     Some(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MEM: u64 = 1 << 20;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap()
+    }
+
+    fn info(readonly: bool) -> DiskInfo {
+        DiskInfo {
+            size: 1 << 20,
+            readonly,
+            serial: b"sn".to_vec(),
+        }
+    }
+
+    fn hdr(m: &GuestMemoryMmap, t: u32, sector: u64) -> GuestAddress {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&t.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        m.write_slice(&h, GuestAddress(0x1000)).unwrap();
+        GuestAddress(0x1000)
+    }
+
+    fn d(addr: u64, len: u32, write: bool, next: bool) -> Desc {
+        Desc {
+            addr: GuestAddress(addr),
+            len,
+            write,
+            next,
+        }
+    }
+
+    #[test]
+    fn read_request() {
+        let m = mem();
+        let h = hdr(&m, T_IN, 2);
+        let r = parse(
+            &m,
+            3,
+            &[
+                d(h.0, 16, false, true),
+                d(0x2000, 4096, true, true),
+                d(0x3000, 1, true, false),
+            ],
+            &info(false),
+        );
+        assert_eq!(
+            (r.op.clone(), r.offset, r.len, r.used_len(), r.head),
+            (Op::Read, 1024, 4096, 4097, 3)
+        );
+        assert_eq!(r.status_addr, Some(GuestAddress(0x3000)));
+        assert_eq!(r.iovecs.len(), 1);
+    }
+
+    #[test]
+    fn errors() {
+        let m = mem();
+        let i = info(false);
+        // Short header.
+        let r = parse(
+            &m,
+            0,
+            &[d(0x1000, 8, false, true), d(0x3000, 1, true, false)],
+            &i,
+        );
+        assert_eq!((r.op.clone(), r.status), (Op::Done, S_IOERR));
+        // Wrong direction.
+        let h = hdr(&m, T_IN, 0);
+        let r = parse(
+            &m,
+            0,
+            &[
+                d(h.0, 16, false, true),
+                d(0x2000, 512, false, true),
+                d(0x3000, 1, true, false),
+            ],
+            &i,
+        );
+        assert_eq!(r.status, S_IOERR);
+        // Past the end, outside memory, unknown type, readonly write, bad discard flags.
+        let h = hdr(&m, T_IN, 2048);
+        let r = parse(
+            &m,
+            0,
+            &[
+                d(h.0, 16, false, true),
+                d(0x2000, 512, true, true),
+                d(0x3000, 1, true, false),
+            ],
+            &i,
+        );
+        assert_eq!(r.status, S_IOERR);
+        let h = hdr(&m, T_IN, 0);
+        let r = parse(
+            &m,
+            0,
+            &[
+                d(h.0, 16, false, true),
+                d(MEM - 256, 512, true, true),
+                d(0x3000, 1, true, false),
+            ],
+            &i,
+        );
+        assert_eq!(r.status, S_IOERR);
+        let h = hdr(&m, 77, 0);
+        assert_eq!(
+            parse(
+                &m,
+                0,
+                &[d(h.0, 16, false, true), d(0x3000, 1, true, false)],
+                &i
+            )
+            .status,
+            S_UNSUPP
+        );
+        let h = hdr(&m, T_OUT, 0);
+        let r = parse(
+            &m,
+            0,
+            &[
+                d(h.0, 16, false, true),
+                d(0x2000, 512, false, true),
+                d(0x3000, 1, true, false),
+            ],
+            &info(true),
+        );
+        assert_eq!(r.status, S_IOERR);
+        let h = hdr(&m, T_DISCARD, 0);
+        let mut seg = [0u8; 16];
+        seg[8..12].copy_from_slice(&8u32.to_le_bytes());
+        seg[12..16].copy_from_slice(&1u32.to_le_bytes());
+        m.write_slice(&seg, GuestAddress(0x2000)).unwrap();
+        let r = parse(
+            &m,
+            0,
+            &[
+                d(h.0, 16, false, true),
+                d(0x2000, 16, false, true),
+                d(0x3000, 1, true, false),
+            ],
+            &i,
+        );
+        assert_eq!(r.status, S_UNSUPP);
+        // Cut chain (last descriptor still has NEXT): IOERR in the last writable byte.
+        let h = hdr(&m, T_IN, 0);
+        let r = parse(
+            &m,
+            0,
+            &[d(h.0, 16, false, true), d(0x3000, 1, true, true)],
+            &i,
+        );
+        assert_eq!(
+            (r.op.clone(), r.status, r.status_addr),
+            (Op::Done, S_IOERR, Some(GuestAddress(0x3000)))
+        );
+    }
+
+    #[test]
+    fn walk_follows_chains_and_stops_loops() {
+        let m = mem();
+        let table = GuestAddress(0x8000);
+        let put = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+            let mut b = [0u8; 16];
+            b[0..8].copy_from_slice(&addr.to_le_bytes());
+            b[8..12].copy_from_slice(&len.to_le_bytes());
+            b[12..14].copy_from_slice(&flags.to_le_bytes());
+            b[14..16].copy_from_slice(&next.to_le_bytes());
+            m.write_slice(&b, GuestAddress(table.0 + 16 * i)).unwrap();
+        };
+        put(0, 0x1000, 16, F_NEXT, 2);
+        put(2, 0x3000, 1, F_WRITE, 0);
+        let c = walk(&m, table, 8, 0);
+        assert_eq!(
+            c,
+            vec![d(0x1000, 16, false, true), d(0x3000, 1, true, false)]
+        );
+        // A loop is cut at the queue size, with NEXT left on the last descriptor.
+        put(2, 0x3000, 1, F_WRITE | F_NEXT, 0);
+        let c = walk(&m, table, 8, 0);
+        assert_eq!(c.len(), 8);
+        assert!(c.last().unwrap().next);
+        // Head out of range, and an indirect table inside an indirect table.
+        assert!(walk(&m, table, 8, 9).is_empty());
+        put(4, 0x9000, 32, F_INDIRECT, 0);
+        put(0x100, 0x9000, 32, F_INDIRECT, 0); // 0x9000 = table + 16 * 0x100
+        assert!(walk(&m, table, 8, 4).is_empty());
+    }
+}

@@ -7,18 +7,23 @@
 //! ```text
 //!  old VMM (outgoing)                                  new VMM (incoming)
 //!  ──────────────────                                  ──────────────────
-//!  connect(PATH)  ─────────────────────────────────▶  accept; check_peer (SO_PEERCRED)
-//!  Hello{role: outgoing}  ─────────────────────────▶
+//!  connect(PATH), connect(cpr socket) ─────────────▶  accept both; check_peer (SO_PEERCRED)
+//!  check_peer; Hello{role: outgoing}  ─────────────▶
 //!                 ◀─────────────────────────────────  Hello{role: incoming}
-//!  both: protocol_version must be equal, roles opposite, else Abort and stop
+//!  both: protocol_version must be equal, roles opposite (else Abort and stop);
+//!  old: Hello.pid must equal the SO_PEERCRED pid
+//!  Prepare{config, devices} (BLUP) ────────────────▶  guest still runs on the old VMM:
+//!                                                     map RAM by path, create VM, vCPUs,
+//!                 ◀─────────────────────────────────  irqchip, devices; Prepared{phases} (BLUQ)
 //!  pause vCPUs; save state; GET_VRING_BASE per ring
-//!  VmState (BLUS)  ────────────────────────────────▶  validate; restore vCPUs, irqchip, PIT,
-//!  cpr channel: manifest + fds (if any) ───────────▶  clock, devices; reconnect back-ends,
-//!                                                     same features, rings, inflight; enable
-//!                 ◀─────────────────────────────────  Ready{phases}   (or Ack{ok: false})
-//!  Commit  ────────────────────────────────────────▶  (point of no return for the old VMM)
+//!  VmState (BLUS)  ────────────────────────────────▶  validate; VmState.config == Prepare.config
+//!  cpr channel: manifest + fds (if any) ───────────▶  restore vCPUs, irqchip, PIT, clock,
+//!                                                     devices; reconnect back-ends (same
+//!                                                     features), rings, inflight; enable
+//!                 ◀─────────────────────────────────  Ready{phases} (BLUR)  (or Ack{ok: false})
+//!  Commit (BLUC)  ─────────────────────────────────▶  (point of no return for the old VMM)
 //!                                                     signal every vector in use; resume vCPUs
-//!                 ◀─────────────────────────────────  Ack{ok: true, phases}
+//!                 ◀─────────────────────────────────  Ack{ok: true, phases} (BLUA)
 //!  exit 0
 //! ```
 //!
@@ -43,7 +48,11 @@
 //! let (mut old, mut new) = UnixStream::pair().unwrap();
 //! let incoming = std::thread::spawn(move || {
 //!     exchange_hello(&mut new, &Hello::new(Role::Incoming)).unwrap();
+//!     let prepare = recv_prepare(&mut new).unwrap();
+//!     // ... map RAM, build the VM and devices ...
+//!     send_prepared(&mut new, &Ready::default()).unwrap();
 //!     let state = recv_state(&mut new).unwrap();
+//!     prepare.check_state(&state).unwrap();
 //!     // ... restore, reconnect back-ends ...
 //!     send_ready(&mut new, &Ready::default()).unwrap();
 //!     recv_commit(&mut new).unwrap();
@@ -53,7 +62,12 @@
 //! });
 //! let peer = exchange_hello(&mut old, &Hello::new(Role::Outgoing)).unwrap();
 //! assert_eq!(peer.role, Role::Incoming);
-//! send_state(&mut old, &VmState::example(2)).unwrap();
+//! let state = VmState::example(2);
+//! send_prepare(&mut old, &Prepare { config: state.config.clone(), devices: state.devices.clone() })
+//!     .unwrap();
+//! recv_prepared(&mut old).unwrap();
+//! // ... pause vCPUs, save state ...
+//! send_state(&mut old, &state).unwrap();
 //! recv_ready(&mut old).unwrap();
 //! send_commit(&mut old, &Commit::default()).unwrap();
 //! assert!(recv_ack(&mut old).unwrap().ok);
@@ -65,11 +79,11 @@ use std::io::{Read, Write};
 use serde::{Deserialize, Serialize};
 
 use crate::frame::{FrameError, FrameKind, Validate, read_any_frame, write_frame};
-use crate::state::{MAX_STATE_LEN, STATE_KIND, VmState};
+use crate::state::{MAX_STATE_LEN, STATE_KIND, StateError, VmState, validate_devices};
 
-/// Frame kind of [`Prepare`]: magic `BLUP`.
+/// Frame kind of [`Prepare`]: magic `BLUP`, version 1 (capped at [`MAX_STATE_LEN`]).
 pub const PREPARE_KIND: FrameKind = FrameKind::new("live-update prepare", *b"BLUP", 1);
-/// Frame kind of the answer to [`Prepare`] (a [`Ready`] payload): magic `BLUQ`.
+/// Frame kind of the answer to [`Prepare`] (a [`Ready`] payload): magic `BLUQ`, version 1.
 pub const PREPARED_KIND: FrameKind = FrameKind::new("live-update prepared", *b"BLUQ", 1);
 
 /// Version of the live-update protocol as a whole (the handshake and the state stream).
@@ -136,6 +150,16 @@ pub struct Prepare {
     pub config: crate::state::VmConfigState,
     /// Each device's PCI and virtio layout (slot, BAR, features, queues).
     pub devices: Vec<crate::state::DeviceState>,
+}
+
+impl Prepare {
+    /// New VMM: checks that the state belongs to the VM it prepared (same configuration).
+    pub fn check_state(&self, state: &VmState) -> Result<(), HandshakeError> {
+        if state.config != self.config {
+            return Err(HandshakeError::ConfigChanged);
+        }
+        Ok(())
+    }
 }
 
 /// Time spent in one named step, in microseconds (for the blackout breakdown).
@@ -231,6 +255,9 @@ pub enum HandshakeError {
         /// Peer's pid.
         peer_pid: u32,
     },
+    /// The state's configuration differs from the one sent in [`Prepare`].
+    #[error("the state's VM configuration differs from the prepared one")]
+    ConfigChanged,
     /// The peer aborted.
     #[error("peer aborted: {0}")]
     Aborted(String),
@@ -265,14 +292,9 @@ pub enum MessageError {
     /// Abort without a reason.
     #[error("abort without a reason")]
     NoReason,
-    /// A prepare message whose device list does not match its configuration.
-    #[error("prepare lists {config} devices in the configuration but {devices} device states")]
-    PrepareDevices {
-        /// Devices in the configuration.
-        config: usize,
-        /// Device states.
-        devices: usize,
-    },
+    /// The configuration or device layout in a [`Prepare`] is inconsistent.
+    #[error("prepare: {0}")]
+    Prepare(#[from] StateError),
 }
 
 fn text(field: &'static str, s: &str) -> Result<(), MessageError> {
@@ -311,13 +333,10 @@ impl Validate for Ready {
 
 impl Validate for Prepare {
     type Error = MessageError;
+    /// The same configuration and device checks as for [`VmState`]; rings may be empty.
     fn validate(&self) -> Result<(), MessageError> {
-        if self.config.devices.len() != self.devices.len() {
-            return Err(MessageError::PrepareDevices {
-                config: self.config.devices.len(),
-                devices: self.devices.len(),
-            });
-        }
+        self.config.validate()?;
+        validate_devices(&self.config, &self.devices)?;
         Ok(())
     }
 }
@@ -497,13 +516,66 @@ mod tests {
         UnixStream::pair().unwrap()
     }
 
+    fn prepare_of(state: &VmState) -> Prepare {
+        let mut devices = state.devices.clone();
+        for d in &mut devices {
+            d.vhost_user.rings.clear();
+        }
+        Prepare {
+            config: state.config.clone(),
+            devices,
+        }
+    }
+
+    #[test]
+    fn prepare_is_validated_like_the_state() {
+        let state = VmState::example(1);
+        prepare_of(&state).validate().unwrap();
+        let mut p = prepare_of(&state);
+        p.devices.pop();
+        assert!(matches!(
+            p.validate(),
+            Err(MessageError::Prepare(StateError::DeviceCount {
+                config: 2,
+                state: 1
+            }))
+        ));
+        let mut p = prepare_of(&state);
+        p.config.memory.size = 0;
+        assert_eq!(
+            p.validate(),
+            Err(MessageError::Prepare(StateError::MemorySize(0)))
+        );
+        // And the reader applies it.
+        let (mut old, mut new) = pair();
+        send_prepare(&mut old, &p).unwrap();
+        let e = recv_prepare(&mut new).unwrap_err();
+        assert!(e.to_string().contains("memory size 0"), "{e}");
+    }
+
+    #[test]
+    fn state_must_match_the_prepared_config() {
+        let state = VmState::example(2);
+        let p = prepare_of(&state);
+        p.check_state(&state).unwrap();
+        let mut other = state.clone();
+        other.config.cmdline.push_str(" quiet");
+        assert!(matches!(
+            p.check_state(&other),
+            Err(HandshakeError::ConfigChanged)
+        ));
+    }
+
     #[test]
     fn full_sequence_carries_state_and_phases() {
         let (mut old, mut new) = pair();
         let incoming = thread::spawn(move || {
             let peer = exchange_hello(&mut new, &Hello::new(Role::Incoming)).unwrap();
             assert_eq!(peer.role, Role::Outgoing);
+            let prepare = recv_prepare(&mut new).unwrap();
+            send_prepared(&mut new, &Ready::default()).unwrap();
             let state = recv_state(&mut new).unwrap();
+            prepare.check_state(&state).unwrap();
             let phase = |name: &str, micros| Phase {
                 name: name.into(),
                 micros,
@@ -523,6 +595,8 @@ mod tests {
         let peer = exchange_hello(&mut old, &Hello::new(Role::Outgoing)).unwrap();
         assert_eq!(peer.pid, std::process::id());
         let state = VmState::example(2);
+        send_prepare(&mut old, &prepare_of(&state)).unwrap();
+        assert!(recv_prepared(&mut old).unwrap().phases.is_empty());
         assert!(send_state(&mut old, &state).unwrap() > 0);
         assert_eq!(recv_ready(&mut old).unwrap().phases[0].micros, 800);
         send_commit(

@@ -9,6 +9,8 @@
 //! |---------------------------------|---------------|--------|---------|-----------|
 //! | HTTP API bodies (JSON)          | [`api`]       | —      | path `/api/v1` | —  |
 //! | live-update hello               | [`handshake`] | `BLUH` | 1       | 64 KiB    |
+//! | live-update prepare             | [`handshake`] | `BLUP` | 1       | 16 MiB    |
+//! | live-update prepared            | [`handshake`] | `BLUQ` | 1       | 64 KiB    |
 //! | live-update state ([`state::VmState`]) | [`state`] | `BLUS` | 1     | 16 MiB    |
 //! | live-update ready               | [`handshake`] | `BLUR` | 1       | 64 KiB    |
 //! | live-update commit              | [`handshake`] | `BLUC` | 1       | 64 KiB    |

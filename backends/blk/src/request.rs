@@ -442,7 +442,7 @@ mod tests {
     const MEM: u64 = 1 << 20;
 
     fn mem() -> GuestMemoryMmap {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap()
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap()
     }
 
     fn info(readonly: bool) -> DiskInfo {

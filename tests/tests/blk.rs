@@ -26,7 +26,56 @@ fn opts(queues: u16) -> BlkOptions {
 
 #[test]
 fn every_request_type_against_the_image() {
-    let b = Blk::start(16 * MIB, &["--serial", "baton-test-serial"]);
+    every_request_type(&[]);
+}
+
+#[test]
+fn every_request_type_with_the_sync_engine() {
+    every_request_type(&["--io-engine", "sync"]);
+}
+
+#[test]
+fn every_request_type_with_o_direct() {
+    // O_DIRECT needs a file system that supports it (not tmpfs): use the target directory.
+    let probe = harness_dir().join("odirect-probe");
+    std::fs::write(&probe, vec![0u8; 4096]).unwrap();
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&probe)
+        .is_ok();
+    let _ = std::fs::remove_file(&probe);
+    if !ok {
+        eprintln!(
+            "SKIP every_request_type_with_o_direct: O_DIRECT unsupported on {}",
+            harness_dir().display()
+        );
+        return;
+    }
+    every_request_type(&["--direct"]);
+}
+
+fn harness_dir() -> std::path::PathBuf {
+    baton_tests::harness::target_dir()
+}
+
+use std::os::unix::fs::OpenOptionsExt;
+
+fn every_request_type(extra: &[&str]) {
+    let mut args = vec!["--serial", "baton-test-serial"];
+    args.extend_from_slice(extra);
+    let b = if extra.contains(&"--direct") {
+        let dir = harness_dir().join(format!("blk-direct-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = dir.join("disk.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(16 * MIB)
+            .unwrap();
+        Blk::start_on(dir, img, &args)
+    } else {
+        Blk::start(16 * MIB, &args)
+    };
     let mut d = BlkDriver::connect(&b.sock, opts(1)).unwrap();
     assert_eq!(d.capacity, 16 * MIB / 512);
     let q = d.queue(0);

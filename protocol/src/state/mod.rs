@@ -326,6 +326,52 @@ mod tests {
         );
     }
 
+    /// Payload corruption that the checksum does not catch (a peer that computes the CRC over
+    /// garbage) reaches the decoder and `validate()`: it must fail cleanly or decode to a
+    /// state that passes validation, never panic.
+    #[test]
+    fn corrupt_payload_with_valid_checksum_never_panics() {
+        use crate::frame::{FrameHeader, HEADER_LEN};
+        let mut s = VmState::example(1);
+        s.devices.truncate(1);
+        s.config.devices.truncate(1);
+        let wire = encode_frame(&STATE_KIND, &s).unwrap();
+        let payload = &wire[HEADER_LEN..];
+        let (mut rejected, mut accepted) = (0, 0);
+        // Every structural byte; the long runs of hex zeros only now and then.
+        // (Debug-build serde_json makes each decode ~1 ms, hence the stride.)
+        let positions = (0..payload.len())
+            .filter(|&i| payload[i] != b'0' || i % 512 == 0)
+            .step_by(3);
+        for i in positions {
+            for b in [b'"', b'9', 0xff] {
+                let mut p = payload.to_vec();
+                p[i] = b;
+                let h = FrameHeader {
+                    magic: STATE_KIND.magic,
+                    version: STATE_KIND.version,
+                    flags: 0,
+                    len: u32::try_from(p.len()).unwrap(),
+                    crc: crc32fast::hash(&p),
+                };
+                let mut frame = h.to_bytes().to_vec();
+                frame.extend_from_slice(&p);
+                match read_frame::<_, VmState>(&mut frame.as_slice(), &STATE_KIND, MAX_STATE_LEN) {
+                    Ok(v) => {
+                        v.validate().unwrap();
+                        accepted += 1;
+                    }
+                    Err(FrameError::Decode { .. } | FrameError::Invalid { .. }) => rejected += 1,
+                    Err(e) => panic!("unexpected error {e}"),
+                }
+            }
+        }
+        assert!(
+            rejected > 0 && accepted > 0,
+            "{rejected} rejected, {accepted} accepted"
+        );
+    }
+
     #[test]
     fn every_flipped_byte_of_a_state_frame_is_an_error() {
         let mut s = VmState::example(1);

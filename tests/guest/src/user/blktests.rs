@@ -350,6 +350,8 @@ pub fn test_blk_cont(m: &Machine) {
 
 /// Latency samples (TSC ticks).
 static mut SAMPLES: [u64; 100_000] = [0; 100_000];
+/// Time spent in the notify write of each request (TSC ticks).
+static mut KICKS: [u64; 100_000] = [0; 100_000];
 
 /// `test=blk-lat mode=poll|irq n=N`: N sequential 4 KiB reads at queue depth 1.
 pub fn test_blk_lat(m: &Machine) {
@@ -362,6 +364,9 @@ pub fn test_blk_lat(m: &Machine) {
     let ptr = &raw mut SAMPLES;
     // SAFETY: as above: the only reference to SAMPLES.
     let samples = unsafe { &mut *ptr };
+    let kptr = &raw mut KICKS;
+    // SAFETY: as above: the only reference to KICKS.
+    let kicks = unsafe { &mut *kptr };
     let n = usize::try_from(opt(m.cmdline, "n", 1000)).unwrap_or(1000).clamp(1, samples.len());
     let range = (blk.capacity / 8).max(1);
     let mut io_errors = 0u64;
@@ -370,10 +375,13 @@ pub fn test_blk_lat(m: &Machine) {
     for (i, s) in samples.iter_mut().enumerate().take(n) {
         let sector = (i as u64 % range) * 8;
         let t0 = sys::rdtsc();
-        if blk.submit(0, Op::Read, sector, 4096, true).is_none() {
+        if blk.submit(0, Op::Read, sector, 4096, false).is_none() {
             io_errors += 1;
             break;
         }
+        let k0 = sys::rdtsc();
+        blk.kick(0);
+        kicks[i] = sys::rdtsc() - k0;
         let end = t0 + time::us_to_tsc(5_000_000);
         let done = loop {
             if let Some(d) = blk.complete(0) {
@@ -397,7 +405,10 @@ pub fn test_blk_lat(m: &Machine) {
     let irqs = sys::irq_count() - irqs0;
     let v = &mut samples[..n];
     v.sort_unstable();
+    let kv = &mut kicks[..n];
+    kv.sort_unstable();
     let ns = |t: u64| u64::try_from(u128::from(t) * 1_000_000_000 / u128::from(time::tsc_hz().max(1))).unwrap_or(0);
+    let kick = ns(devices::percentile(kv, 50));
     let (median, p99, min, max) = (
         ns(devices::percentile(v, 50)),
         ns(devices::percentile(v, 99)),
@@ -416,7 +427,7 @@ pub fn test_blk_lat(m: &Machine) {
         "blk-lat",
         result,
         format_args!(
-            ",\"mode\":\"{}\",\"n\":{n},\"io_bytes\":4096,\"median_us\":{}.{},\"p99_us\":{}.{},\"min_us\":{}.{},\"max_us\":{}.{},\"irqs\":{irqs},\"io_errors\":{io_errors}",
+            ",\"mode\":\"{}\",\"n\":{n},\"io_bytes\":4096,\"median_us\":{}.{},\"p99_us\":{}.{},\"min_us\":{}.{},\"max_us\":{}.{},\"kick_median_us\":{}.{},\"irqs\":{irqs},\"io_errors\":{io_errors}",
             if poll { "poll" } else { "irq" },
             median / 1000,
             median % 1000 / 100,
@@ -426,6 +437,8 @@ pub fn test_blk_lat(m: &Machine) {
             min % 1000 / 100,
             max / 1000,
             max % 1000 / 100,
+            kick / 1000,
+            kick % 1000 / 100,
         ),
     );
 }

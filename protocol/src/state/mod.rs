@@ -318,12 +318,13 @@ mod tests {
         for _ in 0..10 {
             let _ = roundtrip(&s).unwrap();
         }
-        // Generous for a debug build; release is far faster.
-        assert!(
-            t.elapsed() < std::time::Duration::from_secs(2),
-            "{:?}",
-            t.elapsed()
+        let each = t.elapsed() / 10;
+        eprintln!(
+            "2-vCPU state: {} bytes, encode+decode+validate {each:?}",
+            wire.len()
         );
+        // Generous for a debug build on a shared machine; release is far faster.
+        assert!(each < std::time::Duration::from_millis(500), "{each:?}");
     }
 
     /// Payload corruption that the checksum does not catch (a peer that computes the CRC over

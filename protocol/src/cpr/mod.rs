@@ -163,6 +163,18 @@ pub enum CprError {
     },
 }
 
+impl CprError {
+    /// True when the peer went away or timed out rather than sending something wrong.
+    pub fn is_disconnect(&self) -> bool {
+        match self {
+            CprError::Manifest(f) => f.is_disconnect(),
+            CprError::Closed(_) | CprError::Recv(_) => true,
+            CprError::Send { source, .. } => matches!(source, Errno::EPIPE | Errno::ECONNRESET),
+            _ => false,
+        }
+    }
+}
+
 /// Sends `fds` with their names: a manifest frame, then one byte with `SCM_RIGHTS`.
 pub fn send_fds(stream: &UnixStream, fds: &[(&str, BorrowedFd<'_>)]) -> Result<(), CprError> {
     if fds.len() > MAX_FDS {
@@ -462,6 +474,11 @@ mod tests {
         drop(old);
         let e = recv_fds(&new).unwrap_err();
         assert!(matches!(e, CprError::Closed(1)), "{e}");
+        assert!(e.is_disconnect());
+        let (old, new) = pair();
+        drop(new);
+        let e = send_fds(&old, &[]).unwrap_err();
+        assert!(e.is_disconnect(), "{e}");
     }
 
     #[test]

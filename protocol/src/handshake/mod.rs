@@ -155,6 +155,14 @@ pub enum HandshakeError {
     Refused(String),
 }
 
+impl HandshakeError {
+    /// True when the peer went away or the stream broke (the peer may be dead or stuck), as
+    /// opposed to the peer answering with a refusal. Before `Commit` either one means rollback.
+    pub fn is_disconnect(&self) -> bool {
+        matches!(self, HandshakeError::Frame(f) if f.is_disconnect())
+    }
+}
+
 /// Sends `ours`, reads the peer's hello, and checks version and roles.
 ///
 /// On a mismatch the caller should [`send_abort`] with the error's text and stop; the peer

@@ -169,7 +169,7 @@ impl HandshakeError {
 /// detects the same mismatch on its own.
 pub fn exchange_hello<S: Read + Write>(s: &mut S, ours: &Hello) -> Result<Hello, HandshakeError> {
     write_frame(s, &HELLO_KIND, ours)?;
-    let theirs: Hello = expect(s, &HELLO_KIND, MAX_MESSAGE_LEN)?;
+    let theirs: Hello = read_expected(s, &HELLO_KIND, MAX_MESSAGE_LEN)?;
     if theirs.protocol_version != ours.protocol_version {
         return Err(HandshakeError::VersionMismatch {
             ours: ours.protocol_version,
@@ -188,7 +188,7 @@ pub fn exchange_hello<S: Read + Write>(s: &mut S, ours: &Hello) -> Result<Hello,
 }
 
 /// Reads a `T` of `kind`, or an [`Abort`] (→ [`HandshakeError::Aborted`]).
-fn expect<R, T>(r: &mut R, kind: &FrameKind, max_len: usize) -> Result<T, HandshakeError>
+fn read_expected<R, T>(r: &mut R, kind: &FrameKind, max_len: usize) -> Result<T, HandshakeError>
 where
     R: Read,
     T: serde::de::DeserializeOwned + Validate,
@@ -209,7 +209,7 @@ pub fn send_prepare<W: Write>(w: &mut W, p: &Prepare) -> Result<(), HandshakeErr
 
 /// New VMM: reads [`Prepare`].
 pub fn recv_prepare<R: Read>(r: &mut R) -> Result<Prepare, HandshakeError> {
-    expect(r, &PREPARE_KIND, MAX_STATE_LEN)
+    read_expected(r, &PREPARE_KIND, MAX_STATE_LEN)
 }
 
 /// New VMM: the VM is built; the old VMM may pause. Carries the build's timings.
@@ -220,7 +220,7 @@ pub fn send_prepared<W: Write>(w: &mut W, ready: &Ready) -> Result<(), Handshake
 
 /// Old VMM: waits until the new VMM has built the VM.
 pub fn recv_prepared<R: Read>(r: &mut R) -> Result<Ready, HandshakeError> {
-    expect(r, &PREPARED_KIND, MAX_MESSAGE_LEN)
+    read_expected(r, &PREPARED_KIND, MAX_MESSAGE_LEN)
 }
 
 /// Old VMM: sends the paused VM's state. Returns the bytes written.
@@ -230,7 +230,7 @@ pub fn send_state<W: Write>(w: &mut W, state: &VmState) -> Result<usize, Handsha
 
 /// New VMM: reads and validates the state (capped at [`MAX_STATE_LEN`]).
 pub fn recv_state<R: Read>(r: &mut R) -> Result<VmState, HandshakeError> {
-    expect(r, &STATE_KIND, MAX_STATE_LEN)
+    read_expected(r, &STATE_KIND, MAX_STATE_LEN)
 }
 
 /// New VMM: restored and reconnected; asks for [`Commit`].
@@ -261,7 +261,7 @@ pub fn send_commit<W: Write>(w: &mut W, commit: &Commit) -> Result<(), Handshake
 
 /// New VMM: waits for [`Commit`]; only then may it resume the vCPUs.
 pub fn recv_commit<R: Read>(r: &mut R) -> Result<Commit, HandshakeError> {
-    expect(r, &COMMIT_KIND, MAX_MESSAGE_LEN)
+    read_expected(r, &COMMIT_KIND, MAX_MESSAGE_LEN)
 }
 
 /// New VMM: reports that the guest runs ([`Ack::ok`]) or that it failed ([`Ack::failed`]).
@@ -272,7 +272,7 @@ pub fn send_ack<W: Write>(w: &mut W, ack: &Ack) -> Result<(), HandshakeError> {
 
 /// Old VMM: waits for the final [`Ack`]; `ok: false` becomes [`HandshakeError::Refused`].
 pub fn recv_ack<R: Read>(r: &mut R) -> Result<Ack, HandshakeError> {
-    let ack: Ack = expect(r, &ACK_KIND, MAX_MESSAGE_LEN)?;
+    let ack: Ack = read_expected(r, &ACK_KIND, MAX_MESSAGE_LEN)?;
     if !ack.ok {
         return Err(HandshakeError::Refused(ack.error.unwrap_or_default()));
     }

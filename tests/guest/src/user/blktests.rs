@@ -228,7 +228,8 @@ fn cont_check(buf: &[u8], seq: u64, sector: u64) -> bool {
     })
 }
 
-/// `test=blk-cont [seconds=N] [blocks=N] [depth=N] [queues=N] [mode=irq|poll] [start=SEQ]`:
+/// `test=blk-cont [seconds=N] [blocks=N] [depth=N] [queues=N] [mode=irq|poll] [start=SEQ]
+/// [drain=S]`:
 /// block `seq mod blocks` (4 KiB) gets a write of `seq`, then a read-back that must match.
 pub fn test_blk_cont(m: &Machine) {
     const BLOCK: u32 = 4096;
@@ -246,6 +247,7 @@ pub fn test_blk_cont(m: &Machine) {
         return report(m, "blk-cont", Err("blocks must be at least 2 x depth x queues"), format_args!(""));
     }
     let mut stop = Stop::new(opt(m.cmdline, "seconds", 10));
+    let drain = time::us_to_tsc(opt(m.cmdline, "drain", 10) * 1_000_000);
     // Per queue, per request id: (seq, is_read).
     let mut inflight = [[(0u64, false); 256]; 8];
     let mut outstanding = [0u32; 8];
@@ -318,11 +320,13 @@ pub fn test_blk_cont(m: &Machine) {
         if any {
             max_gap = max_gap.max(now - last);
             last = now;
-        } else if stopping && time::tsc_to_us(now - last) > 30_000_000 {
+        } else if stopping && now - last > drain {
             break;
         }
     }
     let lost = outstanding.iter().map(|n| u64::from(*n)).sum::<u64>();
+    // Time from the last completion to the end (a stall that never ended shows here).
+    let stall = if lost > 0 { time::tsc_to_us(sys::rdtsc() - last) } else { 0 };
     let result = if io_errors > 0 {
         Err("I/O errors")
     } else if verify_errors > 0 {
@@ -339,7 +343,7 @@ pub fn test_blk_cont(m: &Machine) {
         "blk-cont",
         result,
         format_args!(
-            ",\"writes\":{writes},\"reads\":{reads},\"io_errors\":{io_errors},\"verify_errors\":{verify_errors},\"max_gap_us\":{},\"next_seq\":{seq},\"blocks\":{blocks},\"depth\":{depth},\"queues\":{nq},\"mode\":\"{}\",\"stopped_by\":\"{}\",\"outstanding\":{lost},\"elapsed_ms\":{}",
+            ",\"writes\":{writes},\"reads\":{reads},\"io_errors\":{io_errors},\"verify_errors\":{verify_errors},\"max_gap_us\":{},\"stall_us\":{stall},\"next_seq\":{seq},\"blocks\":{blocks},\"depth\":{depth},\"queues\":{nq},\"mode\":\"{}\",\"stopped_by\":\"{}\",\"outstanding\":{lost},\"elapsed_ms\":{}",
             time::tsc_to_us(max_gap),
             if poll { "poll" } else { "irq" },
             stop.reason,

@@ -38,6 +38,21 @@ pub enum DiskError {
 /// One guest buffer, as a host address and a length (an `iovec`).
 pub type IoVec = libc::iovec;
 
+/// Whether the io_uring engine may run a read or write inline on the queue thread instead of
+/// submitting it to the ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inline {
+    /// Memory-backed file system (tmpfs, ramfs): I/O never waits for a device, and io_uring
+    /// would hand every such request to one of its kernel worker threads (these file systems do
+    /// not support non-blocking I/O), so running it inline saves two context switches.
+    Always,
+    /// Reads that hit the page cache are served inline (`preadv2(RWF_NOWAIT)`); the others,
+    /// and all writes, go to the ring.
+    ReadsNoWait,
+    /// O_DIRECT, or no RWF_NOWAIT support: everything goes to the ring.
+    Never,
+}
+
 /// An open raw image.
 #[derive(Debug)]
 pub struct Disk {
@@ -45,6 +60,7 @@ pub struct Disk {
     size: u64,
     readonly: bool,
     is_block_device: bool,
+    inline: Inline,
 }
 
 impl Disk {
@@ -76,12 +92,76 @@ impl Disk {
         } else {
             meta.len()
         };
-        Ok(Self {
+        let mut disk = Self {
             file,
             size,
             readonly,
             is_block_device,
-        })
+            inline: Inline::Never,
+        };
+        disk.inline = if direct {
+            Inline::Never
+        } else {
+            disk.probe_inline()
+        };
+        Ok(disk)
+    }
+
+    fn probe_inline(&self) -> Inline {
+        const RAMFS_MAGIC: i64 = 0x8584_58f6;
+        if let Ok(st) = nix::sys::statfs::fstatfs(&self.file) {
+            let t = st.filesystem_type();
+            if t == nix::sys::statfs::TMPFS_MAGIC || i64::from(t.0) == RAMFS_MAGIC {
+                return Inline::Always;
+            }
+        }
+        if self.size < 512 {
+            return Inline::Never;
+        }
+        let mut buf = [0u8; 512];
+        let iov = [IoVec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        match self.nowait(&iov, 0, false) {
+            Ok(_) => Inline::ReadsNoWait,
+            Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Inline::ReadsNoWait,
+            Err(_) => Inline::Never,
+        }
+    }
+
+    /// What the io_uring engine may run inline.
+    pub fn inline(&self) -> Inline {
+        self.inline
+    }
+
+    /// One `preadv2`/`pwritev2` with RWF_NOWAIT: returns the bytes transferred.
+    pub fn nowait(&self, iovs: &[IoVec], offset: u64, write: bool) -> io::Result<usize> {
+        let cnt =
+            i32::try_from(iovs.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let off = to_off(offset)?;
+        // SAFETY: the iovecs point to memory the caller keeps mapped for the call (guest memory
+        // held through the memory map's Arc, or a local buffer); `cnt` is their number.
+        let n = unsafe {
+            if write {
+                libc::pwritev2(
+                    self.file.as_raw_fd(),
+                    iovs.as_ptr(),
+                    cnt,
+                    off,
+                    libc::RWF_NOWAIT,
+                )
+            } else {
+                libc::preadv2(
+                    self.file.as_raw_fd(),
+                    iovs.as_ptr(),
+                    cnt,
+                    off,
+                    libc::RWF_NOWAIT,
+                )
+            }
+        };
+        usize::try_from(n).map_err(|_| io::Error::last_os_error())
     }
 
     /// Size in bytes.

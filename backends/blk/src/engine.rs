@@ -4,7 +4,7 @@
 use io_uring::{IoUring, opcode, types};
 
 use crate::cli::IoEngineKind;
-use crate::disk::Disk;
+use crate::disk::{Disk, Inline};
 use crate::request::{Op, Request};
 
 /// A per-thread I/O engine.
@@ -86,6 +86,22 @@ fn run_uring(ring: &mut IoUring, disk: &Disk, reqs: &mut [Request]) {
             let entry = match r.op {
                 Op::Read | Op::Write if r.iovecs.len() > 1024 => {
                     run_sync(disk, r);
+                    next += 1;
+                    continue;
+                }
+                Op::Read | Op::Write if disk.inline() == Inline::Always => {
+                    run_sync(disk, r);
+                    next += 1;
+                    continue;
+                }
+                Op::Read
+                    if disk.inline() == Inline::ReadsNoWait
+                        && r.iovecs.len() <= 1024
+                        && disk
+                            .nowait(&r.iovecs, r.offset, false)
+                            .is_ok_and(|n| n as u64 == r.len) =>
+                {
+                    // Served from the page cache without blocking.
                     next += 1;
                     continue;
                 }

@@ -34,6 +34,7 @@ fn run() -> anyhow::Result<()> {
         readonly = dev.disk().readonly(),
         queues = args.queues,
         engine = ?args.io_engine,
+        inline = ?dev.disk().inline(),
         "ready"
     );
     server::notify_ready();

@@ -108,10 +108,9 @@ impl Disk {
     }
 
     fn probe_inline(&self) -> Inline {
-        const RAMFS_MAGIC: i64 = 0x8584_58f6;
         if let Ok(st) = nix::sys::statfs::fstatfs(&self.file) {
             let t = st.filesystem_type();
-            if t == nix::sys::statfs::TMPFS_MAGIC || i64::from(t.0) == RAMFS_MAGIC {
+            if t == nix::sys::statfs::TMPFS_MAGIC || t == nix::sys::statfs::RAMFS_MAGIC {
                 return Inline::Always;
             }
         }

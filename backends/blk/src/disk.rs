@@ -9,6 +9,9 @@ use std::path::Path;
 
 use nix::fcntl::{FallocateFlags, fallocate};
 
+/// statfs f_type of ramfs (not exported by libc or nix).
+const RAMFS_MAGIC: libc::c_long = 0x8584_58f6;
+
 /// Errors from opening the image.
 #[derive(Debug, thiserror::Error)]
 pub enum DiskError {
@@ -110,7 +113,7 @@ impl Disk {
     fn probe_inline(&self) -> Inline {
         if let Ok(st) = nix::sys::statfs::fstatfs(&self.file) {
             let t = st.filesystem_type();
-            if t == nix::sys::statfs::TMPFS_MAGIC || t == nix::sys::statfs::RAMFS_MAGIC {
+            if t == nix::sys::statfs::TMPFS_MAGIC || t.0 == RAMFS_MAGIC {
                 return Inline::Always;
             }
         }

@@ -64,4 +64,7 @@ pub struct ApiError {
 pub struct LiveUpdateRequest {
     /// The new VMM's `--incoming` socket.
     pub destination: String,
+    /// How long to wait for the new VMM at each step (default 10 s); past it, roll back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }

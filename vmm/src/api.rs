@@ -69,11 +69,17 @@ impl ApiSocket {
                     let _ =
                         std::io::Read::take(req.as_reader(), MAX_BODY).read_to_string(&mut body_in);
                     let (status, body) = handle(&vm, req.method(), req.url(), &body_in);
+                    let moved = status == 200 && req.url().ends_with("/vm.live-update");
                     let mut resp = Response::from_string(body).with_status_code(status);
                     if let Ok(h) = Header::from_bytes("Content-Type", "application/json") {
                         resp.add_header(h);
                     }
                     let _ = req.respond(resp);
+                    if moved {
+                        // Only now: the process exits once the VM is marked moved, and the
+                        // report must reach the client first.
+                        vm.finish_live_update();
+                    }
                 }
             })
             .map_err(|e| ApiServerError::Bind(self.path.clone(), e))?;
@@ -130,7 +136,10 @@ fn handle(vm: &Arc<Vm>, method: &Method, url: &str, body: &str) -> (u16, String)
                     return error(400, format!("body must be {{\"destination\": PATH}}: {e}"));
                 }
             };
-            match vm.live_update(std::path::Path::new(&req.destination)) {
+            let timeout = req
+                .timeout_ms
+                .map_or(crate::migration::STEP_TIMEOUT, std::time::Duration::from_millis);
+            match vm.live_update(std::path::Path::new(&req.destination), timeout) {
                 Ok(report) => (200, serde_json::to_string(&report).unwrap_or_default()),
                 Err(e) => error(500, e.to_string()),
             }

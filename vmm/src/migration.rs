@@ -44,6 +44,26 @@ use crate::vm::{Devices, Vm, VmConfig, VmError};
 /// How long each side waits for the other at any step before giving up (and rolling back).
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Failure injection for the rollback tests, read by the incoming VMM from
+/// `BATON_LIVE_UPDATE_FAIL`: `exit-after-prepare`, `exit-after-state`, `hang-before-ready`,
+/// `abort-before-ready`, `refuse-backend`. Unset in normal use.
+fn injected_failure(point: &str) -> bool {
+    std::env::var("BATON_LIVE_UPDATE_FAIL").is_ok_and(|v| v == point)
+}
+
+/// Our hello; `BATON_LIVE_UPDATE_VERSION` overrides the protocol version (version-mismatch
+/// test only).
+fn our_hello(role: Role) -> Hello {
+    let mut h = Hello::new(role);
+    if let Some(v) = std::env::var("BATON_LIVE_UPDATE_VERSION")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        h.protocol_version = v;
+    }
+    h
+}
+
 /// Errors of a live update, one per step.
 #[derive(Debug, thiserror::Error)]
 pub enum LiveUpdateError {
@@ -408,18 +428,18 @@ fn save_kvm(
 
 /// Moves the VM to the new VMM listening on `dest`. On success the guest runs there and this
 /// process should exit; on failure before the commit the guest runs here again.
-pub fn outgoing(vm: &Arc<Vm>, dest: &Path) -> Result<Report, LiveUpdateError> {
+pub fn outgoing(vm: &Arc<Vm>, dest: &Path, timeout: Duration) -> Result<Report, LiveUpdateError> {
     let mut t = Timer::new();
     let mut s = UnixStream::connect(dest).map_err(|e| LiveUpdateError::Connect(dest.into(), e))?;
-    s.set_read_timeout(Some(STEP_TIMEOUT))
+    s.set_read_timeout(Some(timeout))
         .map_err(io("socket timeout"))?;
-    s.set_write_timeout(Some(STEP_TIMEOUT))
+    s.set_write_timeout(Some(timeout))
         .map_err(io("socket timeout"))?;
     let peer = cpr::check_peer(&s)?;
     let cprs = UnixStream::connect(cpr_path(dest))
         .map_err(|e| LiveUpdateError::Connect(cpr_path(dest), e))?;
     cpr::check_peer(&cprs)?;
-    let hello = handshake::exchange_hello(&mut s, &Hello::new(Role::Outgoing))?;
+    let hello = handshake::exchange_hello(&mut s, &our_hello(Role::Outgoing))?;
     if i64::from(hello.pid) != i64::from(peer.pid) {
         return Err(LiveUpdateError::NewVmm(format!(
             "hello names pid {}, the socket's peer is pid {}",
@@ -620,8 +640,11 @@ impl Incoming {
         cpr::check_peer(&cprs)?;
         s.set_read_timeout(Some(STEP_TIMEOUT))
             .map_err(io("socket timeout"))?;
-        handshake::exchange_hello(&mut s, &Hello::new(Role::Incoming))?;
+        handshake::exchange_hello(&mut s, &our_hello(Role::Incoming))?;
         let prepare = handshake::recv_prepare(&mut s)?;
+        if injected_failure("exit-after-prepare") {
+            std::process::exit(3);
+        }
         let mut t = Timer::new();
         let vm = match Vm::build(
             vm_config(&prepare.config, serial),
@@ -646,6 +669,9 @@ impl Incoming {
         let mut t = Timer::new();
         let mut fds = cpr::recv_fds(&cprs)?;
         t.lap("receive_state");
+        if injected_failure("exit-after-state") {
+            std::process::exit(3);
+        }
         let restored = (|| -> Result<(), LiveUpdateError> {
             restore_kvm(&vm, &state)?;
             t.lap("restore_kvm_state");
@@ -670,6 +696,12 @@ impl Incoming {
                         next_avail: u16::try_from(r.next_avail & 0xffff).unwrap_or(0),
                     })
                     .collect();
+                if injected_failure("refuse-backend") {
+                    return Err(LiveUpdateError::Backend(format!(
+                        "vhost-user back-end {} refused (injected)",
+                        saved.vhost_user.socket.display()
+                    )));
+                }
                 d.resume(&bases, false).map_err(LiveUpdateError::Backend)?;
                 t.lap(format!("reconnect {}", saved.vhost_user.socket.display()));
             }
@@ -679,12 +711,23 @@ impl Incoming {
             let _ = handshake::send_ack(&mut s, &Ack::failed(e.to_string()));
             return Err(e);
         }
+        if injected_failure("hang-before-ready") {
+            loop {
+                std::thread::park();
+            }
+        }
+        if injected_failure("abort-before-ready") {
+            handshake::send_abort(&mut s, "abort injected before ready")?;
+            return Err(LiveUpdateError::NewVmm("aborted (injected)".into()));
+        }
         handshake::send_ready(
             &mut s,
             &Ready {
                 phases: std::mem::take(&mut t.phases),
             },
         )?;
+        // The old VMM may roll back instead of committing (then it kills us): no timeout.
+        s.set_read_timeout(None).map_err(io("socket timeout"))?;
         handshake::recv_commit(&mut s)?;
         let mut t = Timer::new();
         for (_, dev) in &vm.devices {

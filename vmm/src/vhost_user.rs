@@ -74,6 +74,9 @@ const PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::
     .union(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
     .union(VhostUserProtocolFeatures::RESET_DEVICE);
 
+/// How long a reconnect keeps retrying a back-end that refuses us.
+pub const RECONNECT_WINDOW: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// What kind of device a back-end serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceKind {
@@ -278,8 +281,24 @@ impl VhostUserDevice {
 
     /// Connects again and renegotiates; the back-end must still offer every feature the guest
     /// relies on.
+    ///
+    /// A back-end serves one front-end at a time and may not have seen the previous one hang
+    /// up yet (it then refuses us), so the whole handshake is retried with a short capped
+    /// backoff for up to [`RECONNECT_WINDOW`].
     fn reconnect(&mut self) -> Result<(), VhostUserError> {
-        let fresh = VhostUserDevice::connect(self.cfg.clone(), self.mem.clone())?;
+        let deadline = std::time::Instant::now() + RECONNECT_WINDOW;
+        let mut delay = std::time::Duration::from_micros(100);
+        let fresh = loop {
+            match VhostUserDevice::connect(self.cfg.clone(), self.mem.clone()) {
+                Ok(d) => break d,
+                Err(e) if std::time::Instant::now() + delay < deadline => {
+                    tracing::debug!("reconnect to {}: {e}; retrying", self.cfg.socket.display());
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let missing = self.offered & !fresh.offered;
         if missing != 0 {
             return Err(VhostUserError::MissingFeatures(

@@ -296,16 +296,21 @@ impl Vm {
         self.ram.set_owned(false);
     }
 
-    /// Moves the VM to the new VMM on `dest` (see [`crate::migration`]); on success this VMM
-    /// stops with [`ExitReason::LiveUpdated`].
+    /// Moves the VM to the new VMM on `dest` (see [`crate::migration`]). On success the
+    /// caller reports and then calls [`Vm::finish_live_update`].
     pub fn live_update(
         self: &Arc<Self>,
         dest: &std::path::Path,
+        timeout: Duration,
     ) -> Result<crate::migration::Report, crate::migration::LiveUpdateError> {
-        let report = crate::migration::outgoing(self, dest)?;
+        let report = crate::migration::outgoing(self, dest, timeout)?;
         tracing::info!(blackout_us = report.blackout_us, "live update done");
-        self.control.exit(ExitReason::LiveUpdated);
         Ok(report)
+    }
+
+    /// Stops this VMM (exit 0) after its VM moved away.
+    pub fn finish_live_update(&self) {
+        self.control.exit(ExitReason::LiveUpdated);
     }
 
     /// After taking a VM over: this VMM now owns (and will remove) the RAM file.

@@ -34,6 +34,9 @@ enum Cmd {
     LiveUpdate {
         /// The new VMM's --incoming socket.
         destination: PathBuf,
+        /// Per-step timeout in milliseconds before rolling back (default 10000).
+        #[arg(long)]
+        timeout_ms: Option<u64>,
     },
 }
 
@@ -46,7 +49,7 @@ fn request(
 ) -> anyhow::Result<(u16, String)> {
     let mut s = UnixStream::connect(socket)
         .map_err(|e| anyhow::anyhow!("cannot connect to {}: {e}", socket.display()))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
     write!(
         s,
         "{method} {API_PREFIX}/{endpoint} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -74,10 +77,14 @@ fn main() -> ExitCode {
         Cmd::Pause => ("PUT", "vm.pause"),
         Cmd::Resume => ("PUT", "vm.resume"),
         Cmd::Shutdown => ("PUT", "vm.shutdown"),
-        Cmd::LiveUpdate { destination } => {
+        Cmd::LiveUpdate {
+            destination,
+            timeout_ms,
+        } => {
             let abs = std::path::absolute(destination).unwrap_or_else(|_| destination.clone());
             body = serde_json::to_string(&LiveUpdateRequest {
                 destination: abs.display().to_string(),
+                timeout_ms: *timeout_ms,
             })
             .unwrap_or_default();
             ("PUT", "vm.live-update")

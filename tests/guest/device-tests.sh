@@ -2,11 +2,15 @@
 # Runs the test guest's device tests on every platform available here and prints one line
 # per run: PASS/FAIL, platform, command line, and the guest's JSON result.
 #
-#   tests/guest/device-tests.sh [qemu] [qemu-vhost] [vmm] [vmm-qsd] [vmm-net]   (default: all)
+#   tests/guest/device-tests.sh [qemu] [qemu-tap] [qemu-vhost] [vmm] [vmm-qsd] [vmm-net]
+#   (default: all)
 #
 # - qemu:       QEMU TCG with QEMU's own virtio-blk-pci and virtio-net-pci (user-mode net:
 #               the guest pings the slirp gateway 10.0.2.2; UDP echo through a hostfwd on
 #               127.0.0.1).
+# - qemu-tap:   QEMU TCG, virtio-net-pci on a TAP that QEMU creates inside a network
+#               namespace created here (10.213.1.1/24 host side, guest 10.213.1.2): the host
+#               pings the guest and sends it UDP; the guest pings the host.
 # - qemu-vhost: QEMU TCG + vhost-user-blk-pci on baton-blk.
 # - vmm:        baton-vmm + baton-blk (4 queues).
 # - vmm-qsd:    baton-vmm + qemu-storage-daemon's vhost-user-blk export.
@@ -24,12 +28,14 @@ blk=${BATON_BLK:-$root/target/release/baton-blk}
 nettap=${BATON_NET_TAP:-$root/target/release/baton-net-tap}
 work=$(mktemp -d /tmp/baton-guest-dev.XXXXXX)
 ns=batong$$
+nsq=batogq$$
 pids=""
 fails=0
 
 cleanup() {
     for p in $pids; do kill "$p" 2>/dev/null; done
     ip netns del "$ns" 2>/dev/null
+    ip netns del "$nsq" 2>/dev/null
     rm -rf "$work"
 }
 trap cleanup EXIT INT TERM
@@ -128,6 +134,51 @@ run_vmm_qsd() {
     wait_socket "$work/qsd.sock" && run_vmm_disk baton-vmm+qemu-storage-daemon "$work/qsd.sock" 2
 }
 
+host_probe() {
+    ip netns exec "$1" python3 - "$2" <<'EOF'
+import socket, struct, sys
+dst = sys.argv[1]
+def csum(b):
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b)); s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); r.settimeout(1)
+p = struct.pack("!BBHHH", 8, 0, 0, 0x4242, 1) + b"x" * 32
+p = p[:2] + struct.pack("!H", csum(p)) + p[4:]
+r.sendto(p, (dst, 0))
+try:
+    d = r.recvfrom(2000)[0]; print("host: ping reply type", d[(d[0] & 15) * 4])
+except OSError:
+    print("host: no ping reply")
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1)
+ok = 0
+for i in range(200):
+    m = b"seq %08d" % i + b"p" * 64
+    s.sendto(m, (dst, 7))
+    try:
+        ok += s.recvfrom(2000)[0] == m
+    except OSError:
+        pass
+print("host: udp echo %d of 200" % ok)
+EOF
+}
+
+run_qemu_tap() {
+    ip netns add "$nsq" || return
+    ip netns exec "$nsq" ip link set lo up
+    t="test=net ip=10.213.1.2/24 peer=10.213.1.1 seconds=8"
+    ip netns exec "$nsq" timeout 60 $qemu_base -append "$t" \
+        -netdev tap,id=n0,ifname=batq0,script=no,downscript=no \
+        -device virtio-net-pci,netdev=n0,disable-legacy=on </dev/null >"$work/out" 2>&1 &
+    qpid=$!
+    for _ in $(seq 50); do ip netns exec "$nsq" ip link show batq0 >/dev/null 2>&1 && break; sleep 0.1; done
+    ip netns exec "$nsq" ip addr add 10.213.1.1/24 dev batq0
+    ip netns exec "$nsq" ip link set batq0 up
+    sleep 2
+    host_probe "$nsq" 10.213.1.2
+    wait $qpid
+    check qemu-tcg+tap "$t" "$work/out"
+}
+
 run_vmm_net() {
     ip netns add "$ns" || return
     ip netns exec "$ns" ip link set lo up
@@ -142,30 +193,7 @@ run_vmm_net() {
             </dev/null >"$work/out" 2>&1 &
         vpid=$!
         sleep 1.5
-        ip netns exec "$ns" python3 - <<'EOF'
-import socket, struct
-def csum(b):
-    s = sum(struct.unpack("!%dH" % (len(b) // 2), b)); s = (s >> 16) + (s & 0xffff); s += s >> 16
-    return ~s & 0xffff
-r = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); r.settimeout(1)
-p = struct.pack("!BBHHH", 8, 0, 0, 0x4242, 1) + b"x" * 32
-p = p[:2] + struct.pack("!H", csum(p)) + p[4:]
-r.sendto(p, ("10.213.0.2", 0))
-try:
-    d = r.recvfrom(2000)[0]; print("host: ping reply type", d[(d[0] & 15) * 4])
-except OSError:
-    print("host: no ping reply")
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1)
-ok = 0
-for i in range(200):
-    m = b"seq %08d" % i + b"p" * 64
-    s.sendto(m, ("10.213.0.2", 7))
-    try:
-        ok += s.recvfrom(2000)[0] == m
-    except OSError:
-        pass
-print("host: udp echo %d of 200" % ok)
-EOF
+        host_probe "$ns" 10.213.0.2
         wait $vpid
         check baton-vmm+baton-net-tap "$t" "$work/out"
     done
@@ -183,10 +211,11 @@ print("host: net-cont echo %d of 300" % ok)'
     check baton-vmm+baton-net-tap "$t (stopped by q)" "$work/out"
 }
 
-[ $# -eq 0 ] && set -- qemu qemu-vhost vmm vmm-qsd vmm-net
+[ $# -eq 0 ] && set -- qemu qemu-tap qemu-vhost vmm vmm-qsd vmm-net
 for what in "$@"; do
     case $what in
         qemu) run_qemu ;;
+        qemu-tap) run_qemu_tap ;;
         qemu-vhost) run_qemu_vhost ;;
         vmm) run_vmm ;;
         vmm-qsd) run_vmm_qsd ;;

@@ -359,9 +359,8 @@ impl VirtioPciDevice {
 
     /// Stops the back-end's rings and disconnects from it (live update).
     pub fn suspend(&mut self) -> Result<Vec<RingBase>, String> {
-        if !self.activated {
-            return Ok(Vec::new());
-        }
+        // Hang up even if the guest has not started the device yet: the back-end serves one
+        // front-end at a time, and the next one is the new VMM.
         self.activated = false;
         self.backend.suspend()
     }

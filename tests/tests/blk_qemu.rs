@@ -76,7 +76,7 @@ fn base64(data: &[u8]) -> String {
     s
 }
 
-fn run_qemu(guest: &(PathBuf, PathBuf), sock: &Path, script: &str) -> String {
+fn qemu_cmd(guest: &(PathBuf, PathBuf), chardev: &str, script: &str) -> Command {
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
         "-accel",
@@ -99,7 +99,7 @@ fn run_qemu(guest: &(PathBuf, PathBuf), sock: &Path, script: &str) -> String {
         "memory-backend=mem",
     ])
     .arg("-chardev")
-    .arg(format!("socket,id=c0,path={}", sock.display()))
+    .arg(chardev)
     .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=2"])
     .arg("-kernel")
     .arg(&guest.0)
@@ -110,6 +110,15 @@ fn run_qemu(guest: &(PathBuf, PathBuf), sock: &Path, script: &str) -> String {
         "console=ttyS0 quiet panic=-1 baton.script={}",
         base64(script.as_bytes())
     ));
+    cmd
+}
+
+fn run_qemu(guest: &(PathBuf, PathBuf), sock: &Path, script: &str) -> String {
+    let cmd = qemu_cmd(
+        guest,
+        &format!("socket,id=c0,path={}", sock.display()),
+        script,
+    );
     let f = harness::run_to_end(cmd, Duration::from_secs(240)).expect("run qemu");
     format!("{}\n{}", f.stdout, f.stderr)
 }
@@ -221,4 +230,87 @@ fn linux_guest_writes_discards_and_a_second_qemu_reads_back() {
     }
     assert!(b.alive());
     assert_eq!(b.signal_and_wait(libc::SIGTERM).code(), Some(0));
+}
+
+/// 200 blocks of 4 KiB, block i = "blk%012d-" for i, repeated 256 times; progress lines
+/// "W <i>" every 25 blocks; then every block is read back and compared in the guest.
+const RESTART_SCRIPT: &str = r#"
+dev=/dev/vda
+[ -b $dev ] || { echo "NO-BLOCK-DEVICE"; exit 1; }
+blk() { u=$(printf "blk%012d-" $1); s=$u; for k in 1 2 3 4 5 6 7 8; do s="$s$s"; done; printf "%s" "$s"; }
+echo START
+i=0
+while [ $i -lt 200 ]; do
+    blk $i | dd of=$dev bs=4096 seek=$i count=1 conv=fsync 2>/dev/null || echo "WRITE-FAILED $i"
+    i=$((i+1))
+    [ $((i % 25)) = 0 ] && echo "W $i"
+done
+sync
+echo 3 > /proc/sys/vm/drop_caches
+bad=0
+i=0
+while [ $i -lt 200 ]; do
+    a=$(dd if=$dev bs=4096 skip=$i count=1 2>/dev/null | md5sum | cut -d' ' -f1)
+    b=$(blk $i | md5sum | cut -d' ' -f1)
+    [ "$a" = "$b" ] || { echo "MISMATCH $i"; bad=1; }
+    i=$((i+1))
+done
+[ $bad = 0 ] && echo VERIFY-OK
+"#;
+
+#[test]
+fn backend_killed_and_restarted_under_a_running_guest() {
+    if let Some(r) = skip_reason() {
+        eprintln!("SKIP backend_killed_and_restarted_under_a_running_guest: {r}");
+        return;
+    }
+    let guest = match linux_guest() {
+        Ok(g) => g,
+        Err(r) => {
+            eprintln!("SKIP backend_killed_and_restarted_under_a_running_guest: {r}");
+            return;
+        }
+    };
+    let dir = tmpdir("restart");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 16 * MIB]).unwrap();
+    let mut a = Blk::start_on(dir.clone(), img.clone(), &["--queues", "2"]);
+    let chardev = format!("socket,id=c0,path={},reconnect-ms=100", a.sock.display());
+    let mut q = harness::Proc::spawn(qemu_cmd(&guest, &chardev, RESTART_SCRIPT)).unwrap();
+    let w = q.wait_line(Duration::from_secs(180), |l| l.contains("W 50"));
+    assert!(
+        w.is_some(),
+        "guest did not start writing:\n{}",
+        q.transcript()
+    );
+    // Crash the back-end in the middle of the guest's writes, start a new one.
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    std::fs::remove_file(&a.sock).unwrap();
+    let mut b = Blk::start_on(dir.clone(), img.clone(), &["--queues", "2"]);
+    let end = q.wait_line(Duration::from_secs(240), |l| l.contains("BATON-GUEST-EXIT"));
+    let out = q.transcript();
+    assert!(
+        end.is_some(),
+        "guest did not finish after the back-end restart:\n{out}"
+    );
+    assert!(out.contains("W 200"), "{out}");
+    assert!(
+        !out.contains("FAILED") && !out.contains("MISMATCH"),
+        "{out}"
+    );
+    assert!(out.contains("VERIFY-OK"), "{out}");
+    let _ = q.wait_exit(Duration::from_secs(30));
+    let image = b.image();
+    for i in 0..200usize {
+        let unit = format!("blk{i:012}-");
+        let expect = unit.repeat(256);
+        assert_eq!(
+            &image[i * 4096..(i + 1) * 4096],
+            expect.as_bytes(),
+            "block {i}"
+        );
+    }
+    assert_eq!(b.signal_and_wait(libc::SIGTERM).code(), Some(0));
+    drop(a); // removes the directory
 }

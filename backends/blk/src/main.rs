@@ -5,6 +5,7 @@
 //! INFLIGHT_SHMFD region) + `handler` (vhost-user requests of one connection) + `server`
 //! (accept loop, socket activation, sd_notify, signals).
 
+mod chain;
 mod cli;
 mod device;
 mod disk;

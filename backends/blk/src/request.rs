@@ -5,11 +5,9 @@
 //! a loop or a chain longer than the queue, out-of-range sectors) becomes a request whose
 //! status is already decided (IOERR or UNSUPP); nothing here panics on guest input.
 
-use std::ops::Deref;
-
-use virtio_queue::DescriptorChain;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use crate::chain::Desc;
 use crate::disk::IoVec;
 
 /// Sector size of the virtio-blk protocol.
@@ -121,95 +119,6 @@ pub struct DiskInfo {
 }
 
 type Seg = (GuestAddress, u64);
-
-/// One descriptor of a chain, as the parser needs it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Desc {
-    /// Guest address.
-    pub addr: GuestAddress,
-    /// Length.
-    pub len: u32,
-    /// Device-writable.
-    pub write: bool,
-    /// NEXT flag (on the last descriptor it means the chain was cut: loop, too long, unreadable).
-    pub next: bool,
-}
-
-/// The descriptors of a chain popped from the avail ring (virtio-queue walks it, following
-/// indirect tables, at most queue-size descriptors).
-pub fn descs_of<M>(chain: DescriptorChain<M>) -> Vec<Desc>
-where
-    M: Deref<Target = GuestMemoryMmap>,
-{
-    chain
-        .map(|d| Desc {
-            addr: d.addr(),
-            len: d.len(),
-            write: d.is_write_only(),
-            next: d.has_next(),
-        })
-        .collect()
-}
-
-const F_NEXT: u16 = 1;
-const F_WRITE: u16 = 2;
-const F_INDIRECT: u16 = 4;
-
-/// Walks the chain starting at `head` in the descriptor table (for resubmitting inflight
-/// heads, which are not in the avail ring any more). Same rules as virtio-queue: at most
-/// `queue_size` descriptors (or the indirect table's length), one level of indirection.
-pub fn walk(mem: &GuestMemoryMmap, table: GuestAddress, queue_size: u16, head: u16) -> Vec<Desc> {
-    let mut out: Vec<Desc> = Vec::new();
-    let (mut table, mut size, mut idx, mut ttl, mut indirect) =
-        (table, queue_size, head, queue_size, false);
-    let cut = |out: &mut Vec<Desc>| {
-        if let Some(l) = out.last_mut() {
-            l.next = true;
-        }
-    };
-    loop {
-        if idx >= size || ttl == 0 {
-            cut(&mut out);
-            break;
-        }
-        let mut raw = [0u8; 16];
-        let ok = table
-            .checked_add(16 * u64::from(idx))
-            .is_some_and(|a| mem.read_slice(&mut raw, a).is_ok());
-        if !ok {
-            cut(&mut out);
-            break;
-        }
-        let addr = u64::from_le_bytes([
-            raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
-        ]);
-        let len = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
-        let flags = u16::from_le_bytes([raw[12], raw[13]]);
-        let next = u16::from_le_bytes([raw[14], raw[15]]);
-        if flags & F_INDIRECT != 0 {
-            if indirect || len % 16 != 0 || len / 16 > u32::from(u16::MAX) {
-                cut(&mut out);
-                break;
-            }
-            table = GuestAddress(addr);
-            size = u16::try_from(len / 16).unwrap_or(0);
-            (idx, ttl, indirect) = (0, size, true);
-            continue;
-        }
-        out.push(Desc {
-            addr: GuestAddress(addr),
-            len,
-            write: flags & F_WRITE != 0,
-            next: flags & F_NEXT != 0,
-        });
-        ttl -= 1;
-        if flags & F_NEXT == 0 {
-            break;
-        }
-        idx = next;
-    }
-    out
-}
 
 /// Parses a chain. Never fails: errors end up in the request's status.
 pub fn parse(mem: &GuestMemoryMmap, head: u16, descs: &[Desc], disk: &DiskInfo) -> Request {
@@ -593,36 +502,5 @@ mod tests {
             (r.op.clone(), r.status, r.status_addr),
             (Op::Done, S_IOERR, Some(GuestAddress(0x3000)))
         );
-    }
-
-    #[test]
-    fn walk_follows_chains_and_stops_loops() {
-        let m = mem();
-        let table = GuestAddress(0x8000);
-        let put = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
-            let mut b = [0u8; 16];
-            b[0..8].copy_from_slice(&addr.to_le_bytes());
-            b[8..12].copy_from_slice(&len.to_le_bytes());
-            b[12..14].copy_from_slice(&flags.to_le_bytes());
-            b[14..16].copy_from_slice(&next.to_le_bytes());
-            m.write_slice(&b, GuestAddress(table.0 + 16 * i)).unwrap();
-        };
-        put(0, 0x1000, 16, F_NEXT, 2);
-        put(2, 0x3000, 1, F_WRITE, 0);
-        let c = walk(&m, table, 8, 0);
-        assert_eq!(
-            c,
-            vec![d(0x1000, 16, false, true), d(0x3000, 1, true, false)]
-        );
-        // A loop is cut at the queue size, with NEXT left on the last descriptor.
-        put(2, 0x3000, 1, F_WRITE | F_NEXT, 0);
-        let c = walk(&m, table, 8, 0);
-        assert_eq!(c.len(), 8);
-        assert!(c.last().unwrap().next);
-        // Head out of range, and an indirect table inside an indirect table.
-        assert!(walk(&m, table, 8, 9).is_empty());
-        put(4, 0x9000, 32, F_INDIRECT, 0);
-        put(0x100, 0x9000, 32, F_INDIRECT, 0); // 0x9000 = table + 16 * 0x100
-        assert!(walk(&m, table, 8, 4).is_empty());
     }
 }

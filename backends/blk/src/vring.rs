@@ -206,7 +206,7 @@ fn process(st: &mut Vring, dev: &Device, engine: &mut Engine) {
         // Heads a previous back-end instance left inflight go first (already marked).
         let table = GuestAddress(st.queue.desc_table());
         for head in std::mem::take(&mut st.resubmit) {
-            let descs = request::walk(m, table, st.queue.size(), head);
+            let descs = crate::chain::walk(m, table, st.queue.size(), head);
             batch.push(request::parse(m, head, &descs, info));
         }
         let max = usize::from(st.queue.size());
@@ -218,7 +218,12 @@ fn process(st: &mut Vring, dev: &Device, engine: &mut Engine) {
                 inf.begin(chain.head_index());
             }
             let head = chain.head_index();
-            batch.push(request::parse(m, head, &request::descs_of(chain), info));
+            batch.push(request::parse(
+                m,
+                head,
+                &crate::chain::descs_of(chain),
+                info,
+            ));
         }
         if batch.is_empty() {
             if event_idx && matches!(st.queue.enable_notification(m), Ok(true)) {

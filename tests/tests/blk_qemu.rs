@@ -314,3 +314,58 @@ fn backend_killed_and_restarted_under_a_running_guest() {
     assert_eq!(b.signal_and_wait(libc::SIGTERM).code(), Some(0));
     drop(a); // removes the directory
 }
+
+/// The host-side driver also drives qemu-storage-daemon's vhost-user-blk export (the peer
+/// of the benchmark): writes, reads, flush and discard verified against the image.
+#[test]
+fn host_driver_against_qemu_storage_daemon() {
+    use baton_tests::vhost_user::blk::*;
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg("command -v qemu-storage-daemon >/dev/null")
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!(
+            "SKIP host_driver_against_qemu_storage_daemon: qemu-storage-daemon is not installed"
+        );
+        return;
+    }
+    let dir = tmpdir("qsd");
+    let img = dir.join("disk.img");
+    std::fs::write(&img, vec![0u8; 8 * MIB]).unwrap();
+    let sock = dir.join("qsd.sock");
+    let mut cmd = Command::new("qemu-storage-daemon");
+    cmd.arg("--blockdev")
+        .arg(format!("driver=file,node-name=f0,filename={},cache.direct=off", img.display()))
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on,num-queues=2",
+            sock.display()
+        ));
+    let _qsd = harness::Proc::spawn(cmd).unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || sock.exists().then_some(())).is_some(),
+        "qsd did not listen"
+    );
+    let opts = BlkOptions {
+        queues: 2,
+        mem_size: 32 << 20,
+        slots: 16,
+        ..BlkOptions::default()
+    };
+    let mut d = BlkDriver::connect(&sock, opts).unwrap();
+    assert_eq!(d.capacity, (8 * MIB / 512) as u64);
+    for qi in 0..2 {
+        let data = pattern(qi as u64 + 10, 8192);
+        let sector = qi as u64 * 64;
+        assert_eq!(d.queue(qi).write(sector, &data).unwrap(), S_OK);
+        let (st, back) = d.queue(qi).read(sector, 8192).unwrap();
+        assert_eq!((st, back == data), (S_OK, true));
+    }
+    assert_eq!(d.queue(0).flush().unwrap(), S_OK);
+    let image = std::fs::read(&img).unwrap();
+    assert_eq!(&image[..8192], &pattern(10, 8192)[..]);
+    assert_eq!(&image[64 * 512..64 * 512 + 8192], &pattern(11, 8192)[..]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

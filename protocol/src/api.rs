@@ -25,7 +25,7 @@ pub enum VmState {
 /// use baton_protocol::api::{VmInfo, VmState};
 /// let info = VmInfo { state: VmState::Running, cpus: 2, memory_bytes: 256 << 20,
 ///     memory_path: "/dev/shm/baton-vm".into(), kernel: "/k".into(), cmdline: String::new(),
-///     pid: 1, uptime_ms: 5 };
+///     pid: 1, uptime_ms: 5, devices: vec![] };
 /// let json = serde_json::to_string(&info).unwrap();
 /// assert_eq!(serde_json::from_str::<VmInfo>(&json).unwrap(), info);
 /// ```
@@ -47,6 +47,36 @@ pub struct VmInfo {
     pub pid: u32,
     /// Milliseconds since the VMM started the guest.
     pub uptime_ms: u64,
+    /// The vhost-user devices.
+    #[serde(default)]
+    pub devices: Vec<DeviceInfo>,
+}
+
+/// Connection state of a vhost-user device's back-end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendState {
+    /// Connected; the rings run if the guest started the device.
+    Connected,
+    /// The back-end went away; the VMM is reconnecting.
+    Reconnecting,
+    /// Handed over to another VMM (live update in progress).
+    HandedOver,
+}
+
+/// One vhost-user device in `vm.info`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// Device name (`disk0`, `net1`, ...).
+    pub name: String,
+    /// The back-end's socket.
+    pub socket: String,
+    /// Connection state.
+    pub backend: BackendState,
+    /// Whether the guest driver has started the device.
+    pub started: bool,
+    /// How many times the VMM reconnected after the back-end went away.
+    pub reconnects: u64,
 }
 
 /// Error body returned with every non-2xx status.

@@ -136,9 +136,10 @@ fn handle(vm: &Arc<Vm>, method: &Method, url: &str, body: &str) -> (u16, String)
                     return error(400, format!("body must be {{\"destination\": PATH}}: {e}"));
                 }
             };
-            let timeout = req
-                .timeout_ms
-                .map_or(crate::migration::STEP_TIMEOUT, std::time::Duration::from_millis);
+            let timeout = req.timeout_ms.map_or(
+                crate::migration::STEP_TIMEOUT,
+                std::time::Duration::from_millis,
+            );
             match vm.live_update(std::path::Path::new(&req.destination), timeout) {
                 Ok(report) => (200, serde_json::to_string(&report).unwrap_or_default()),
                 Err(e) => error(500, e.to_string()),

@@ -18,6 +18,7 @@ pub mod layout;
 pub mod memory;
 pub mod migration;
 pub mod pci;
+pub mod reconnect;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vhost_user;

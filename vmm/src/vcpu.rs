@@ -138,8 +138,11 @@ pub fn run(
     control: Arc<VmControl>,
 ) {
     loop {
-        if control.pause_requested() && !control.park_vcpu() {
-            return;
+        if control.pause_requested() {
+            complete_pending_io(&vcpu);
+            if !control.park_vcpu() {
+                return;
+            }
         }
         // Held across KVM_RUN and the exit's handling; released while parked, so a paused
         // vCPU's state can be read and written from another thread (live update).
@@ -197,6 +200,19 @@ pub fn run(
             return;
         }
     }
+}
+
+/// Finishes the instruction behind the last I/O or MMIO exit before the vCPU parks.
+///
+/// KVM completes an exit's operation (the register an `in` loads, the rest of a string
+/// instruction) only on the next KVM_RUN, and that pending state is not in what
+/// KVM_GET_REGS and friends return: a state saved now would lose or repeat it. Entering
+/// KVM_RUN with `immediate_exit` set completes it without running any guest instruction.
+fn complete_pending_io(vcpu: &Mutex<VcpuFd>) {
+    let mut v = vcpu.lock().unwrap_or_else(|e| e.into_inner());
+    v.set_kvm_immediate_exit(1);
+    let _ = v.run();
+    v.set_kvm_immediate_exit(0);
 }
 
 fn internal_error(vcpu: &mut VcpuFd) -> String {

@@ -173,8 +173,15 @@ impl VhostUserDevice {
             DeviceKind::Block => cfg.queues,
             DeviceKind::Net { .. } => cfg.queues.saturating_mul(2),
         };
-        let mut fe = Frontend::connect(&cfg.socket, u64::from(queue_count) + 1)
-            .map_err(|e| VhostUserError::Connect(sock.clone(), e))?;
+        // One connect(2), no hidden retries (Frontend::connect sleeps 100 ms between five
+        // tries): the callers decide how to retry (live-update window, restart backoff).
+        let stream = std::os::unix::net::UnixStream::connect(&cfg.socket).map_err(|e| {
+            VhostUserError::Connect(
+                sock.clone(),
+                vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::SocketConnect(e)),
+            )
+        })?;
+        let mut fe = Frontend::from_stream(stream, u64::from(queue_count) + 1);
         fe.set_owner().map_err(step("SET_OWNER"))?;
         let features = fe.get_features().map_err(step("GET_FEATURES"))?;
         let required = virtio::F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
@@ -285,8 +292,8 @@ impl VhostUserDevice {
     /// A back-end serves one front-end at a time and may not have seen the previous one hang
     /// up yet (it then refuses us), so the whole handshake is retried with a short capped
     /// backoff for up to [`RECONNECT_WINDOW`].
-    fn reconnect(&mut self) -> Result<(), VhostUserError> {
-        let deadline = std::time::Instant::now() + RECONNECT_WINDOW;
+    fn reconnect(&mut self, window: std::time::Duration) -> Result<(), VhostUserError> {
+        let deadline = std::time::Instant::now() + window;
         let mut delay = std::time::Duration::from_micros(100);
         let fresh = loop {
             match VhostUserDevice::connect(self.cfg.clone(), self.mem.clone()) {
@@ -329,6 +336,14 @@ impl VhostUserDevice {
             }
             .to_string()
         })
+    }
+
+    /// Ends the connection (if any) at once, whoever else holds the fd.
+    fn hang_up(&mut self) {
+        if let Some(fe) = self.fe.take() {
+            // SAFETY: shutdown(2) on the Frontend's own open socket fd.
+            unsafe { libc::shutdown(fe.as_raw_fd(), libc::SHUT_RDWR) };
+        }
     }
 
     fn fe(&mut self) -> Result<&mut Frontend, String> {
@@ -505,9 +520,10 @@ impl VirtioBackend for VhostUserDevice {
             });
         }
         // Hang up: the back-end accepts the next front-end (the new VMM, or us on rollback).
-        // The inflight region stays: it goes to the new VMM, or back to the back-end on
-        // rollback.
-        self.fe = None;
+        // shutdown() ends the connection even while the monitor thread holds a duplicate of
+        // the fd. The inflight region stays: it goes to the new VMM, or back to the back-end
+        // on rollback.
+        self.hang_up();
         Ok(bases)
     }
 
@@ -519,7 +535,8 @@ impl VirtioBackend for VhostUserDevice {
         enable: bool,
     ) -> Result<(), String> {
         if self.fe.is_none() {
-            self.reconnect().map_err(|e| e.to_string())?;
+            self.reconnect(RECONNECT_WINDOW)
+                .map_err(|e| e.to_string())?;
         }
         if queues.is_empty() {
             return Ok(());
@@ -545,6 +562,25 @@ impl VirtioBackend for VhostUserDevice {
 
     fn acked_features(&self) -> u64 {
         self.acked
+    }
+
+    fn watch_fd(&self) -> Option<std::os::fd::OwnedFd> {
+        let fe = self.fe.as_ref()?;
+        // SAFETY: the fd is the Frontend's open socket; BorrowedFd lives only for this call.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fe.as_raw_fd()) };
+        fd.try_clone_to_owned().ok()
+    }
+
+    fn lost(&mut self) {
+        // The back-end is gone: its rings stopped with it. Keep the inflight region (the next
+        // back-end resubmits what it lists) and forget the connection.
+        self.started.clear();
+        self.hang_up();
+    }
+
+    fn reconnect_once(&mut self) -> Result<(), String> {
+        self.reconnect(std::time::Duration::ZERO)
+            .map_err(|e| e.to_string())
     }
 
     fn protocol_features(&self) -> u64 {

@@ -236,8 +236,15 @@ impl Vm {
         })
     }
 
-    /// Starts one thread per vCPU.
+    /// Starts one thread per vCPU, and one per device that watches its back-end.
     pub(crate) fn start_vcpus(&self) -> Result<(), VmError> {
+        for (_, dev) in &self.devices {
+            let dev = dev.clone();
+            std::thread::Builder::new()
+                .name("backend-watch".into())
+                .spawn(move || crate::reconnect::watch(&dev))
+                .map_err(|e| VmError::Os("spawning a back-end watcher", e))?;
+        }
         vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
             .map_err(|e| VmError::Os("registering the vCPU kick signal", e.into()))?;
         let mut threads = self.vcpu_threads.lock().unwrap_or_else(|e| e.into_inner());
@@ -341,6 +348,11 @@ impl Vm {
             cmdline: self.config.cmdline.clone(),
             pid: std::process::id(),
             uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            devices: self
+                .devices
+                .iter()
+                .map(|(_, d)| d.lock().unwrap_or_else(|e| e.into_inner()).info())
+                .collect(),
         }
     }
 }

@@ -95,6 +95,12 @@ pub trait VirtioBackend: Send {
         info: vhost::vhost_user::message::VhostUserInflight,
         file: std::fs::File,
     );
+    /// A duplicate of the back-end connection's fd, to watch for a hang-up.
+    fn watch_fd(&self) -> Option<std::os::fd::OwnedFd>;
+    /// The back-end went away (crash, restart): drop the connection, keep what survives.
+    fn lost(&mut self);
+    /// One connection attempt with the full handshake (no rings).
+    fn reconnect_once(&mut self) -> Result<(), String>;
     /// Features acknowledged to the back-end.
     fn acked_features(&self) -> u64;
     /// Negotiated protocol features.

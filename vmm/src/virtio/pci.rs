@@ -11,10 +11,12 @@ use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use baton_protocol::api::{BackendState, DeviceInfo};
 use baton_protocol::state::{
     Blob, InflightState, MsixEntryState, MsixState, PciDeviceState, VirtioPciState,
 };
 use vhost::vhost_user::message::VhostUserInflight;
+use vm_memory::Bytes;
 
 use super::common::{CommonConfig, Effect, NO_VECTOR};
 use super::{ActiveQueue, VirtioBackend, status};
@@ -83,6 +85,10 @@ pub struct VirtioPciDevice {
     registered: Vec<Option<u32>>,
     activated: bool,
     name: String,
+    backend_state: BackendState,
+    /// Bumped on every new back-end connection, so a watcher of an old one stands down.
+    generation: u64,
+    reconnects: u64,
 }
 
 fn io(step: &'static str) -> impl Fn(kvm_ioctls::Error) -> VirtioPciError {
@@ -160,6 +166,9 @@ impl VirtioPciDevice {
             registered: vec![None; usize::from(nq) + 1],
             activated: false,
             name,
+            backend_state: BackendState::Connected,
+            generation: 0,
+            reconnects: 0,
         };
         dev.register_ioeventfds(bar_base, true)?;
         Ok(dev)
@@ -362,6 +371,7 @@ impl VirtioPciDevice {
         // Hang up even if the guest has not started the device yet: the back-end serves one
         // front-end at a time, and the next one is the new VMM.
         self.activated = false;
+        self.backend_state = BackendState::HandedOver;
         self.backend.suspend()
     }
 
@@ -396,6 +406,8 @@ impl VirtioPciDevice {
         self.backend
             .resume(self.common.driver_features, &active, &starts, enable)?;
         self.activated = !active.is_empty();
+        self.backend_state = BackendState::Connected;
+        self.generation += 1;
         if enable {
             self.signal_queues();
         }
@@ -442,6 +454,93 @@ impl VirtioPciDevice {
             },
             file,
         );
+    }
+
+    /// What `vm.info` says about this device.
+    pub fn info(&self) -> DeviceInfo {
+        DeviceInfo {
+            name: self.name.clone(),
+            socket: self.backend.socket().display().to_string(),
+            backend: self.backend_state,
+            started: self.activated,
+            reconnects: self.reconnects,
+        }
+    }
+
+    /// A duplicate of the back-end socket to watch for a hang-up, and the connection's
+    /// generation; `None` while not connected.
+    pub fn watch(&self) -> Option<(std::os::fd::OwnedFd, u64)> {
+        if self.backend_state != BackendState::Connected {
+            return None;
+        }
+        self.backend.watch_fd().map(|fd| (fd, self.generation))
+    }
+
+    /// The connection of `generation` hung up. Unless it was meant (live update) or already
+    /// replaced, the device goes to "reconnecting". Returns whether it did.
+    pub fn backend_lost(&mut self, generation: u64) -> bool {
+        if generation != self.generation || self.backend_state != BackendState::Connected {
+            return false;
+        }
+        tracing::warn!(device = %self.name, socket = %self.backend.socket().display(),
+            "vhost-user back-end went away; reconnecting");
+        self.backend.lost();
+        self.backend_state = BackendState::Reconnecting;
+        true
+    }
+
+    /// Whether the device waits for its back-end to come back.
+    pub fn reconnecting(&self) -> bool {
+        self.backend_state == BackendState::Reconnecting
+    }
+
+    /// One reconnect attempt: the whole handshake, then the rings restart where the guest's
+    /// used rings say the dead back-end stopped (a back-end with an inflight region
+    /// resubmits the requests it had taken and not completed). Every ring is kicked and
+    /// every vector signalled once.
+    pub fn try_reconnect(&mut self) -> Result<(), String> {
+        self.backend.reconnect_once()?;
+        let mut active = Vec::new();
+        let mut starts = Vec::new();
+        if self.activated {
+            for (i, q) in self.common.queues.iter().enumerate() {
+                if !q.enabled {
+                    continue;
+                }
+                let index = u16::try_from(i).map_err(|_| "queue index".to_string())?;
+                let used_idx: u16 = self
+                    .mem
+                    .read_obj(GuestAddress(q.used + 2))
+                    .map_err(|e| format!("reading the used index of queue {i}: {e}"))?;
+                starts.push(used_idx);
+                active.push(ActiveQueue {
+                    index,
+                    size: q.size,
+                    desc: q.desc,
+                    avail: q.avail,
+                    used: q.used,
+                    kick: &self.kicks[i],
+                    call: &self.calls[i],
+                });
+            }
+        }
+        if let Err(e) = self
+            .backend
+            .resume(self.common.driver_features, &active, &starts, true)
+        {
+            self.backend.lost();
+            return Err(e);
+        }
+        for q in &active {
+            let _ = q.kick.write(1);
+        }
+        self.signal_queues();
+        self.backend_state = BackendState::Connected;
+        self.generation += 1;
+        self.reconnects += 1;
+        tracing::info!(device = %self.name, reconnects = self.reconnects,
+            "vhost-user back-end reconnected; rings restored");
+        Ok(())
     }
 
     /// The back-end's negotiated features and socket, for the state stream.

@@ -81,6 +81,8 @@ impl Drop for TempDir {
 pub struct Proc {
     /// The process.
     pub child: Child,
+    /// Its stdin, when spawned with [`Proc::spawn_with_stdin`].
+    pub stdin: Option<std::process::ChildStdin>,
     lines: Receiver<String>,
     /// Every line seen so far.
     pub seen: Vec<String>,
@@ -89,13 +91,36 @@ pub struct Proc {
 impl Proc {
     /// Spawns `cmd` with stdout piped (stderr inherited so test logs show it).
     pub fn spawn(mut cmd: Command) -> std::io::Result<Self> {
-        let mut child = cmd.stdout(Stdio::piped()).stdin(Stdio::null()).spawn()?;
+        cmd.stdin(Stdio::null());
+        Self::start(cmd)
+    }
+
+    /// Like [`Proc::spawn`], with a pipe to its stdin (a VMM forwards it to the guest's UART).
+    pub fn spawn_with_stdin(mut cmd: Command) -> std::io::Result<Self> {
+        cmd.stdin(Stdio::piped());
+        let mut p = Self::start(cmd)?;
+        p.stdin = p.child.stdin.take();
+        Ok(p)
+    }
+
+    fn start(mut cmd: Command) -> std::io::Result<Self> {
+        let mut child = cmd.stdout(Stdio::piped()).spawn()?;
         let out = child.stdout.take().ok_or(std::io::ErrorKind::BrokenPipe)?;
         Ok(Proc {
             child,
+            stdin: None,
             lines: read_lines(out),
             seen: Vec::new(),
         })
+    }
+
+    /// Writes `bytes` to the process's stdin (see [`Proc::spawn_with_stdin`]).
+    pub fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        match self.stdin.as_mut() {
+            Some(s) => s.write_all(bytes).and_then(|()| s.flush()),
+            None => Err(std::io::ErrorKind::BrokenPipe.into()),
+        }
     }
 
     /// Waits until a line satisfies `pred` and returns it; `None` at the deadline or EOF.

@@ -259,6 +259,13 @@ fn qemu_storage_daemon_as_the_blk_back_end() {
         assert_eq!(r["io_errors"], 0, "{r}");
     }
     check_image(&image, 2 * 2048 * 512, 64 * MIB);
+    // A misprogrammed queue is caught by the VMM whatever the back-end.
+    let name = unique("qsdbad");
+    let mut v = vmm(&name, "test=virtio-bad");
+    v.arg("--disk")
+        .arg(format!("socket={},queues=2", sock.display()));
+    let (r, _) = run_pass(&name, v);
+    assert_eq!(r["recovered"], true, "{r}");
 }
 
 #[test]
@@ -505,11 +512,27 @@ fn refusing_backend_socket_is_named() {
     assert!(err.to_lowercase().contains("refused"), "{err}");
 }
 
-/// A fake vhost-user back-end: answers GET_FEATURES with `features`, GET_PROTOCOL_FEATURES
-/// with 0 and anything that asks for a reply with 0; records the requests it saw.
-fn fake_backend(sock: &Path, features: u64) -> std::thread::JoinHandle<Vec<u32>> {
+/// What a fake back-end offers and refuses.
+#[derive(Clone, Copy)]
+struct Fake {
+    /// GET_FEATURES answer.
+    features: u64,
+    /// GET_PROTOCOL_FEATURES answer.
+    protocol: u64,
+    /// A request answered with a non-zero REPLY_ACK status (a refusal).
+    refuse: Option<u32>,
+}
+
+/// A fake vhost-user back-end on `sock` serving one connection: answers GET_FEATURES,
+/// GET_PROTOCOL_FEATURES, GET_QUEUE_NUM (1) and GET_VRING_BASE (0), and every request that
+/// asks for a REPLY_ACK with 0 (success) or 1 for `fake.refuse`. Message format: 12-byte
+/// header {request u32, flags u32 (0x1 version, 0x4 reply, 0x8 need reply), size u32}, payload.
+/// Returns the requests it saw, when the front-end hangs up.
+fn fake_backend(sock: &Path, fake: Fake) -> std::thread::JoinHandle<Vec<u32>> {
     const GET_FEATURES: u32 = 1;
+    const GET_VRING_BASE: u32 = 11;
     const GET_PROTOCOL_FEATURES: u32 = 15;
+    const GET_QUEUE_NUM: u32 = 17;
     const NEED_REPLY: u32 = 0x8;
     let l = UnixListener::bind(sock).unwrap();
     std::thread::spawn(move || {
@@ -526,7 +549,7 @@ fn fake_backend(sock: &Path, features: u64) -> std::thread::JoinHandle<Vec<u32>>
             }
         };
         s.set_nonblocking(false).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         loop {
             let mut hdr = [0u8; 12];
             if s.read_exact(&mut hdr).is_err() {
@@ -535,15 +558,21 @@ fn fake_backend(sock: &Path, features: u64) -> std::thread::JoinHandle<Vec<u32>>
             let req = u32::from_le_bytes(hdr[0..4].try_into().unwrap());
             let flags = u32::from_le_bytes(hdr[4..8].try_into().unwrap());
             let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap());
+            // Any fds (SET_MEM_TABLE, SET_VRING_KICK...) are discarded with the ancillary data.
             let mut payload = vec![0u8; size as usize];
             if s.read_exact(&mut payload).is_err() {
                 return seen;
             }
             seen.push(req);
             let value = match req {
-                GET_FEATURES => Some(features),
-                GET_PROTOCOL_FEATURES => Some(0),
-                _ if flags & NEED_REPLY != 0 => Some(0),
+                GET_FEATURES => Some(fake.features),
+                GET_PROTOCOL_FEATURES => Some(fake.protocol),
+                GET_QUEUE_NUM => Some(1),
+                // VhostUserVringState {index u32, num u32}: 8 bytes like the u64s.
+                GET_VRING_BASE => Some(u64::from(u32::from_le_bytes(
+                    payload.get(0..4).unwrap_or(&[0; 4]).try_into().unwrap(),
+                ))),
+                _ if flags & NEED_REPLY != 0 => Some(u64::from(fake.refuse == Some(req))),
                 _ => None,
             };
             if let Some(v) = value {
@@ -560,13 +589,15 @@ fn fake_backend(sock: &Path, features: u64) -> std::thread::JoinHandle<Vec<u32>>
     })
 }
 
+const VERSION_1: u64 = 1 << 32;
+const PROTOCOL_FEATURES: u64 = 1 << 30;
+const REPLY_ACK: u64 = 1 << 3;
+
 #[test]
 fn backend_offering_fewer_features_than_required_is_refused() {
     if !can_run("backend_offering_fewer_features") {
         return;
     }
-    const VERSION_1: u64 = 1 << 32;
-    const PROTOCOL_FEATURES: u64 = 1 << 30;
     let dir = TempDir::new("fe-feat");
     // blk features a back-end would offer, but no VERSION_1; then VERSION_1 without the
     // vhost-user protocol-features bit.
@@ -576,7 +607,14 @@ fn backend_offering_fewer_features_than_required_is_refused() {
         ("noproto", blk_bits | VERSION_1),
     ] {
         let sock = dir.join(&format!("{tag}.sock"));
-        let fake = fake_backend(&sock, offer);
+        let fake = fake_backend(
+            &sock,
+            Fake {
+                features: offer,
+                protocol: 0,
+                refuse: None,
+            },
+        );
         let s = sock.display().to_string();
         let err = refused(tag, &["--disk".into(), format!("socket={s}")], &[&s]);
         assert!(
@@ -643,4 +681,91 @@ fn malformed_mac_is_refused() {
         );
         assert!(err.contains("MAC"), "{err}");
     }
+}
+
+#[test]
+fn backend_refusing_set_mem_table_is_seen_through_reply_ack() {
+    if !can_run("backend_refusing_set_mem_table") {
+        return;
+    }
+    const SET_MEM_TABLE: u32 = 5;
+    let dir = TempDir::new("fe-nack");
+    let sock = dir.join("nack.sock");
+    let fake = fake_backend(
+        &sock,
+        Fake {
+            features: VERSION_1 | PROTOCOL_FEATURES | (1 << 9),
+            protocol: REPLY_ACK,
+            refuse: Some(SET_MEM_TABLE),
+        },
+    );
+    // The refusal comes at the guest's DRIVER_OK: the device cannot start, the guest's
+    // driver sees it fail, and the VMM keeps running to the guest's power-off.
+    let name = unique("nack");
+    let mut c = vmm(&name, "test=blk");
+    c.arg("--disk").arg(format!("socket={}", sock.display()));
+    let f = run_to_end(c, RUN).unwrap();
+    let lines: Vec<String> = f.stdout.lines().map(str::to_string).collect();
+    let r = result_json(&lines).unwrap_or_else(|| panic!("no result: {f:?}"));
+    assert_eq!(r["result"], "fail", "the guest's blk test cannot pass: {r}");
+    assert_eq!(f.code, Some(0), "the VMM survives: {}", f.stderr);
+    let s = sock.display().to_string();
+    assert!(
+        f.stderr.contains("SET_MEM_TABLE") && f.stderr.contains(&s),
+        "the refusal is logged with the step and the socket:\n{}",
+        f.stderr
+    );
+    assert!(!ram_file(&name).exists());
+    let seen = fake.join().unwrap();
+    let at = seen.iter().position(|&r| r == SET_MEM_TABLE);
+    assert!(at.is_some(), "SET_MEM_TABLE was sent: {seen:?}");
+    // Nothing after the refused table may start a ring (SET_VRING_KICK = 12).
+    let after = &seen[at.unwrap() + 1..];
+    assert!(
+        !after.contains(&12),
+        "no ring started after the refusal: {seen:?}"
+    );
+    eprintln!("requests: {seen:?}\n{}", f.stderr.trim());
+}
+
+#[test]
+fn backend_with_fewer_queues_than_asked_is_refused() {
+    if !can_run("backend_with_fewer_queues") {
+        return;
+    }
+    let dir = TempDir::new("fe-fewq");
+    let b = start_blk(&dir, "d", 16 * MIB, &["--queues", "2"]);
+    let s = b.sock.display().to_string();
+    let err = refused(
+        "fewq",
+        &["--disk".into(), format!("socket={s},queues=4")],
+        &[&s],
+    );
+    assert!(err.contains('4') && err.contains('2'), "{err}");
+}
+
+#[test]
+fn smaller_queue_size_is_used_by_the_guest() {
+    if !can_run("smaller_queue_size") {
+        return;
+    }
+    let dir = TempDir::new("fe-qsz");
+    let b = start_blk(&dir, "d", 64 * MIB, &["--queues", "2"]);
+    let name = unique("qsz");
+    let mut c = vmm(&name, "test=blk queues=2 depth=16");
+    c.arg("--disk").arg(format!(
+        "socket={},queues=2,queue_size=16",
+        b.sock.display()
+    ));
+    let (r, _) = run_pass(&name, c);
+    assert_eq!(r["bytes_verified"], 2 * 2048 * 512, "{r}");
+    // A size that is not a power of two is a command-line error.
+    refused(
+        "qsz-bad",
+        &[
+            "--disk".into(),
+            format!("socket={},queue_size=100", b.sock.display()),
+        ],
+        &["queue_size"],
+    );
 }

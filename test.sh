@@ -11,4 +11,4 @@ echo "== building the test guest (x86_64-unknown-none)"
 build_guest
 
 echo "== cargo test (unit, integration: real processes, sockets, QEMU, KVM)"
-cargo test --workspace --release -- --test-threads=2 "$@"
+cargo test --workspace --release --no-fail-fast -- --test-threads=2 "$@"

@@ -3,4 +3,7 @@
 
 pub mod boot;
 pub mod harness;
+pub mod netns;
+pub mod services;
+pub mod udp;
 pub mod vhost_user;

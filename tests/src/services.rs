@@ -1,0 +1,109 @@
+//! baton's processes as the demo, benchmarks and tests drive them: back-ends, a VMM with its
+//! API, live updates and back-end restarts.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::harness::{Proc, bin, run_to_end, wait_until};
+use crate::netns::Netns;
+
+/// How long any one step may take.
+pub const STEP: Duration = Duration::from_secs(30);
+
+/// Starts `baton-blk` on `image` at `socket` and waits for the socket.
+pub fn start_blk(image: &Path, socket: &Path, extra: &[&str]) -> anyhow::Result<Proc> {
+    let _ = std::fs::remove_file(socket);
+    let mut c = Command::new(bin("baton-blk"));
+    c.arg("--socket").arg(socket).arg("--image").arg(image).args(extra);
+    let p = Proc::spawn(c)?;
+    wait_until(STEP, || socket.exists().then_some(()))
+        .ok_or_else(|| anyhow::anyhow!("baton-blk did not create {}", socket.display()))?;
+    Ok(p)
+}
+
+/// Starts `baton-net-tap` inside `ns` on TAP `tap` and waits for the socket.
+pub fn start_net_tap(ns: &Netns, tap: &str, socket: &Path) -> anyhow::Result<Proc> {
+    let _ = std::fs::remove_file(socket);
+    let mut c = ns.command(&bin("baton-net-tap"));
+    c.arg("--socket").arg(socket).args(["--tap", tap]);
+    let p = Proc::spawn(c)?;
+    wait_until(STEP, || socket.exists().then_some(()))
+        .ok_or_else(|| anyhow::anyhow!("baton-net-tap did not create {}", socket.display()))?;
+    Ok(p)
+}
+
+/// Sends `sig` to a child and waits for it to exit.
+pub fn kill(p: &mut Proc, sig: i32) -> Option<i32> {
+    // SAFETY: kill(2) on our own, not yet reaped, child.
+    unsafe { libc::kill(i32::try_from(p.child.id()).unwrap_or(0), sig) };
+    p.wait_exit(STEP)
+}
+
+/// A baton-vmm process and its API socket.
+pub struct Vmm {
+    /// The process (stdin piped to the guest's UART).
+    pub proc: Proc,
+    /// Its API socket.
+    pub api: PathBuf,
+}
+
+/// `batonctl ARGS` against `api`: (exit code, stdout, stderr).
+pub fn batonctl(api: &Path, args: &[&str]) -> anyhow::Result<(Option<i32>, String, String)> {
+    let mut c = Command::new(bin("batonctl"));
+    c.arg("--api-socket").arg(api).args(args);
+    let f = run_to_end(c, Duration::from_secs(120))?;
+    Ok((f.code, f.stdout, f.stderr))
+}
+
+impl Vmm {
+    /// Boots `cmd` (a baton-vmm command line without `--api-socket`) with the API at `api`.
+    pub fn boot(mut cmd: Command, api: PathBuf) -> anyhow::Result<Vmm> {
+        cmd.arg("--api-socket").arg(&api);
+        Ok(Vmm {
+            proc: Proc::spawn_with_stdin(cmd)?,
+            api,
+        })
+    }
+
+    /// A `baton-vmm --incoming` in `dir`, numbered `n`; returns it and its incoming socket.
+    pub fn incoming(dir: &Path, n: usize) -> anyhow::Result<(Vmm, PathBuf)> {
+        let sock = dir.join(format!("incoming{n}.sock"));
+        let api = dir.join(format!("vmm{n}.api"));
+        let mut c = Command::new(bin("baton-vmm"));
+        c.arg("--incoming").arg(&sock).arg("--api-socket").arg(&api);
+        let vmm = Vmm {
+            proc: Proc::spawn_with_stdin(c)?,
+            api,
+        };
+        wait_until(STEP, || sock.exists().then_some(()))
+            .ok_or_else(|| anyhow::anyhow!("incoming VMM did not listen"))?;
+        Ok((vmm, sock))
+    }
+
+    /// `vm.info` as JSON.
+    pub fn info(&self) -> anyhow::Result<serde_json::Value> {
+        let (_, out, err) = batonctl(&self.api, &["info"])?;
+        serde_json::from_str(out.trim()).map_err(|e| anyhow::anyhow!("vm.info: {e}: {err}"))
+    }
+
+    /// Moves the VM to the VMM listening on `dest`; returns the report.
+    pub fn live_update(&self, dest: &Path) -> anyhow::Result<serde_json::Value> {
+        let (code, out, err) = batonctl(&self.api, &["live-update", &dest.display().to_string()])?;
+        anyhow::ensure!(code == Some(0), "live update failed: {err}");
+        Ok(serde_json::from_str(out.trim())?)
+    }
+
+    /// Waits until device `dev` has reconnected `n` times and is connected; returns how long
+    /// that took.
+    pub fn wait_reconnects(&self, dev: usize, n: u64) -> anyhow::Result<Duration> {
+        let t0 = Instant::now();
+        wait_until(STEP, || {
+            let i = self.info().ok()?;
+            let d = &i["devices"][dev];
+            (d["reconnects"] == n && d["backend"] == "connected").then_some(())
+        })
+        .ok_or_else(|| anyhow::anyhow!("device {dev} did not reconnect"))?;
+        Ok(t0.elapsed())
+    }
+}

@@ -570,3 +570,39 @@ fn get_vring_base_stops_the_ring_until_restarted() {
     assert_eq!((c.len(), c[0].status, c[0].tag), (1, S_OK, 7));
     assert_eq!(&b.image()[4096..8192], &pattern(2, 4096)[..]);
 }
+
+#[test]
+fn inflight_mark_is_visible_while_a_request_is_in_flight() {
+    use std::os::unix::fs::FileExt;
+    let b = Blk::start(4 * MIB, &["--test-delay-ms", "300"]);
+    let mut d = BlkDriver::connect(&b.sock, opts(1)).unwrap();
+    let head = d
+        .queue(0)
+        .submit(
+            Req {
+                rtype: T_OUT,
+                sector: 0,
+                out: &pattern(5, 4096),
+                in_len: 0,
+            },
+            1,
+        )
+        .unwrap();
+    d.queue(0).kick().unwrap();
+    let off = 16 + 16 * u64::from(head);
+    let marked = {
+        let (_, file) = d.inflight.as_ref().unwrap();
+        wait_until(Duration::from_secs(5), || {
+            let mut v = [0u8; 1];
+            file.read_exact_at(&mut v, off).unwrap();
+            (v[0] == 1).then_some(())
+        })
+    };
+    assert!(marked.is_some(), "head {head} never marked inflight");
+    let c = d.queue(0).wait(Duration::from_secs(10)).unwrap();
+    assert_eq!(c[0].status, S_OK);
+    let (_, file) = d.inflight.as_ref().unwrap();
+    let mut v = [0u8; 1];
+    file.read_exact_at(&mut v, off).unwrap();
+    assert_eq!(v[0], 0, "still marked after completion");
+}

@@ -274,7 +274,15 @@ fn backend_killed_and_restarted_under_a_running_guest() {
     let dir = tmpdir("restart");
     let img = dir.join("disk.img");
     std::fs::write(&img, vec![0u8; 16 * MIB]).unwrap();
-    let mut a = Blk::start_on(dir.clone(), img.clone(), &["--queues", "2"]);
+    // The first back-end holds each batch 50 ms after marking it inflight (and logs it), so
+    // that the kill below lands with requests in flight: the next one must resubmit them.
+    let alog = std::env::temp_dir().join(format!("baton-blk-restart-a-{}.log", std::process::id()));
+    let mut a = Blk::start_with_log(
+        dir.clone(),
+        img.clone(),
+        &["--queues", "2", "--test-delay-ms", "50"],
+        Some(&alog),
+    );
     let chardev = format!("socket,id=c0,path={},reconnect-ms=100", a.sock.display());
     let mut q = harness::Proc::spawn(qemu_cmd(&guest, &chardev, RESTART_SCRIPT)).unwrap();
     let w = q.wait_line(Duration::from_secs(180), |l| l.contains("W 50"));
@@ -283,11 +291,24 @@ fn backend_killed_and_restarted_under_a_running_guest() {
         "guest did not start writing:\n{}",
         q.transcript()
     );
-    // Crash the back-end in the middle of the guest's writes, start a new one.
+    // Crash the back-end while it holds a batch: "W 50" is printed between two I/Os, so wait
+    // for the next "holding" line of its log first.
+    let holds = || {
+        std::fs::read_to_string(&alog)
+            .unwrap_or_default()
+            .matches("holding a batch")
+            .count()
+    };
+    let n0 = holds();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while holds() == n0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     a.child.kill().unwrap();
     a.child.wait().unwrap();
     std::fs::remove_file(&a.sock).unwrap();
-    let mut b = Blk::start_on(dir.clone(), img.clone(), &["--queues", "2"]);
+    let log = std::env::temp_dir().join(format!("baton-blk-restart-{}.log", std::process::id()));
+    let mut b = Blk::start_with_log(dir.clone(), img.clone(), &["--queues", "2"], Some(&log));
     let end = q.wait_line(Duration::from_secs(240), |l| l.contains("BATON-GUEST-EXIT"));
     let out = q.transcript();
     assert!(
@@ -300,6 +321,13 @@ fn backend_killed_and_restarted_under_a_running_guest() {
         "{out}"
     );
     assert!(out.contains("VERIFY-OK"), "{out}");
+    let blog = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_file(&alog);
+    assert!(
+        blog.contains("resubmitting requests left inflight"),
+        "the restarted back-end resubmitted nothing (QEMU's inflight region unused?):\n{blog}"
+    );
     let _ = q.wait_exit(Duration::from_secs(30));
     let image = b.image();
     for i in 0..200usize {

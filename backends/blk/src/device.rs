@@ -53,6 +53,7 @@ pub struct Device {
     engine: IoEngineKind,
     writeback: AtomicBool,
     seg_max: u32,
+    test_delay: Option<std::time::Duration>,
 }
 
 impl Device {
@@ -79,6 +80,8 @@ impl Device {
             engine: args.io_engine,
             writeback: AtomicBool::new(true),
             seg_max: u32::from(args.queue_size).saturating_sub(2).clamp(1, 1024),
+            test_delay: (args.test_delay_ms > 0)
+                .then(|| std::time::Duration::from_millis(args.test_delay_ms)),
         })
     }
 
@@ -113,6 +116,11 @@ impl Device {
     /// Maximum queue size.
     pub fn queue_size(&self) -> u16 {
         self.queue_size
+    }
+
+    /// Test-only delay before executing a batch (`--test-delay-ms`).
+    pub fn test_delay(&self) -> Option<std::time::Duration> {
+        self.test_delay
     }
 
     /// I/O engine for the workers.

@@ -348,6 +348,13 @@ impl VhostUserBackendReqHandlerMut for ConnHandler {
         .map_err(|e| other(&e.to_string()))?;
         for (i, q) in self.dev.queues().iter().enumerate() {
             let tracker = u16::try_from(i).ok().and_then(|i| region.queue(i));
+            if let Some(t) = &tracker {
+                tracing::info!(
+                    queue = i,
+                    pending = t.pending().len(),
+                    "inflight region set"
+                );
+            }
             q.lock().inflight = tracker;
         }
         self.inflight = Some(region);

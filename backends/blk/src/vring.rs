@@ -231,6 +231,11 @@ fn process(st: &mut Vring, dev: &Device, engine: &mut Engine) {
             }
             return;
         }
+        if let Some(d) = dev.test_delay() {
+            let heads: Vec<u16> = batch.iter().map(|r| r.head).collect();
+            tracing::info!(?heads, "test delay: holding a batch marked inflight");
+            std::thread::sleep(d);
+        }
         engine.run(dev.disk(), &mut batch, !dev.writeback());
         for r in &batch {
             if !r.write_status(m) {

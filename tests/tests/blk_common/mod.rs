@@ -89,17 +89,29 @@ impl Blk {
 
     /// Starts baton-blk on an existing image.
     pub fn start_on(dir: PathBuf, img: PathBuf, extra: &[&str]) -> Blk {
+        Self::start_with_log(dir, img, extra, None)
+    }
+
+    /// Same, with an info-level log written to `log`.
+    pub fn start_with_log(dir: PathBuf, img: PathBuf, extra: &[&str], log: Option<&Path>) -> Blk {
         let sock = dir.join("blk.sock");
-        let child = Command::new(bin("baton-blk"))
+        let mut cmd = Command::new(bin("baton-blk"));
+        if let Some(l) = log {
+            cmd.stderr(std::fs::File::create(l).unwrap())
+                .env("RUST_LOG", "info")
+                .env("NO_COLOR", "1");
+        } else {
+            cmd.env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            );
+        }
+        let child = cmd
             .arg("--socket")
             .arg(&sock)
             .arg("--image")
             .arg(&img)
             .args(extra)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
             .stdin(Stdio::null())
             .spawn()
             .unwrap();

@@ -102,8 +102,10 @@ pub fn percentile(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
-    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
-    v[rank.clamp(1, v.len()) - 1]
+    // Nearest rank: the first value with at least p% of the sample at or below it.
+    let want = p / 100.0 * v.len() as f64;
+    let i = (0..v.len()).find(|&i| (i + 1) as f64 >= want).unwrap_or(v.len() - 1);
+    v[i]
 }
 
 /// Whether QEMU can be used with `-accel kvm` here.

@@ -211,6 +211,21 @@ fn baton_blk_four_queues_in_parallel() {
         assert_eq!(r["depth"], 8, "all four queues kept 8 deep at once: {r}");
     }
     check_image(&b.image, 4 * 2048 * 512, size);
+    // The continuous mode later issues build on: sequence-numbered writes, each read back.
+    let name = unique("cont");
+    let mut c = vmm(&name, "test=blk-cont seconds=2 queues=4 depth=4");
+    c.arg("--disk")
+        .arg(format!("socket={},queues=4", b.sock.display()));
+    let (r, _) = run_pass(&name, c);
+    assert!(r["writes"].as_u64().unwrap() > 100, "{r}");
+    assert_eq!(r["reads"], r["writes"], "every write read back: {r}");
+    assert_eq!(r["io_errors"], 0, "{r}");
+    assert_eq!(r["verify_errors"], 0, "{r}");
+    assert_eq!(r["outstanding"], 0, "{r}");
+    eprintln!(
+        "blk-cont: {} verified writes in {} ms, max gap {} us",
+        r["writes"], r["elapsed_ms"], r["max_gap_us"]
+    );
 }
 
 #[test]
@@ -447,6 +462,26 @@ fn baton_net_tap_ping_and_udp_echo_from_a_namespace() {
         assert!(r["udp_echoed"].as_u64().unwrap() >= 232, "{r}");
         assert_eq!(r["tx_dropped"], 0, "{r}");
     }
+    // The continuous mode later issues build on: sequence-numbered UDP echo, nothing lost.
+    let name = unique("netcont");
+    let mut c = vmm(&name, &format!("test=net-cont ip={GUEST_IP}/24 seconds=6"));
+    c.arg("--net")
+        .arg(format!("socket={},mac={GUEST_MAC}", nt.socket.display()));
+    let mut p = Proc::spawn(c).unwrap();
+    assert!(
+        p.wait_line(RUN, |l| l.contains("ready")).is_some(),
+        "no ready line:\n{}",
+        p.transcript()
+    );
+    ping_from(&ns, GUEST_IP, 1);
+    let (one_by_one, burst) = udp_echo_from(&ns, GUEST_IP, 500, 64);
+    assert_eq!((one_by_one, burst), (500, 64), "UDP echo (net-cont)");
+    assert_eq!(p.wait_exit(RUN), Some(0), "{}", p.transcript());
+    let r = result_json(&p.seen).unwrap_or_else(|| panic!("no result:\n{}", p.transcript()));
+    assert_eq!(r["result"], "pass", "{r}");
+    assert!(r["udp_echoed"].as_u64().unwrap() >= 564, "{r}");
+    assert_eq!(r["tx_dropped"], 0, "{r}");
+    assert_eq!(r["rx_dropped"], 0, "{r}");
 }
 
 // ---- bad input -----------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 # per run: PASS/FAIL, platform, command line, and the guest's JSON result.
 #
 #   tests/guest/device-tests.sh [qemu] [qemu-tap] [qemu-vhost] [vmm] [vmm-qsd] [vmm-net]
-#   (default: all)
+#   [vmm-io]   (default: all)
 #
 # - qemu:       QEMU TCG with QEMU's own virtio-blk-pci and virtio-net-pci (user-mode net:
 #               the guest pings the slirp gateway 10.0.2.2; UDP echo through a hostfwd on
@@ -16,6 +16,10 @@
 # - vmm-qsd:    baton-vmm + qemu-storage-daemon's vhost-user-blk export.
 # - vmm-net:    baton-vmm + baton-net-tap, TAP in a network namespace created here
 #               (10.213.0.1/24 host side, guest 10.213.0.2; needs root and `ip netns`).
+# - vmm-io:     baton-vmm + baton-blk + baton-net-tap: `io-cont` (blk-cont and net-cont at
+#               once) on 2 vCPUs (split) and on 1 vCPU (interleaved, stopped by `q`), with a
+#               UDP stream from the namespace (10.213.2.1/24 host side, guest 10.213.2.2);
+#               a run passes only if both `writes` and `udp_echoed` advanced.
 #
 # Binaries: BATON_VMM, BATON_BLK, BATON_NET_TAP (default: target/release/ of the
 # repository). Build first: `cargo build --release -p baton-vmm -p baton-blk -p
@@ -211,7 +215,48 @@ print("host: net-cont echo %d of 300" % ok)'
     check baton-vmm+baton-net-tap "$t (stopped by q)" "$work/out"
 }
 
-[ $# -eq 0 ] && set -- qemu qemu-tap qemu-vhost vmm vmm-qsd vmm-net
+# io_check PLATFORM CMDLINE OUTPUT_FILE: like check, and both workloads must have advanced.
+io_check() {
+    if grep '^{"test"' "$3" | tail -1 | grep -q '"writes":0,\|"udp_echoed":0,'; then
+        echo "FAIL $1 [$2] a workload made no progress: $(grep '^{"test"' "$3" | tail -1)"
+        fails=$((fails + 1))
+    else
+        check "$1" "$2" "$3"
+    fi
+}
+
+run_vmm_io() {
+    [ -S "$work/b.sock" ] || start_baton_blk
+    nsi=${ns}i
+    ip netns add "$nsi" || return
+    ip netns exec "$nsi" ip link set lo up
+    ip netns exec "$nsi" "$nettap" --socket "$work/ni.sock" --tap batio0 >"$work/tapi.log" 2>&1 &
+    pids="$pids $!"
+    wait_socket "$work/ni.sock" || return
+    ip netns exec "$nsi" ip addr add 10.213.2.1/24 dev batio0
+    ip netns exec "$nsi" ip link set batio0 up
+    for run in "2|test=io-cont ip=10.213.2.2/24 seconds=6|" "1|test=io-cont ip=10.213.2.2/24 seconds=0 depth=8|q"; do
+        cpus=${run%%|*}; rest=${run#*|}; t=${rest%|*}; q=${rest##*|}
+        (sleep 5; [ -n "$q" ] && printf q; sleep 2) | timeout 60 "$vmm" --kernel "$guest" --cpus "$cpus" \
+            --cmdline "$t" --disk socket="$work/b.sock",queues=4 --net socket="$work/ni.sock" >"$work/out" 2>&1 &
+        vpid=$!
+        sleep 1.5
+        ip netns exec "$nsi" python3 -c '
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(1)
+ok = n = 0; end = time.time() + 3
+while time.time() < end:
+    m = b"io%d" % n; n += 1; s.sendto(m, ("10.213.2.2", 7))
+    try: ok += s.recvfrom(100)[0] == m
+    except OSError: pass
+print("host: io-cont echo %d of %d" % (ok, n))'
+        wait $vpid
+        io_check "baton-vmm+baton-blk+baton-net-tap cpus=$cpus" "$t${q:+ (stopped by q)}" "$work/out"
+    done
+    ip netns del "$nsi"
+}
+
+[ $# -eq 0 ] && set -- qemu qemu-tap qemu-vhost vmm vmm-qsd vmm-net vmm-io
 for what in "$@"; do
     case $what in
         qemu) run_qemu ;;
@@ -220,6 +265,7 @@ for what in "$@"; do
         vmm) run_vmm ;;
         vmm-qsd) run_vmm_qsd ;;
         vmm-net) run_vmm_net ;;
+        vmm-io) run_vmm_io ;;
         *) echo "unknown: $what"; exit 2 ;;
     esac
 done

@@ -228,37 +228,85 @@ fn cont_check(buf: &[u8], seq: u64, sector: u64) -> bool {
     })
 }
 
-/// `test=blk-cont [seconds=N] [blocks=N] [depth=N] [queues=N] [mode=irq|poll] [start=SEQ]
-/// [drain=S]`:
-/// block `seq mod blocks` (4 KiB) gets a write of `seq`, then a read-back that must match.
-pub fn test_blk_cont(m: &Machine) {
-    const BLOCK: u32 = 4096;
-    let queues = usize::try_from(opt(m.cmdline, "queues", 1)).unwrap_or(1);
-    let poll = poll_mode(m.cmdline, false);
-    let mut blk = match open(m, queues, poll) {
-        Ok(b) => b,
-        Err(e) => return report(m, "blk-cont", Err(e), format_args!("")),
-    };
-    let nq = blk.nq;
-    let depth = u32::try_from(opt(m.cmdline, "depth", 4)).unwrap_or(4).clamp(1, 32);
-    let max_blocks = blk.capacity / (u64::from(BLOCK) / SECTOR);
-    let blocks = opt(m.cmdline, "blocks", 1024).min(max_blocks).max(1);
-    if blocks < u64::from(depth) * nq as u64 * 2 {
-        return report(m, "blk-cont", Err("blocks must be at least 2 x depth x queues"), format_args!(""));
+/// Bytes per `blk-cont` block.
+pub const CONT_BLOCK: u32 = 4096;
+
+/// The outcome of a [`cont_run`].
+pub struct ContResult {
+    /// Writes completed.
+    pub writes: u64,
+    /// Read-backs completed.
+    pub reads: u64,
+    /// Requests that completed with a non-zero status.
+    pub io_errors: u64,
+    /// Read-backs whose content did not match.
+    pub verify_errors: u64,
+    /// Longest time between two consecutive completions (µs).
+    pub max_gap_us: u64,
+    /// Last completion to the end when requests never completed (µs), else 0.
+    pub stall_us: u64,
+    /// The next sequence number.
+    pub next_seq: u64,
+    /// Requests still in flight at the end.
+    pub outstanding: u64,
+    /// Duration of the run (ms).
+    pub elapsed_ms: u64,
+}
+
+impl ContResult {
+    /// The pass/fail verdict of a `blk-cont` run.
+    pub fn verdict(&self) -> Result<(), &'static str> {
+        if self.io_errors > 0 {
+            Err("I/O errors")
+        } else if self.verify_errors > 0 {
+            Err("verify errors")
+        } else if self.outstanding > 0 {
+            Err("requests never completed")
+        } else if self.writes == 0 {
+            Err("no writes completed")
+        } else {
+            Ok(())
+        }
     }
-    let mut stop = Stop::new(opt(m.cmdline, "seconds", 10));
-    let drain = time::us_to_tsc(opt(m.cmdline, "drain", 10) * 1_000_000);
+}
+
+/// The `blk-cont` options read from the command line: (depth, blocks), or why they are bad.
+pub fn cont_options(m: &Machine, blk: &Blk) -> Result<(u32, u64), &'static str> {
+    let depth = u32::try_from(opt(m.cmdline, "depth", 4)).unwrap_or(4).clamp(1, 32);
+    let max_blocks = blk.capacity / (u64::from(CONT_BLOCK) / SECTOR);
+    let blocks = opt(m.cmdline, "blocks", 1024).min(max_blocks).max(1);
+    if blocks < u64::from(depth) * blk.nq as u64 * 2 {
+        return Err("blocks must be at least 2 x depth x queues");
+    }
+    Ok((depth, blocks))
+}
+
+/// The `blk-cont` workload: block `seq mod blocks` gets a write of `seq`, then a read-back
+/// that must match; `depth` chains in flight per queue until `stop()` says so, then drains
+/// (giving up after `drain_us` without a completion).
+pub fn cont_run(
+    blk: &mut Blk,
+    poll: bool,
+    depth: u32,
+    blocks: u64,
+    start_seq: u64,
+    drain_us: u64,
+    mut stop: impl FnMut() -> bool,
+) -> ContResult {
+    const BLOCK: u32 = CONT_BLOCK;
+    let nq = blk.nq;
+    let drain = time::us_to_tsc(drain_us);
     // Per queue, per request id: (seq, is_read).
     let mut inflight = [[(0u64, false); 256]; 8];
     let mut outstanding = [0u32; 8];
-    let mut seq = opt(m.cmdline, "start", 0);
+    let mut seq = start_seq;
     let (mut writes, mut reads, mut io_errors, mut verify_errors) = (0u64, 0u64, 0u64, 0u64);
     let mut last = sys::rdtsc();
     let mut max_gap = 0u64;
     let mut stopping = false;
     let started = last;
     loop {
-        if !stopping && stop.due() {
+        if !stopping && stop() {
             stopping = true;
         }
         // Keep `depth` write-or-read chains per queue.
@@ -325,29 +373,61 @@ pub fn test_blk_cont(m: &Machine) {
         }
     }
     let lost = outstanding.iter().map(|n| u64::from(*n)).sum::<u64>();
-    // Time from the last completion to the end (a stall that never ended shows here).
-    let stall = if lost > 0 { time::tsc_to_us(sys::rdtsc() - last) } else { 0 };
-    let result = if io_errors > 0 {
-        Err("I/O errors")
-    } else if verify_errors > 0 {
-        Err("verify errors")
-    } else if lost > 0 {
-        Err("requests never completed")
-    } else if writes == 0 {
-        Err("no writes completed")
-    } else {
-        Ok(())
+    ContResult {
+        writes,
+        reads,
+        io_errors,
+        verify_errors,
+        max_gap_us: time::tsc_to_us(max_gap),
+        // Time from the last completion to the end (a stall that never ended shows here).
+        stall_us: if lost > 0 { time::tsc_to_us(sys::rdtsc() - last) } else { 0 },
+        next_seq: seq,
+        outstanding: lost,
+        elapsed_ms: time::tsc_to_us(sys::rdtsc() - started) / 1000,
+    }
+}
+
+/// Opens the `disk=K`th virtio-blk device for a continuous test (`queues=`, `mode=`).
+pub fn open_cont(m: &Machine, poll: bool) -> Result<Blk, &'static str> {
+    let queues = usize::try_from(opt(m.cmdline, "queues", 1)).unwrap_or(1);
+    open(m, queues, poll)
+}
+
+/// `test=blk-cont [seconds=N] [blocks=N] [depth=N] [queues=N] [mode=irq|poll] [start=SEQ]
+/// [drain=S]`:
+/// block `seq mod blocks` (4 KiB) gets a write of `seq`, then a read-back that must match.
+pub fn test_blk_cont(m: &Machine) {
+    let poll = poll_mode(m.cmdline, false);
+    let mut blk = match open_cont(m, poll) {
+        Ok(b) => b,
+        Err(e) => return report(m, "blk-cont", Err(e), format_args!("")),
     };
+    let (depth, blocks) = match cont_options(m, &blk) {
+        Ok(o) => o,
+        Err(e) => return report(m, "blk-cont", Err(e), format_args!("")),
+    };
+    let mut stop = Stop::new(opt(m.cmdline, "seconds", 10));
+    let drain_us = opt(m.cmdline, "drain", 10) * 1_000_000;
+    let start = opt(m.cmdline, "start", 0);
+    let r = cont_run(&mut blk, poll, depth, blocks, start, drain_us, || stop.due());
     report(
         m,
         "blk-cont",
-        result,
+        r.verdict(),
         format_args!(
-            ",\"writes\":{writes},\"reads\":{reads},\"io_errors\":{io_errors},\"verify_errors\":{verify_errors},\"max_gap_us\":{},\"stall_us\":{stall},\"next_seq\":{seq},\"blocks\":{blocks},\"depth\":{depth},\"queues\":{nq},\"mode\":\"{}\",\"stopped_by\":\"{}\",\"outstanding\":{lost},\"elapsed_ms\":{}",
-            time::tsc_to_us(max_gap),
+            ",\"writes\":{},\"reads\":{},\"io_errors\":{},\"verify_errors\":{},\"max_gap_us\":{},\"stall_us\":{},\"next_seq\":{},\"blocks\":{blocks},\"depth\":{depth},\"queues\":{},\"mode\":\"{}\",\"stopped_by\":\"{}\",\"outstanding\":{},\"elapsed_ms\":{}",
+            r.writes,
+            r.reads,
+            r.io_errors,
+            r.verify_errors,
+            r.max_gap_us,
+            r.stall_us,
+            r.next_seq,
+            blk.nq,
             if poll { "poll" } else { "irq" },
             stop.reason,
-            time::tsc_to_us(sys::rdtsc() - started) / 1000,
+            r.outstanding,
+            r.elapsed_ms,
         ),
     );
 }

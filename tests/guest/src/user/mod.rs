@@ -10,6 +10,7 @@ pub mod acpi;
 pub mod blk;
 pub mod blktests;
 pub mod devices;
+pub mod iotests;
 pub mod dma;
 pub mod net;
 pub mod nettests;

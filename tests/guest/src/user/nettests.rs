@@ -8,7 +8,7 @@ use super::tests::report;
 use super::{Machine, sys, time};
 
 /// Opens the `nic=K`th virtio-net device with `ip=A.B.C.D[/LEN]`, `port=`, `peer=`.
-fn open(m: &Machine, poll: bool) -> Result<Net, &'static str> {
+pub fn open(m: &Machine, poll: bool) -> Result<Net, &'static str> {
     let ip = cmdline_value(m.cmdline, "ip").unwrap_or("10.0.2.15");
     let ip = net::parse_ip(ip.split('/').next().unwrap_or("")).ok_or("bad ip=")?;
     let peer = match cmdline_value(m.cmdline, "peer") {
@@ -30,14 +30,14 @@ fn open(m: &Machine, poll: bool) -> Result<Net, &'static str> {
 
 /// Serves until `stop`; every second, if a peer is set and has not answered yet, sends an
 /// ARP request or a ping. Returns the largest gap between two received frames (µs).
-fn serve(n: &mut Net, poll: bool, stop: &mut Stop, until_ping: bool) -> u64 {
+pub fn serve(n: &mut Net, poll: bool, mut stop: impl FnMut() -> bool, until_ping: bool) -> u64 {
     let has_peer = n.peer != [0; 4];
     let mut next_probe = sys::rdtsc();
     let mut seq = 0u16;
     let mut last_rx: Option<u64> = None;
     let mut max_gap = 0u64;
     loop {
-        if stop.due() || (until_ping && n.stats.ping_replies > 0) {
+        if stop() || (until_ping && n.stats.ping_replies > 0) {
             return time::tsc_to_us(max_gap);
         }
         let now = sys::rdtsc();
@@ -69,7 +69,7 @@ fn serve(n: &mut Net, poll: bool, stop: &mut Stop, until_ping: bool) -> u64 {
     }
 }
 
-fn ip_str(ip: [u8; 4]) -> impl core::fmt::Display {
+pub fn ip_str(ip: [u8; 4]) -> impl core::fmt::Display {
     struct Ip([u8; 4]);
     impl core::fmt::Display for Ip {
         fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -79,7 +79,7 @@ fn ip_str(ip: [u8; 4]) -> impl core::fmt::Display {
     Ip(ip)
 }
 
-fn mac_str(mac: [u8; 6]) -> impl core::fmt::Display {
+pub fn mac_str(mac: [u8; 6]) -> impl core::fmt::Display {
     struct Mac([u8; 6]);
     impl core::fmt::Display for Mac {
         fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
@@ -108,7 +108,7 @@ pub fn test_net(m: &Machine) {
     let mut stop = Stop::new(opt(m.cmdline, "seconds", 10));
     let until_ping = cmdline_value(m.cmdline, "until") == Some("ping");
     let t0 = sys::rdtsc();
-    let max_gap = serve(&mut n, poll, &mut stop, until_ping);
+    let max_gap = serve(&mut n, poll, || stop.due(), until_ping);
     let has_peer = n.peer != [0; 4];
     let s = n.stats;
     let result = if has_peer && n.peer_mac.is_none() {
@@ -163,7 +163,7 @@ pub fn test_net_cont(m: &Machine) {
     );
     let mut stop = Stop::new(opt(m.cmdline, "seconds", 0));
     let t0 = sys::rdtsc();
-    let max_gap = serve(&mut n, poll, &mut stop, false);
+    let max_gap = serve(&mut n, poll, || stop.due(), false);
     let s = n.stats;
     report(
         m,

@@ -1,7 +1,7 @@
 //! SMP at CPL3: start the APs with INIT-SIPI-SIPI (the kernel only writes the ICR), let
 //! each report itself, then park them in `hlt` until the BSP posts a job.
 
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 
 use super::acpi::CpuList;
 use super::{sys, time};
@@ -23,6 +23,9 @@ static ONLINE: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
 static JOB_SEQ: AtomicU64 = AtomicU64::new(0);
 /// Number of AP jobs finished.
 static JOB_DONE: AtomicU64 = AtomicU64::new(0);
+/// The job the APs run when [`JOB_SEQ`] changes: 0 = [`run_job`], otherwise a `fn(usize)`
+/// (called with the CPU index) posted by [`post_job`].
+static JOB_FN: AtomicUsize = AtomicUsize::new(0);
 /// The shared counter the `smp` job increments.
 pub static COUNTER: AtomicU64 = AtomicU64::new(0);
 /// Increments per CPU in the `smp` job.
@@ -119,7 +122,14 @@ pub fn ap_main(cpu: usize) -> ! {
         let seq = JOB_SEQ.load(Ordering::Acquire);
         if seq != seen {
             seen = seq;
-            run_job();
+            match JOB_FN.load(Ordering::Acquire) {
+                0 => run_job(),
+                f => {
+                    // SAFETY: a non-zero JOB_FN was stored by `post_job` from a `fn(usize)`.
+                    let f: fn(usize) = unsafe { core::mem::transmute::<usize, fn(usize)>(f) };
+                    f(cpu);
+                }
+            }
             JOB_DONE.fetch_add(1, Ordering::AcqRel);
         } else {
             sys::idle(0, Some((&JOB_SEQ, seq)));
@@ -134,10 +144,8 @@ pub fn run_job() {
     }
 }
 
-/// Posts a job to all `aps` APs, wakes them with an IPI, and waits (sleeping, up to
-/// `timeout_us`) until they finish; returns how many finished.
-pub fn run_on_aps(aps: usize, timeout_us: u64) -> u64 {
-    let before = JOB_DONE.load(Ordering::Acquire);
+/// Bumps [`JOB_SEQ`] and wakes the first `aps` APs with an IPI.
+fn wake_aps(aps: usize) {
     JOB_SEQ.fetch_add(1, Ordering::AcqRel);
     for slot in ONLINE.iter().take(aps + 1).skip(1) {
         let apic = slot.load(Ordering::Acquire);
@@ -145,6 +153,21 @@ pub fn run_on_aps(aps: usize, timeout_us: u64) -> u64 {
             sys::ipi(apic - 1, ICR_FIXED | u32::from(WAKE_VECTOR));
         }
     }
+}
+
+/// Posts `job` to the first `aps` APs (each calls it with its CPU index) and wakes them;
+/// does not wait. The job communicates through statics.
+pub fn post_job(aps: usize, job: fn(usize)) {
+    JOB_FN.store(job as usize, Ordering::Release);
+    wake_aps(aps);
+}
+
+/// Posts a job to all `aps` APs, wakes them with an IPI, and waits (sleeping, up to
+/// `timeout_us`) until they finish; returns how many finished.
+pub fn run_on_aps(aps: usize, timeout_us: u64) -> u64 {
+    let before = JOB_DONE.load(Ordering::Acquire);
+    JOB_FN.store(0, Ordering::Release);
+    wake_aps(aps);
     let deadline = sys::rdtsc() + time::us_to_tsc(timeout_us);
     while JOB_DONE.load(Ordering::Acquire) - before < aps as u64 && sys::rdtsc() < deadline {
         time::sleep_us(100);

@@ -13,7 +13,7 @@ use core::sync::atomic::Ordering;
 
 use super::pvh::cmdline_value;
 use super::serial::JsonStr;
-use super::{Machine, blktests, nettests, smp, sys, time};
+use super::{Machine, blktests, iotests, nettests, smp, sys, time};
 use crate::println;
 
 /// An address above the 4 GiB identity map: reading it page-faults.
@@ -35,6 +35,7 @@ pub fn run(m: &Machine) {
         "virtio-bad" => blktests::test_virtio_bad(m),
         "net" => nettests::test_net(m),
         "net-cont" => nettests::test_net_cont(m),
+        "io-cont" => iotests::test_io_cont(m),
         "fault" => {
             println!("baton-test-guest: fault test: reading unmapped address {UNMAPPED:#x}");
             // SAFETY: deliberately not safe: the read page-faults and the kernel's exception

@@ -273,6 +273,16 @@ fn net_sigterm_exits_0_and_leaves_a_persistent_tap() {
     );
 }
 
+/// Kills (and reaps) the child when the test ends, even on failure.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn net_socket_activation_and_sd_notify() {
     skip_unless_net!("net_socket_activation_and_sd_notify");
@@ -296,17 +306,24 @@ fn net_socket_activation_and_sd_notify() {
     .arg(net_tap_bin())
     .args(["--tap", &tap_name("a")])
     .env("NOTIFY_SOCKET", dir.join("notify.sock"))
+    .stdout(std::process::Stdio::null())
     .stderr(std::process::Stdio::null());
-    // SAFETY: only async-signal-safe calls (dup2) between fork and exec.
+    // SAFETY: only async-signal-safe calls (dup2, fcntl) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(lfd, 3) < 0 {
+            // dup2 onto itself would keep FD_CLOEXEC: clear it instead.
+            let r = if lfd == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(lfd, 3)
+            };
+            if r < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())
         });
     }
-    let mut child = cmd.spawn().unwrap();
+    let mut child = KillOnDrop(cmd.spawn().unwrap());
     let mut buf = [0u8; 64];
     let n = notify.recv(&mut buf).expect("READY=1 from sd_notify");
     assert_eq!(&buf[..n], b"READY=1");
@@ -314,7 +331,9 @@ fn net_socket_activation_and_sd_notify() {
     fe.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     assert_ne!(get_features(&mut fe), 0);
     // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let st = wait_until(Duration::from_secs(10), || child.try_wait().ok().flatten());
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    let st = wait_until(Duration::from_secs(10), || {
+        child.0.try_wait().ok().flatten()
+    });
     assert_eq!(st.and_then(|s| s.code()), Some(0));
 }

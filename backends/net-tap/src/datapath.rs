@@ -12,9 +12,9 @@ use std::io;
 use std::os::fd::AsRawFd;
 
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemory, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
-use crate::device::{Device, GuestMem, QueuePair, lock, rewind};
+use crate::device::{Device, GuestMem, QueuePair, Vring, lock, rewind};
 use crate::virtio::f;
 
 /// Most iovecs used for one frame (well under IOV_MAX).
@@ -42,14 +42,44 @@ pub enum ChainError {
     TooShort,
 }
 
+/// The first few segments of a chain (where the virtio-net header is).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Segs {
+    n: usize,
+    s: [(GuestAddress, u32); 4],
+}
+
+impl Segs {
+    fn push(&mut self, seg: (GuestAddress, u32)) {
+        if let Some(slot) = self.s.get_mut(self.n) {
+            *slot = seg;
+            self.n += 1;
+        }
+    }
+
+    fn as_slice(&self) -> &[(GuestAddress, u32)] {
+        self.s.get(..self.n).unwrap_or_default()
+    }
+}
+
+/// An RX chain waiting for a frame.
+#[derive(Debug, Clone, Copy)]
+struct RxChain {
+    head: u16,
+    cap: u32,
+    /// End (exclusive) of its iovecs in `Scratch::iovs`.
+    iov_end: usize,
+    hdr: Segs,
+}
+
 /// Per-worker buffers, allocated once.
 #[derive(Debug)]
 pub struct Scratch {
     iovs: Vec<libc::iovec>,
-    /// (head, capacity) of the RX chains gathered for one frame.
-    chains: Vec<(u16, u32)>,
-    /// The first segments of the first chain, to read or patch the header.
-    segs: Vec<(GuestAddress, u32)>,
+    /// RX chains popped and not yet used, in ring order; their iovecs are `iovs` in order.
+    chains: Vec<RxChain>,
+    /// The first segments of a TX chain, to read the header.
+    segs: Segs,
     /// (head, len) to complete.
     used: Vec<(u16, u32)>,
     /// One byte after the guest's RX buffers: the TAP truncates a frame that does not fit and
@@ -63,7 +93,7 @@ impl Scratch {
         Scratch {
             iovs: Vec::with_capacity(MAX_IOVS + 1),
             chains: Vec::with_capacity(MAX_IOVS),
-            segs: Vec::with_capacity(4),
+            segs: Segs::default(),
             used: Vec::with_capacity(BUDGET),
             overflow: Box::new([0u8; 1]),
         }
@@ -77,14 +107,15 @@ impl Default for Scratch {
 }
 
 /// Appends the buffers of `chain` (all of direction `writable`) to `iovs`; records the first few
-/// segments in `segs` if given. Returns the chain's byte count.
+/// segments in `segs`. Returns the chain's byte count.
 pub fn gather(
     chain: DescriptorChain<&GuestMem>,
     mem: &GuestMem,
     writable: bool,
     iovs: &mut Vec<libc::iovec>,
-    mut segs: Option<&mut Vec<(GuestAddress, u32)>>,
+    segs: &mut Segs,
 ) -> Result<u32, ChainError> {
+    *segs = Segs::default();
     let mut count = 0usize;
     let mut last_has_next = false;
     let mut total: u32 = 0;
@@ -106,11 +137,7 @@ pub fn gather(
             .get_slice(desc.addr(), ulen)
             .map_err(|_| ChainError::BadAddress)?;
         total = total.checked_add(len).ok_or(ChainError::BadAddress)?;
-        if let Some(s) = segs.as_deref_mut() {
-            if s.len() < s.capacity() {
-                s.push((desc.addr(), len));
-            }
-        }
+        segs.push((desc.addr(), len));
         iovs.push(libc::iovec {
             iov_base: slice.ptr_guard_mut().as_ptr().cast(),
             iov_len: ulen,
@@ -194,11 +221,10 @@ pub fn process_tx(dev: &Device, pair: &QueuePair, s: &mut Scratch) -> bool {
         for chain in iter {
             let head = chain.head_index();
             s.iovs.clear();
-            s.segs.clear();
-            match gather(chain, mem, false, &mut s.iovs, Some(&mut s.segs)) {
+            match gather(chain, mem, false, &mut s.iovs, &mut s.segs) {
                 Ok(total) if usize::try_from(total).unwrap_or(0) >= hdr_len => {
                     let mut hdr = [0u8; 10];
-                    let ok = access_segs(mem, &s.segs, 0, &mut hdr, false);
+                    let ok = access_segs(mem, s.segs.as_slice(), 0, &mut hdr, false);
                     match if ok {
                         neg.check_tx_header(&hdr)
                     } else {
@@ -251,87 +277,83 @@ pub fn process_tx(dev: &Device, pair: &QueuePair, s: &mut Scratch) -> bool {
     }
 }
 
-/// Outcome of gathering RX buffers for one frame.
+/// What the RX ring can offer for the next frame.
 enum Gathered {
-    /// Buffers ready in `Scratch::chains` / `iovs`.
-    Ready(u32),
-    /// A bad chain was consumed; try again.
-    Bad,
+    /// Enough chains are pending in `Scratch::chains`.
+    Ready,
     /// No (or not enough) buffers: wait for the guest's kick.
     Empty,
 }
 
+/// Completes every pending chain as an empty buffer (used after a bad chain, so that the used
+/// ring stays in order and nothing needs rewinding past it).
+fn flush_pending(vr: &mut Vring, mem: &GuestMem, s: &mut Scratch) {
+    for c in s.chains.drain(..) {
+        let _ = vr.queue.add_used(mem, c.head, 0);
+    }
+    s.iovs.clear();
+}
+
+/// Pops RX chains until the pending ones can hold the largest frame (one chain without
+/// MRG_RXBUF). Pending chains carry over from frame to frame within one wake-up, so each chain
+/// is walked and translated once.
 fn gather_rx(
     dev: &Device,
-    vr: &mut crate::device::Vring,
+    vr: &mut Vring,
     mem: &GuestMem,
     s: &mut Scratch,
     mrg: bool,
     target: u32,
 ) -> Gathered {
-    s.iovs.clear();
-    s.chains.clear();
-    s.segs.clear();
-    let mut cap: u32 = 0;
-    let mut bad: Option<u16> = None;
     let qsize = usize::from(vr.queue.size());
-    {
-        let mut iter = match vr.queue.iter(mem) {
-            Ok(it) => it,
+    loop {
+        let cap: u32 = s.chains.iter().fold(0u32, |a, c| a.saturating_add(c.cap));
+        let enough = if mrg {
+            cap >= target || s.iovs.len() + 64 > MAX_IOVS
+        } else {
+            !s.chains.is_empty()
+        };
+        if enough {
+            return Gathered::Ready;
+        }
+        let chain = match vr.queue.iter(mem) {
+            Ok(mut it) => it.next(),
             Err(e) => {
                 dev.stats.bad_chain.hit("RX ring", &e);
-                return Gathered::Empty;
+                None
             }
         };
-        while let Some(chain) = iter.next() {
-            let head = chain.head_index();
-            let before = s.iovs.len();
-            let segs = if s.chains.is_empty() {
-                Some(&mut s.segs)
-            } else {
-                None
-            };
-            match gather(chain, mem, true, &mut s.iovs, segs) {
-                Ok(c) => {
-                    s.chains.push((head, c));
-                    cap = cap.saturating_add(c);
-                }
-                Err(e) => {
-                    s.iovs.truncate(before);
-                    dev.stats.bad_chain.hit("RX chain", &e);
-                    if s.chains.is_empty() {
-                        bad = Some(head);
-                    } else {
-                        // Leave it for the next frame, where it is consumed as bad.
-                        iter.go_to_previous_position();
-                    }
-                    break;
-                }
+        let Some(chain) = chain else {
+            if !s.chains.is_empty() && s.chains.len() >= qsize {
+                // The whole ring is ours and still too small: use it (a larger frame is
+                // dropped as truncated).
+                return Gathered::Ready;
             }
-            if !mrg || cap >= target || s.iovs.len() + 64 > MAX_IOVS {
-                break;
+            // Ask for a kick past everything popped so far; if buffers arrived meanwhile, go on.
+            if vr.queue.enable_notification(mem).unwrap_or(false) {
+                let _ = vr.queue.disable_notification(mem);
+                continue;
+            }
+            return Gathered::Empty;
+        };
+        let head = chain.head_index();
+        let before = s.iovs.len();
+        let mut hdr = Segs::default();
+        match gather(chain, mem, true, &mut s.iovs, &mut hdr) {
+            Ok(c) => s.chains.push(RxChain {
+                head,
+                cap: c,
+                iov_end: s.iovs.len(),
+                hdr,
+            }),
+            Err(e) => {
+                s.iovs.truncate(before);
+                dev.stats.bad_chain.hit("RX chain", &e);
+                flush_pending(vr, mem, s);
+                let _ = vr.queue.add_used(mem, head, 0);
             }
         }
     }
-    if let Some(head) = bad {
-        let _ = vr.queue.add_used(mem, head, 0);
-        return Gathered::Bad;
-    }
-    if s.chains.is_empty() {
-        return Gathered::Empty;
-    }
-    if mrg && cap < target && s.chains.len() < qsize && s.iovs.len() + 64 <= MAX_IOVS {
-        // Not enough buffers for the largest frame yet: ask for a kick past what we saw, then
-        // give the chains back.
-        let more = vr.queue.enable_notification(mem).unwrap_or(false);
-        rewind(&mut vr.queue, s.chains.len());
-        if more {
-            let _ = vr.queue.disable_notification(mem);
-            return Gathered::Bad;
-        }
-        return Gathered::Empty;
-    }
-    Gathered::Ready(cap)
 }
 
 /// Delivers frames waiting on the TAP into the guest's RX buffers. Returns true if more work
@@ -349,74 +371,98 @@ pub fn process_rx(dev: &Device, pair: &QueuePair, s: &mut Scratch) -> bool {
     let target = u32::try_from(hdr_len + neg.max_rx_frame(dev.cfg.mtu)).unwrap_or(u32::MAX);
     let mut delivered = 0usize;
     let mut more = false;
+    s.chains.clear();
+    s.iovs.clear();
     let _ = vr.queue.disable_notification(mem);
     loop {
         if delivered >= BUDGET {
             more = true;
             break;
         }
-        let cap = match gather_rx(dev, &mut vr, mem, s, mrg, target) {
-            Gathered::Ready(cap) => cap,
-            Gathered::Bad => continue,
-            Gathered::Empty => {
-                if vr.queue.enable_notification(mem).unwrap_or(false) {
-                    let _ = vr.queue.disable_notification(mem);
-                    continue;
-                }
-                break;
-            }
+        if let Gathered::Empty = gather_rx(dev, &mut vr, mem, s, mrg, target) {
+            break;
+        }
+        // Without MRG_RXBUF a frame gets exactly one chain.
+        let (nchains, niov) = if mrg {
+            (s.chains.len(), s.iovs.len())
+        } else {
+            (1, s.chains.first().map_or(0, |c| c.iov_end))
         };
-        s.iovs.push(libc::iovec {
+        let cap = s
+            .chains
+            .iter()
+            .take(nchains)
+            .fold(0usize, |a, c| a + usize::try_from(c.cap).unwrap_or(0));
+        let ovf = libc::iovec {
             iov_base: s.overflow.as_mut_ptr().cast(),
             iov_len: 1,
-        });
-        // SAFETY: every iovec but the last points into guest memory mapped by `mem` (held for
-        // the whole call) and was offered by the driver as device-writable; the last one is
-        // our own one-byte overflow buffer.
-        let r = unsafe { libc::readv(pair.tap.as_raw_fd(), s.iovs.as_ptr(), iov_count(&s.iovs)) };
-        s.iovs.pop();
+        };
+        s.iovs.insert(niov, ovf);
+        // SAFETY: every iovec but the overflow one points into guest memory mapped by `mem`
+        // (held for the whole call) and was offered by the driver as device-writable; the
+        // overflow one is our own one-byte buffer.
+        let r = unsafe {
+            libc::readv(
+                pair.tap.as_raw_fd(),
+                s.iovs.as_ptr(),
+                iov_count(s.iovs.get(..=niov).unwrap_or_default()),
+            )
+        };
+        s.iovs.remove(niov);
         let n = match usize::try_from(r) {
             Ok(n) => n,
             Err(_) => {
                 let e = io::Error::last_os_error();
-                rewind(&mut vr.queue, s.chains.len());
                 if e.kind() != io::ErrorKind::WouldBlock {
                     dev.stats.tap_io.hit("TAP read", &e);
                 }
                 break;
             }
         };
-        if n > usize::try_from(cap).unwrap_or(usize::MAX) || n < hdr_len {
-            // The TAP reports the full length of a frame it had to truncate.
+        if n > cap || n < hdr_len {
             dev.stats.rx_too_large.hit(
                 "frame larger than the guest's buffers dropped",
                 &format_args!("more than {cap} bytes"),
             );
-            rewind(&mut vr.queue, s.chains.len());
             continue;
         }
         let mut left = n;
+        let mut used = 0usize;
         s.used.clear();
-        for &(head, c) in &s.chains {
+        for c in &s.chains {
             if left == 0 {
                 break;
             }
-            let l = left.min(usize::try_from(c).unwrap_or(usize::MAX));
-            s.used.push((head, u32::try_from(l).unwrap_or(c)));
+            let l = left.min(usize::try_from(c.cap).unwrap_or(usize::MAX));
+            s.used.push((c.head, u32::try_from(l).unwrap_or(c.cap)));
             left -= l;
+            used += 1;
         }
-        rewind(&mut vr.queue, s.chains.len() - s.used.len());
         if hdr_len == 12 {
-            let mut nb = u16::try_from(s.used.len())
-                .unwrap_or(u16::MAX)
-                .to_le_bytes();
-            let _ = access_segs(mem, &s.segs, 10, &mut nb, true);
+            let mut nb = u16::try_from(used).unwrap_or(u16::MAX).to_le_bytes();
+            if let Some(first) = s.chains.first() {
+                let _ = access_segs(mem, first.hdr.as_slice(), 10, &mut nb, true);
+            }
         }
         for &(head, len) in &s.used {
             let _ = vr.queue.add_used(mem, head, len);
         }
+        // Drop the used chains and their iovecs; the rest carry over to the next frame.
+        let cut = s
+            .chains
+            .get(used.saturating_sub(1))
+            .map_or(0, |c| c.iov_end);
+        s.chains.drain(..used);
+        s.iovs.drain(..cut);
+        for c in &mut s.chains {
+            c.iov_end -= cut;
+        }
         delivered += 1;
     }
+    // Chains popped but not used go back to the ring.
+    rewind(&mut vr.queue, s.chains.len());
+    s.chains.clear();
+    s.iovs.clear();
     if delivered > 0 {
         dev.stats.rx_frames.fetch_add(
             u64::try_from(delivered).unwrap_or(0),
@@ -425,11 +471,4 @@ pub fn process_rx(dev: &Device, pair: &QueuePair, s: &mut Scratch) -> bool {
         vr.signal(mem);
     }
     more
-}
-
-/// Keeps `GuestMemory`/`GuestMemoryBackend` in scope for the trait methods used above.
-#[allow(dead_code)]
-fn _traits(m: &GuestMem) -> bool {
-    GuestMemoryBackend::num_regions(m) > 0
-        && GuestMemory::check_range(m, GuestAddress(0), 0, vm_memory::Permissions::No)
 }

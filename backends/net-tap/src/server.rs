@@ -29,6 +29,9 @@ pub enum ServerError {
         #[source]
         source: io::Error,
     },
+    /// LISTEN_FDS says fd 3 is our socket, but it is not a UNIX socket.
+    #[error("socket activation: fd 3 is not a UNIX listening socket")]
+    BadActivationFd,
     /// The socket path exists and is not a socket.
     #[error("{0} exists and is not a socket")]
     NotASocket(PathBuf),
@@ -51,6 +54,9 @@ pub fn listener(path: Option<&Path>) -> Result<(UnixListener, bool), ServerError
         // SAFETY: under socket activation systemd passes the listening socket as fd 3, owned by
         // us and used nowhere else.
         let l = unsafe { UnixListener::from_raw_fd(3) };
+        if l.local_addr().is_err() {
+            return Err(ServerError::BadActivationFd);
+        }
         // SAFETY: setting FD_CLOEXEC on fd 3, which we own.
         unsafe { libc::fcntl(3, libc::F_SETFD, libc::FD_CLOEXEC) };
         return Ok((l, false));
@@ -140,6 +146,14 @@ pub fn serve(dev: Arc<Device>, listener: UnixListener) -> io::Result<()> {
         let stream = match listener.accept() {
             Ok((s, _)) => s,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EBADF | libc::ENOTSOCK | libc::EINVAL | libc::EOPNOTSUPP)
+                ) =>
+            {
+                return Err(e);
+            }
             Err(e) => {
                 tracing::warn!("accept failed: {e}");
                 std::thread::sleep(std::time::Duration::from_millis(100));

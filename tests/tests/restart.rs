@@ -145,6 +145,10 @@ fn blk_restarts(sig: i32, restarts: u64) {
             assert_eq!(code, Some(0), "baton-blk exits 0 on SIGTERM");
         }
         blk = start_blk(&img, &sock);
+        if vm.child.try_wait().ok().flatten().is_some() {
+            vm.wait_exit(T);
+            panic!("baton-vmm exited during restart {i}:\n{}", vm.transcript());
+        }
         back.push(wait_reconnects(&api, i));
     }
     vm.send(b"q").unwrap();
@@ -231,6 +235,8 @@ fn net_backend_restarted_under_udp_echo() {
     // thread records what comes back.
     let dst = format!("{GUEST_IP}:7");
     let restarts = 5u64;
+    let sent_so_far = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counter = sent_so_far.clone();
     let sender = ns.thread(move || {
         let s = UdpSocket::bind("0.0.0.0:0").unwrap();
         s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
@@ -243,6 +249,7 @@ fn net_backend_restarted_under_udp_echo() {
             let _ = s.send_to(&seq.to_le_bytes(), &dst);
             sent += 1;
             seq += 1;
+            counter.store(seq, std::sync::atomic::Ordering::SeqCst);
             while let Ok((n, _)) = s.recv_from(&mut buf) {
                 if n == 4 {
                     got.insert(u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]));

@@ -15,7 +15,7 @@
 #[path = "net_util.rs"]
 mod net_util;
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -28,39 +28,6 @@ const DRIVER_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x00, 0x09, 0x02];
 const GEN_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
 const NOBODY: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x99];
 const RUN: Duration = Duration::from_secs(2);
-
-/// Opens one queue of TAP `name` (created if absent) with a 12-byte virtio-net header,
-/// offloads `offload`, blocking or not. Must run on a thread inside the namespace.
-fn open_tap(name: &str, offload: u32, nonblock: bool) -> OwnedFd {
-    let path = c"/dev/net/tun";
-    let flags = libc::O_RDWR | libc::O_CLOEXEC | if nonblock { libc::O_NONBLOCK } else { 0 };
-    // SAFETY: plain open(2) of a constant path.
-    let fd = unsafe { libc::open(path.as_ptr(), flags) };
-    assert!(fd >= 0);
-    // SAFETY: `fd` was just opened and is owned here.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    let mut req = [0u8; 40];
-    req[..name.len()].copy_from_slice(name.as_bytes());
-    let f: i16 = 0x0002 | 0x1000 | 0x4000 | 0x0100;
-    req[16..18].copy_from_slice(&f.to_ne_bytes());
-    // SAFETY: TUNSETIFF reads/writes an ifreq (40 bytes) that outlives the call.
-    assert_eq!(
-        unsafe { libc::ioctl(fd.as_raw_fd(), 0x4004_54ca, req.as_mut_ptr()) },
-        0
-    );
-    let mut sz: libc::c_int = 12;
-    // SAFETY: TUNSETVNETHDRSZ reads an int.
-    assert_eq!(
-        unsafe { libc::ioctl(fd.as_raw_fd(), 0x4004_54d8, &mut sz) },
-        0
-    );
-    // SAFETY: TUNSETOFFLOAD takes an integer argument.
-    assert_eq!(
-        unsafe { libc::ioctl(fd.as_raw_fd(), 0x4004_54d0, libc::c_ulong::from(offload)) },
-        0
-    );
-    fd
-}
 
 /// A frame of `len` bytes (Ethernet + IPv4 + UDP, or TCP with a GSO header when `tso`), with
 /// its 12-byte virtio-net header.

@@ -374,7 +374,6 @@ fn net_driver_bad_input_is_counted_and_never_fatal() {
         ),
     ];
     let mut bad = 0;
-    let mut bad = 0;
     for (descs, want) in raw {
         let q = &mut d.tx[0].q;
         let ids = q.alloc_descs(descs.len()).unwrap();
@@ -503,4 +502,86 @@ fn net_driver_frames_wait_in_the_tap_between_front_ends() {
     );
     d.tx[0].send(&h, &f).unwrap();
     assert_eq!(sink.join().unwrap(), vec![b"back".to_vec()]);
+}
+
+#[test]
+fn net_driver_inherited_tap_fd() {
+    skip_unless_net!("net_driver_inherited_tap_fd");
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let ns = Netns::new("ni1");
+    let dir = TempDir::new("net-drv");
+    let name = tap_name("i");
+    let n2 = name.clone();
+    // The TAP fd is made inside the namespace, as a service manager would hand it over.
+    let fd = ns.thread(move || open_tap(&n2, 0, false)).join().unwrap();
+    let raw = fd.as_raw_fd();
+    let socket = dir.join("net.sock");
+    let log = dir.join("net-tap.log");
+    let mut cmd = std::process::Command::new("ip");
+    cmd.args(["netns", "exec", &ns.0])
+        .arg(net_tap_bin())
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--tap-fd", "5"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    // SAFETY: only dup2 (async-signal-safe) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, 5) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().unwrap();
+    drop(fd);
+    let tap = NetTap { child, socket, log };
+    assert!(
+        baton_tests::harness::wait_until(T, || tap.socket.exists().then_some(())).is_some(),
+        "{}",
+        tap.log_text()
+    );
+    assert!(
+        tap.log_text().contains(&name) || tap.wait_log(&name, T),
+        "{}",
+        tap.log_text()
+    );
+    ns.exec(&format!(
+        "sysctl -qw net.ipv6.conf.{name}.disable_ipv6=1; ip addr add 10.213.71.1/24 dev {name} && \
+         ip link set {name} up && ip neigh replace 10.213.71.2 lladdr 52:54:00:00:09:02 dev {name}"
+    ));
+    let tap_mac = mac(&ns.exec(&format!("cat /sys/class/net/{name}/address")));
+    let mut d = NetDriver::connect(&tap.socket, NetOptions::default()).unwrap();
+    let sink = udp_sink(&ns, "10.213.71.1:9101".into(), 1);
+    let (h, f) = udp_frame(
+        DRIVER_MAC,
+        tap_mac,
+        [10, 213, 71, 2],
+        [10, 213, 71, 1],
+        5000,
+        9101,
+        b"via-inherited-fd",
+        true,
+    );
+    d.tx[0].send(&h, &f).unwrap();
+    assert_eq!(
+        sink.join().unwrap(),
+        vec![b"via-inherited-fd".to_vec()],
+        "{}",
+        tap.log_text()
+    );
+    ns.thread(|| {
+        let s = UdpSocket::bind("10.213.71.1:0").unwrap();
+        s.send_to(b"back", "10.213.71.2:9102").unwrap();
+    })
+    .join()
+    .unwrap();
+    d.rx[0]
+        .recv_matching(T, |fr| {
+            udp_payload(&fr.data).is_some_and(|(p, _)| p == 9102)
+        })
+        .unwrap();
 }

@@ -2,6 +2,7 @@
 //! network namespaces removed on drop, the back-end process, threads that open sockets inside a
 //! namespace, and the Linux test guest. Everything stays inside namespaces the tests create.
 #![allow(
+    clippy::too_many_arguments,
     dead_code,
     clippy::unwrap_used,
     clippy::expect_used,
@@ -9,7 +10,7 @@
 )]
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -182,8 +183,7 @@ impl NetTap {
             (log.matches("stats: ").count() > before)
                 .then(|| {
                     log.lines()
-                        .filter(|l| l.contains("stats: "))
-                        .last()
+                        .rfind(|l| l.contains("stats: "))
                         .map(str::to_string)
                 })
                 .flatten()
@@ -447,4 +447,36 @@ pub fn udp_payload(frame: &[u8]) -> Option<(u16, &[u8])> {
     let dport = u16::from_be_bytes([udp[2], udp[3]]);
     let len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
     Some((dport, udp.get(8..len)?))
+}
+
+/// Opens one queue of TAP `name` (created if absent) with a 12-byte virtio-net header,
+/// offloads `offload`, blocking or not. Must run on a thread inside the namespace.
+pub fn open_tap(name: &str, offload: u32, nonblock: bool) -> OwnedFd {
+    let path = c"/dev/net/tun";
+    let flags = libc::O_RDWR | libc::O_CLOEXEC | if nonblock { libc::O_NONBLOCK } else { 0 };
+    // SAFETY: plain open(2) of a constant path.
+    let fd = unsafe { libc::open(path.as_ptr(), flags) };
+    assert!(fd >= 0);
+    // SAFETY: `fd` was just opened and is owned here.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut req = [0u8; 40];
+    req[..name.len()].copy_from_slice(name.as_bytes());
+    let f: i16 = 0x0002 | 0x1000 | 0x4000 | 0x0100;
+    req[16..18].copy_from_slice(&f.to_ne_bytes());
+    // SAFETY: TUNSETIFF reads/writes an ifreq (40 bytes) that outlives the call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), 0x4004_54ca, req.as_mut_ptr()) };
+    assert_eq!(
+        r,
+        0,
+        "TUNSETIFF {name}: {}",
+        std::io::Error::last_os_error()
+    );
+    let mut sz: libc::c_int = 12;
+    // SAFETY: TUNSETVNETHDRSZ reads an int that outlives the call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), 0x4004_54d8, &mut sz) };
+    assert_eq!(r, 0);
+    // SAFETY: TUNSETOFFLOAD takes an integer argument.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), 0x4004_54d0, libc::c_ulong::from(offload)) };
+    assert_eq!(r, 0);
+    fd
 }

@@ -527,10 +527,16 @@ fn net_driver_inherited_tap_fd() {
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
-    // SAFETY: only dup2 (async-signal-safe) between fork and exec.
+    // SAFETY: only dup2/fcntl (async-signal-safe) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::dup2(raw, 5) < 0 {
+            // dup2 onto itself would keep FD_CLOEXEC: clear it instead.
+            let r = if raw == 5 {
+                libc::fcntl(5, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(raw, 5)
+            };
+            if r < 0 {
                 return Err(std::io::Error::last_os_error());
             }
             Ok(())

@@ -337,3 +337,44 @@ fn net_socket_activation_and_sd_notify() {
     });
     assert_eq!(st.and_then(|s| s.code()), Some(0));
 }
+
+#[test]
+fn net_garbage_from_a_front_end_ends_only_that_connection() {
+    skip_unless_net!("net_garbage_from_a_front_end_ends_only_that_connection");
+    let ns = Netns::new("nc7");
+    let dir = TempDir::new("net-cli");
+    let mut tap = NetTap::start(&ns, &dir, &["--tap", &tap_name("g")]);
+    for (i, junk) in [
+        vec![0x0f, 0x27, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0], // unknown request
+        vec![1, 0, 0, 0, 1, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f], // oversized payload
+        vec![5, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8], // mem table without fds
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut s = UnixStream::connect(&tap.socket).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let _ = s.write_all(&junk);
+        let mut b = [0u8; 64];
+        // Refused (an error reply or the connection closed), never a crash.
+        let _ = s.read(&mut b);
+        drop(s);
+        // One front-end at a time: wait until this one is gone before the next.
+        let gone = 2 * i + 1;
+        let seen = wait_until(Duration::from_secs(10), || {
+            (tap.log_text().matches("front-end gone").count() >= gone).then_some(())
+        });
+        assert!(seen.is_some(), "{}", tap.log_text());
+        assert!(tap.alive(), "{}", tap.log_text());
+        let mut good = UnixStream::connect(&tap.socket).unwrap();
+        good.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        assert_ne!(get_features(&mut good), 0, "{}", tap.log_text());
+        drop(good);
+        let seen = wait_until(Duration::from_secs(10), || {
+            (tap.log_text().matches("front-end gone").count() >= gone + 1).then_some(())
+        });
+        assert!(seen.is_some(), "{}", tap.log_text());
+    }
+    assert!(!tap.log_text().contains("panicked"));
+}

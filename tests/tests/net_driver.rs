@@ -591,3 +591,45 @@ fn net_driver_inherited_tap_fd() {
         })
         .unwrap();
 }
+
+#[test]
+fn net_driver_get_vring_base_stops_the_ring() {
+    skip_unless_net!("net_driver_get_vring_base_stops_the_ring");
+    let (ns, _dir, tap, _name, _tap_mac) = setup("ns1", 81, &[]);
+    let send_from_ns = |port: u16| {
+        ns.thread(move || {
+            let s = UdpSocket::bind("10.213.81.1:0").unwrap();
+            s.send_to(b"ping", ("10.213.81.2", port)).unwrap();
+        })
+        .join()
+        .unwrap();
+    };
+    let is_port = |p: u16| {
+        move |fr: &baton_tests::vhost_user::net::Frame| {
+            udp_payload(&fr.data).is_some_and(|(q, _)| q == p)
+        }
+    };
+    let mut d = NetDriver::connect(&tap.socket, NetOptions::default()).unwrap();
+    send_from_ns(9201);
+    d.rx[0].recv_matching(T, is_port(9201)).unwrap();
+    // Stop the RX ring: the device must not touch it any more.
+    let base = d.conn.stop_queue(0).unwrap();
+    let used = d.rx[0].q.device_used_idx();
+    send_from_ns(9202);
+    let moved = baton_tests::harness::wait_until(Duration::from_millis(500), || {
+        (d.rx[0].q.device_used_idx() != used).then_some(())
+    });
+    assert!(
+        moved.is_none(),
+        "the device wrote the used ring of a stopped ring"
+    );
+    // Restart where it stopped: the frame that waited in the TAP arrives.
+    d.conn
+        .start_queue(&d.rx[0].q, u16::try_from(base).unwrap())
+        .unwrap();
+    d.rx[0].q.kick().unwrap();
+    let fr = d.rx[0]
+        .recv_matching(T, is_port(9202))
+        .unwrap_or_else(|e| panic!("{e}\n{}", tap.log_text()));
+    assert_eq!(udp_payload(&fr.data).unwrap().1, b"ping");
+}

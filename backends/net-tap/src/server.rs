@@ -175,10 +175,11 @@ pub fn serve(dev: Arc<Device>, listener: UnixListener) -> io::Result<()> {
                     tracing::info!("front-end connection ended: {e}");
                 }
                 dev.stop_all();
+                // Free for the next front-end before saying so.
+                busy.store(false, Ordering::Release);
                 tracing::info!(
                     "front-end gone; rings stopped, TAP kept open, waiting for the next one"
                 );
-                busy.store(false, Ordering::Release);
             })?;
     }
 }

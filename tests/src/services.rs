@@ -15,7 +15,12 @@ pub const STEP: Duration = Duration::from_secs(30);
 pub fn start_blk(image: &Path, socket: &Path, extra: &[&str]) -> anyhow::Result<Proc> {
     let _ = std::fs::remove_file(socket);
     let mut c = Command::new(bin("baton-blk"));
-    c.arg("--socket").arg(socket).arg("--image").arg(image).args(extra);
+    c.arg("--socket")
+        .arg(socket)
+        .arg("--image")
+        .arg(image)
+        .args(extra);
+    c.stderr(log_file(socket)?);
     let p = Proc::spawn(c)?;
     wait_until(STEP, || socket.exists().then_some(()))
         .ok_or_else(|| anyhow::anyhow!("baton-blk did not create {}", socket.display()))?;
@@ -27,10 +32,21 @@ pub fn start_net_tap(ns: &Netns, tap: &str, socket: &Path) -> anyhow::Result<Pro
     let _ = std::fs::remove_file(socket);
     let mut c = ns.command(&bin("baton-net-tap"));
     c.arg("--socket").arg(socket).args(["--tap", tap]);
+    c.stderr(log_file(socket)?);
     let p = Proc::spawn(c)?;
     wait_until(STEP, || socket.exists().then_some(()))
         .ok_or_else(|| anyhow::anyhow!("baton-net-tap did not create {}", socket.display()))?;
     Ok(p)
+}
+
+/// `<path>.log`, appended to: where a service's stderr goes.
+pub fn log_file(path: &Path) -> anyhow::Result<std::fs::File> {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".log");
+    Ok(std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(p)?)
 }
 
 /// Sends `sig` to a child and waits for it to exit.
@@ -72,6 +88,7 @@ impl Vmm {
         let api = dir.join(format!("vmm{n}.api"));
         let mut c = Command::new(bin("baton-vmm"));
         c.arg("--incoming").arg(&sock).arg("--api-socket").arg(&api);
+        c.stderr(log_file(&api)?);
         let vmm = Vmm {
             proc: Proc::spawn_with_stdin(c)?,
             api,

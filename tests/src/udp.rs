@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::net::UdpSocket;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::netns::Netns;
@@ -23,11 +23,21 @@ pub struct EchoStats {
     pub lost: u64,
     /// Largest time between two consecutive echoes, in ms.
     pub max_gap_ms: f64,
+    /// Every sequence number that came back.
+    pub echoed_seqs: BTreeSet<u64>,
+}
+
+impl EchoStats {
+    /// Datagrams with sequence numbers in `from..to` that never came back.
+    pub fn lost_between(&self, from: u64, to: u64) -> u64 {
+        (to.saturating_sub(from)).saturating_sub(self.echoed_seqs.range(from..to).count() as u64)
+    }
 }
 
 /// A running stream; [`EchoStream::stop`] ends it and returns the counts.
 pub struct EchoStream {
     stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
     thread: std::thread::JoinHandle<anyhow::Result<anyhow::Result<EchoStats>>>,
 }
 
@@ -35,9 +45,15 @@ impl EchoStream {
     /// Sends one datagram every `interval` from `ns` to `dst` (ip:port).
     pub fn start(ns: &Netns, dst: String, interval: Duration) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
-        let thread = ns.thread(move || run(&dst, interval, &flag));
-        EchoStream { stop, thread }
+        let sent = Arc::new(AtomicU64::new(0));
+        let (flag, counter) = (stop.clone(), sent.clone());
+        let thread = ns.thread(move || run(&dst, interval, &flag, &counter));
+        EchoStream { stop, sent, thread }
+    }
+
+    /// The sequence number the next datagram will carry (a mark for [`EchoStats::lost_between`]).
+    pub fn mark(&self) -> u64 {
+        self.sent.load(Ordering::SeqCst)
     }
 
     /// Stops sending, waits for late echoes, and returns the counts.
@@ -49,7 +65,12 @@ impl EchoStream {
     }
 }
 
-fn run(dst: &str, interval: Duration, stop: &AtomicBool) -> anyhow::Result<EchoStats> {
+fn run(
+    dst: &str,
+    interval: Duration,
+    stop: &AtomicBool,
+    counter: &AtomicU64,
+) -> anyhow::Result<EchoStats> {
     let s = UdpSocket::bind("0.0.0.0:0")?;
     s.set_nonblocking(true)?;
     let mut st = EchoStats::default();
@@ -87,6 +108,7 @@ fn run(dst: &str, interval: Duration, stop: &AtomicBool) -> anyhow::Result<EchoS
             if s.send_to(&p, dst).is_ok() {
                 st.sent += 1;
                 seq += 1;
+                counter.store(seq, Ordering::SeqCst);
             }
             next += interval;
             if next < now {
@@ -102,5 +124,6 @@ fn run(dst: &str, interval: Duration, stop: &AtomicBool) -> anyhow::Result<EchoS
         std::thread::sleep(Duration::from_millis(1));
     }
     st.lost = st.sent.saturating_sub(st.echoed);
+    st.echoed_seqs = seen;
     Ok(st)
 }

@@ -54,6 +54,7 @@ fn main() -> anyhow::Result<()> {
         .arg(format!("socket={}", blk_sock.display()))
         .arg("--net")
         .arg(format!("socket={}", net_sock.display()));
+    c.stderr(baton_tests::services::log_file(&dir.join("vmm.api"))?);
     let t0 = Instant::now();
     let mut vmm = Vmm::boot(c, dir.join("vmm.api"))?;
     let ready = vmm
@@ -69,6 +70,7 @@ fn main() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(1500));
 
     let mut blackouts = Vec::new();
+    let updates_from = echo.mark();
     for n in 0..LIVE_UPDATES {
         let (new, sock) = Vmm::incoming(&dir.0, n)?;
         let report = vmm.live_update(&sock)?;
@@ -86,27 +88,44 @@ fn main() -> anyhow::Result<()> {
         std::thread::sleep(Duration::from_millis(700));
     }
 
+    let updates_to = echo.mark();
     step("restarting baton-blk (SIGKILL, then start again on the same socket)");
     kill(&mut blk, libc::SIGKILL);
     blk = start_blk(&img, &blk_sock, &[])?;
     let t = vmm.wait_reconnects(0, 1)?;
-    println!("   disk reconnected {:.1} ms after baton-blk was started again", t.as_secs_f64() * 1000.0);
+    println!(
+        "   disk reconnected {:.1} ms after baton-blk was started again",
+        t.as_secs_f64() * 1000.0
+    );
     std::thread::sleep(Duration::from_millis(700));
 
+    let net_from = echo.mark();
     step("restarting baton-net-tap (SIGKILL, then start again; the persistent TAP stays)");
     kill(&mut net, libc::SIGKILL);
     net = start_net_tap(&ns, &tap, &net_sock)?;
     let t = vmm.wait_reconnects(1, 1)?;
-    println!("   NIC reconnected {:.1} ms after baton-net-tap was started again", t.as_secs_f64() * 1000.0);
+    println!(
+        "   NIC reconnected {:.1} ms after baton-net-tap was started again",
+        t.as_secs_f64() * 1000.0
+    );
     std::thread::sleep(Duration::from_millis(1000));
 
+    let net_to = echo.mark();
     step("stopping: echo stream, then the guest workload ('q' on its console)");
     let stats = echo.stop()?;
+    let lost_in_updates = stats.lost_between(updates_from, updates_to);
+    let lost_in_net_restart = stats.lost_between(net_from, net_to);
     vmm.proc.send(b"q")?;
     let code = vmm.proc.wait_exit(Duration::from_secs(60));
     let result = result_json(&vmm.proc.seen);
     let r = result.clone().unwrap_or_default();
-    if let Some(line) = vmm.proc.seen.iter().rev().find(|l| l.contains("\"result\"")) {
+    if let Some(line) = vmm
+        .proc
+        .seen
+        .iter()
+        .rev()
+        .find(|l| l.contains("\"result\""))
+    {
         println!("   guest | {line}");
     }
     let count = |k: &str| r[k].as_u64().unwrap_or(0);
@@ -119,7 +138,9 @@ fn main() -> anyhow::Result<()> {
     let (p50, p99) = (percentile(&mut b, 50.0), percentile(&mut b, 99.0));
     println!(
         "== summary: boot {boot_ms:.1} ms; {} disk writes verified, {io_errors} I/O errors; \
-         {} of {} datagrams echoed ({} lost, {} duplicated, largest echo gap {:.1} ms); \
+         {} of {} datagrams echoed ({} lost: {lost_in_updates} during the live updates, \
+         {lost_in_net_restart} around the baton-net-tap kill, the frames in flight then; \
+         {} duplicated, largest echo gap {:.1} ms); \
          {LIVE_UPDATES} live updates (blackout p50 {p50:.2} ms, p99 {p99:.2} ms); \
          2 back-end restarts; last baton-vmm exited {code:?}",
         count("writes"),
@@ -140,6 +161,8 @@ fn main() -> anyhow::Result<()> {
             "udp_sent": stats.sent,
             "udp_echoed": stats.echoed,
             "lost_packets": stats.lost,
+            "lost_packets_during_live_updates": lost_in_updates,
+            "lost_packets_at_net_restart": lost_in_net_restart,
             "duplicate_packets": stats.duplicates,
             "max_echo_gap_ms": round(stats.max_gap_ms),
             "live_updates": blackouts.len(),
@@ -148,7 +171,10 @@ fn main() -> anyhow::Result<()> {
             "backend_restarts": 2,
         })
     );
-    anyhow::ensure!(passed && code == Some(0), "the guest workload did not pass: {r}");
+    anyhow::ensure!(
+        passed && code == Some(0),
+        "the guest workload did not pass: {r}"
+    );
     Ok(())
 }
 

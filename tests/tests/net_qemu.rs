@@ -195,3 +195,52 @@ fn net_qemu_two_queue_pairs() {
     assert!(tap.alive(), "{}", tap.log_text());
     assert_eq!(tap.terminate(), Some(0), "{}", tap.log_text());
 }
+
+#[test]
+fn net_qemu_killed_front_end_then_a_new_one() {
+    if let Some(why) = qemu_skip_reason() {
+        eprintln!("skipping net_qemu_killed_front_end_then_a_new_one: {why}");
+        return;
+    }
+    let guest = match linux_guest() {
+        Ok(g) => g,
+        Err(why) => {
+            eprintln!("skipping net_qemu_killed_front_end_then_a_new_one: {why}");
+            return;
+        }
+    };
+    let ns = Netns::new("nq3");
+    let dir = TempDir::new("net-qemu");
+    let name = tap_name("k");
+    let mut tap = NetTap::start(&ns, &dir, &["--tap", &name]);
+    ns.exec(&format!(
+        "ip addr add 10.213.6.1/24 dev {name} && ip link set {name} up"
+    ));
+    // A guest that pings until it is killed (no clean shutdown of the rings).
+    let script =
+        "ip link set eth0 up; ip addr add 10.213.6.2/24 dev eth0; ping -i 0.2 10.213.6.1\n";
+    let mut cmd = qemu_command(&guest, &tap.socket, "52:54:00:12:34:56", 1, script);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let mut qemu = cmd.spawn().unwrap();
+    let flowing = wait_until(Duration::from_secs(100), || {
+        std::thread::sleep(Duration::from_millis(200));
+        tap.stat("rx_frames").filter(|n| *n >= 3)
+    });
+    let _ = qemu.kill();
+    let _ = qemu.wait();
+    assert!(
+        flowing.is_some(),
+        "no traffic from the first guest:\n{}",
+        tap.log_text()
+    );
+    assert!(
+        tap.wait_log("front-end gone", Duration::from_secs(10)),
+        "{}",
+        tap.log_text()
+    );
+    assert!(tap.alive(), "{}", tap.log_text());
+    session(1, &ns, &guest, &tap, 6, 20_000);
+    assert_eq!(tap.terminate(), Some(0), "{}", tap.log_text());
+}

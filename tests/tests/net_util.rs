@@ -210,10 +210,9 @@ impl Drop for NetTap {
     }
 }
 
-/// The Linux guest (vmlinuz, initramfs.gz): `$BATON_LINUX_GUEST`, else built once by
-/// tests/linux-guest/build.sh, else by a small built-in builder (same contract: virtio modules
-/// loaded, busybox, runs the base64 script from `baton.script=`, then powers off).
-/// Returns Err(reason) when it cannot be had.
+/// The Linux guest (vmlinuz, initramfs.gz) from `$BATON_LINUX_GUEST` or the target directory,
+/// built once by tests/linux-guest/build.sh (virtio modules loaded, busybox, runs the base64
+/// script from `baton.script=`, then powers off). Returns Err(reason) when it cannot be had.
 pub fn linux_guest() -> Result<(PathBuf, PathBuf), String> {
     let dir = match std::env::var_os("BATON_LINUX_GUEST") {
         Some(d) => PathBuf::from(d),
@@ -232,47 +231,13 @@ pub fn linux_guest() -> Result<(PathBuf, PathBuf), String> {
         return Ok((k, i));
     }
     let script = harness::repo_root().join("tests/linux-guest/build.sh");
-    let (ok, out) = if script.exists() {
-        try_sh(&format!("bash {} {} 2>&1", script.display(), dir.display()))
-    } else {
-        try_sh(&format!("cd {} && {FALLBACK_BUILD}", dir.display()))
-    };
+    let (ok, out) = try_sh(&format!("bash {} {} 2>&1", script.display(), dir.display()));
     if ok && k.exists() && i.exists() {
         Ok((k, i))
     } else {
         Err(format!("building the Linux guest failed: {out}"))
     }
 }
-
-const FALLBACK_BUILD: &str = r#"set -e
-command -v qemu-system-x86_64 >/dev/null || { echo "no qemu-system-x86_64"; exit 1; }
-[ -x /bin/busybox ] || [ -x /usr/bin/busybox ] || { echo "no busybox"; exit 1; }
-rm -rf work && mkdir -p work && cd work
-pkg=$(apt-cache depends linux-image-cloud-amd64 | sed -n 's/.*Depends: \(linux-image-[^ ]*\)/\1/p' | head -1)
-apt-get download "$pkg" >/dev/null 2>&1
-dpkg-deb -x linux-image-*.deb root
-mkdir -p initrd/bin initrd/dev initrd/proc initrd/sys initrd/tmp initrd/lib/modules
-cp "$(command -v busybox)" initrd/bin/busybox
-for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net; do
-  f=$(find root/lib/modules -name "$m.ko*" | head -1); cp "$f" initrd/lib/modules/
-done
-cat > initrd/init <<'EOS'
-#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t tmpfs tmpfs /dev; mount -t tmpfs tmpfs /tmp
-for m in virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci failover net_failover virtio_net; do insmod /lib/modules/$m.ko 2>/dev/null; done
-mdev -s
-s=$(sed -n 's/.*baton.script=\([^ ]*\).*/\1/p' /proc/cmdline)
-echo "$s" | base64 -d > /tmp/script.sh
-sh /tmp/script.sh
-echo "BATON-GUEST-EXIT $?"
-poweroff -f
-EOS
-chmod +x initrd/init
-(cd initrd && find . | cpio -o -H newc 2>/dev/null | gzip) > ../initramfs.gz
-cp root/boot/vmlinuz-* ../vmlinuz
-cd .. && rm -rf work
-"#;
 
 /// Why QEMU-based tests cannot run, if they cannot.
 pub fn qemu_skip_reason() -> Option<String> {
@@ -285,15 +250,15 @@ pub fn qemu_skip_reason() -> Option<String> {
     None
 }
 
-/// Boots the guest under QEMU/TCG with one vhost-user-net device on `socket`, running
-/// `script`; returns its console output when it powers off (or at the deadline).
-pub fn run_guest(
+/// The QEMU/TCG command line booting the guest with one vhost-user-net device on `socket`
+/// (`queues` pairs, as many vCPUs), running `script`.
+pub fn qemu_command(
     guest: &(PathBuf, PathBuf),
     socket: &Path,
     mac: &str,
     queues: u16,
     script: &str,
-) -> String {
+) -> Command {
     let b64 = base64(script.as_bytes());
     let mut cmd = Command::new("qemu-system-x86_64");
     let smp = queues.to_string();
@@ -336,6 +301,19 @@ pub fn run_guest(
     .arg(&guest.1)
     .arg("-append")
     .arg(format!("console=ttyS0 quiet panic=-1 baton.script={b64}"));
+    cmd
+}
+
+/// Boots the guest under QEMU/TCG with one vhost-user-net device on `socket`, running
+/// `script`; returns its console output when it powers off (or at the deadline).
+pub fn run_guest(
+    guest: &(PathBuf, PathBuf),
+    socket: &Path,
+    mac: &str,
+    queues: u16,
+    script: &str,
+) -> String {
+    let cmd = qemu_command(guest, socket, mac, queues, script);
     let f = harness::run_to_end(cmd, Duration::from_secs(120)).expect("run qemu");
     format!("{}\n{}", f.stdout, f.stderr)
 }

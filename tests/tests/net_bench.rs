@@ -35,12 +35,9 @@ fn frame(dst: [u8; 6], src: [u8; 6], len: usize, tso: bool) -> ([u8; 12], Vec<u8
     let (sip, dip) = ([10, 213, 90, 1], [10, 213, 90, 2]);
     if !tso {
         let (h, f) = udp_frame(
-            src,
-            dst,
-            sip,
-            dip,
-            9000,
-            9001,
+            (src, dst),
+            (sip, dip),
+            (9000, 9001),
             &vec![0x5a; len.max(42) - 42],
             false,
         );

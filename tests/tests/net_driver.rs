@@ -89,22 +89,16 @@ fn net_driver_frames_both_ways_and_checksum_offload() {
     let sink = udp_sink(&ns, "10.213.31.1:6001".into(), 2);
     let (src, dst) = ([10, 213, 31, 2], [10, 213, 31, 1]);
     let (h1, f1) = udp_frame(
-        DRIVER_MAC,
-        tap_mac,
-        src,
-        dst,
-        5000,
-        6001,
+        (DRIVER_MAC, tap_mac),
+        (src, dst),
+        (5000, 6001),
         b"full-checksum",
         false,
     );
     let (h2, f2) = udp_frame(
-        DRIVER_MAC,
-        tap_mac,
-        src,
-        dst,
-        5000,
-        6001,
+        (DRIVER_MAC, tap_mac),
+        (src, dst),
+        (5000, 6001),
         b"partial-checksum",
         true,
     );
@@ -408,12 +402,9 @@ fn net_driver_bad_input_is_counted_and_never_fatal() {
     // TX headers with bad offload flags are refused.
     let (src, dst) = ([10, 213, 51, 2], [10, 213, 51, 1]);
     let (mut h, fr) = udp_frame(
-        DRIVER_MAC,
-        tap_mac,
-        src,
-        dst,
-        5000,
-        7003,
+        (DRIVER_MAC, tap_mac),
+        (src, dst),
+        (5000, 7003),
         b"bad-header",
         false,
     );
@@ -431,12 +422,9 @@ fn net_driver_bad_input_is_counted_and_never_fatal() {
     // Still serving both ways.
     let sink = udp_sink(&ns, "10.213.51.1:7004".into(), 1);
     let (h, fr) = udp_frame(
-        DRIVER_MAC,
-        tap_mac,
-        src,
-        dst,
-        5000,
-        7004,
+        (DRIVER_MAC, tap_mac),
+        (src, dst),
+        (5000, 7004),
         b"still-alive",
         true,
     );
@@ -491,12 +479,9 @@ fn net_driver_frames_wait_in_the_tap_between_front_ends() {
     assert_eq!(udp_payload(&fr.data).unwrap().1, b"while-away");
     let sink = udp_sink(&ns, "10.213.61.1:8003".into(), 1);
     let (h, f) = udp_frame(
-        DRIVER_MAC,
-        tap_mac,
-        [10, 213, 61, 2],
-        [10, 213, 61, 1],
-        5000,
-        8003,
+        (DRIVER_MAC, tap_mac),
+        ([10, 213, 61, 2], [10, 213, 61, 1]),
+        (5000, 8003),
         b"back",
         false,
     );
@@ -563,12 +548,9 @@ fn net_driver_inherited_tap_fd() {
     let mut d = NetDriver::connect(&tap.socket, NetOptions::default()).unwrap();
     let sink = udp_sink(&ns, "10.213.71.1:9101".into(), 1);
     let (h, f) = udp_frame(
-        DRIVER_MAC,
-        tap_mac,
-        [10, 213, 71, 2],
-        [10, 213, 71, 1],
-        5000,
-        9101,
+        (DRIVER_MAC, tap_mac),
+        ([10, 213, 71, 2], [10, 213, 71, 1]),
+        (5000, 9101),
         b"via-inherited-fd",
         true,
     );

@@ -2,7 +2,6 @@
 //! network namespaces removed on drop, the back-end process, threads that open sockets inside a
 //! namespace, and the Linux test guest. Everything stays inside namespaces the tests create.
 #![allow(
-    clippy::too_many_arguments,
     dead_code,
     clippy::unwrap_used,
     clippy::expect_used,
@@ -364,12 +363,9 @@ pub fn mac(s: &str) -> [u8; 6] {
 /// An Ethernet/IPv4/UDP frame. With `partial`, the UDP checksum holds only the pseudo-header
 /// sum and the returned virtio-net header asks the device to complete it (NEEDS_CSUM).
 pub fn udp_frame(
-    src_mac: [u8; 6],
-    dst_mac: [u8; 6],
-    src: [u8; 4],
-    dst: [u8; 4],
-    sport: u16,
-    dport: u16,
+    (src_mac, dst_mac): ([u8; 6], [u8; 6]),
+    (src, dst): ([u8; 4], [u8; 4]),
+    (sport, dport): (u16, u16),
     payload: &[u8],
     partial: bool,
 ) -> ([u8; 12], Vec<u8>) {

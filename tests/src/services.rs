@@ -124,3 +124,31 @@ impl Vmm {
         Ok(t0.elapsed())
     }
 }
+
+/// Checks every 4 KiB block of an image the guest's `blk-cont`/`io-cont` wrote: either never
+/// written, or a block that names its own sector and a sequence number that maps to it.
+/// Returns how many blocks were written.
+pub fn verify_blk_cont_image(img: &Path, blocks: usize) -> anyhow::Result<u64> {
+    const MARKER: u64 = 0x6261_746f_6e2d_626b; // "baton-bk"
+    let data = std::fs::read(img)?;
+    let mut written = 0;
+    for (b, block) in (0u64..).zip(data.chunks_exact(4096).take(blocks)) {
+        if block.iter().all(|&x| x == 0) {
+            continue;
+        }
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&block[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(w)
+        };
+        let (seq, sector, marker) = (word(0), word(1), word(2));
+        anyhow::ensure!(marker == MARKER, "block {b}: no marker");
+        anyhow::ensure!(sector == b * 8, "block {b}: names sector {sector}");
+        anyhow::ensure!(
+            seq % blocks as u64 == b,
+            "block {b}: sequence number {seq} belongs elsewhere"
+        );
+        written += 1;
+    }
+    Ok(written)
+}

@@ -116,6 +116,11 @@ impl VmControl {
         }
     }
 
+    /// Makes vCPUs park as soon as they start (before any guest code runs).
+    pub fn hold(&self) {
+        self.lock().pause_requested = true;
+    }
+
     /// Lets parked vCPUs run again.
     pub fn resume(&self) {
         self.lock().pause_requested = false;

@@ -273,6 +273,19 @@ impl Vm {
         }
     }
 
+    /// Starts the vCPU threads parked (an incoming VMM before the switch).
+    pub(crate) fn start_vcpus_parked(&self) -> Result<(), VmError> {
+        self.control.hold();
+        self.start_vcpus()?;
+        if !self.pause() {
+            return Err(VmError::Os(
+                "parking the vCPU threads",
+                std::io::Error::from(std::io::ErrorKind::TimedOut),
+            ));
+        }
+        Ok(())
+    }
+
     /// Stops every vCPU; returns once all are parked.
     pub fn pause(&self) -> bool {
         let n = usize::try_from(self.cpus).unwrap_or(usize::MAX);

@@ -377,12 +377,17 @@ impl Incoming {
             vm_config(&prepare.config, serial),
             Devices::HandedOver(&prepare.devices),
         ) {
-            Ok(vm) => vm,
+            Ok(vm) => Arc::new(vm),
             Err(e) => {
                 let _ = handshake::send_abort(&mut s, &e.to_string());
                 return Err(e.into());
             }
         };
+        // vCPU threads start now, parked: resuming after the switch is a wake-up, not a spawn.
+        if let Err(e) = vm.start_vcpus_parked() {
+            let _ = handshake::send_abort(&mut s, &e.to_string());
+            return Err(e.into());
+        }
         t.lap("build_vm (guest running on the old VMM)");
         handshake::send_prepared(
             &mut s,
@@ -465,8 +470,7 @@ impl Incoming {
             }
         }
         t.lap("enable_rings_and_signal");
-        let vm = Arc::new(vm);
-        vm.start_vcpus()?;
+        vm.resume();
         vm.take_ownership();
         t.lap("resume_vcpus");
         if let Err(e) = handshake::send_ack(&mut s, &Ack::ok(t.phases)) {

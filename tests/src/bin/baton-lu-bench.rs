@@ -102,6 +102,12 @@ struct Peer {
 
 fn main() -> anyhow::Result<()> {
     let swaps = arg("--swaps", 20);
+    // Images and sockets on tmpfs (as in bench/blk.sh): a host disk shared with builds adds
+    // stalls of its own to the back-end's writes.
+    if std::env::var_os("TMPDIR").is_none() && Path::new("/dev/shm").is_dir() {
+        // SAFETY: still single-threaded: nothing reads the environment concurrently.
+        unsafe { std::env::set_var("TMPDIR", "/dev/shm") };
+    }
     let qemu_swaps = arg("--qemu-swaps", 10);
     anyhow::ensure!(kvm_available(), "/dev/kvm is not accessible");
     anyhow::ensure!(

@@ -224,6 +224,12 @@ struct Run {
 
 fn main() -> anyhow::Result<()> {
     let restarts = arg("--restarts", 20);
+    // Images and sockets on tmpfs (as in bench/blk.sh): a host disk shared with builds adds
+    // stalls of its own to the back-end's writes.
+    if std::env::var_os("TMPDIR").is_none() && Path::new("/dev/shm").is_dir() {
+        // SAFETY: still single-threaded: nothing reads the environment concurrently.
+        unsafe { std::env::set_var("TMPDIR", "/dev/shm") };
+    }
     let qemu_restarts = arg("--qemu-restarts", 20);
     let reconnect_ms = arg("--qemu-reconnect-ms", 1);
     anyhow::ensure!(kvm_available(), "/dev/kvm is not accessible");

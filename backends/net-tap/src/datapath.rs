@@ -306,6 +306,7 @@ fn gather_rx(
     mem: &GuestMem,
     s: &mut Scratch,
     mrg: bool,
+    hdr_len: usize,
     target: u32,
 ) -> Gathered {
     let qsize = usize::from(vr.queue.size());
@@ -342,7 +343,13 @@ fn gather_rx(
         let head = chain.head_index();
         let before = s.iovs.len();
         let mut hdr = Segs::default();
-        match gather(chain, mem, true, &mut s.iovs, &mut hdr) {
+        match gather(chain, mem, true, &mut s.iovs, &mut hdr).and_then(|c| {
+            if usize::try_from(c).unwrap_or(0) < hdr_len {
+                Err(ChainError::TooShort)
+            } else {
+                Ok(c)
+            }
+        }) {
             Ok(c) => s.chains.push(RxChain {
                 head,
                 cap: c,
@@ -382,7 +389,7 @@ pub fn process_rx(dev: &Device, pair: &QueuePair, s: &mut Scratch) -> bool {
             more = true;
             break;
         }
-        if let Gathered::Empty = gather_rx(dev, &mut vr, mem, s, mrg, target) {
+        if let Gathered::Empty = gather_rx(dev, &mut vr, mem, s, mrg, hdr_len, target) {
             break;
         }
         // Without MRG_RXBUF a frame gets exactly one chain.

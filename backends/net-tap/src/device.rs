@@ -432,12 +432,15 @@ impl<'a> Worker<'a> {
                     EpollEvent::default(),
                 );
             }
+            let mut now = now;
             if let Some(new) = &now {
-                self.epoll.ctl(
-                    ControlOperation::Add,
-                    new.as_raw_fd(),
-                    EpollEvent::new(EventSet::IN, token),
-                )?;
+                let ev = EpollEvent::new(EventSet::IN, token);
+                if let Err(e) = self.epoll.ctl(ControlOperation::Add, new.as_raw_fd(), ev) {
+                    // E.g. a front-end passed a regular file as kick fd: that ring just never
+                    // gets kicked; the worker and the other rings carry on.
+                    tracing::warn!(pair = self.index, "kick fd cannot be polled: {e}");
+                    now = None;
+                }
             }
             *slot = now;
         }

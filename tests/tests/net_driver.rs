@@ -615,3 +615,41 @@ fn net_driver_get_vring_base_stops_the_ring() {
         .unwrap_or_else(|e| panic!("{e}\n{}", tap.log_text()));
     assert_eq!(udp_payload(&fr.data).unwrap().1, b"ping");
 }
+
+#[test]
+fn net_driver_unpollable_kick_fd_does_not_stop_the_device() {
+    skip_unless_net!("net_driver_unpollable_kick_fd_does_not_stop_the_device");
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    use vhost::VhostBackend;
+    let (ns, dir, tap, _name, tap_mac) = setup("nk1", 91, &[]);
+    let mut d = NetDriver::connect(&tap.socket, NetOptions::default()).unwrap();
+    // A regular file as TX kick fd: it cannot be polled.
+    let file = std::fs::File::create(dir.join("not-an-eventfd")).unwrap();
+    // SAFETY: the fd is owned by `file` and handed over to the EventFd, which closes it.
+    let fake = unsafe { vmm_sys_util::eventfd::EventFd::from_raw_fd(file.into_raw_fd()) };
+    d.conn.frontend().set_vring_kick(1, &fake).unwrap();
+    assert!(
+        tap.wait_log("kick fd cannot be polled", T),
+        "{}",
+        tap.log_text()
+    );
+    // Restore a real kick fd: the same worker still serves the ring.
+    d.conn
+        .start_queue(&d.tx[0].q, d.tx[0].q.avail_idx())
+        .unwrap();
+    let sink = udp_sink(&ns, "10.213.91.1:9301".into(), 1);
+    let (h, f) = udp_frame(
+        (DRIVER_MAC, tap_mac),
+        ([10, 213, 91, 2], [10, 213, 91, 1]),
+        (5000, 9301),
+        b"after",
+        false,
+    );
+    d.tx[0].send(&h, &f).unwrap();
+    assert_eq!(
+        sink.join().unwrap(),
+        vec![b"after".to_vec()],
+        "{}",
+        tap.log_text()
+    );
+}

@@ -678,6 +678,22 @@ fn qemu_swaps(dir: &TempDir, ram: &Path, swaps: usize, p: &mut Peer) -> anyhow::
 // ---------------------------------------------------------------------------------------
 // Output.
 
+/// The three in-blackout phases with the largest medians ("side:name" -> µs), leaving out the
+/// old VMM's `new_vmm_restore`, which is the new VMM's phases plus the messages between them.
+fn slowest(o: &Ours) -> Vec<(String, f64)> {
+    let mut v: Vec<(String, f64)> = o
+        .phases
+        .iter()
+        .filter(|(_, n, _)| {
+            !(n.starts_with("prepare") || n.starts_with("build_vm") || n == "new_vmm_restore")
+        })
+        .map(|(side, n, v)| (format!("{side}:{n}"), median(&mut v.clone())))
+        .collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v.truncate(3);
+    v
+}
+
 fn emit(o: &Ours, p: &Peer, swaps: usize) {
     let old = stats(&o.old_ms);
     let new = stats(&o.new_ms);
@@ -716,6 +732,7 @@ fn emit(o: &Ours, p: &Peer, swaps: usize) {
         });
         if i == 0 {
             line["note"] = json!(note);
+            line["slowest_phases_us"] = json!(slowest(o));
         }
         println!("{line}");
     }

@@ -132,6 +132,20 @@ fn net_cli_tap_name_taken_by_a_non_tap_device() {
     );
     assert!(code.is_some_and(|c| c != 0), "exit {code:?}: {err}");
     assert!(err.contains("is not a TAP device"), "{err}");
+    // A persistent TAP without multi-queue support: a hint how to create it.
+    let single = tap_name("e");
+    ns.exec(&format!("ip tuntap add dev {single} mode tap vnet_hdr"));
+    let (code, err) = run_in(
+        &ns,
+        &[
+            "--socket",
+            dir.join("s2").to_str().unwrap(),
+            "--tap",
+            &single,
+        ],
+    );
+    assert!(code.is_some_and(|c| c != 0), "exit {code:?}: {err}");
+    assert!(err.contains("without multi-queue support"), "{err}");
     // The other device is untouched.
     ns.exec(&format!("ip -d link show {name} | grep -q {kind}"));
 }

@@ -45,6 +45,11 @@ pub enum TapError {
         "no permission to create or attach TAP '{0}': needs CAP_NET_ADMIN, or a persistent TAP owned by this user"
     )]
     Permission(String),
+    /// An existing TAP was created without IFF_MULTI_QUEUE.
+    #[error(
+        "TAP '{0}' exists without multi-queue support: create it with `ip tuntap add dev {0} mode tap multi_queue vnet_hdr`"
+    )]
+    NotMultiQueue(String),
     /// TUNSETIFF failed.
     #[error("cannot create or attach TAP '{name}' (queue {queue})")]
     SetIff {
@@ -130,6 +135,14 @@ pub fn check_name(name: &str) -> Result<(), TapError> {
     Ok(())
 }
 
+/// Whether the existing TAP at `sys` (/sys/class/net/NAME) has IFF_MULTI_QUEUE.
+fn is_multi_queue(sys: &Path) -> bool {
+    std::fs::read_to_string(sys.join("tun_flags"))
+        .ok()
+        .and_then(|s| i64::from_str_radix(s.trim().trim_start_matches("0x"), 16).ok())
+        .is_none_or(|f| f & i64::from(IFF_MULTI_QUEUE) != 0)
+}
+
 fn ioctl_ptr<T>(fd: RawFd, req: libc::c_ulong, arg: *mut T) -> io::Result<()> {
     // SAFETY: `fd` is an open TAP fd and `arg` points to a live value of the type the ioctl
     // `req` reads or writes (an ifreq for TUNSETIFF/TUNGETIFF, an int for the others).
@@ -180,6 +193,11 @@ impl Tap {
                     && sys.exists()
                 {
                     TapError::NotTap(name.to_string())
+                } else if source.raw_os_error() == Some(libc::EINVAL)
+                    && queue == 0
+                    && !is_multi_queue(&sys)
+                {
+                    TapError::NotMultiQueue(name.to_string())
                 } else {
                     TapError::SetIff {
                         name: name.to_string(),

@@ -18,9 +18,11 @@ pub fn sh(cmd: &str) -> anyhow::Result<String> {
 }
 
 impl Netns {
-    /// Creates `baton-<tag>-<pid>` with `lo` up.
+    /// Creates `baton-<tag>-<pid>-<n>` with `lo` up.
     pub fn new(tag: &str) -> anyhow::Result<Netns> {
-        let name = format!("baton-{tag}-{}", std::process::id());
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("baton-{tag}-{}-{n}", std::process::id());
         let _ = Command::new("ip")
             .args(["netns", "del", &name])
             .stderr(Stdio::null())
@@ -86,4 +88,12 @@ pub fn unavailable() -> Option<String> {
         return Some("iproute2 (ip) is not installed".into());
     }
     None
+}
+
+/// A TAP name unique to this process and call (at most 15 bytes, as Linux requires).
+pub fn unique_tap(tag: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tag: String = tag.chars().take(4).collect();
+    format!("bt{tag}{}{n}", std::process::id() % 100_000)
 }

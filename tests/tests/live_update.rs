@@ -204,7 +204,7 @@ fn start_blk(dir: &TempDir, size_mib: u64) -> (Proc, PathBuf, PathBuf) {
 /// 20 swaps of a 2-vCPU guest that writes (and verifies) its disk on one CPU and echoes a
 /// sequence-numbered UDP stream from a namespace on the other: no I/O error, no datagram
 /// lost or duplicated, the image consistent at the end.
-fn swaps_under_io(mem: &str) {
+fn swaps_under_io(mem: &str, subnet: u8) {
     if let Some(why) = netns::unavailable() {
         eprintln!("SKIP swaps_under_io {mem}: {why}");
         return;
@@ -219,8 +219,9 @@ fn swaps_under_io(mem: &str) {
     let net_sock = dir.join("net.sock");
     let _blk = start_blk_service(&img, &blk_sock, &[]).unwrap();
     let ns = Netns::new("lu").unwrap();
-    let tap = format!("btlu{}", std::process::id() % 10_000);
-    ns.persistent_tap(&tap, "10.213.61.1/24").unwrap();
+    let tap = netns::unique_tap("lu");
+    ns.persistent_tap(&tap, &format!("10.213.{subnet}.1/24"))
+        .unwrap();
     let _net = start_net_tap(&ns, &tap, &net_sock).unwrap();
     let mut c = Command::new(bin("baton-vmm"));
     c.arg("--kernel")
@@ -235,7 +236,7 @@ fn swaps_under_io(mem: &str) {
         ])
         .args([
             "--cmdline",
-            "test=io-cont ip=10.213.61.2/24 seconds=0 blocks=1024",
+            &format!("test=io-cont ip=10.213.{subnet}.2/24 seconds=0 blocks=1024"),
         ])
         .arg("--disk")
         .arg(format!("socket={}", blk_sock.display()))
@@ -247,7 +248,11 @@ fn swaps_under_io(mem: &str) {
         "{}",
         vmm.proc.transcript()
     );
-    let echo = EchoStream::start(&ns, "10.213.61.2:7".into(), Duration::from_millis(1));
+    let echo = EchoStream::start(
+        &ns,
+        format!("10.213.{subnet}.2:7"),
+        Duration::from_millis(1),
+    );
     std::thread::sleep(Duration::from_millis(500));
     let mut blackouts = Vec::new();
     for n in 0..20 {
@@ -292,7 +297,7 @@ fn swaps_under_io(mem: &str) {
     assert_eq!(stats.duplicates, 0, "duplicated datagrams");
     assert_eq!(
         stats.lost, 0,
-        "lost datagrams: {} of {}",
+        "lost datagrams: {} of {}; guest: {r}",
         stats.lost, stats.sent
     );
     assert!(stats.sent > 1000, "{}", stats.sent);
@@ -303,14 +308,14 @@ fn swaps_under_io(mem: &str) {
 #[test]
 fn twenty_swaps_under_blk_and_net_io_256m() {
     if can_run("twenty_swaps_under_blk_and_net_io_256m") {
-        swaps_under_io("256M");
+        swaps_under_io("256M", 62);
     }
 }
 
 #[test]
 fn twenty_swaps_under_blk_and_net_io_2g() {
     if can_run("twenty_swaps_under_blk_and_net_io_2g") {
-        swaps_under_io("2G");
+        swaps_under_io("2G", 63);
     }
 }
 

@@ -1,7 +1,8 @@
 //! Per-back-end restart: a thread per device watches its vhost-user connection; when the
 //! back-end goes away (crash, upgrade) it reconnects with capped exponential backoff — first
-//! try at once, then 1 ms doubling up to 1 s, never giving up — retrying the whole handshake
-//! on any failure. The guest and the other devices keep running meanwhile.
+//! try at once, then every 1 ms for the first 100 ms (a restarted service is usually back by
+//! then), then doubling up to 1 s, never giving up — retrying the whole handshake on any
+//! failure. The guest and the other devices keep running meanwhile.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
@@ -16,9 +17,17 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(1);
 /// How often an idle watcher looks for a new connection to watch.
 const IDLE_POLL: Duration = Duration::from_millis(50);
 
-/// The backoff after `delay`: doubled, capped.
-pub fn next_backoff(delay: Duration) -> Duration {
-    (delay * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF)
+/// How long retries stay at [`FIRST_BACKOFF`] before the delay starts doubling.
+pub const FAST_RETRIES: Duration = Duration::from_millis(100);
+
+/// The delay after `delay`, `waited` into the outage: 1 ms while the outage is young, then
+/// doubled, capped.
+pub fn next_backoff(delay: Duration, waited: Duration) -> Duration {
+    if waited < FAST_RETRIES {
+        FIRST_BACKOFF
+    } else {
+        (delay * 2).clamp(FIRST_BACKOFF, MAX_BACKOFF)
+    }
 }
 
 /// Whether `fd` reported a hang-up within `timeout`.
@@ -58,6 +67,7 @@ pub fn watch(dev: &Arc<Mutex<VirtioPciDevice>>) {
 fn reconnect(dev: &Arc<Mutex<VirtioPciDevice>>) {
     let mut delay = Duration::ZERO;
     let mut attempts = 0u64;
+    let since = std::time::Instant::now();
     loop {
         if !delay.is_zero() {
             std::thread::sleep(delay);
@@ -77,7 +87,7 @@ fn reconnect(dev: &Arc<Mutex<VirtioPciDevice>>) {
             }
         }
         drop(d);
-        delay = next_backoff(delay);
+        delay = next_backoff(delay, since.elapsed());
     }
 }
 
@@ -87,14 +97,18 @@ mod tests {
 
     #[test]
     fn backoff_starts_small_and_caps() {
-        let mut d = Duration::ZERO;
+        assert_eq!(next_backoff(Duration::ZERO, Duration::ZERO), FIRST_BACKOFF);
+        assert_eq!(
+            next_backoff(FIRST_BACKOFF, Duration::from_millis(50)),
+            FIRST_BACKOFF
+        );
+        let mut d = FIRST_BACKOFF;
         let mut seen = Vec::new();
         for _ in 0..15 {
-            d = next_backoff(d);
+            d = next_backoff(d, FAST_RETRIES);
             seen.push(d);
         }
-        assert_eq!(seen[0], FIRST_BACKOFF);
-        assert_eq!(seen[1], Duration::from_millis(2));
+        assert_eq!(seen[0], Duration::from_millis(2));
         assert_eq!(*seen.last().unwrap(), MAX_BACKOFF);
         assert!(seen.windows(2).all(|w| w[0] <= w[1]));
     }

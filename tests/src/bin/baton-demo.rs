@@ -33,7 +33,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::File::create(&img)?.set_len(64 << 20)?;
     let blk_sock = dir.join("blk.sock");
     let net_sock = dir.join("net.sock");
-    let tap = format!("btdemo{}", std::process::id() % 10_000);
+    let tap = netns::unique_tap("demo");
 
     step("starting baton-blk (64 MiB image) and baton-net-tap (TAP in a private namespace)");
     let mut blk = start_blk(&img, &blk_sock, &[])?;
@@ -64,6 +64,13 @@ fn main() -> anyhow::Result<()> {
     let boot_ms = t0.elapsed().as_secs_f64() * 1000.0;
     println!("   guest | {ready}");
     println!("   ready {boot_ms:.1} ms after exec of baton-vmm");
+    // The echo stream starts once the guest's NIC is up (an unanswered first ARP would make
+    // the namespace drop datagrams for seconds).
+    vmm.proc
+        .wait_line(Duration::from_secs(30), |l| {
+            l.contains("io-cont net on cpu")
+        })
+        .ok_or_else(|| anyhow::anyhow!("the guest's NIC did not come up"))?;
 
     step("continuous I/O: verified disk writes in the guest, UDP echo every ms from the namespace");
     let echo = EchoStream::start(&ns, format!("{GUEST_IP}:7"), Duration::from_millis(1));

@@ -104,7 +104,9 @@ pub fn percentile(v: &mut [f64], p: f64) -> f64 {
     }
     // Nearest rank: the first value with at least p% of the sample at or below it.
     let want = p / 100.0 * v.len() as f64;
-    let i = (0..v.len()).find(|&i| (i + 1) as f64 >= want).unwrap_or(v.len() - 1);
+    let i = (0..v.len())
+        .find(|&i| (i + 1) as f64 >= want)
+        .unwrap_or(v.len() - 1);
     v[i]
 }
 

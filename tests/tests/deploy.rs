@@ -20,7 +20,11 @@ fn systemd_units_verify() {
             assert!(text.contains("Type=notify"), "{}", u.display());
         }
     }
-    if Command::new("systemd-analyze").arg("--version").output().is_err() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         eprintln!("SKIP systemd_units_verify (syntax): systemd-analyze not installed");
         return;
     }

@@ -1,4 +1,5 @@
 //! The systemd units in deploy/systemd parse and reference what they should.
+#![allow(clippy::unwrap_used)]
 
 use std::process::Command;
 

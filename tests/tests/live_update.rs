@@ -4,6 +4,7 @@
 //! (`batonctl live-update`), and checks that the old one exits 0 and the guest carries on in
 //! the new one. Rollback tests inject a failure into the new VMM at each step before the
 //! commit and check that the guest keeps running in the old one.
+#![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

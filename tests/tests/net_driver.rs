@@ -52,7 +52,7 @@ fn setup(tag: &str, subnet: u8, extra: &[&str]) -> (Netns, TempDir, NetTap, Stri
 }
 
 fn udp_sink(ns: &Netns, addr: String, count: usize) -> std::thread::JoinHandle<Vec<Vec<u8>>> {
-    let s = {
+    {
         // Bind before returning so that no frame races the socket.
         let (tx, rx) = std::sync::mpsc::channel();
         let h = ns.thread(move || {
@@ -71,8 +71,7 @@ fn udp_sink(ns: &Netns, addr: String, count: usize) -> std::thread::JoinHandle<V
         });
         rx.recv().unwrap();
         h
-    };
-    s
+    }
 }
 
 #[test]
@@ -141,6 +140,7 @@ fn forward(a: &mut NetDriver, b: &mut NetDriver, stop: &AtomicBool) -> Vec<[usiz
     let mut stats = vec![[0usize; 4]; pairs];
     while !stop.load(Ordering::Relaxed) {
         let mut any = false;
+        #[allow(clippy::needless_range_loop)] // `p` indexes both back-ends' queues and `stats`.
         for p in 0..pairs {
             for dir in 0..2 {
                 let (from, to) = if dir == 0 {
@@ -220,7 +220,7 @@ fn net_driver_tcp_with_tso_csum_offloads_and_two_queue_pairs() {
                 got == want
             }));
         }
-        hs.into_iter().map(|h| h.join().unwrap()).all(|ok| ok)
+        hs.into_iter().all(|h| h.join().unwrap())
     });
     let clients: Vec<_> = (0..CONNS as u8)
         .map(|id| {

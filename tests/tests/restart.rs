@@ -1,6 +1,7 @@
 //! Per-back-end restart under a running guest: the back-end process is killed (SIGKILL at a
 //! random moment, or SIGTERM for a graceful upgrade) and started again on the same socket;
 //! baton-vmm reconnects and the guest sees no error.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 #[path = "net_util.rs"]
 mod net_util;
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 use baton_tests::harness::{
     Proc, TempDir, bin, guest, kvm_available, result_json, run_to_end, wait_until,
 };
+use baton_tests::services::verify_blk_cont_image;
 use net_util::{NetTap, Netns, net_skip_reason, tap_name};
 
 const T: Duration = Duration::from_secs(30);
@@ -46,7 +48,7 @@ impl Rng {
 fn seed() -> u64 {
     let s = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64)
+        .map_or(1, |d| u64::from(d.subsec_nanos()) ^ d.as_secs())
         | 1;
     eprintln!("kill-moment seed {s}");
     s
@@ -84,29 +86,6 @@ fn start_blk(img: &Path, sock: &Path) -> Proc {
 fn signal(p: &Proc, sig: i32) {
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(i32::try_from(p.child.id()).unwrap(), sig) };
-}
-
-/// Checks every block of a blk-cont image: either never written, or a block that names its
-/// own sector and a sequence number that maps to it.
-fn verify_image(img: &Path, blocks: u64) -> u64 {
-    let data = std::fs::read(img).unwrap();
-    let mut written = 0;
-    for (b, block) in data.chunks_exact(4096).take(blocks as usize).enumerate() {
-        if block.iter().all(|&x| x == 0) {
-            continue;
-        }
-        let word = |i: usize| u64::from_le_bytes(block[i * 8..i * 8 + 8].try_into().unwrap());
-        let (seq, sector, marker) = (word(0), word(1), word(2));
-        assert_eq!(marker, 0x6261_746f_6e2d_626b, "block {b}: marker");
-        assert_eq!(sector, b as u64 * 8, "block {b}: sector field");
-        assert_eq!(
-            seq % blocks,
-            b as u64,
-            "block {b}: seq {seq} belongs elsewhere"
-        );
-        written += 1;
-    }
-    written
 }
 
 fn blk_restarts(sig: i32, restarts: u64) {
@@ -165,7 +144,7 @@ fn blk_restarts(sig: i32, restarts: u64) {
     assert_eq!(r["outstanding"], 0, "{r}");
     assert!(r["writes"].as_u64().unwrap() > restarts * 10, "{r}");
     drop(blk);
-    let written = verify_image(&img, 1024);
+    let written = verify_blk_cont_image(&img, 1024).unwrap();
     assert!(written > 0);
     back.sort();
     eprintln!(

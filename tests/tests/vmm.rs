@@ -1,4 +1,5 @@
 //! baton-vmm booting the freestanding test guest under KVM: real binary, real /dev/kvm.
+#![allow(clippy::unwrap_used)]
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};

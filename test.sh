@@ -10,5 +10,8 @@ setup_rust
 echo "== building the test guest (x86_64-unknown-none)"
 build_guest
 
+echo "== building every binary (the integration tests start baton-vmm, batonctl, baton-blk, baton-net-tap)"
+cargo build --workspace --release --bins
+
 echo "== cargo test (unit, integration: real processes, sockets, QEMU, KVM)"
 cargo test --workspace --release --no-fail-fast -- --test-threads=2 "$@"

@@ -407,36 +407,56 @@ impl Incoming {
         let restored = (|| -> Result<(), LiveUpdateError> {
             restore_kvm(&vm, &state)?;
             t.lap("restore_kvm_state");
+            // Every back-end reconnects at once, each on a thread of its own: the switch
+            // waits for the slowest, not for their sum.
+            let mut jobs = Vec::new();
             for (i, (_, dev)) in vm.devices.iter().enumerate() {
                 let saved = state
                     .devices
                     .get(i)
                     .ok_or_else(|| LiveUpdateError::State(format!("no state for device {i}")))?;
-                let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
-                d.restore(&saved.pci, &saved.virtio);
-                if let Some(inf) = &saved.vhost_user.inflight {
-                    if let Some(fd) = cpr::take_fd(&mut fds, &inf.fd_name) {
-                        d.set_inflight(inf, std::fs::File::from(fd));
-                    }
-                }
-                let bases: Vec<RingBase> = saved
+                let inflight = saved
                     .vhost_user
-                    .rings
-                    .iter()
-                    .map(|r| RingBase {
-                        index: r.index,
-                        next_avail: u16::try_from(r.next_avail & 0xffff).unwrap_or(0),
+                    .inflight
+                    .as_ref()
+                    .and_then(|inf| Some((inf, cpr::take_fd(&mut fds, &inf.fd_name)?)));
+                jobs.push((dev, saved, inflight));
+            }
+            let results: Vec<(String, Result<u64, LiveUpdateError>)> = std::thread::scope(|sc| {
+                let handles: Vec<_> = jobs
+                    .into_iter()
+                    .map(|(dev, saved, inflight)| {
+                        sc.spawn(move || {
+                            let t0 = Instant::now();
+                            let r = reconnect_device(dev, saved, inflight);
+                            let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);
+                            (
+                                saved.vhost_user.socket.display().to_string(),
+                                r.map(|()| us),
+                            )
+                        })
                     })
                     .collect();
-                if injected_failure("refuse-backend") {
-                    return Err(LiveUpdateError::Backend(format!(
-                        "vhost-user back-end {} refused (injected)",
-                        saved.vhost_user.socket.display()
-                    )));
-                }
-                d.resume(&bases, false).map_err(LiveUpdateError::Backend)?;
-                t.lap(format!("reconnect {}", saved.vhost_user.socket.display()));
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            (
+                                String::new(),
+                                Err(LiveUpdateError::Backend("reconnect thread panicked".into())),
+                            )
+                        })
+                    })
+                    .collect()
+            });
+            for (socket, r) in results {
+                let us = r?;
+                t.phases.push(Phase {
+                    name: format!("reconnect {socket} (in parallel)"),
+                    micros: us,
+                });
             }
+            t.lap("reconnect_backends");
             Ok(())
         })();
         if let Err(e) = restored {
@@ -478,6 +498,36 @@ impl Incoming {
         }
         Ok(vm)
     }
+}
+
+/// Restores one device's transport state and reconnects its back-end (rings configured,
+/// not yet enabled).
+fn reconnect_device(
+    dev: &std::sync::Mutex<crate::virtio::pci::VirtioPciDevice>,
+    saved: &baton_protocol::state::DeviceState,
+    inflight: Option<(&baton_protocol::state::InflightState, std::os::fd::OwnedFd)>,
+) -> Result<(), LiveUpdateError> {
+    let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
+    d.restore(&saved.pci, &saved.virtio);
+    if let Some((inf, fd)) = inflight {
+        d.set_inflight(inf, std::fs::File::from(fd));
+    }
+    let bases: Vec<RingBase> = saved
+        .vhost_user
+        .rings
+        .iter()
+        .map(|r| RingBase {
+            index: r.index,
+            next_avail: u16::try_from(r.next_avail & 0xffff).unwrap_or(0),
+        })
+        .collect();
+    if injected_failure("refuse-backend") {
+        return Err(LiveUpdateError::Backend(format!(
+            "vhost-user back-end {} refused (injected)",
+            saved.vhost_user.socket.display()
+        )));
+    }
+    d.resume(&bases, false).map_err(LiveUpdateError::Backend)
 }
 
 impl Drop for Incoming {

@@ -62,6 +62,9 @@ pub enum BackendState {
     Reconnecting,
     /// Handed over to another VMM (live update in progress).
     HandedOver,
+    /// The back-end stayed away longer than the device's `reconnect_ms`: the device is in
+    /// NEEDS_RESET and the VMM stopped trying.
+    Failed,
 }
 
 /// One vhost-user device in `vm.info`.

@@ -273,3 +273,50 @@ fn net_backend_restarted_under_udp_echo() {
     assert_eq!(r["result"], "pass", "{r}");
     drop(nt);
 }
+
+#[test]
+fn reconnect_gives_up_only_when_configured() {
+    if !can_run("reconnect_gives_up_only_when_configured") {
+        return;
+    }
+    let dir = TempDir::new("restart-giveup");
+    let img = dir.join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 << 20)
+        .unwrap();
+    let sock = dir.join("blk.sock");
+    let mut blk = start_blk(&img, &sock);
+    assert!(wait_until(T, || sock.exists().then_some(())).is_some());
+    let api = dir.join("api.sock");
+    let mut c = Command::new(bin("baton-vmm"));
+    c.arg("--kernel")
+        .arg(guest())
+        .args(["--cpus", "1", "--memory", "size=128M", "--serial", "stdio"])
+        .args(["--cmdline", "test=blk-cont seconds=0"])
+        .arg("--disk")
+        .arg(format!("socket={},reconnect_ms=300", sock.display()))
+        .arg("--api-socket")
+        .arg(&api);
+    let mut vm = Proc::spawn_with_stdin(c).unwrap();
+    assert!(
+        vm.wait_line(T, |l| l.contains("ready")).is_some(),
+        "{}",
+        vm.transcript()
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    signal(&blk, libc::SIGKILL);
+    blk.wait_exit(T);
+    // The back-end stays away: after 300 ms the device is given up, the VM keeps running.
+    let failed = wait_until(T, || {
+        (info(&api)["devices"][0]["backend"] == "failed").then_some(())
+    });
+    assert!(failed.is_some(), "{}", info(&api));
+    assert_eq!(info(&api)["state"], "running");
+    vm.send(b"q").unwrap();
+    assert!(
+        vm.wait_exit(Duration::from_secs(60)).is_some(),
+        "{}",
+        vm.transcript()
+    );
+}

@@ -189,10 +189,11 @@ pub fn default_mac(seed: u32) -> [u8; 6] {
 /// `--net socket=PATH[,mac=MAC,queues=N,queue_size=N,mtu=N]`.
 pub fn parse_device(s: &str, net: bool, seed: u32) -> Result<DeviceConfig, ConfigError> {
     let (mut socket, mut queues, mut queue_size, mut mac, mut mtu) = (None, 1, 256, None, None);
+    let mut reconnect_limit = None;
     let expected = if net {
-        "socket, queues, queue_size, mac, mtu"
+        "socket, queues, queue_size, reconnect_ms, mac, mtu"
     } else {
-        "socket, queues, queue_size"
+        "socket, queues, queue_size, reconnect_ms"
     };
     for (k, v) in key_values(s)? {
         match k {
@@ -206,6 +207,12 @@ pub fn parse_device(s: &str, net: bool, seed: u32) -> Result<DeviceConfig, Confi
                         v.into(),
                     ));
                 }
+            }
+            "reconnect_ms" => {
+                let ms: u64 = v
+                    .parse()
+                    .map_err(|_| ConfigError::BadNumber("reconnect_ms", v.into()))?;
+                reconnect_limit = Some(std::time::Duration::from_millis(ms));
             }
             "mac" if net => mac = Some(parse_mac(v)?),
             "mtu" if net => mtu = Some(parse_u16("mtu", v, 68)?),
@@ -231,6 +238,7 @@ pub fn parse_device(s: &str, net: bool, seed: u32) -> Result<DeviceConfig, Confi
         queues,
         queue_size,
         kind,
+        reconnect_limit,
     })
 }
 
@@ -293,6 +301,15 @@ mod tests {
             parse_device("socket=/s,mac=01:54:00:ab:cd:ef", true, 1),
             Err(ConfigError::BadMac(_))
         ));
+        let r = parse_device("socket=/s,reconnect_ms=250", false, 1).unwrap();
+        assert_eq!(
+            r.reconnect_limit,
+            Some(std::time::Duration::from_millis(250))
+        );
+        assert_eq!(
+            parse_device("socket=/s", false, 1).unwrap().reconnect_limit,
+            None
+        );
         assert!(parse_device("queues=2", false, 1).is_err());
         assert!(parse_device("socket=/s,queue_size=100", false, 1).is_err());
         assert!(parse_device("socket=/s,mac=52:54:00:ab:cd:ef", false, 1).is_err());

@@ -40,10 +40,13 @@ struct Args {
     /// HTTP API socket path.
     #[arg(long)]
     api_socket: Option<PathBuf>,
-    /// A vhost-user block device: socket=PATH[,queues=N,queue_size=N]. Repeatable.
+    /// A vhost-user block device: socket=PATH[,queues=N,queue_size=N,reconnect_ms=N].
+    /// Repeatable. A back-end that goes away is reconnected forever unless reconnect_ms says
+    /// how long to try.
     #[arg(long)]
     disk: Vec<String>,
-    /// A vhost-user net device: socket=PATH[,mac=MAC,queues=N,queue_size=N,mtu=N]. Repeatable.
+    /// A vhost-user net device: socket=PATH[,mac=MAC,queues=N,queue_size=N,mtu=N,
+    /// reconnect_ms=N]. Repeatable.
     #[arg(long)]
     net: Vec<String>,
     /// VM name (names the default RAM file /dev/shm/baton-NAME.ram).

@@ -76,6 +76,10 @@ fn reconnect(dev: &Arc<Mutex<VirtioPciDevice>>) {
         if !d.reconnecting() {
             return;
         }
+        if d.reconnect_limit().is_some_and(|l| since.elapsed() > l) {
+            d.give_up();
+            return;
+        }
         attempts += 1;
         match d.try_reconnect() {
             Ok(()) => return,

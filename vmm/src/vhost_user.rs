@@ -102,6 +102,8 @@ pub struct DeviceConfig {
     pub queue_size: u16,
     /// Block or net.
     pub kind: DeviceKind,
+    /// How long to keep reconnecting to a back-end that went away; `None`: forever.
+    pub reconnect_limit: Option<std::time::Duration>,
 }
 
 /// Errors talking to a back-end, one per protocol step; each names the socket.
@@ -589,6 +591,10 @@ impl VirtioBackend for VhostUserDevice {
 
     fn socket(&self) -> &Path {
         &self.cfg.socket
+    }
+
+    fn reconnect_limit(&self) -> Option<std::time::Duration> {
+        self.cfg.reconnect_limit
     }
 
     fn reset(&mut self) {

@@ -106,6 +106,7 @@ pub(super) fn example(cpus: u32) -> VmState {
         queues: 1,
         queue_size: 256,
         kind: DeviceKindState::Block,
+        reconnect_ms: None,
     };
     let net = DeviceConfigState {
         socket: "/run/baton/net0.sock".into(),
@@ -115,6 +116,7 @@ pub(super) fn example(cpus: u32) -> VmState {
             mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
             mtu: Some(1500),
         },
+        reconnect_ms: Some(60_000),
     };
     let mut blk_dev = device(1, &blk, 1);
     blk_dev.vhost_user.inflight = Some(InflightState {

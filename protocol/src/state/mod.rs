@@ -141,6 +141,9 @@ pub struct DeviceConfigState {
     pub queue_size: u16,
     /// Block or net.
     pub kind: DeviceKindState,
+    /// Give up reconnecting to a back-end that went away after this many ms (`None`: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reconnect_ms: Option<u64>,
 }
 
 /// What a vhost-user device is.

@@ -49,6 +49,9 @@ pub(super) fn config_state(vm: &Vm) -> VmConfigState {
                     DeviceKind::Block => DeviceKindState::Block,
                     DeviceKind::Net { mac, mtu } => DeviceKindState::Net { mac, mtu },
                 },
+                reconnect_ms: d
+                    .reconnect_limit
+                    .map(|l| u64::try_from(l.as_millis()).unwrap_or(u64::MAX)),
             })
             .collect(),
     }
@@ -82,6 +85,7 @@ pub(super) fn vm_config(s: &VmConfigState, serial: Option<SerialConfig>) -> VmCo
                     DeviceKindState::Block => DeviceKind::Block,
                     DeviceKindState::Net { mac, mtu } => DeviceKind::Net { mac, mtu },
                 },
+                reconnect_limit: d.reconnect_ms.map(std::time::Duration::from_millis),
             })
             .collect(),
     }

@@ -107,4 +107,6 @@ pub trait VirtioBackend: Send {
     fn protocol_features(&self) -> u64;
     /// The back-end's socket.
     fn socket(&self) -> &std::path::Path;
+    /// How long to keep reconnecting after the back-end went away (`None`: forever).
+    fn reconnect_limit(&self) -> Option<std::time::Duration>;
 }

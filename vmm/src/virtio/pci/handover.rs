@@ -186,6 +186,19 @@ impl VirtioPciDevice {
         true
     }
 
+    /// How long to keep reconnecting (`None`: forever).
+    pub fn reconnect_limit(&self) -> Option<std::time::Duration> {
+        self.backend.reconnect_limit()
+    }
+
+    /// Stops waiting for the back-end: the device goes to NEEDS_RESET.
+    pub fn give_up(&mut self) {
+        tracing::error!(device = %self.name, socket = %self.backend.socket().display(),
+            "vhost-user back-end did not come back in time; device needs reset");
+        self.backend_state = BackendState::Failed;
+        self.needs_reset();
+    }
+
     /// Whether the device waits for its back-end to come back.
     pub fn reconnecting(&self) -> bool {
         self.backend_state == BackendState::Reconnecting

@@ -272,7 +272,7 @@ impl VirtioPciDevice {
     }
 
     /// Marks the device broken; the driver sees NEEDS_RESET and a config interrupt.
-    fn needs_reset(&mut self) {
+    pub(super) fn needs_reset(&mut self) {
         self.common.status |= status::NEEDS_RESET;
         self.common.config_generation = self.common.config_generation.wrapping_add(1);
         let _ = self.config_call.write(1);

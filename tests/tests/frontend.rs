@@ -804,3 +804,177 @@ fn smaller_queue_size_is_used_by_the_guest() {
         &["queue_size"],
     );
 }
+
+/// A back-end that accepts one connection and never answers; holds it until dropped.
+struct Silent {
+    sock: PathBuf,
+    accepted: std::sync::mpsc::Receiver<()>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Silent {
+    fn start(sock: PathBuf) -> Silent {
+        let l = UnixListener::bind(&sock).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let (tx, accepted) = std::sync::mpsc::channel();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let st = stop.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !st.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok((s, _)) = l.accept() {
+                    held.push(s);
+                    let _ = tx.send(());
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        });
+        Silent {
+            sock,
+            accepted,
+            stop,
+        }
+    }
+}
+
+impl Drop for Silent {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A baton-vmm child with its stderr in a file; on drop SIGKILLed (it may not answer SIGTERM)
+/// and its RAM file removed, so a failing test leaves nothing behind.
+struct Hung {
+    child: std::process::Child,
+    name: String,
+    err: PathBuf,
+}
+
+impl Hung {
+    fn spawn(dir: &TempDir, name: &str, args: &[String]) -> Hung {
+        let err = dir.join(&format!("{name}.err"));
+        let mut c = vmm(name, "test=boot");
+        c.args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap());
+        Hung {
+            child: c.spawn().unwrap(),
+            name: name.to_string(),
+            err,
+        }
+    }
+
+    fn wait(&mut self, t: Duration) -> Option<std::process::ExitStatus> {
+        wait_until(t, || self.child.try_wait().ok().flatten())
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+}
+
+impl Drop for Hung {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(ram_file(&self.name));
+    }
+}
+
+#[test]
+fn silent_backend_at_start_is_an_error_not_a_hang() {
+    if !can_run("silent_backend_at_start_is_an_error_not_a_hang") {
+        return;
+    }
+    let dir = TempDir::new("fe-silent");
+    let silent = Silent::start(dir.join("silent.sock"));
+    let s = silent.sock.display().to_string();
+    let mut v = Hung::spawn(
+        &dir,
+        &unique("silent"),
+        &["--disk".into(), format!("socket={s}")],
+    );
+    assert!(
+        silent
+            .accepted
+            .recv_timeout(Duration::from_secs(10))
+            .is_ok(),
+        "baton-vmm did not connect"
+    );
+    let st = v.wait(Duration::from_secs(30));
+    assert!(
+        st.is_some(),
+        "baton-vmm still waits for a back-end that never answers after 30 s (see target/VMM-BUGS.txt)"
+    );
+    assert!(!st.unwrap().success(), "{}", v.stderr());
+    assert!(
+        v.stderr().contains(&s),
+        "the error names the socket: {}",
+        v.stderr()
+    );
+    assert!(!ram_file(&v.name).exists(), "no RAM file left");
+}
+
+#[test]
+fn sigterm_while_waiting_for_a_backend_stops_the_vmm_cleanly() {
+    if !can_run("sigterm_while_waiting_for_a_backend") {
+        return;
+    }
+    let dir = TempDir::new("fe-sigterm");
+    let silent = Silent::start(dir.join("silent.sock"));
+    let s = silent.sock.display().to_string();
+    let mut v = Hung::spawn(
+        &dir,
+        &unique("sigterm"),
+        &["--disk".into(), format!("socket={s}")],
+    );
+    assert!(
+        silent
+            .accepted
+            .recv_timeout(Duration::from_secs(10))
+            .is_ok(),
+        "baton-vmm did not connect"
+    );
+    std::thread::sleep(Duration::from_millis(200)); // let it block in the first reply
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(v.child.id() as i32, libc::SIGTERM) };
+    assert!(
+        v.wait(Duration::from_secs(5)).is_some(),
+        "SIGTERM does not stop baton-vmm while it waits for a back-end (see target/VMM-BUGS.txt)"
+    );
+    assert!(!ram_file(&v.name).exists(), "no RAM file left");
+}
+
+#[test]
+fn blk_device_on_a_net_backend_is_an_error_not_a_hang() {
+    if !can_run("blk_device_on_a_net_backend") {
+        return;
+    }
+    if let Some(why) = net_skip_reason() {
+        eprintln!("SKIP blk_device_on_a_net_backend: {why}");
+        return;
+    }
+    let ns = Netns::new("fewt");
+    let dir = TempDir::new("fe-wrongtype");
+    let nt = NetTap::start(&ns, &dir, &["--tap", &tap_name("fw")]);
+    let s = nt.socket.display().to_string();
+    let mut v = Hung::spawn(
+        &dir,
+        &unique("wrongtype"),
+        &["--disk".into(), format!("socket={s}")],
+    );
+    let st = v.wait(Duration::from_secs(30));
+    assert!(
+        st.is_some(),
+        "baton-vmm hangs on a blk device whose back-end is baton-net-tap (see target/VMM-BUGS.txt)"
+    );
+    assert!(!st.unwrap().success(), "{}", v.stderr());
+    assert!(
+        v.stderr().contains(&s),
+        "the error names the socket: {}",
+        v.stderr()
+    );
+    assert!(!ram_file(&v.name).exists(), "no RAM file left");
+}

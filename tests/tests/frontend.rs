@@ -228,6 +228,35 @@ fn baton_blk_four_queues_in_parallel() {
     );
 }
 
+/// `blk-lat`: completions by polling take no interrupt at all; by interrupt, one MSI-X
+/// interrupt (irqfd → GSI route) per request.
+#[test]
+fn blk_lat_poll_and_irq_completions() {
+    if !can_run("blk_lat_poll_and_irq_completions") {
+        return;
+    }
+    let dir = TempDir::new("fe-lat");
+    let b = start_blk(&dir, "d", 16 * MIB, &[]);
+    for mode in ["poll", "irq"] {
+        let name = unique(&format!("lat{mode}"));
+        let mut c = vmm(&name, &format!("test=blk-lat mode={mode} n=1000"));
+        c.arg("--disk").arg(format!("socket={}", b.sock.display()));
+        let (r, _) = run_pass(&name, c);
+        assert_eq!(r["n"], 1000, "{r}");
+        assert_eq!(r["io_errors"], 0, "{r}");
+        let irqs = r["irqs"].as_u64().unwrap();
+        if mode == "poll" {
+            assert_eq!(irqs, 0, "no vector, no interrupt: {r}");
+        } else {
+            assert!(irqs >= 1000, "one interrupt per completion: {r}");
+        }
+        eprintln!(
+            "blk-lat {mode}: median {} us, p99 {} us, notify {} us",
+            r["median_us"], r["p99_us"], r["kick_median_us"]
+        );
+    }
+}
+
 #[test]
 fn qemu_storage_daemon_as_the_blk_back_end() {
     if !can_run("qemu_storage_daemon_as_the_blk_back_end") {

@@ -446,3 +446,38 @@ fn rollback_on_protocol_version_mismatch() {
     run_to_end(c, T).unwrap();
     assert_eq!(old.proc.wait_exit(T), Some(0));
 }
+
+#[test]
+fn a_paused_vm_stays_paused_across_a_live_update() {
+    if !can_run("a_paused_vm_stays_paused") {
+        return;
+    }
+    let dir = TempDir::new("lu-paused");
+    let name = format!("lupause{}", std::process::id());
+    let mut old = start_vmm(&dir, &name, 1, "128M", "test=ticks n=0 ms=20", None);
+    assert!(old.proc.wait_line(T, |l| l.starts_with("tick 2")).is_some());
+    let ctl = |api: &Path, cmd: &str| {
+        let mut c = Command::new(bin("batonctl"));
+        c.arg("--api-socket").arg(api).arg(cmd);
+        run_to_end(c, T).unwrap()
+    };
+    assert_eq!(ctl(&old.api, "pause").code, Some(0));
+    let (mut new, sock) = start_incoming(&dir, 0, None);
+    let (code, out) = live_update(&old.api, &sock, None);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(old.proc.wait_exit(T), Some(0));
+    assert!(ctl(&new.api, "info").stdout.contains("\"paused\""));
+    assert!(
+        new.proc
+            .wait_line(Duration::from_millis(300), |l| l.starts_with("tick"))
+            .is_none(),
+        "the guest ran while paused"
+    );
+    assert_eq!(ctl(&new.api, "resume").code, Some(0));
+    assert!(
+        new.proc.wait_line(T, |l| l.starts_with("tick")).is_some(),
+        "no tick after resume"
+    );
+    assert_eq!(ctl(&new.api, "shutdown").code, Some(0));
+    assert_eq!(new.proc.wait_exit(T), Some(0));
+}

@@ -68,17 +68,18 @@ impl ApiSocket {
                     let mut body_in = String::new();
                     let _ =
                         std::io::Read::take(req.as_reader(), MAX_BODY).read_to_string(&mut body_in);
-                    let (status, body) = handle(&vm, req.method(), req.url(), &body_in);
-                    let moved = status == 200 && req.url().ends_with("/vm.live-update");
+                    let (status, body, then) = handle(&vm, req.method(), req.url(), &body_in);
                     let mut resp = Response::from_string(body).with_status_code(status);
                     if let Ok(h) = Header::from_bytes("Content-Type", "application/json") {
                         resp.add_header(h);
                     }
                     let _ = req.respond(resp);
-                    if moved {
-                        // Only now: the process exits once the VM is marked moved, and the
-                        // report must reach the client first.
-                        vm.finish_live_update();
+                    // Only now: either one ends the process, and the answer must reach the
+                    // client first.
+                    match then {
+                        Then::Nothing => {}
+                        Then::Shutdown => vm.shutdown(),
+                        Then::Moved => vm.finish_live_update(),
                     }
                 }
             })
@@ -101,8 +102,27 @@ fn error(status: u16, msg: impl Into<String>) -> (u16, String) {
 /// Largest request body read.
 const MAX_BODY: u64 = 64 << 10;
 
-/// Routes one request; returns (status, JSON body).
-fn handle(vm: &Arc<Vm>, method: &Method, url: &str, body: &str) -> (u16, String) {
+/// What to do once the answer is sent.
+enum Then {
+    Nothing,
+    /// `vm.shutdown`: stop the VM (the process exits).
+    Shutdown,
+    /// A successful live update: this VMM stops.
+    Moved,
+}
+
+/// Routes one request; returns (status, JSON body, what to do after answering).
+fn handle(vm: &Arc<Vm>, method: &Method, url: &str, body: &str) -> (u16, String, Then) {
+    let (status, body) = route(vm, method, url, body);
+    let then = match (status, url.rsplit('/').next()) {
+        (204, Some("vm.shutdown")) => Then::Shutdown,
+        (200, Some("vm.live-update")) => Then::Moved,
+        _ => Then::Nothing,
+    };
+    (status, body, then)
+}
+
+fn route(vm: &Arc<Vm>, method: &Method, url: &str, body: &str) -> (u16, String) {
     let Some(endpoint) = url
         .strip_prefix(API_PREFIX)
         .and_then(|r| r.strip_prefix('/'))
@@ -125,10 +145,7 @@ fn handle(vm: &Arc<Vm>, method: &Method, url: &str, body: &str) -> (u16, String)
             vm.resume();
             (204, String::new())
         }
-        (Method::Put, "vm.shutdown") => {
-            vm.shutdown();
-            (204, String::new())
-        }
+        (Method::Put, "vm.shutdown") => (204, String::new()),
         (Method::Put, "vm.live-update") => {
             let req: LiveUpdateRequest = match serde_json::from_str(body) {
                 Ok(r) => r,

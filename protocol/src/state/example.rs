@@ -165,5 +165,6 @@ pub(super) fn example(cpus: u32) -> VmState {
             ..Default::default()
         },
         paused_at_unix_ns: 1_700_000_000_000_000_000,
+        user_paused: false,
     }
 }

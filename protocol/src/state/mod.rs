@@ -82,6 +82,9 @@ pub struct VmState {
     /// CLOCK_REALTIME in ns when the old VMM paused the vCPUs (for blackout accounting).
     #[serde(default)]
     pub paused_at_unix_ns: u64,
+    /// The VM was paused through the API before the update: the new VMM keeps it paused.
+    #[serde(default)]
+    pub user_paused: bool,
 }
 
 /// The VM's configuration: what `baton-vmm` was started with.

@@ -188,15 +188,20 @@ pub fn outgoing(vm: &Arc<Vm>, dest: &Path, timeout: Duration) -> Result<Report, 
 
     let paused_at = Instant::now();
     let mut t = Timer::new();
+    let user_paused = vm.control.is_paused();
     if !vm.pause() {
-        vm.resume();
+        if !user_paused {
+            vm.resume();
+        }
         return Err(LiveUpdateError::Pause);
     }
     t.lap("pause_vcpus");
     let (vcpus, irqchip, pit, clock) = match save_kvm(vm) {
         Ok(v) => v,
         Err(e) => {
-            vm.resume();
+            if !user_paused {
+                vm.resume();
+            }
             return Err(e);
         }
     };
@@ -209,7 +214,7 @@ pub fn outgoing(vm: &Arc<Vm>, dest: &Path, timeout: Duration) -> Result<Report, 
             Err(e) => {
                 drop(d);
                 let cause = LiveUpdateError::Backend(e);
-                return Err(rollback(vm, &bases, None, cause));
+                return Err(rollback(vm, &bases, user_paused, None, cause));
             }
         }
         t.lap(format!("suspend {}", d.backend().socket().display()));
@@ -224,6 +229,7 @@ pub fn outgoing(vm: &Arc<Vm>, dest: &Path, timeout: Duration) -> Result<Report, 
         devices: device_states(vm, &bases),
         serial,
         paused_at_unix_ns: unix_ns(),
+        user_paused,
     };
     let sent = (|| -> Result<(), LiveUpdateError> {
         handshake::send_state(&mut s, &state)?;
@@ -246,13 +252,13 @@ pub fn outgoing(vm: &Arc<Vm>, dest: &Path, timeout: Duration) -> Result<Report, 
         Ok(())
     })();
     if let Err(e) = sent {
-        return Err(rollback(vm, &bases, Some(peer.pid), e));
+        return Err(rollback(vm, &bases, user_paused, Some(peer.pid), e));
     }
     t.lap("send_state");
     let ready: Result<Ready, HandshakeError> = handshake::recv_ready(&mut s);
     let ready = match ready {
         Ok(r) => r,
-        Err(e) => return Err(rollback(vm, &bases, Some(peer.pid), e.into())),
+        Err(e) => return Err(rollback(vm, &bases, user_paused, Some(peer.pid), e.into())),
     };
     t.lap("new_vmm_restore");
     // Point of no return: after this the guest must never run here again.
@@ -262,7 +268,7 @@ pub fn outgoing(vm: &Arc<Vm>, dest: &Path, timeout: Duration) -> Result<Report, 
             committed_at_unix_ns: unix_ns(),
         },
     ) {
-        return Err(rollback(vm, &bases, Some(peer.pid), e.into()));
+        return Err(rollback(vm, &bases, user_paused, Some(peer.pid), e.into()));
     }
     vm.handed_over();
     let ack = handshake::recv_ack(&mut s);
@@ -289,10 +295,12 @@ fn unix_ns() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
-/// Makes sure the new VMM cannot run the guest, then takes the back-ends back and resumes.
+/// Makes sure the new VMM cannot run the guest, then takes the back-ends back and resumes
+/// (unless the VM was paused through the API before the update).
 fn rollback(
     vm: &Vm,
     bases: &[Vec<RingBase>],
+    user_paused: bool,
     new_pid: Option<i32>,
     cause: LiveUpdateError,
 ) -> LiveUpdateError {
@@ -322,7 +330,9 @@ fn rollback(
             );
         }
     }
-    vm.resume();
+    if !user_paused {
+        vm.resume();
+    }
     LiveUpdateError::RolledBack(Box::new(cause))
 }
 
@@ -490,7 +500,9 @@ impl Incoming {
             }
         }
         t.lap("enable_rings_and_signal");
-        vm.resume();
+        if !state.user_paused {
+            vm.resume();
+        }
         vm.take_ownership();
         t.lap("resume_vcpus");
         if let Err(e) = handshake::send_ack(&mut s, &Ack::ok(t.phases)) {

@@ -7,7 +7,7 @@
 # plus "-p99" lines and the notify write alone ("frontend-blk-notify-lat"); ratio = QEMU / baton
 # (> 1 = baton faster). Under PVM the guest's CPL3 drivers run natively but every interrupt
 # entry is emulated: the irq figures are dominated by that, on both VMMs.
-# BATON_BENCH_REPEAT sets the boots per platform and mode (default 3, median reported),
+# BATON_BENCH_REPEAT sets the boots per platform and mode (default 5, median reported),
 # BATON_FRONTEND_N the reads per boot (default 5000). Called by ./bench.sh (release build).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,4 +21,4 @@ if [[ ! -f $G ]]; then
     (cd tests/guest && cargo build --release --quiet)
 fi
 [[ -r /dev/kvm ]] || { echo "bench/frontend.sh: /dev/kvm is not accessible" >&2; exit 1; }
-exec "$T/baton-frontend-bench" --repeat "${BATON_BENCH_REPEAT:-3}" --n "${BATON_FRONTEND_N:-5000}"
+exec "$T/baton-frontend-bench" --repeat "${BATON_BENCH_REPEAT:-5}" --n "${BATON_FRONTEND_N:-5000}"

@@ -25,7 +25,7 @@ struct Args {
     #[arg(long, default_value_t = 5000)]
     n: u32,
     /// Boots per platform and mode (the median of the per-boot figures is reported).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     repeat: usize,
     /// Image size in MiB (filled with data, on /dev/shm).
     #[arg(long, default_value_t = 64)]

@@ -107,12 +107,16 @@ pub struct RxQueue {
     buf_len: u32,
     hdr_len: usize,
     mrg: bool,
+    /// VIRTIO_RING_F_EVENT_IDX was negotiated.
+    event_idx: bool,
     partial: Option<(Frame, usize)>,
 }
 
 impl RxQueue {
-    /// Posts every free buffer and kicks.
+    /// Posts every free buffer and kicks if the device asked for it (as a Linux guest does:
+    /// EVENT_IDX `avail_event`, or the used ring's NO_NOTIFY flag without EVENT_IDX).
     pub fn refill(&mut self) -> Result<()> {
+        let old = self.q.avail_idx();
         let mut any = false;
         while let Some(addr) = self.free.pop() {
             match self.q.add_chain(&[Buf {
@@ -131,10 +135,27 @@ impl RxQueue {
                 }
             }
         }
-        if any {
+        if any && kick_needed(&self.q, self.event_idx, old) {
             self.q.kick()?;
         }
         Ok(())
+    }
+
+    /// Asks for no used-buffer notification while the driver is polling anyway (what a Linux
+    /// guest's NAPI poll does with `virtqueue_disable_cb`); [`RxQueue::wait_used`] asks again
+    /// before sleeping.
+    fn suppress_notifications(&self) {
+        let used_event = GuestAddress(self.q.avail.0 + 4 + 2 * u64::from(self.q.size()));
+        let far = self.q.last_used().wrapping_add(0x8000);
+        let _ = self.q.memory().write(used_event, &far.to_le_bytes());
+    }
+
+    /// Sleeps until the device adds a used buffer (or `t` passes): asks for a notification at
+    /// the current used index, re-checks, then waits on the call eventfd. False if `t` passed
+    /// without a used buffer.
+    pub fn wait_used(&self, t: Duration) -> bool {
+        wait_call(&self.q, t);
+        self.q.device_used_idx() != self.q.last_used()
     }
 
     /// Reaps whatever frames have arrived (no waiting), refilling the ring.
@@ -218,7 +239,11 @@ impl RxQueue {
                 lens.push(data);
             }
         }
-        self.refill()
+        self.refill()?;
+        if self.event_idx {
+            self.suppress_notifications();
+        }
+        Ok(())
     }
 
     /// Waits until at least one frame arrives (or the deadline).
@@ -253,6 +278,26 @@ impl RxQueue {
                 }
             }
         }
+    }
+}
+
+/// Whether the device wants a kick after the driver moved the avail index from `old` to the
+/// current one: `vring_need_event` on `avail_event` with EVENT_IDX, else unless the device set
+/// VRING_USED_F_NO_NOTIFY.
+fn kick_needed(q: &SplitQueue, event_idx: bool, old: u16) -> bool {
+    use vm_memory::Bytes;
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    let new = q.avail_idx();
+    let mem = q.memory().mem();
+    if event_idx {
+        let at = GuestAddress(q.used.0 + 4 + 8 * u64::from(q.size()));
+        let Ok(event) = mem.read_obj::<u16>(at).map(u16::from_le) else {
+            return true;
+        };
+        new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+    } else {
+        mem.read_obj::<u16>(q.used)
+            .map_or(true, |flags| u16::from_le(flags) & 1 == 0)
     }
 }
 
@@ -454,6 +499,7 @@ impl NetDriver {
                 buf_len: o.rx_buf,
                 hdr_len,
                 mrg: feats & f::MRG_RXBUF != 0,
+                event_idx: feats & F_EVENT_IDX != 0,
                 partial: None,
             });
             tx.push(TxQueue {

@@ -72,8 +72,11 @@ impl TempDir {
 }
 
 impl Drop for TempDir {
+    /// Removes the directory, unless `BATON_KEEP_TMP` is set (to read the logs of a failure).
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        if std::env::var_os("BATON_KEEP_TMP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
     }
 }
 

@@ -165,11 +165,14 @@ impl Vm {
         if config.cpus == 0 || config.cpus > max {
             return Err(VmError::Cpus(config.cpus, max));
         }
+        let mut steps = StepTimer::new();
         let ram = GuestRam::new(&config.memory, &config.name)?;
+        steps.done("map guest RAM");
         let vm = Arc::new(
             kvm.create_vm()
                 .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?,
         );
+        steps.done("KVM_CREATE_VM");
         vm.set_identity_map_address(layout::KVM_IDENTITY_MAP)
             .map_err(|e| VmError::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
         vm.set_tss_address(usize::try_from(layout::KVM_TSS).unwrap_or(0))
@@ -182,6 +185,7 @@ impl Vm {
         };
         vm.create_pit2(pit)
             .map_err(|e| VmError::Kvm("KVM_CREATE_PIT2", e))?;
+        steps.done("irqchip and PIT");
         for (slot, region) in ram.mem.iter().enumerate() {
             let r = kvm_userspace_memory_region {
                 slot: u32::try_from(slot).unwrap_or(u32::MAX),
@@ -196,12 +200,14 @@ impl Vm {
                 .map_err(|e| VmError::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
         }
 
+        steps.done("KVM memory slots");
         let control = Arc::new(VmControl::default());
         let serial = Arc::new(Mutex::new(console(&config.serial, &vm)?));
         if config.serial == SerialConfig::Stdio {
             forward_stdin(serial.clone());
         }
         let (pci, devs) = create_pci(&config, &kvm, &vm, &ram, devices)?;
+        steps.done("create devices");
         let bus = Arc::new(PioBus::new(serial.clone(), control.clone(), Arc::new(pci)));
 
         let supported = kvm
@@ -216,6 +222,7 @@ impl Vm {
             vcpu::configure(&fd, &cpuid::for_vcpu(&supported, id, config.cpus, tsc_khz))?;
             vcpus.push(fd);
         }
+        steps.done("create vCPUs");
         let msr_indices = match vcpus.first() {
             Some(v) => crate::snapshot::msr_indices(&kvm, v).map_err(|e| VmError::Kvm(e.0, e.1))?,
             None => Vec::new(),
@@ -367,6 +374,24 @@ impl Vm {
                 .map(|(_, d)| d.lock().unwrap_or_else(|e| e.into_inner()).info())
                 .collect(),
         }
+    }
+}
+
+/// Logs steps of building a VM that take unusually long (they explain a slow start or a
+/// slow live-update preparation).
+struct StepTimer(Instant);
+
+impl StepTimer {
+    fn new() -> Self {
+        StepTimer(Instant::now())
+    }
+
+    fn done(&mut self, what: &str) {
+        let took = self.0.elapsed();
+        if took > Duration::from_millis(100) {
+            tracing::warn!(?took, "building the VM: {what} was slow");
+        }
+        self.0 = Instant::now();
     }
 }
 

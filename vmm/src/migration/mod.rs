@@ -45,6 +45,27 @@ use crate::vm::{Devices, Vm, VmError};
 /// How long each side waits for the other at any step before giving up (and rolling back).
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the old VMM waits for the new one to build the VM (the guest runs meanwhile).
+pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Connects to a socket the new VMM may have bound but not yet put in listening state
+/// (ECONNREFUSED for a moment): retries for up to a second.
+fn connect_retrying(path: &Path) -> Result<UnixStream, LiveUpdateError> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(LiveUpdateError::Connect(path.into(), e)),
+        }
+    }
+}
+
 /// Failure injection for the rollback tests, read by the incoming VMM from
 /// `BATON_LIVE_UPDATE_FAIL`: `exit-after-prepare`, `exit-after-state`, `hang-before-ready`,
 /// `abort-before-ready`, `refuse-backend`. Unset in normal use.
@@ -160,14 +181,13 @@ pub fn cpr_path(state_path: &Path) -> PathBuf {
 /// process should exit; on failure before the commit the guest runs here again.
 pub fn outgoing(vm: &Arc<Vm>, dest: &Path, timeout: Duration) -> Result<Report, LiveUpdateError> {
     let mut t = Timer::new();
-    let mut s = UnixStream::connect(dest).map_err(|e| LiveUpdateError::Connect(dest.into(), e))?;
+    let mut s = connect_retrying(dest)?;
     s.set_read_timeout(Some(timeout))
         .map_err(io("socket timeout"))?;
     s.set_write_timeout(Some(timeout))
         .map_err(io("socket timeout"))?;
     let peer = cpr::check_peer(&s)?;
-    let cprs = UnixStream::connect(cpr_path(dest))
-        .map_err(|e| LiveUpdateError::Connect(cpr_path(dest), e))?;
+    let cprs = connect_retrying(&cpr_path(dest))?;
     cpr::check_peer(&cprs)?;
     let hello = handshake::exchange_hello(&mut s, &our_hello(Role::Outgoing))?;
     if i64::from(hello.pid) != i64::from(peer.pid) {
@@ -183,7 +203,14 @@ pub fn outgoing(vm: &Arc<Vm>, dest: &Path, timeout: Duration) -> Result<Report, 
             devices: device_states(vm, &[]),
         },
     )?;
+    // The guest keeps running while the new VMM builds the VM, so this step may take as long
+    // as it takes (creating a KVM VM can stall for seconds on a loaded host); the steps of
+    // the switch itself keep the short deadline.
+    s.set_read_timeout(Some(PREPARE_TIMEOUT.max(timeout)))
+        .map_err(io("socket timeout"))?;
     let prepared = handshake::recv_prepared(&mut s)?;
+    s.set_read_timeout(Some(timeout))
+        .map_err(io("socket timeout"))?;
     t.lap("prepare (guest running)");
 
     let paused_at = Instant::now();
@@ -362,9 +389,11 @@ impl Incoming {
             }
             let _ = std::fs::remove_file(p);
         }
+        // The cpr socket first: the state socket appearing means both are ready.
+        let cpr = UnixListener::bind(&cpr_p).map_err(io("binding the cpr socket"))?;
         Ok(Incoming {
             state: UnixListener::bind(path).map_err(io("binding the incoming socket"))?,
-            cpr: UnixListener::bind(&cpr_p).map_err(io("binding the cpr socket"))?,
+            cpr,
             paths: [path.to_path_buf(), cpr_p],
         })
     }
@@ -379,6 +408,7 @@ impl Incoming {
             .map_err(io("socket timeout"))?;
         handshake::exchange_hello(&mut s, &our_hello(Role::Incoming))?;
         let prepare = handshake::recv_prepare(&mut s)?;
+        tracing::info!("prepare received; building the VM");
         if injected_failure("exit-after-prepare") {
             std::process::exit(3);
         }
@@ -393,12 +423,14 @@ impl Incoming {
                 return Err(e.into());
             }
         };
+        tracing::info!("VM built; starting parked vCPU threads");
         // vCPU threads start now, parked: resuming after the switch is a wake-up, not a spawn.
         if let Err(e) = vm.start_vcpus_parked() {
             let _ = handshake::send_abort(&mut s, &e.to_string());
             return Err(e.into());
         }
         t.lap("build_vm (guest running on the old VMM)");
+        tracing::info!(phases = ?t.phases, "ready for the switch");
         handshake::send_prepared(
             &mut s,
             &Ready {

@@ -9,7 +9,7 @@ use baton_protocol::state::{
 use vhost::vhost_user::message::VhostUserInflight;
 use vm_memory::{Bytes, GuestAddress};
 
-use super::{ActiveQueue, VirtioBackend, VirtioPciDevice, msix, status};
+use super::{VirtioBackend, VirtioPciDevice, enabled_queues, msix, status};
 use crate::vhost_user::RingBase;
 
 impl VirtioPciDevice {
@@ -75,31 +75,16 @@ impl VirtioPciDevice {
     /// Reconnects the back-end and configures the guest's rings at `bases`. With `enable` the
     /// rings start now (see [`VirtioPciDevice::enable_rings`]); without, they wait for it.
     pub fn resume(&mut self, bases: &[RingBase], enable: bool) -> Result<(), String> {
-        let mut active = Vec::new();
-        let mut starts = Vec::new();
-        if self.running() {
-            for (i, q) in self.common.queues.iter().enumerate() {
-                if !q.enabled {
-                    continue;
-                }
-                let index = u16::try_from(i).map_err(|_| "queue index".to_string())?;
-                starts.push(
-                    bases
-                        .iter()
-                        .find(|b| b.index == index)
-                        .map_or(0, |b| b.next_avail),
-                );
-                active.push(ActiveQueue {
-                    index,
-                    size: q.size,
-                    desc: q.desc,
-                    avail: q.avail,
-                    used: q.used,
-                    kick: &self.kicks[i],
-                    call: &self.calls[i],
-                });
-            }
-        }
+        let (active, starts) = if self.running() {
+            enabled_queues(&self.common.queues, &self.kicks, &self.calls, |i, _| {
+                Ok(bases
+                    .iter()
+                    .find(|b| b.index == i)
+                    .map_or(0, |b| b.next_avail))
+            })?
+        } else {
+            (Vec::new(), Vec::new())
+        };
         self.backend
             .resume(self.common.driver_features, &active, &starts, enable)?;
         self.activated = !active.is_empty();
@@ -210,30 +195,15 @@ impl VirtioPciDevice {
     /// every vector signalled once.
     pub fn try_reconnect(&mut self) -> Result<(), String> {
         self.backend.reconnect_once()?;
-        let mut active = Vec::new();
-        let mut starts = Vec::new();
-        if self.activated {
-            for (i, q) in self.common.queues.iter().enumerate() {
-                if !q.enabled {
-                    continue;
-                }
-                let index = u16::try_from(i).map_err(|_| "queue index".to_string())?;
-                let used_idx: u16 = self
-                    .mem
-                    .read_obj(GuestAddress(q.used + 2))
-                    .map_err(|e| format!("reading the used index of queue {i}: {e}"))?;
-                starts.push(used_idx);
-                active.push(ActiveQueue {
-                    index,
-                    size: q.size,
-                    desc: q.desc,
-                    avail: q.avail,
-                    used: q.used,
-                    kick: &self.kicks[i],
-                    call: &self.calls[i],
-                });
-            }
-        }
+        let mem = &self.mem;
+        let (active, starts) = if self.activated {
+            enabled_queues(&self.common.queues, &self.kicks, &self.calls, |i, q| {
+                mem.read_obj::<u16>(GuestAddress(q.used + 2))
+                    .map_err(|e| format!("reading the used index of queue {i}: {e}"))
+            })?
+        } else {
+            (Vec::new(), Vec::new())
+        };
         if let Err(e) = self
             .backend
             .resume(self.common.driver_features, &active, &starts, true)

@@ -13,7 +13,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use baton_protocol::api::BackendState;
 
-use super::common::{CommonConfig, Effect, NO_VECTOR};
+use super::common::{CommonConfig, Effect, NO_VECTOR, QueueRegs};
 use super::{ActiveQueue, VirtioBackend, status};
 use crate::interrupts::IrqRouting;
 use crate::pci::config::{BarMove, ConfigSpace, PciId};
@@ -279,36 +279,48 @@ impl VirtioPciDevice {
     }
 
     fn activate(&mut self) -> Result<(), String> {
-        let mut active = Vec::new();
-        for (i, q) in self.common.queues.iter().enumerate() {
-            if !q.enabled {
-                continue;
-            }
-            let index = u16::try_from(i).map_err(|_| "queue index".to_string())?;
-            check_ring(
-                &self.mem,
-                index,
-                q.size,
-                self.backend.max_queue_size(),
-                q.desc,
-                q.avail,
-                q.used,
-            )?;
-            active.push(ActiveQueue {
-                index,
-                size: q.size,
-                desc: q.desc,
-                avail: q.avail,
-                used: q.used,
-                kick: &self.kicks[i],
-                call: &self.calls[i],
-            });
-        }
+        let max = self.backend.max_queue_size();
+        let mem = &self.mem;
+        let (active, _) = enabled_queues(&self.common.queues, &self.kicks, &self.calls, |i, q| {
+            check_ring(mem, i, q.size, max, q.desc, q.avail, q.used).map(|()| 0)
+        })?;
         self.backend
             .activate(self.common.driver_features, &active)?;
         self.activated = true;
         Ok(())
     }
+}
+
+/// The rings the driver enabled, as the back-end gets them, each with its starting available
+/// index from `start(queue index, registers)`.
+fn enabled_queues<'a>(
+    queues: &[QueueRegs],
+    kicks: &'a [EventFd],
+    calls: &'a [EventFd],
+    mut start: impl FnMut(u16, &QueueRegs) -> Result<u16, String>,
+) -> Result<(Vec<ActiveQueue<'a>>, Vec<u16>), String> {
+    let mut active = Vec::new();
+    let mut starts = Vec::new();
+    for (i, q) in queues.iter().enumerate() {
+        if !q.enabled {
+            continue;
+        }
+        let index = u16::try_from(i).map_err(|_| "queue index".to_string())?;
+        let (Some(kick), Some(call)) = (kicks.get(i), calls.get(i)) else {
+            return Err(format!("queue {i} has no eventfds"));
+        };
+        starts.push(start(index, q)?);
+        active.push(ActiveQueue {
+            index,
+            size: q.size,
+            desc: q.desc,
+            avail: q.avail,
+            used: q.used,
+            kick,
+            call,
+        });
+    }
+    Ok((active, starts))
 }
 
 /// Checks a queue's size and ring addresses against guest RAM.

@@ -51,6 +51,21 @@ pub fn kvm_available() -> bool {
         .is_ok()
 }
 
+/// Whether a test that boots the test guest under KVM can run here: prints why it skips when
+/// /dev/kvm is not usable; a missing guest image is a failure (./test.sh builds it).
+pub fn can_run(test: &str) -> bool {
+    if !kvm_available() {
+        eprintln!("SKIP {test}: /dev/kvm is not accessible");
+        return false;
+    }
+    assert!(
+        guest().exists(),
+        "test guest missing at {} (./test.sh builds it: cd tests/guest && cargo build --release)",
+        guest().display()
+    );
+    true
+}
+
 /// A fresh scratch directory under the system temp dir, removed on drop.
 pub struct TempDir(pub PathBuf);
 

@@ -26,27 +26,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use baton_tests::harness::{
-    Finished, Proc, TempDir, bin, guest, kvm_available, result_json, run_to_end, wait_until,
+    Finished, Proc, TempDir, bin, can_run, guest, result_json, run_to_end, wait_until,
 };
 use net_util::{NetTap, Netns, net_skip_reason, tap_name, try_sh};
 
 /// Deadline for one guest run (boot, test, power-off).
 const RUN: Duration = Duration::from_secs(60);
 const MIB: u64 = 1 << 20;
-
-/// Whether the KVM tests can run here; prints why not.
-fn can_run(test: &str) -> bool {
-    if !kvm_available() {
-        eprintln!("SKIP {test}: /dev/kvm is not accessible");
-        return false;
-    }
-    assert!(
-        guest().exists(),
-        "test guest missing at {} (cd tests/guest && cargo build --release)",
-        guest().display()
-    );
-    true
-}
 
 fn unique(tag: &str) -> String {
     format!("fe{}-{tag}", std::process::id())

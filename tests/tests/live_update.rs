@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use baton_tests::boot::percentile;
 use baton_tests::harness::{
-    Proc, TempDir, bin, guest, kvm_available, result_json, run_to_end, wait_until,
+    Proc, TempDir, bin, can_run, guest, result_json, run_to_end, wait_until,
 };
 use baton_tests::netns::{self, Netns};
 use baton_tests::services::{
@@ -26,19 +26,6 @@ const T: Duration = Duration::from_secs(30);
 /// cores, and on a saturated PVM host creating or tearing down a KVM VM can stall for tens of
 /// seconds (measured; see the VMM's "building the VM ... was slow" warnings).
 static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn can_run(test: &str) -> bool {
-    if !kvm_available() {
-        eprintln!("SKIP {test}: /dev/kvm is not accessible");
-        return false;
-    }
-    assert!(
-        guest().exists(),
-        "test guest missing at {}",
-        guest().display()
-    );
-    true
-}
 
 fn start_vmm(
     dir: &TempDir,

@@ -13,25 +13,12 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use baton_tests::harness::{
-    Proc, TempDir, bin, guest, kvm_available, result_json, run_to_end, wait_until,
+    Proc, TempDir, bin, can_run, guest, result_json, run_to_end, wait_until,
 };
 use baton_tests::services::verify_blk_cont_image;
 use net_util::{NetTap, Netns, net_skip_reason, tap_name};
 
 const T: Duration = Duration::from_secs(30);
-
-fn can_run(test: &str) -> bool {
-    if !kvm_available() {
-        eprintln!("SKIP {test}: /dev/kvm is not accessible");
-        return false;
-    }
-    assert!(
-        guest().exists(),
-        "test guest missing at {}",
-        guest().display()
-    );
-    true
-}
 
 /// A small deterministic generator for the kill moments (no external crates).
 struct Rng(u64);

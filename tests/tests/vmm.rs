@@ -6,23 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use baton_tests::harness::{Proc, TempDir, bin, guest, kvm_available, result_json, run_to_end};
+use baton_tests::harness::{
+    Proc, TempDir, bin, can_run, guest, kvm_available, result_json, run_to_end,
+};
 
 const BOOT: Duration = Duration::from_secs(30);
-
-/// Whether the KVM tests can run here; prints why not.
-fn can_run(test: &str) -> bool {
-    if !kvm_available() {
-        eprintln!("SKIP {test}: /dev/kvm is not accessible");
-        return false;
-    }
-    assert!(
-        guest().exists(),
-        "test guest missing at {} (./test.sh builds it)",
-        guest().display()
-    );
-    true
-}
 
 fn ram_file(name: &str) -> PathBuf {
     PathBuf::from(format!("/dev/shm/baton-{name}.ram"))

@@ -7,7 +7,10 @@
 //! largest possible frame needs) become the iovec array and the TAP `readv`s the frame straight
 //! into guest memory (no bounce buffer). Chains a frame did not need carry over to the next
 //! frame, so each chain is walked once; those still unused when the wake-up ends are given back
-//! (next_avail rewound) before the ring lock is released. A one-byte overflow iovec after the
+//! (next_avail rewound) before the ring lock is released. The chains a frame used are dropped by
+//! moving a start index (the scratch arrays are compacted only when they fill up), so the cost
+//! per frame does not grow with the number of pending chains (a guest with small mergeable
+//! buffers has dozens pending for the largest possible frame). A one-byte overflow iovec after the
 //! guest's buffers tells a frame that did not fit (the TAP truncates silently) from one that did.
 //! Every chain popped in one wake-up is completed in one batch and notified once.
 
@@ -79,8 +82,15 @@ struct RxChain {
 #[derive(Debug)]
 pub struct Scratch {
     iovs: Vec<libc::iovec>,
-    /// RX chains popped and not yet used, in ring order; their iovecs are `iovs` in order.
+    /// RX chains popped, in ring order; their iovecs are `iovs` in order. Those from `first` on
+    /// are pending (not yet used), and their iovecs start at `iov_first`.
     chains: Vec<RxChain>,
+    /// First pending RX chain.
+    first: usize,
+    /// First iovec of the first pending RX chain.
+    iov_first: usize,
+    /// Total capacity of the pending RX chains.
+    pending_cap: u64,
     /// The first segments of a TX chain, to read the header.
     segs: Segs,
     /// (head, len) to complete.
@@ -94,12 +104,45 @@ impl Scratch {
     /// Allocates the buffers.
     pub fn new() -> Self {
         Scratch {
-            iovs: Vec::with_capacity(MAX_IOVS + 1),
-            chains: Vec::with_capacity(MAX_IOVS),
+            // Used chains stay in front until compaction: up to MAX_IOVS used plus MAX_IOVS
+            // pending iovecs, plus the overflow one.
+            iovs: Vec::with_capacity(2 * MAX_IOVS + 1),
+            chains: Vec::with_capacity(2 * MAX_IOVS),
+            first: 0,
+            iov_first: 0,
+            pending_cap: 0,
             segs: Segs::default(),
             used: Vec::with_capacity(BUDGET),
             overflow: Box::new([0u8; 1]),
         }
+    }
+}
+
+impl Scratch {
+    /// Forgets every RX chain.
+    fn clear_rx(&mut self) {
+        self.chains.clear();
+        self.iovs.clear();
+        self.first = 0;
+        self.iov_first = 0;
+        self.pending_cap = 0;
+    }
+
+    /// Number of pending RX chains.
+    fn pending(&self) -> usize {
+        self.chains.len() - self.first
+    }
+
+    /// Drops the used RX chains and their iovecs from the front of the arrays.
+    fn compact_rx(&mut self) {
+        let cut = self.iov_first;
+        self.chains.drain(..self.first);
+        self.iovs.drain(..cut);
+        for c in &mut self.chains {
+            c.iov_end -= cut;
+        }
+        self.first = 0;
+        self.iov_first = 0;
     }
 }
 
@@ -109,13 +152,14 @@ impl Default for Scratch {
     }
 }
 
-/// Appends the buffers of `chain` (all of direction `writable`) to `iovs`; records the first few
-/// segments in `segs`. Returns the chain's byte count.
+/// Appends the buffers of `chain` (all of direction `writable`) to `iovs`, of which those from
+/// `base` on count towards [`MAX_IOVS`]; records the first few segments in `segs`. Returns the
+/// chain's byte count.
 pub fn gather(
     chain: DescriptorChain<&GuestMem>,
     mem: &GuestMem,
     writable: bool,
-    iovs: &mut Vec<libc::iovec>,
+    (iovs, base): (&mut Vec<libc::iovec>, usize),
     segs: &mut Segs,
 ) -> Result<u32, ChainError> {
     *segs = Segs::default();
@@ -132,7 +176,7 @@ pub fn gather(
         if len == 0 {
             continue;
         }
-        if iovs.len() >= MAX_IOVS {
+        if iovs.len().saturating_sub(base) >= MAX_IOVS {
             return Err(ChainError::TooManySegments);
         }
         let ulen = usize::try_from(len).map_err(|_| ChainError::BadAddress)?;
@@ -224,7 +268,7 @@ pub fn process_tx(dev: &Device, pair: &QueuePair, s: &mut Scratch) -> bool {
         for chain in iter {
             let head = chain.head_index();
             s.iovs.clear();
-            match gather(chain, mem, false, &mut s.iovs, &mut s.segs) {
+            match gather(chain, mem, false, (&mut s.iovs, 0), &mut s.segs) {
                 Ok(total) if usize::try_from(total).unwrap_or(0) >= hdr_len => {
                     let mut hdr = [0u8; 10];
                     let ok = access_segs(mem, s.segs.as_slice(), 0, &mut hdr, false);
@@ -291,10 +335,10 @@ enum Gathered {
 /// Completes every pending chain as an empty buffer (used after a bad chain, so that the used
 /// ring stays in order and nothing needs rewinding past it).
 fn flush_pending(vr: &mut Vring, mem: &GuestMem, s: &mut Scratch) {
-    for c in s.chains.drain(..) {
+    for c in s.chains.get(s.first..).unwrap_or_default() {
         let _ = vr.queue.add_used(mem, c.head, 0);
     }
-    s.iovs.clear();
+    s.clear_rx();
 }
 
 /// Pops RX chains until the pending ones can hold the largest frame (one chain without
@@ -311,11 +355,10 @@ fn gather_rx(
 ) -> Gathered {
     let qsize = usize::from(vr.queue.size());
     loop {
-        let cap: u32 = s.chains.iter().fold(0u32, |a, c| a.saturating_add(c.cap));
         let enough = if mrg {
-            cap >= target || s.iovs.len() + 64 > MAX_IOVS
+            s.pending_cap >= u64::from(target) || s.iovs.len() - s.iov_first + 64 > MAX_IOVS
         } else {
-            !s.chains.is_empty()
+            s.pending() > 0
         };
         if enough {
             return Gathered::Ready;
@@ -328,7 +371,7 @@ fn gather_rx(
             }
         };
         let Some(chain) = chain else {
-            if !s.chains.is_empty() && s.chains.len() >= qsize {
+            if s.pending() > 0 && s.pending() >= qsize {
                 // The whole ring is ours and still too small: use it (a larger frame is
                 // dropped as truncated).
                 return Gathered::Ready;
@@ -341,21 +384,28 @@ fn gather_rx(
             return Gathered::Empty;
         };
         let head = chain.head_index();
+        if s.iovs.len() > MAX_IOVS {
+            // Keeps `iovs` within its capacity (no allocation): used iovecs go.
+            s.compact_rx();
+        }
         let before = s.iovs.len();
         let mut hdr = Segs::default();
-        match gather(chain, mem, true, &mut s.iovs, &mut hdr).and_then(|c| {
+        match gather(chain, mem, true, (&mut s.iovs, s.iov_first), &mut hdr).and_then(|c| {
             if usize::try_from(c).unwrap_or(0) < hdr_len {
                 Err(ChainError::TooShort)
             } else {
                 Ok(c)
             }
         }) {
-            Ok(c) => s.chains.push(RxChain {
-                head,
-                cap: c,
-                iov_end: s.iovs.len(),
-                hdr,
-            }),
+            Ok(c) => {
+                s.pending_cap += u64::from(c);
+                s.chains.push(RxChain {
+                    head,
+                    cap: c,
+                    iov_end: s.iovs.len(),
+                    hdr,
+                });
+            }
             Err(e) => {
                 s.iovs.truncate(before);
                 dev.stats.bad_chain.hit("RX chain", &e);
@@ -381,8 +431,7 @@ pub fn process_rx(dev: &Device, pair: &QueuePair, s: &mut Scratch) -> bool {
     let target = u32::try_from(hdr_len + neg.max_rx_frame(dev.cfg.mtu)).unwrap_or(u32::MAX);
     let mut delivered = 0usize;
     let mut more = false;
-    s.chains.clear();
-    s.iovs.clear();
+    s.clear_rx();
     let _ = vr.queue.disable_notification(mem);
     loop {
         if delivered >= BUDGET {
@@ -393,32 +442,41 @@ pub fn process_rx(dev: &Device, pair: &QueuePair, s: &mut Scratch) -> bool {
             break;
         }
         // Without MRG_RXBUF a frame gets exactly one chain.
-        let (nchains, niov) = if mrg {
-            (s.chains.len(), s.iovs.len())
-        } else {
-            (1, s.chains.first().map_or(0, |c| c.iov_end))
+        let Some(head_chain) = s.chains.get(s.first).copied() else {
+            break;
         };
-        let cap = s
-            .chains
-            .iter()
-            .take(nchains)
-            .fold(0usize, |a, c| a + usize::try_from(c.cap).unwrap_or(0));
+        let (cap, niov) = if mrg {
+            (
+                usize::try_from(s.pending_cap).unwrap_or(usize::MAX),
+                s.iovs.len(),
+            )
+        } else {
+            (
+                usize::try_from(head_chain.cap).unwrap_or(0),
+                head_chain.iov_end,
+            )
+        };
         let ovf = libc::iovec {
             iov_base: s.overflow.as_mut_ptr().cast(),
             iov_len: 1,
         };
-        s.iovs.insert(niov, ovf);
+        // The overflow iovec goes right after the frame's; whatever it covers is put back.
+        let covered = s.iovs.get(niov).copied();
+        match s.iovs.get_mut(niov) {
+            Some(slot) => *slot = ovf,
+            None => s.iovs.push(ovf),
+        }
+        let iovs = s.iovs.get(s.iov_first..=niov).unwrap_or_default();
         // SAFETY: every iovec but the overflow one points into guest memory mapped by `mem`
         // (held for the whole call) and was offered by the driver as device-writable; the
         // overflow one is our own one-byte buffer.
-        let r = unsafe {
-            libc::readv(
-                pair.tap.as_raw_fd(),
-                s.iovs.as_ptr(),
-                iov_count(s.iovs.get(..=niov).unwrap_or_default()),
-            )
-        };
-        s.iovs.remove(niov);
+        let r = unsafe { libc::readv(pair.tap.as_raw_fd(), iovs.as_ptr(), iov_count(iovs)) };
+        match (covered, s.iovs.get_mut(niov)) {
+            (Some(iov), Some(slot)) => *slot = iov,
+            _ => {
+                s.iovs.truncate(niov);
+            }
+        }
         let n = match usize::try_from(r) {
             Ok(n) => n,
             Err(_) => {
@@ -436,43 +494,46 @@ pub fn process_rx(dev: &Device, pair: &QueuePair, s: &mut Scratch) -> bool {
             );
             continue;
         }
+        let pending = s.chains.get(s.first..).unwrap_or_default();
+        if hdr_len == 12 {
+            // num_buffers, before the chains are published as used.
+            let mut left = n;
+            let used = pending
+                .iter()
+                .take_while(|c| {
+                    let more = left > 0;
+                    left = left.saturating_sub(usize::try_from(c.cap).unwrap_or(usize::MAX));
+                    more
+                })
+                .count();
+            let mut nb = u16::try_from(used).unwrap_or(u16::MAX).to_le_bytes();
+            let _ = access_segs(mem, head_chain.hdr.as_slice(), 10, &mut nb, true);
+        }
         let mut left = n;
         let mut used = 0usize;
-        s.used.clear();
-        for c in &s.chains {
+        for c in pending {
             if left == 0 {
                 break;
             }
             let l = left.min(usize::try_from(c.cap).unwrap_or(usize::MAX));
-            s.used.push((c.head, u32::try_from(l).unwrap_or(c.cap)));
+            let _ = vr
+                .queue
+                .add_used(mem, c.head, u32::try_from(l).unwrap_or(c.cap));
             left -= l;
             used += 1;
+            s.pending_cap -= u64::from(c.cap);
+            s.iov_first = c.iov_end;
         }
-        if hdr_len == 12 {
-            let mut nb = u16::try_from(used).unwrap_or(u16::MAX).to_le_bytes();
-            if let Some(first) = s.chains.first() {
-                let _ = access_segs(mem, first.hdr.as_slice(), 10, &mut nb, true);
-            }
-        }
-        for &(head, len) in &s.used {
-            let _ = vr.queue.add_used(mem, head, len);
-        }
-        // Drop the used chains and their iovecs; the rest carry over to the next frame.
-        let cut = s
-            .chains
-            .get(used.saturating_sub(1))
-            .map_or(0, |c| c.iov_end);
-        s.chains.drain(..used);
-        s.iovs.drain(..cut);
-        for c in &mut s.chains {
-            c.iov_end -= cut;
+        // The used chains are behind `first` now; the rest carry over to the next frame.
+        s.first += used;
+        if s.pending() == 0 {
+            s.clear_rx();
         }
         delivered += 1;
     }
     // Chains popped but not used go back to the ring.
-    rewind(&mut vr.queue, s.chains.len());
-    s.chains.clear();
-    s.iovs.clear();
+    rewind(&mut vr.queue, s.pending());
+    s.clear_rx();
     if delivered > 0 {
         dev.stats.rx_frames.fetch_add(
             u64::try_from(delivered).unwrap_or(0),
@@ -507,7 +568,7 @@ mod tests {
         let chain = vq.build_multiple_desc_chains(descs).unwrap();
         let mut iovs = Vec::new();
         let mut segs = Segs::default();
-        let r = gather(chain, &m, writable, &mut iovs, &mut segs);
+        let r = gather(chain, &m, writable, (&mut iovs, 0), &mut segs);
         (r, iovs.len(), segs.as_slice().len())
     }
 
@@ -555,6 +616,39 @@ mod tests {
             run(&[desc(0x10_0000, 64, NEXT, 99)], false).0,
             Err(ChainError::Loop)
         );
+    }
+
+    #[test]
+    fn compaction_keeps_the_pending_rx_chains_and_their_iovecs() {
+        let mut s = Scratch::new();
+        let iov = |i: usize| libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: i,
+        };
+        // Three chains of 2, 1 and 3 iovecs; the first two were used by frames.
+        for (head, n) in [(7u16, 2usize), (8, 1), (9, 3)] {
+            for _ in 0..n {
+                let i = s.iovs.len();
+                s.iovs.push(iov(i));
+            }
+            s.chains.push(RxChain {
+                head,
+                cap: 100,
+                iov_end: s.iovs.len(),
+                hdr: Segs::default(),
+            });
+        }
+        s.first = 2;
+        s.iov_first = 3;
+        s.pending_cap = 100;
+        s.compact_rx();
+        assert_eq!((s.first, s.iov_first, s.pending()), (0, 0, 1));
+        assert_eq!((s.chains[0].head, s.chains[0].iov_end), (9, 3));
+        let lens: Vec<usize> = s.iovs.iter().map(|v| v.iov_len).collect();
+        assert_eq!(lens, [3, 4, 5]);
+        assert_eq!(s.pending_cap, 100);
+        s.clear_rx();
+        assert_eq!((s.pending(), s.iovs.len(), s.pending_cap), (0, 0, 0));
     }
 
     #[test]

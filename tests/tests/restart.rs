@@ -75,24 +75,45 @@ fn signal(p: &Proc, sig: i32) {
     unsafe { libc::kill(i32::try_from(p.child.id()).unwrap(), sig) };
 }
 
-fn blk_restarts(sig: i32, restarts: u64) {
-    let dir = TempDir::new("restart-blk");
+/// A 16 MiB image with baton-blk on it, and baton-vmm running `cmdline` with that disk
+/// (`disk_opts` appended to its --disk option). Returns (dir, image, socket, back-end, VM, API).
+fn blk_vm(
+    tag: &str,
+    cpus: u32,
+    cmdline: &str,
+    disk_opts: &str,
+) -> (
+    TempDir,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    Proc,
+    Proc,
+    std::path::PathBuf,
+) {
+    let dir = TempDir::new(tag);
     let img = dir.join("disk.img");
     std::fs::File::create(&img)
         .unwrap()
         .set_len(16 << 20)
         .unwrap();
     let sock = dir.join("blk.sock");
-    let mut blk = start_blk(&img, &sock);
+    let blk = start_blk(&img, &sock);
     assert!(wait_until(T, || sock.exists().then_some(())).is_some());
     let api = dir.join("api.sock");
     let mut c = Command::new(bin("baton-vmm"));
     c.arg("--kernel")
         .arg(guest())
-        .args(["--cpus", "2", "--memory", "size=128M", "--serial", "stdio"])
-        .args(["--cmdline", "test=blk-cont seconds=0 depth=8 blocks=1024"])
+        .args([
+            "--cpus",
+            &cpus.to_string(),
+            "--memory",
+            "size=128M",
+            "--serial",
+            "stdio",
+        ])
+        .args(["--cmdline", cmdline])
         .arg("--disk")
-        .arg(format!("socket={}", sock.display()))
+        .arg(format!("socket={}{disk_opts}", sock.display()))
         .arg("--api-socket")
         .arg(&api);
     let mut vm = Proc::spawn_with_stdin(c).unwrap();
@@ -100,6 +121,16 @@ fn blk_restarts(sig: i32, restarts: u64) {
         vm.wait_line(T, |l| l.contains("ready")).is_some(),
         "{}",
         vm.transcript()
+    );
+    (dir, img, sock, blk, vm, api)
+}
+
+fn blk_restarts(sig: i32, restarts: u64) {
+    let (_dir, img, sock, mut blk, mut vm, api) = blk_vm(
+        "restart-blk",
+        2,
+        "test=blk-cont seconds=0 depth=8 blocks=1024",
+        "",
     );
     let mut rng = Rng(seed());
     let mut back = Vec::new();
@@ -266,30 +297,11 @@ fn reconnect_gives_up_only_when_configured() {
     if !can_run("reconnect_gives_up_only_when_configured") {
         return;
     }
-    let dir = TempDir::new("restart-giveup");
-    let img = dir.join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
-    let sock = dir.join("blk.sock");
-    let mut blk = start_blk(&img, &sock);
-    assert!(wait_until(T, || sock.exists().then_some(())).is_some());
-    let api = dir.join("api.sock");
-    let mut c = Command::new(bin("baton-vmm"));
-    c.arg("--kernel")
-        .arg(guest())
-        .args(["--cpus", "1", "--memory", "size=128M", "--serial", "stdio"])
-        .args(["--cmdline", "test=blk-cont seconds=0"])
-        .arg("--disk")
-        .arg(format!("socket={},reconnect_ms=300", sock.display()))
-        .arg("--api-socket")
-        .arg(&api);
-    let mut vm = Proc::spawn_with_stdin(c).unwrap();
-    assert!(
-        vm.wait_line(T, |l| l.contains("ready")).is_some(),
-        "{}",
-        vm.transcript()
+    let (_dir, _img, _sock, mut blk, mut vm, api) = blk_vm(
+        "restart-giveup",
+        1,
+        "test=blk-cont seconds=0",
+        ",reconnect_ms=300",
     );
     std::thread::sleep(Duration::from_millis(200));
     signal(&blk, libc::SIGKILL);

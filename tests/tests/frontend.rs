@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use baton_tests::harness::{
     Finished, Proc, TempDir, bin, can_run, guest, result_json, run_to_end, wait_until,
 };
-use net_util::{NetTap, Netns, net_skip_reason, tap_name, try_sh};
+use net_util::{NetTap, Netns, net_skip_reason, ping_from, tap_name, try_sh};
 
 /// Deadline for one guest run (boot, test, power-off).
 const RUN: Duration = Duration::from_secs(60);
@@ -352,30 +352,6 @@ fn virtio_bad_goes_needs_reset_and_recovers_while_the_other_disk_works() {
 const GUEST_IP: &str = "10.213.51.2";
 const HOST_IP: &str = "10.213.51.1";
 const GUEST_MAC: &str = "52:54:00:21:33:02";
-
-/// From inside `ns`: `count` pings to `ip` (busybox or iputils ping), retried until the
-/// first answer arrives (ARP, guest start-up). Returns the ping output.
-fn ping_from(ns: &Netns, ip: &str, count: u32) -> String {
-    let ping = if try_sh("command -v ping").0 {
-        "ping"
-    } else {
-        "busybox ping"
-    };
-    let first = wait_until(Duration::from_secs(15), || {
-        ns.try_exec(&format!("{ping} -c 1 -W 1 {ip}"))
-            .0
-            .then_some(())
-    });
-    assert!(first.is_some(), "no ping reply from {ip}");
-    let (ok, out) = ns.try_exec(&format!("{ping} -c {count} -W 2 {ip}"));
-    assert!(ok, "ping -c {count} {ip} failed: {out}");
-    assert!(
-        out.contains(&format!("{count} packets received"))
-            || out.contains(&format!("{count} received")),
-        "{out}"
-    );
-    out
-}
 
 /// The payload of datagram `seq`: sequence number, marker and a seq-dependent length.
 fn datagram(seq: u32) -> Vec<u8> {

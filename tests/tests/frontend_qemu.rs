@@ -21,7 +21,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use baton_tests::harness::{Proc, TempDir, bin, guest, result_json, run_to_end, wait_until};
-use net_util::{Netns, net_skip_reason, tap_name, try_sh};
+use net_util::{Netns, net_skip_reason, ping_from, tap_name, try_sh};
 
 /// Deadline for one guest run under TCG (SeaBIOS, boot, test, power-off).
 const RUN: Duration = Duration::from_secs(120);
@@ -218,19 +218,7 @@ fn guest_net_on_qemu_virtio_net_pci_on_a_tap() {
         "no ready line:\n{}",
         p.transcript()
     );
-    let ping = if try_sh("command -v ping").0 {
-        "ping"
-    } else {
-        "busybox ping"
-    };
-    let first = wait_until(Duration::from_secs(15), || {
-        ns.try_exec(&format!("{ping} -c 1 -W 1 {GUEST_IP}"))
-            .0
-            .then_some(())
-    });
-    assert!(first.is_some(), "no ping reply from the guest");
-    let (ok, out) = ns.try_exec(&format!("{ping} -c 3 -W 2 {GUEST_IP}"));
-    assert!(ok, "{out}");
+    ping_from(&ns, GUEST_IP, 3);
     let dst = format!("{GUEST_IP}:7");
     let (echoed, burst) = ns
         .thread(move || {

@@ -454,3 +454,27 @@ pub fn open_tap(name: &str, offload: u32, nonblock: bool) -> OwnedFd {
     assert_eq!(r, 0);
     fd
 }
+
+/// From inside `ns`: `count` pings to `ip` (busybox or iputils ping), retried until the
+/// first answer arrives (ARP, guest start-up). Returns the ping output.
+pub fn ping_from(ns: &Netns, ip: &str, count: u32) -> String {
+    let ping = if try_sh("command -v ping").0 {
+        "ping"
+    } else {
+        "busybox ping"
+    };
+    let first = wait_until(Duration::from_secs(15), || {
+        ns.try_exec(&format!("{ping} -c 1 -W 1 {ip}"))
+            .0
+            .then_some(())
+    });
+    assert!(first.is_some(), "no ping reply from {ip}");
+    let (ok, out) = ns.try_exec(&format!("{ping} -c {count} -W 2 {ip}"));
+    assert!(ok, "ping -c {count} {ip} failed: {out}");
+    assert!(
+        out.contains(&format!("{count} packets received"))
+            || out.contains(&format!("{count} received")),
+        "{out}"
+    );
+    out
+}

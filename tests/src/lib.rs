@@ -1,6 +1,7 @@
 //! Support for baton's integration tests: locating the built binaries and the test guest,
 //! running processes against a deadline, and (later) the host-side vhost-user driver.
 
+pub mod bench;
 pub mod boot;
 pub mod harness;
 pub mod netns;

@@ -125,11 +125,24 @@ impl Vmm {
     }
 }
 
+/// Marker word 2 of every block the guest's `blk-cont`/`io-cont` writes ("baton-bk").
+pub const BLK_CONT_MARKER: u64 = 0x6261_746f_6e2d_626b;
+
+/// The sequence number of a 4 KiB block written by the guest's `blk-cont`/`io-cont` (word 0,
+/// little endian), if the block carries the marker.
+pub fn blk_cont_seq(block: &[u8]) -> Option<u64> {
+    let word = |i: usize| -> Option<u64> {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(block.get(i * 8..i * 8 + 8)?);
+        Some(u64::from_le_bytes(w))
+    };
+    (word(2)? == BLK_CONT_MARKER).then(|| word(0)).flatten()
+}
+
 /// Checks every 4 KiB block of an image the guest's `blk-cont`/`io-cont` wrote: either never
 /// written, or a block that names its own sector and a sequence number that maps to it.
 /// Returns how many blocks were written.
 pub fn verify_blk_cont_image(img: &Path, blocks: usize) -> anyhow::Result<u64> {
-    const MARKER: u64 = 0x6261_746f_6e2d_626b; // "baton-bk"
     let data = std::fs::read(img)?;
     let mut written = 0;
     for (b, block) in (0u64..).zip(data.chunks_exact(4096).take(blocks)) {
@@ -142,7 +155,7 @@ pub fn verify_blk_cont_image(img: &Path, blocks: usize) -> anyhow::Result<u64> {
             u64::from_le_bytes(w)
         };
         let (seq, sector, marker) = (word(0), word(1), word(2));
-        anyhow::ensure!(marker == MARKER, "block {b}: no marker");
+        anyhow::ensure!(marker == BLK_CONT_MARKER, "block {b}: no marker");
         anyhow::ensure!(sector == b * 8, "block {b}: names sector {sector}");
         anyhow::ensure!(
             seq % blocks as u64 == b,

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use baton_tests::bench::round;
 use baton_tests::boot::{baton_cmd, median, qemu_available, qemu_cmd, timed_boot};
 use serde_json::json;
 
@@ -40,8 +41,8 @@ fn main() -> anyhow::Result<()> {
     };
     println!(
         "{}",
-        json!({"bench": "boot-to-ready", "unit": "ms", "ours": round(ours_ms),
-               "peer": "qemu-kvm", "peer_value": round(peer_ms), "ratio": round(ratio),
+        json!({"bench": "boot-to-ready", "unit": "ms", "ours": round(ours_ms, 2),
+               "peer": "qemu-kvm", "peer_value": round(peer_ms, 2), "ratio": round(ratio, 2),
                "runs": runs, "goal_ms": 50})
     );
     let rss_kib = median(&mut rss);
@@ -51,8 +52,4 @@ fn main() -> anyhow::Result<()> {
                "peer": "none", "peer_value": null, "ratio": null})
     );
     Ok(())
-}
-
-fn round(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
 }

@@ -9,6 +9,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use baton_tests::bench::round;
 use baton_tests::boot::percentile;
 use baton_tests::harness::{TempDir, bin, guest, result_json};
 use baton_tests::netns::{self, Netns};
@@ -161,7 +162,7 @@ fn main() -> anyhow::Result<()> {
         "{}",
         json!({
             "guest_ready": true,
-            "boot_ms": round(boot_ms),
+            "boot_ms": round(boot_ms, 2),
             "guest_test_passed": passed,
             "io_errors": io_errors,
             "disk_writes_verified": count("writes"),
@@ -171,10 +172,10 @@ fn main() -> anyhow::Result<()> {
             "lost_packets_during_live_updates": lost_in_updates,
             "lost_packets_at_net_restart": lost_in_net_restart,
             "duplicate_packets": stats.duplicates,
-            "max_echo_gap_ms": round(stats.max_gap_ms),
+            "max_echo_gap_ms": round(stats.max_gap_ms, 2),
             "live_updates": blackouts.len(),
-            "blackout_ms_p50": round(p50),
-            "blackout_ms_p99": round(p99),
+            "blackout_ms_p50": round(p50, 2),
+            "blackout_ms_p99": round(p99, 2),
             "backend_restarts": 2,
         })
     );
@@ -183,8 +184,4 @@ fn main() -> anyhow::Result<()> {
         "the guest workload did not pass: {r}"
     );
     Ok(())
-}
-
-fn round(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
 }

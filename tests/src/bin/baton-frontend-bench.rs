@@ -13,6 +13,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use baton_tests::bench::round;
 use baton_tests::harness::{bin, guest, result_json, run_to_end, wait_until};
 use clap::Parser;
 use serde_json::{Value, json};
@@ -149,21 +150,17 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
     v.get(k).copied()
 }
 
-fn round(x: f64) -> f64 {
-    (x * 100.0).round() / 100.0
-}
-
 fn line(bench: &str, stat: &str, ours: Option<f64>, peer: Option<f64>, n: u32, runs: usize) {
     let ratio = match (ours, peer) {
-        (Some(o), Some(p)) if o > 0.0 => Some(round(p / o)),
+        (Some(o), Some(p)) if o > 0.0 => Some(round(p / o, 2)),
         _ => None,
     };
     let v: Value = json!({
         "bench": bench,
         "unit": "us",
-        "ours": ours.map(round),
+        "ours": ours.map(|x| round(x, 2)),
         "peer": "qemu-kvm",
-        "peer_value": peer.map(round),
+        "peer_value": peer.map(|x| round(x, 2)),
         "ratio": ratio,
         "stat": stat,
         "n": n,

@@ -33,9 +33,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use baton_tests::bench::{self, arg};
 use baton_tests::boot::{median, percentile};
-use baton_tests::harness::{Proc, TempDir, bin, guest, kvm_available, result_json, wait_until};
+use baton_tests::harness::{Proc, TempDir, bin, guest, result_json, wait_until};
 use baton_tests::netns::{self, Netns};
+use baton_tests::services::blk_cont_seq;
 use baton_tests::services::{Vmm, start_blk, start_net_tap};
 use serde_json::{Value, json};
 
@@ -44,17 +46,8 @@ const HOST_IP: &str = "10.213.62.1";
 const T: Duration = Duration::from_secs(60);
 const PEER: &str = "qemu-cpr-transfer";
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn round(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
+    bench::round(x, 3)
 }
 
 /// p50, p99, max of a sample.
@@ -102,19 +95,9 @@ struct Peer {
 
 fn main() -> anyhow::Result<()> {
     let swaps = arg("--swaps", 20);
-    // Images and sockets on tmpfs (as in bench/blk.sh): a host disk shared with builds adds
-    // stalls of its own to the back-end's writes.
-    if std::env::var_os("TMPDIR").is_none() && Path::new("/dev/shm").is_dir() {
-        // SAFETY: still single-threaded: nothing reads the environment concurrently.
-        unsafe { std::env::set_var("TMPDIR", "/dev/shm") };
-    }
+    bench::prefer_tmpfs();
     let qemu_swaps = arg("--qemu-swaps", 10);
-    anyhow::ensure!(kvm_available(), "/dev/kvm is not accessible");
-    anyhow::ensure!(
-        guest().exists(),
-        "test guest missing at {}",
-        guest().display()
-    );
+    bench::require_kvm_and_guest()?;
     let ours = run_baton(swaps)?;
     let peer = if Path::new("/usr/bin/qemu-system-x86_64").exists() {
         run_qemu(qemu_swaps)
@@ -414,17 +397,11 @@ struct DiskWatch {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
-const MARKER: u64 = 0x6261_746f_6e2d_626b;
 const POLL: Duration = Duration::from_micros(200);
 const WINDOW: u64 = 64;
 
 fn block_seq(b: &[u8]) -> Option<u64> {
-    let word = |i: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[i * 8..i * 8 + 8]);
-        u64::from_le_bytes(a)
-    };
-    (word(2) == MARKER).then(|| word(0))
+    blk_cont_seq(b)
 }
 
 fn scan(f: &std::fs::File, first: u64, n: u64, blocks: u64, buf: &mut Vec<u8>) -> Option<u64> {

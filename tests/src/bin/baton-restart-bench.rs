@@ -28,11 +28,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use baton_tests::bench::{self, arg};
 use baton_tests::boot::percentile;
-use baton_tests::harness::{
-    Proc, TempDir, bin, guest, kvm_available, repo_root, result_json, target_dir,
-};
+use baton_tests::harness::{Proc, TempDir, bin, guest, repo_root, result_json, target_dir};
 use baton_tests::services::Vmm;
+use baton_tests::services::blk_cont_seq;
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(60);
@@ -41,17 +41,8 @@ const WINDOW: u64 = 64;
 const POLL: Duration = Duration::from_micros(100);
 const PEER: &str = "qemu-tcg-reconnect";
 
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn round(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
+    bench::round(x, 3)
 }
 
 /// A small deterministic generator for the kill moments.
@@ -72,12 +63,7 @@ type Stamp = fn(&[u8]) -> Option<u64>;
 
 /// blk-cont: word 0 = seq (LE), word 2 = "baton-bk".
 fn stamp_blk_cont(b: &[u8]) -> Option<u64> {
-    let word = |i: usize| {
-        let mut a = [0u8; 8];
-        a.copy_from_slice(&b[i * 8..i * 8 + 8]);
-        u64::from_le_bytes(a)
-    };
-    (word(2) == 0x6261_746f_6e2d_626b).then(|| word(0))
+    blk_cont_seq(b)
 }
 
 const LINUX_TAG: &[u8] = b"-baton-restart-";
@@ -224,20 +210,10 @@ struct Run {
 
 fn main() -> anyhow::Result<()> {
     let restarts = arg("--restarts", 20);
-    // Images and sockets on tmpfs (as in bench/blk.sh): a host disk shared with builds adds
-    // stalls of its own to the back-end's writes.
-    if std::env::var_os("TMPDIR").is_none() && Path::new("/dev/shm").is_dir() {
-        // SAFETY: still single-threaded: nothing reads the environment concurrently.
-        unsafe { std::env::set_var("TMPDIR", "/dev/shm") };
-    }
+    bench::prefer_tmpfs();
     let qemu_restarts = arg("--qemu-restarts", 20);
     let reconnect_ms = arg("--qemu-reconnect-ms", 1);
-    anyhow::ensure!(kvm_available(), "/dev/kvm is not accessible");
-    anyhow::ensure!(
-        guest().exists(),
-        "test guest missing at {}",
-        guest().display()
-    );
+    bench::require_kvm_and_guest()?;
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(1, |d| {

@@ -1,0 +1,43 @@
+//! Small pieces every benchmark binary uses: options, rounding, where scratch files go, and
+//! the checks before a run.
+
+use std::path::Path;
+
+use crate::harness::{guest, kvm_available};
+
+/// The value after `--name` on the command line, or `default`.
+pub fn arg(name: &str, default: usize) -> usize {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// `x` rounded to `decimals` places (for JSON output).
+pub fn round(x: f64, decimals: i32) -> f64 {
+    let scale = 10f64.powi(decimals);
+    (x * scale).round() / scale
+}
+
+/// Puts images and sockets on tmpfs unless TMPDIR says otherwise: a host disk shared with
+/// builds adds stalls of its own to a back-end's writes. Call before any thread starts.
+pub fn prefer_tmpfs() {
+    if std::env::var_os("TMPDIR").is_none() && Path::new("/dev/shm").is_dir() {
+        // SAFETY: called while the process is single-threaded: nothing reads the environment
+        // concurrently.
+        unsafe { std::env::set_var("TMPDIR", "/dev/shm") };
+    }
+}
+
+/// Fails unless /dev/kvm can be used and the test guest is built.
+pub fn require_kvm_and_guest() -> anyhow::Result<()> {
+    anyhow::ensure!(kvm_available(), "/dev/kvm is not accessible");
+    anyhow::ensure!(
+        guest().exists(),
+        "test guest missing at {} (cd tests/guest && cargo build --release)",
+        guest().display()
+    );
+    Ok(())
+}

@@ -26,7 +26,7 @@ fn run() -> anyhow::Result<()> {
     args.validate().map_err(anyhow::Error::msg)?;
     let sig = server::signals()?;
     let dev = Arc::new(device::Device::new(&args)?);
-    let listener = server::listener(args.socket.as_deref())?;
+    let (listener, _bound) = baton_service::listener(args.socket.as_deref())?;
     dev.spawn_workers().context("cannot start queue threads")?;
     tracing::info!(
         image = %args.image.display(),
@@ -38,7 +38,7 @@ fn run() -> anyhow::Result<()> {
         inline = ?dev.disk().inline(),
         "ready"
     );
-    server::notify_ready();
+    baton_service::notify_ready();
     server::run(dev, listener, sig)?;
     Ok(())
 }

@@ -8,9 +8,8 @@
 //! - SIGTERM/SIGINT (signalfd): stop the rings (in-flight requests complete), fdatasync, exit.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
-use std::path::Path;
+use std::os::fd::{AsFd, AsRawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
@@ -25,21 +24,6 @@ use crate::handler::ConnHandler;
 /// Errors of the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    /// Binding the socket failed.
-    #[error("cannot listen on {path}: {source}")]
-    Bind {
-        /// Socket path.
-        path: String,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The socket's directory does not exist.
-    #[error("cannot listen on {0}: directory {1} does not exist")]
-    NoDir(String, String),
-    /// Neither --socket nor socket activation.
-    #[error("no socket: pass --socket PATH or start under socket activation (LISTEN_FDS)")]
-    NoSocket,
     /// Signal set-up failed.
     #[error("cannot set up signal handling: {0}")]
     Signals(#[source] nix::Error),
@@ -55,66 +39,6 @@ pub fn signals() -> Result<SignalFd, ServerError> {
     set.add(Signal::SIGINT);
     set.thread_block().map_err(ServerError::Signals)?;
     SignalFd::new(&set).map_err(ServerError::Signals)
-}
-
-/// The listening socket: inherited (socket activation) or bound at `path`.
-pub fn listener(path: Option<&Path>) -> Result<UnixListener, ServerError> {
-    let pid_ok = std::env::var("LISTEN_PID")
-        .ok()
-        .and_then(|p| p.parse::<u32>().ok())
-        == Some(std::process::id());
-    let nfds = std::env::var("LISTEN_FDS")
-        .ok()
-        .and_then(|n| n.parse::<u32>().ok())
-        .unwrap_or(0);
-    if pid_ok && nfds >= 1 {
-        // SAFETY: under socket activation fd 3 is the listening socket passed to us by the
-        // service manager; nothing else in this process owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(3) };
-        // SAFETY: FD_CLOEXEC on an fd we own.
-        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
-        // SAFETY: the environment is read once, before any thread is spawned.
-        unsafe {
-            std::env::remove_var("LISTEN_PID");
-            std::env::remove_var("LISTEN_FDS");
-        }
-        return Ok(UnixListener::from(fd));
-    }
-    let path = path.ok_or(ServerError::NoSocket)?;
-    let name = path.display().to_string();
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if !dir.is_dir() {
-            return Err(ServerError::NoDir(name, dir.display().to_string()));
-        }
-    }
-    // Remove a stale socket left by a previous instance (never a regular file).
-    if std::fs::symlink_metadata(path)
-        .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
-    {
-        let _ = std::fs::remove_file(path);
-    }
-    UnixListener::bind(path).map_err(|source| ServerError::Bind { path: name, source })
-}
-
-/// sd_notify("READY=1") when NOTIFY_SOCKET is set.
-pub fn notify_ready() {
-    let Some(addr) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let Ok(sock) = UnixDatagram::unbound() else {
-        return;
-    };
-    let bytes = addr.as_encoded_bytes();
-    let res = if let Some(name) = bytes.strip_prefix(b"@") {
-        use std::os::linux::net::SocketAddrExt;
-        std::os::unix::net::SocketAddr::from_abstract_name(name)
-            .and_then(|a| sock.send_to_addr(b"READY=1", &a))
-    } else {
-        sock.send_to(b"READY=1", Path::new(&addr))
-    };
-    if let Err(e) = res {
-        tracing::warn!("sd_notify failed: {e}");
-    }
 }
 
 enum End {

@@ -35,12 +35,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         mtu: args.mtu,
         pairs,
     };
-    let (listener, bound) = server::listener(args.socket.as_deref())?;
+    let (listener, bound) = baton_service::listener(args.socket.as_deref())?;
     let dev = Device::new(cfg, taps).context("creating the device")?;
     server::handle_signals(dev.clone(), args.socket.filter(|_| bound))?;
     dev.spawn_workers().context("starting the workers")?;
     tracing::info!(tap = %name, queues = pairs, "serving");
-    server::notify_ready();
+    baton_service::notify_ready();
     server::serve(dev, listener)?;
     Ok(())
 }

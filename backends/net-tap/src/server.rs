@@ -2,9 +2,9 @@
 //! inherited through systemd socket activation), plus readiness notification and SIGTERM.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
-use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -13,69 +13,6 @@ use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
 use crate::device::{Device, lock};
 use crate::vhost::Adapter;
-
-/// Errors setting up the service socket.
-#[derive(Debug, thiserror::Error)]
-pub enum ServerError {
-    /// Neither --socket nor socket activation.
-    #[error("no socket: pass --socket PATH or start under systemd socket activation")]
-    NoSocket,
-    /// Binding the socket failed.
-    #[error("cannot listen on {path}")]
-    Bind {
-        /// The path.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: io::Error,
-    },
-    /// LISTEN_FDS says fd 3 is our socket, but it is not a UNIX socket.
-    #[error("socket activation: fd 3 is not a UNIX listening socket")]
-    BadActivationFd,
-    /// The socket path exists and is not a socket.
-    #[error("{0} exists and is not a socket")]
-    NotASocket(PathBuf),
-}
-
-/// The listening socket: fd 3 under socket activation (LISTEN_PID is us, LISTEN_FDS ≥ 1), else a
-/// fresh socket bound at `path` (a stale socket file there is replaced). Returns whether we
-/// bound it ourselves.
-pub fn listener(path: Option<&Path>) -> Result<(UnixListener, bool), ServerError> {
-    let activated = std::env::var("LISTEN_PID")
-        .ok()
-        .and_then(|p| p.parse::<u32>().ok())
-        == Some(std::process::id())
-        && std::env::var("LISTEN_FDS")
-            .ok()
-            .and_then(|n| n.parse::<u32>().ok())
-            .unwrap_or(0)
-            >= 1;
-    if activated {
-        // SAFETY: under socket activation systemd passes the listening socket as fd 3, owned by
-        // us and used nowhere else.
-        let l = unsafe { UnixListener::from_raw_fd(3) };
-        if l.local_addr().is_err() {
-            return Err(ServerError::BadActivationFd);
-        }
-        // SAFETY: setting FD_CLOEXEC on fd 3, which we own.
-        unsafe { libc::fcntl(3, libc::F_SETFD, libc::FD_CLOEXEC) };
-        return Ok((l, false));
-    }
-    let path = path.ok_or(ServerError::NoSocket)?;
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        use std::os::unix::fs::FileTypeExt;
-        if !meta.file_type().is_socket() {
-            return Err(ServerError::NotASocket(path.to_path_buf()));
-        }
-        let _ = std::fs::remove_file(path);
-    }
-    UnixListener::bind(path)
-        .map(|l| (l, true))
-        .map_err(|source| ServerError::Bind {
-            path: path.to_path_buf(),
-            source,
-        })
-}
 
 /// Logs to stderr (`RUST_LOG` filter, default info; colours only on a terminal).
 pub fn init_logging() {
@@ -87,25 +24,6 @@ pub fn init_logging() {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
-}
-
-/// Sends READY=1 to $NOTIFY_SOCKET if set (path or abstract '@name').
-pub fn notify_ready() {
-    let Ok(target) = std::env::var("NOTIFY_SOCKET") else {
-        return;
-    };
-    let sent = UnixDatagram::unbound().and_then(|s| {
-        if let Some(name) = target.strip_prefix('@') {
-            use std::os::linux::net::SocketAddrExt;
-            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes())?;
-            s.send_to_addr(b"READY=1", &addr)
-        } else {
-            s.send_to(b"READY=1", &target)
-        }
-    });
-    if let Err(e) = sent {
-        tracing::warn!("sd_notify to {target} failed: {e}");
-    }
 }
 
 /// Blocks SIGTERM/SIGINT/SIGUSR1 in this thread (and every thread spawned after) and starts a

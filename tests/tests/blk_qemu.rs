@@ -11,6 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use baton_tests::harness;
+use baton_tests::linux_guest;
 use blk_common::*;
 
 const MIB: usize = 1 << 20;
@@ -34,82 +35,11 @@ fn skip_reason() -> Option<String> {
     None
 }
 
-/// Builds (once, cached, serialized with a lock file) the guest; Err(reason) if impossible.
-fn linux_guest() -> Result<(PathBuf, PathBuf), String> {
-    let dir = match std::env::var_os("BATON_LINUX_GUEST") {
-        Some(d) => PathBuf::from(d),
-        None => harness::target_dir().join("linux-guest"),
-    };
-    let (k, i) = (dir.join("vmlinuz"), dir.join("initramfs.gz"));
-    let script = harness::repo_root().join("tests/linux-guest/build.sh");
-    let out = Command::new("flock")
-        .arg(dir.with_extension("lock"))
-        .arg("bash")
-        .arg(&script)
-        .arg(&dir)
-        .output()
-        .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-    if out.status.success() && k.exists() && i.exists() {
-        Ok((k, i))
-    } else {
-        Err(format!(
-            "building the Linux guest failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
-fn base64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut s = String::new();
-    for c in data.chunks(3) {
-        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for (i, sh) in [18, 12, 6, 0].iter().enumerate() {
-            s.push(if i <= c.len() {
-                char::from(T[((n >> sh) & 63) as usize])
-            } else {
-                '='
-            });
-        }
-    }
-    s
-}
-
 fn qemu_cmd(guest: &(PathBuf, PathBuf), chardev: &str, script: &str) -> Command {
-    let mut cmd = Command::new("qemu-system-x86_64");
-    cmd.args([
-        "-accel",
-        "tcg",
-        "-m",
-        "512M",
-        "-smp",
-        "2",
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-monitor",
-        "none",
-    ])
-    .args(["-no-reboot", "-nodefaults"])
-    .args([
-        "-object",
-        "memory-backend-memfd,id=mem,size=512M,share=on",
-        "-machine",
-        "memory-backend=mem",
-    ])
-    .arg("-chardev")
-    .arg(chardev)
-    .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=2"])
-    .arg("-kernel")
-    .arg(&guest.0)
-    .arg("-initrd")
-    .arg(&guest.1)
-    .arg("-append")
-    .arg(format!(
-        "console=ttyS0 quiet panic=-1 baton.script={}",
-        base64(script.as_bytes())
-    ));
+    let mut cmd = linux_guest::qemu(guest, 512, 2, script);
+    cmd.arg("-chardev")
+        .arg(chardev)
+        .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=2"]);
     cmd
 }
 
@@ -174,7 +104,7 @@ fn linux_guest_writes_discards_and_a_second_qemu_reads_back() {
         eprintln!("SKIP linux_guest_writes_discards_and_a_second_qemu_reads_back: {r}");
         return;
     }
-    let guest = match linux_guest() {
+    let guest = match linux_guest::build() {
         Ok(g) => g,
         Err(r) => {
             eprintln!("SKIP linux_guest_writes_discards_and_a_second_qemu_reads_back: {r}");
@@ -264,7 +194,7 @@ fn backend_killed_and_restarted_under_a_running_guest() {
         eprintln!("SKIP backend_killed_and_restarted_under_a_running_guest: {r}");
         return;
     }
-    let guest = match linux_guest() {
+    let guest = match linux_guest::build() {
         Ok(g) => g,
         Err(r) => {
             eprintln!("SKIP backend_killed_and_restarted_under_a_running_guest: {r}");

@@ -127,7 +127,7 @@ fn net_qemu_ping_tcp_and_reconnect() {
         eprintln!("skipping net_qemu_ping_tcp_and_reconnect: {why}");
         return;
     }
-    let guest = match linux_guest() {
+    let guest = match baton_tests::linux_guest::build() {
         Ok(g) => g,
         Err(why) => {
             eprintln!("skipping net_qemu_ping_tcp_and_reconnect: {why}");
@@ -177,7 +177,7 @@ fn net_qemu_two_queue_pairs() {
         eprintln!("skipping net_qemu_two_queue_pairs: {why}");
         return;
     }
-    let guest = match linux_guest() {
+    let guest = match baton_tests::linux_guest::build() {
         Ok(g) => g,
         Err(why) => {
             eprintln!("skipping net_qemu_two_queue_pairs: {why}");
@@ -202,7 +202,7 @@ fn net_qemu_killed_front_end_then_a_new_one() {
         eprintln!("skipping net_qemu_killed_front_end_then_a_new_one: {why}");
         return;
     }
-    let guest = match linux_guest() {
+    let guest = match baton_tests::linux_guest::build() {
         Ok(g) => g,
         Err(why) => {
             eprintln!("skipping net_qemu_killed_front_end_then_a_new_one: {why}");

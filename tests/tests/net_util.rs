@@ -209,35 +209,6 @@ impl Drop for NetTap {
     }
 }
 
-/// The Linux guest (vmlinuz, initramfs.gz) from `$BATON_LINUX_GUEST` or the target directory,
-/// built once by tests/linux-guest/build.sh (virtio modules loaded, busybox, runs the base64
-/// script from `baton.script=`, then powers off). Returns Err(reason) when it cannot be had.
-pub fn linux_guest() -> Result<(PathBuf, PathBuf), String> {
-    let dir = match std::env::var_os("BATON_LINUX_GUEST") {
-        Some(d) => PathBuf::from(d),
-        None => harness::target_dir().join("net-linux-guest"),
-    };
-    let (k, i) = (dir.join("vmlinuz"), dir.join("initramfs.gz"));
-    if k.exists() && i.exists() {
-        return Ok((k, i));
-    }
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    // Serialize builders across test binaries.
-    let lock = File::create(dir.with_extension("lock")).map_err(|e| e.to_string())?;
-    // SAFETY: flock on an fd we own.
-    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
-    if k.exists() && i.exists() {
-        return Ok((k, i));
-    }
-    let script = harness::repo_root().join("tests/linux-guest/build.sh");
-    let (ok, out) = try_sh(&format!("bash {} {} 2>&1", script.display(), dir.display()));
-    if ok && k.exists() && i.exists() {
-        Ok((k, i))
-    } else {
-        Err(format!("building the Linux guest failed: {out}"))
-    }
-}
-
 /// Why QEMU-based tests cannot run, if they cannot.
 pub fn qemu_skip_reason() -> Option<String> {
     if let Some(r) = net_skip_reason() {
@@ -258,48 +229,21 @@ pub fn qemu_command(
     queues: u16,
     script: &str,
 ) -> Command {
-    let b64 = base64(script.as_bytes());
-    let mut cmd = Command::new("qemu-system-x86_64");
-    let smp = queues.to_string();
-    cmd.args([
-        "-accel",
-        "tcg",
-        "-m",
-        "512M",
-        "-smp",
-        &smp,
-        "-nographic",
-        "-serial",
-        "stdio",
-        "-monitor",
-        "none",
-    ])
-    .args(["-no-reboot", "-nodefaults"])
-    .args([
-        "-object",
-        "memory-backend-memfd,id=mem,size=512M,share=on",
-        "-machine",
-        "memory-backend=mem",
-    ])
-    .arg("-chardev")
-    .arg(format!("socket,id=n0,path={}", socket.display()))
-    .arg("-netdev")
-    .arg(format!("vhost-user,id=net0,chardev=n0,queues={queues}"))
-    .arg("-device")
-    .arg(if queues > 1 {
-        format!(
-            "virtio-net-pci,netdev=net0,mac={mac},mq=on,vectors={}",
-            2 * queues + 2
-        )
-    } else {
-        format!("virtio-net-pci,netdev=net0,mac={mac}")
-    })
-    .arg("-kernel")
-    .arg(&guest.0)
-    .arg("-initrd")
-    .arg(&guest.1)
-    .arg("-append")
-    .arg(format!("console=ttyS0 quiet panic=-1 baton.script={b64}"));
+    let mut cmd = baton_tests::linux_guest::qemu(guest, 512, u32::from(queues), script);
+    cmd.arg("-chardev")
+        .arg(format!("socket,id=n0,path={}", socket.display()))
+        .arg("-netdev")
+        .arg(format!("vhost-user,id=net0,chardev=n0,queues={queues}"))
+        .arg("-device")
+        .arg(if queues > 1 {
+            format!(
+                "virtio-net-pci,netdev=net0,mac={mac},mq=on,vectors={}",
+                2 * queues + 2
+            )
+        } else {
+            format!("virtio-net-pci,netdev=net0,mac={mac}")
+        });
+
     cmd
 }
 
@@ -315,24 +259,6 @@ pub fn run_guest(
     let cmd = qemu_command(guest, socket, mac, queues, script);
     let f = harness::run_to_end(cmd, Duration::from_secs(120)).expect("run qemu");
     format!("{}\n{}", f.stdout, f.stderr)
-}
-
-/// Standard base64 (the guest decodes it with busybox base64).
-pub fn base64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut s = String::new();
-    for c in data.chunks(3) {
-        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for (i, sh) in [18, 12, 6, 0].iter().enumerate() {
-            if i <= c.len() {
-                s.push(char::from(T[((n >> sh) & 63) as usize]));
-            } else {
-                s.push('=');
-            }
-        }
-    }
-    s
 }
 
 /// Ones'-complement sum of 16-bit big-endian words.

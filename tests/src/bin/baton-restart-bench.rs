@@ -24,13 +24,14 @@
 
 use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use baton_tests::bench::{self, arg};
 use baton_tests::boot::percentile;
-use baton_tests::harness::{Proc, TempDir, bin, guest, repo_root, result_json, target_dir};
+use baton_tests::harness::{Proc, TempDir, bin, guest, result_json};
+use baton_tests::linux_guest;
 use baton_tests::services::Vmm;
 use baton_tests::services::blk_cont_seq;
 use serde_json::{Value, json};
@@ -291,42 +292,6 @@ fn run_baton(restarts: usize, rng: &mut Rng) -> anyhow::Result<Run> {
 // ---------------------------------------------------------------------------------------
 // QEMU + Linux guest under TCG.
 
-/// Builds (once, cached, under a lock) the Linux guest of tests/linux-guest.
-fn linux_guest() -> anyhow::Result<(PathBuf, PathBuf)> {
-    let dir = std::env::var_os("BATON_LINUX_GUEST")
-        .map_or_else(|| target_dir().join("linux-guest"), PathBuf::from);
-    let (k, i) = (dir.join("vmlinuz"), dir.join("initramfs.gz"));
-    let out = Command::new("flock")
-        .arg(dir.with_extension("lock"))
-        .arg("bash")
-        .arg(repo_root().join("tests/linux-guest/build.sh"))
-        .arg(&dir)
-        .output()?;
-    anyhow::ensure!(
-        out.status.success() && k.exists() && i.exists(),
-        "building the Linux guest failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok((k, i))
-}
-
-fn base64(data: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut s = String::new();
-    for c in data.chunks(3) {
-        let b = [c[0], *c.get(1).unwrap_or(&0), *c.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for (i, sh) in [18u32, 12, 6, 0].iter().enumerate() {
-            s.push(if i <= c.len() {
-                char::from(T[((n >> sh) & 63) as usize])
-            } else {
-                '='
-            });
-        }
-    }
-    s
-}
-
 /// Pass p writes blocks 0..1023 with seq p*1024+i, one 4 KiB O_DIRECT write each.
 const SCRIPT: &str = r#"
 dev=/dev/vda
@@ -347,7 +312,7 @@ fn run_qemu(restarts: usize, reconnect_ms: usize, rng: &mut Rng) -> anyhow::Resu
         Path::new("/usr/bin/qemu-system-x86_64").exists(),
         "qemu-system-x86_64 is not installed"
     );
-    let (kernel, initrd) = linux_guest()?;
+    let guest = linux_guest::build()?;
     let mut r = Run::default();
     let dir = TempDir::new("restart-bench-qemu");
     let img = dir.join("disk.img");
@@ -355,33 +320,13 @@ fn run_qemu(restarts: usize, reconnect_ms: usize, rng: &mut Rng) -> anyhow::Resu
     let sock = dir.join("blk.sock");
     let notify = notify_socket(&dir)?;
     let (mut blk, _) = start_blk(&img, &sock, &notify)?;
-    let mut c = Command::new("qemu-system-x86_64");
-    c.args(["-accel", "tcg", "-m", "256M", "-smp", "1", "-nographic"])
-        .args([
-            "-serial",
-            "stdio",
-            "-monitor",
-            "none",
-            "-no-reboot",
-            "-nodefaults",
-        ])
-        .args(["-object", "memory-backend-memfd,id=mem,size=256M,share=on"])
-        .args(["-machine", "memory-backend=mem"])
-        .arg("-chardev")
+    let mut c = linux_guest::qemu(&guest, 256, 1, SCRIPT);
+    c.arg("-chardev")
         .arg(format!(
             "socket,id=c0,path={},reconnect-ms={reconnect_ms}",
             sock.display()
         ))
-        .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"])
-        .arg("-kernel")
-        .arg(kernel)
-        .arg("-initrd")
-        .arg(initrd)
-        .arg("-append")
-        .arg(format!(
-            "console=ttyS0 quiet panic=-1 baton.script={}",
-            base64(SCRIPT.as_bytes())
-        ));
+        .args(["-device", "vhost-user-blk-pci,chardev=c0,num-queues=1"]);
     let t0 = Instant::now();
     let mut q = Proc::spawn(c)?;
     q.wait_line(Duration::from_secs(180), |l| l.contains("START"))

@@ -41,3 +41,27 @@ pub fn require_kvm_and_guest() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// A small deterministic xorshift generator (for random moments: which instant a back-end is
+/// killed), seeded from the clock and printed so a run can be repeated.
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// Seeded from the wall clock; prints the seed.
+    pub fn from_clock() -> Rng {
+        let s = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| u64::from(d.subsec_nanos()) ^ d.as_secs())
+            | 1;
+        eprintln!("random seed {s}");
+        Rng(s)
+    }
+
+    /// A number below `below` (which must be non-zero).
+    pub fn next(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % below.max(1)
+    }
+}

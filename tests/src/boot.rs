@@ -21,13 +21,14 @@ pub struct Boot {
     pub rss_beyond_ram_kib: Option<u64>,
 }
 
-/// The baton-vmm command for the test guest.
-pub fn baton_cmd(cpus: u32, mem_mib: u32, cmdline: &str) -> Command {
+/// The baton-vmm command that boots the test guest with `cpus`, `memory` (e.g. "256M") and
+/// `cmdline`, its console on stdout.
+pub fn baton_cmd(cpus: u32, memory: &str, cmdline: &str) -> Command {
     let mut c = Command::new(bin("baton-vmm"));
     c.arg("--kernel")
         .arg(guest())
         .args(["--cpus", &cpus.to_string()])
-        .args(["--memory", &format!("size={mem_mib}M")])
+        .args(["--memory", &format!("size={memory}")])
         .args(["--cmdline", cmdline, "--serial", "stdio"]);
     c
 }

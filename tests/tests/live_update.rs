@@ -10,10 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use baton_tests::boot::baton_cmd;
 use baton_tests::boot::percentile;
-use baton_tests::harness::{
-    Proc, TempDir, bin, can_run, guest, result_json, run_to_end, wait_until,
-};
+use baton_tests::harness::{Proc, TempDir, bin, can_run, result_json, run_to_end, wait_until};
 use baton_tests::netns::{self, Netns};
 use baton_tests::services::{
     Vmm, start_blk as start_blk_service, start_net_tap, verify_blk_cont_image,
@@ -36,18 +35,8 @@ fn start_vmm(
     disk: Option<&Path>,
 ) -> Vmm {
     let api = dir.join(&format!("{name}.api"));
-    let mut c = Command::new(bin("baton-vmm"));
-    c.arg("--kernel")
-        .arg(guest())
-        .args([
-            "--cpus",
-            &cpus.to_string(),
-            "--memory",
-            &format!("size={mem}"),
-        ])
-        .args(["--cmdline", cmdline, "--serial", "stdio", "--name", name])
-        .arg("--api-socket")
-        .arg(&api);
+    let mut c = baton_cmd(cpus, mem, cmdline);
+    c.args(["--name", name]).arg("--api-socket").arg(&api);
     if let Some(d) = disk {
         c.arg("--disk")
             .arg(format!("socket={},queues=1", d.display()));
@@ -220,22 +209,12 @@ fn swaps_under_io(mem: &str, subnet: u8) {
     ns.persistent_tap(&tap, &format!("10.213.{subnet}.1/24"))
         .unwrap();
     let _net = start_net_tap(&ns, &tap, &net_sock).unwrap();
-    let mut c = Command::new(bin("baton-vmm"));
-    c.arg("--kernel")
-        .arg(guest())
-        .args([
-            "--cpus",
-            "2",
-            "--memory",
-            &format!("size={mem}"),
-            "--serial",
-            "stdio",
-        ])
-        .args([
-            "--cmdline",
-            &format!("test=io-cont ip=10.213.{subnet}.2/24 seconds=0 blocks=1024"),
-        ])
-        .arg("--disk")
+    let mut c = baton_cmd(
+        2,
+        mem,
+        &format!("test=io-cont ip=10.213.{subnet}.2/24 seconds=0 blocks=1024"),
+    );
+    c.arg("--disk")
         .arg(format!("socket={}", blk_sock.display()))
         .arg("--net")
         .arg(format!("socket={}", net_sock.display()));

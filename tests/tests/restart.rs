@@ -12,34 +12,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use baton_tests::harness::{
-    Proc, TempDir, bin, can_run, guest, result_json, run_to_end, wait_until,
-};
+use baton_tests::bench::Rng;
+use baton_tests::boot::baton_cmd;
+use baton_tests::harness::{Proc, TempDir, bin, can_run, result_json, run_to_end, wait_until};
 use baton_tests::services::verify_blk_cont_image;
 use net_util::{NetTap, Netns, net_skip_reason, tap_name};
 
 const T: Duration = Duration::from_secs(30);
-
-/// A small deterministic generator for the kill moments (no external crates).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self, below: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % below
-    }
-}
-
-fn seed() -> u64 {
-    let s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| u64::from(d.subsec_nanos()) ^ d.as_secs())
-        | 1;
-    eprintln!("kill-moment seed {s}");
-    s
-}
 
 fn info(api: &Path) -> serde_json::Value {
     let mut c = Command::new(bin("batonctl"));
@@ -100,19 +79,8 @@ fn blk_vm(
     let blk = start_blk(&img, &sock);
     assert!(wait_until(T, || sock.exists().then_some(())).is_some());
     let api = dir.join("api.sock");
-    let mut c = Command::new(bin("baton-vmm"));
-    c.arg("--kernel")
-        .arg(guest())
-        .args([
-            "--cpus",
-            &cpus.to_string(),
-            "--memory",
-            "size=128M",
-            "--serial",
-            "stdio",
-        ])
-        .args(["--cmdline", cmdline])
-        .arg("--disk")
+    let mut c = baton_cmd(cpus, "128M", cmdline);
+    c.arg("--disk")
         .arg(format!("socket={}{disk_opts}", sock.display()))
         .arg("--api-socket")
         .arg(&api);
@@ -132,7 +100,7 @@ fn blk_restarts(sig: i32, restarts: u64) {
         "test=blk-cont seconds=0 depth=8 blocks=1024",
         "",
     );
-    let mut rng = Rng(seed());
+    let mut rng = Rng::from_clock();
     let mut back = Vec::new();
     for i in 1..=restarts {
         std::thread::sleep(Duration::from_millis(20 + rng.next(200)));
@@ -209,15 +177,12 @@ fn net_backend_restarted_under_udp_echo() {
     ));
     let mut nt = NetTap::start(&ns, &dir, &["--tap", &tap]);
     let api = dir.join("api.sock");
-    let mut c = Command::new(bin("baton-vmm"));
-    c.arg("--kernel")
-        .arg(guest())
-        .args(["--cpus", "1", "--memory", "size=128M", "--serial", "stdio"])
-        .args([
-            "--cmdline",
-            &format!("test=net-cont ip={GUEST_IP}/24 seconds=0"),
-        ])
-        .arg("--net")
+    let mut c = baton_cmd(
+        1,
+        "128M",
+        &format!("test=net-cont ip={GUEST_IP}/24 seconds=0"),
+    );
+    c.arg("--net")
         .arg(format!("socket={}", nt.socket.display()))
         .arg("--api-socket")
         .arg(&api);

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use baton_tests::boot::baton_cmd;
 use baton_tests::harness::{
     Proc, TempDir, bin, can_run, guest, kvm_available, result_json, run_to_end,
 };
@@ -17,18 +18,8 @@ fn ram_file(name: &str) -> PathBuf {
 }
 
 fn vmm(name: &str, cpus: u32, cmdline: &str) -> Command {
-    let mut c = Command::new(bin("baton-vmm"));
-    c.arg("--kernel")
-        .arg(guest())
-        .args([
-            "--cpus",
-            &cpus.to_string(),
-            "--memory",
-            "size=128M",
-            "--serial",
-            "stdio",
-        ])
-        .args(["--cmdline", cmdline, "--name", name]);
+    let mut c = baton_cmd(cpus, "128M", cmdline);
+    c.args(["--name", name]);
     c
 }
 

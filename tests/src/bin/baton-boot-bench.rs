@@ -16,7 +16,7 @@ fn main() -> anyhow::Result<()> {
     let mut ours = Vec::new();
     let mut rss = Vec::new();
     for _ in 0..runs {
-        let b = timed_boot(baton_cmd(1, 256, "test=boot"), timeout)?;
+        let b = timed_boot(baton_cmd(1, "256M", "test=boot"), timeout)?;
         anyhow::ensure!(b.exit_code == Some(0), "baton-vmm exited {:?}", b.exit_code);
         ours.push(b.ready_ms);
         rss.extend(b.rss_beyond_ram_kib.map(|k| k as f64));

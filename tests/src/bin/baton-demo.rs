@@ -6,12 +6,12 @@
 //! swaps the VMM three times (live update) and restarts each back-end once (SIGKILL, start
 //! again). Prints a summary; the last line is one JSON object with the figures.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use baton_tests::bench::round;
+use baton_tests::boot::baton_cmd;
 use baton_tests::boot::percentile;
-use baton_tests::harness::{TempDir, bin, guest, result_json};
+use baton_tests::harness::{TempDir, result_json};
 use baton_tests::netns::{self, Netns};
 use baton_tests::services::{Vmm, kill, start_blk, start_net_tap};
 use baton_tests::udp::EchoStream;
@@ -43,15 +43,12 @@ fn main() -> anyhow::Result<()> {
     let mut net = start_net_tap(&ns, &tap, &net_sock)?;
 
     step("booting the test guest on baton-vmm: 2 vCPUs, 256 MiB, one disk, one NIC");
-    let mut c = Command::new(bin("baton-vmm"));
-    c.arg("--kernel")
-        .arg(guest())
-        .args(["--cpus", "2", "--memory", "size=256M", "--serial", "stdio"])
-        .args([
-            "--cmdline",
-            &format!("test=io-cont ip={GUEST_IP}/24 seconds=0"),
-        ])
-        .arg("--disk")
+    let mut c = baton_cmd(
+        2,
+        "256M",
+        &format!("test=io-cont ip={GUEST_IP}/24 seconds=0"),
+    );
+    c.arg("--disk")
         .arg(format!("socket={}", blk_sock.display()))
         .arg("--net")
         .arg(format!("socket={}", net_sock.display()));

@@ -28,7 +28,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use baton_tests::bench::{self, arg};
+use baton_tests::bench::{self, Rng, arg};
 use baton_tests::boot::percentile;
 use baton_tests::harness::{Proc, TempDir, bin, guest, result_json};
 use baton_tests::linux_guest;
@@ -44,18 +44,6 @@ const PEER: &str = "qemu-tcg-reconnect";
 
 fn round(x: f64) -> f64 {
     bench::round(x, 3)
-}
-
-/// A small deterministic generator for the kill moments.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self, below: u64) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0 % below
-    }
 }
 
 /// How a guest's workload stamps a 4 KiB block: its sequence number, or `None` for a block
@@ -215,14 +203,7 @@ fn main() -> anyhow::Result<()> {
     let qemu_restarts = arg("--qemu-restarts", 20);
     let reconnect_ms = arg("--qemu-reconnect-ms", 1);
     bench::require_kvm_and_guest()?;
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| {
-            u64::try_from(d.as_nanos() & u128::from(u64::MAX)).unwrap_or(1)
-        })
-        | 1;
-    eprintln!("kill-moment seed {seed}");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::from_clock();
     let ours = run_baton(restarts, &mut rng)?;
     let peer = match run_qemu(qemu_restarts, reconnect_ms, &mut rng) {
         Ok(r) => r,

@@ -1,6 +1,7 @@
 //! Run control shared by the vCPU threads, the API and the main thread: pause/resume
 //! handshakes and the reason the VM stopped.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -44,6 +45,9 @@ struct State {
 pub struct VmControl {
     state: Mutex<State>,
     changed: Condvar,
+    /// Set while a pause is requested or the VM is stopping: the one thing a vCPU thread
+    /// checks after every exit, without taking the lock.
+    attention: AtomicBool,
 }
 
 impl VmControl {
@@ -57,6 +61,7 @@ impl VmControl {
         if s.exit.is_none() {
             s.exit = Some(reason);
         }
+        self.attention.store(true, Ordering::SeqCst);
         self.changed.notify_all();
     }
 
@@ -76,10 +81,15 @@ impl VmControl {
         }
     }
 
-    /// Whether vCPUs should stop at their next exit.
+    /// Whether vCPUs should stop at their next exit (a pause, or the VM stopping). Lock-free:
+    /// vCPU threads call it after every exit.
     pub fn pause_requested(&self) -> bool {
-        let s = self.lock();
-        s.pause_requested || s.exit.is_some()
+        self.attention.load(Ordering::SeqCst)
+    }
+
+    fn request_pause(&self) {
+        self.lock().pause_requested = true;
+        self.attention.store(true, Ordering::SeqCst);
     }
 
     /// Called by a vCPU thread that saw a pause request: parks it until resume or exit.
@@ -98,7 +108,7 @@ impl VmControl {
     /// Asks vCPUs to pause. `kick` interrupts KVM_RUN on every vCPU; it is repeated until all
     /// `vcpus` are parked, which closes the race with a vCPU about to enter the guest.
     pub fn pause(&self, vcpus: usize, kick: impl Fn(), timeout: Duration) -> bool {
-        self.lock().pause_requested = true;
+        self.request_pause();
         let deadline = Instant::now() + timeout;
         loop {
             kick();
@@ -118,12 +128,14 @@ impl VmControl {
 
     /// Makes vCPUs park as soon as they start (before any guest code runs).
     pub fn hold(&self) {
-        self.lock().pause_requested = true;
+        self.request_pause();
     }
 
     /// Lets parked vCPUs run again.
     pub fn resume(&self) {
-        self.lock().pause_requested = false;
+        let mut s = self.lock();
+        s.pause_requested = false;
+        self.attention.store(s.exit.is_some(), Ordering::SeqCst);
         self.changed.notify_all();
     }
 

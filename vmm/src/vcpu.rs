@@ -138,6 +138,8 @@ pub fn run(
     control: Arc<VmControl>,
 ) {
     loop {
+        // A pause or a stop: finish the last exit's instruction, then park (or return if
+        // the VM is stopping).
         if control.pause_requested() {
             complete_pending_io(&vcpu);
             if !control.park_vcpu() {
@@ -194,9 +196,6 @@ pub fn run(
         if let Some(what) = fatal {
             let where_ = describe_cpu(&vcpu, &mem);
             control.exit(ExitReason::Crash(format!("vCPU {id}: {what}; {where_}")));
-            return;
-        }
-        if control.exit_reason().is_some() {
             return;
         }
     }

@@ -234,7 +234,16 @@ fn blk_lat_poll_and_irq_completions() {
         if mode == "poll" {
             assert_eq!(irqs, 0, "no vector, no interrupt: {r}");
         } else {
-            assert!(irqs >= 1000, "one interrupt per completion: {r}");
+            // One interrupt per completion, except that an edge-triggered MSI arriving while
+            // the same vector is still pending in the LAPIC is merged with it (architectural
+            // coalescing, seen about once per 10 000 completions here). A lost interrupt
+            // would instead stall the guest until its wait times out: no request may take
+            // anywhere near that long.
+            assert!(irqs * 100 >= 1000 * 99, "one interrupt per completion: {r}");
+            assert!(
+                r["max_us"].as_f64().unwrap() < 5000.0,
+                "a completion waited as if its interrupt was lost: {r}"
+            );
         }
         eprintln!(
             "blk-lat {mode}: median {} us, p99 {} us, notify {} us",

@@ -27,6 +27,47 @@ pub fn start_blk(image: &Path, socket: &Path, extra: &[&str]) -> anyhow::Result<
     Ok(p)
 }
 
+/// Starts `qemu-storage-daemon` exporting `image` (a raw file) as a writable vhost-user-blk
+/// back-end with `queues` queues at `socket`, and waits for the socket. With `iops`, requests
+/// beyond that rate wait in qemu-storage-daemon (a throttle group), so that some are always in
+/// flight. An error (not a skip) when qemu-storage-daemon is not installed: `scripts/setup.sh`
+/// installs it.
+pub fn start_qsd_blk(
+    image: &Path,
+    socket: &Path,
+    queues: u16,
+    iops: Option<u32>,
+) -> anyhow::Result<Proc> {
+    let _ = std::fs::remove_file(socket);
+    let mut c = Command::new("qemu-storage-daemon");
+    c.arg("--blockdev").arg(format!(
+        "driver=file,node-name=f0,filename={}",
+        image.display()
+    ));
+    let node = match iops {
+        Some(n) => {
+            c.arg("--object")
+                .arg(format!("throttle-group,id=tg0,x-iops-total={n}"))
+                .arg("--blockdev")
+                .arg("driver=throttle,node-name=t0,throttle-group=tg0,file=f0");
+            "t0"
+        }
+        None => "f0",
+    };
+    c.arg("--export").arg(format!(
+        "type=vhost-user-blk,id=e0,node-name={node},addr.type=unix,addr.path={},writable=on,num-queues={queues}",
+        socket.display()
+    ));
+    c.stderr(log_file(socket)?);
+    let p = Proc::spawn(c).map_err(|e| {
+        anyhow::anyhow!("cannot run qemu-storage-daemon (scripts/setup.sh installs it): {e}")
+    })?;
+    wait_until(STEP, || socket.exists().then_some(())).ok_or_else(|| {
+        anyhow::anyhow!("qemu-storage-daemon did not create {}", socket.display())
+    })?;
+    Ok(p)
+}
+
 /// Starts `baton-net-tap` inside `ns` on TAP `tap` and waits for the socket.
 pub fn start_net_tap(ns: &Netns, tap: &str, socket: &Path) -> anyhow::Result<Proc> {
     let _ = std::fs::remove_file(socket);

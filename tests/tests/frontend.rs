@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use baton_tests::harness::{
     Finished, Proc, TempDir, bin, can_run, guest, result_json, run_to_end, wait_until,
 };
+use baton_tests::services::start_qsd_blk;
 use net_util::{NetTap, Netns, net_skip_reason, ping_from, tap_name, try_sh};
 
 /// Deadline for one guest run (boot, test, power-off).
@@ -270,23 +271,7 @@ fn qemu_storage_daemon_as_the_blk_back_end() {
         .unwrap()
         .set_len(64 * MIB)
         .unwrap();
-    let mut c = Command::new("qemu-storage-daemon");
-    c.arg("--blockdev")
-        .arg(format!(
-            "driver=file,node-name=f0,filename={}",
-            image.display()
-        ))
-        .arg("--export")
-        .arg(format!(
-            "type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={},writable=on,num-queues=2",
-            sock.display()
-        ));
-    let _qsd = Proc::spawn(c).unwrap();
-    assert!(
-        wait_until(Duration::from_secs(10), || sock.exists().then_some(())).is_some(),
-        "qemu-storage-daemon did not create {}",
-        sock.display()
-    );
+    let _qsd = start_qsd_blk(&image, &sock, 2, None).unwrap();
     for (queues, mode) in [(1u32, "poll"), (2, "irq")] {
         let name = unique(&format!("qsd{queues}"));
         let mut v = vmm(&name, &format!("test=blk queues={queues} mode={mode}"));

@@ -562,12 +562,11 @@ impl VirtioBackend for VhostUserDevice {
         Ok(())
     }
 
-    fn suspend(&mut self) -> Result<Vec<RingBase>, String> {
-        let mut bases = Vec::new();
+    fn stop_rings(&mut self, bases: &mut Vec<RingBase>) -> Result<(), String> {
         for q in std::mem::take(&mut self.started) {
-            // GET_VRING_BASE stops the ring: from its answer on, the back-end neither writes
-            // guest memory nor notifies for this ring (baton-blk completes in-flight requests
-            // first).
+            // GET_VRING_BASE stops the ring: the back-end takes nothing more from it. Requests
+            // it had taken may complete after the answer (baton-blk completes them first,
+            // qemu-storage-daemon does not): the caller waits for them, see virtio::drain.
             let r = self.fe()?.get_vring_base(usize::from(q));
             let base = self.step("GET_VRING_BASE", r)?;
             bases.push(RingBase {
@@ -575,12 +574,16 @@ impl VirtioBackend for VhostUserDevice {
                 next_avail: u16::try_from(base & 0xffff).unwrap_or(0),
             });
         }
+        Ok(())
+    }
+
+    fn release(&mut self) {
         // Hang up: the back-end accepts the next front-end (the new VMM, or us on rollback).
         // shutdown() ends the connection even while the monitor thread holds a duplicate of
         // the fd. The inflight region stays: it goes to the new VMM, or back to the back-end
         // on rollback.
+        self.started.clear();
         self.hang_up();
-        Ok(bases)
     }
 
     fn resume(

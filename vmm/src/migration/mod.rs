@@ -8,16 +8,18 @@
 //!
 //! 1. old → new `Hello` both ways; old → new `Prepare` (configuration and device layout, sent
 //!    while the guest still runs): the new VMM maps RAM and builds the VM, vCPUs and devices.
-//! 2. old pauses the vCPUs, saves their state, stops every ring with GET_VRING_BASE (the
-//!    back-end completes in-flight requests first) and hangs up; sends the state and, on the
-//!    cpr channel, the inflight fds.
+//! 2. old pauses the vCPUs, saves their state, lets each blk device's rings go idle, stops
+//!    every ring with GET_VRING_BASE, waits until the guest's used index reaches each ring's
+//!    base (a back-end may complete the requests it had taken after its answer:
+//!    [`crate::virtio::drain`]) and hangs up; sends the state and, on the cpr channel, the
+//!    inflight fds.
 //! 3. new restores, reconnects every back-end (same features, rings configured but not yet
 //!    enabled) and answers `Ready`.
 //! 4. old sends `Commit`: from here it never runs the guest again. new enables the rings,
 //!    signals every vector in use once, resumes the vCPUs and answers `Ack`.
 //!
 //! Any failure before `Commit` rolls back: the old VMM makes sure the new one is gone, then
-//! reconnects its back-ends at the saved ring positions and resumes the guest.
+//! reconnects the back-ends it had let go at the saved ring positions and resumes the guest.
 
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -40,6 +42,7 @@ use convert::{
 use crate::config::SerialConfig;
 use crate::snapshot;
 use crate::vhost_user::RingBase;
+use crate::virtio::pci::SuspendError;
 use crate::vm::{Devices, Vm, VmError};
 
 /// How long each side waits for the other at any step before giving up (and rolling back).
@@ -110,6 +113,10 @@ pub enum LiveUpdateError {
     /// A back-end step failed.
     #[error("{0}")]
     Backend(String),
+    /// A device could not be handed over (its rings did not stop, or requests it had taken
+    /// did not complete).
+    #[error(transparent)]
+    Suspend(#[from] SuspendError),
     /// The new VMM failed before resuming the guest.
     #[error("the new VMM failed: {0}")]
     NewVmm(String),
@@ -154,11 +161,28 @@ impl Timer {
     }
 
     fn lap(&mut self, name: impl Into<String>) {
+        self.lap_with_part(name, None);
+    }
+
+    /// Ends a step of which `part` (a name and a duration within it) is reported apart.
+    fn lap_with_part(&mut self, name: impl Into<String>, part: Option<(String, Duration)>) {
         let now = Instant::now();
+        let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        let mut total = now - self.last;
+        let mut part_phase = None;
+        if let Some((part_name, d)) = part {
+            let d = d.min(total);
+            total -= d;
+            part_phase = Some(Phase {
+                name: part_name,
+                micros: us(d),
+            });
+        }
         self.phases.push(Phase {
             name: name.into(),
-            micros: u64::try_from((now - self.last).as_micros()).unwrap_or(u64::MAX),
+            micros: us(total),
         });
+        self.phases.extend(part_phase);
         self.last = now;
     }
 }
@@ -236,15 +260,21 @@ pub fn outgoing(vm: &Arc<Vm>, dest: &Path, timeout: Duration) -> Result<Report, 
     let mut bases = Vec::new();
     for (_, dev) in &vm.devices {
         let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
-        match d.suspend() {
-            Ok(b) => bases.push(b),
+        let suspended = d.suspend();
+        bases.push(suspended.bases);
+        match suspended.outcome {
+            Ok(waited) => {
+                let socket = d.backend().socket().display().to_string();
+                t.lap_with_part(
+                    format!("suspend {socket}"),
+                    Some((format!("wait_used {socket}"), waited)),
+                );
+            }
             Err(e) => {
                 drop(d);
-                let cause = LiveUpdateError::Backend(e);
-                return Err(rollback(vm, &bases, user_paused, None, cause));
+                return Err(rollback(vm, &bases, user_paused, None, e.into()));
             }
         }
-        t.lap(format!("suspend {}", d.backend().socket().display()));
     }
     let serial = serial_state(&vm.serial.lock().unwrap_or_else(|e| e.into_inner()).state());
     let state = VmState {
@@ -322,8 +352,9 @@ fn unix_ns() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
-/// Makes sure the new VMM cannot run the guest, then takes the back-ends back and resumes
-/// (unless the VM was paused through the API before the update).
+/// Makes sure the new VMM cannot run the guest, then takes back the back-ends of the devices
+/// suspended so far (`bases` has one entry for each, in order; the others were never let go)
+/// and resumes (unless the VM was paused through the API before the update).
 fn rollback(
     vm: &Vm,
     bases: &[Vec<RingBase>],
@@ -347,9 +378,8 @@ fn rollback(
             std::thread::sleep(Duration::from_millis(1));
         }
     }
-    for (i, (_, dev)) in vm.devices.iter().enumerate() {
+    for ((_, dev), b) in vm.devices.iter().zip(bases) {
         let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
-        let b = bases.get(i).map(Vec::as_slice).unwrap_or(&[]);
         if let Err(e) = d.resume(b, true) {
             return LiveUpdateError::RollbackFailed(
                 Box::new(cause),

@@ -2,6 +2,7 @@
 //! ([`VirtioBackend`]), which for baton is always a vhost-user connection.
 
 pub mod common;
+pub mod drain;
 pub mod pci;
 
 use vmm_sys_util::eventfd::EventFd;
@@ -68,9 +69,13 @@ pub trait VirtioBackend: Send {
     fn activate(&mut self, features: u64, queues: &[ActiveQueue<'_>]) -> Result<(), String>;
     /// Stops the device (guest-driven reset).
     fn reset(&mut self);
-    /// Stops every started ring and lets go of the back-end (live update): returns where each
-    /// ring stopped.
-    fn suspend(&mut self) -> Result<Vec<crate::vhost_user::RingBase>, String>;
+    /// Stops every started ring (live update) and adds where each stopped to `bases`, also
+    /// those stopped before a failure. The back-end may still complete requests it had taken
+    /// (see [`drain`]); the connection stays until [`VirtioBackend::release`].
+    fn stop_rings(&mut self, bases: &mut Vec<crate::vhost_user::RingBase>) -> Result<(), String>;
+    /// Lets go of the back-end (live update): it then accepts its next front-end, the new
+    /// VMM, or this one again on rollback.
+    fn release(&mut self);
     /// Reconnects if needed and configures `queues` at `bases` (one per queue, in order);
     /// the rings are enabled now if `enable`, else by [`VirtioBackend::enable_rings`].
     fn resume(

@@ -2,15 +2,50 @@
 //! state for a live update (save, restore, suspend, resume) and the back-end restart path
 //! (watch, lost, reconnect).
 
+use std::time::{Duration, Instant};
+
 use baton_protocol::api::{BackendState, DeviceInfo};
 use baton_protocol::state::{
     Blob, InflightState, MsixEntryState, MsixState, PciDeviceState, VirtioPciState,
 };
 use vhost::vhost_user::message::VhostUserInflight;
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::{VirtioBackend, VirtioPciDevice, enabled_queues, msix, status};
 use crate::vhost_user::RingBase;
+use crate::virtio::drain::{self, DRAIN_TIMEOUT, DrainError, RunningRing, StoppedRing};
+
+/// virtio device type of a block device: its rings carry requests that the back-end takes
+/// and later completes.
+const BLK: u16 = 2;
+
+/// What [`VirtioPciDevice::suspend`] leaves behind.
+#[derive(Debug)]
+pub struct Suspended {
+    /// Where each stopped ring stopped, also when a later step failed: a rollback restarts
+    /// the rings there.
+    pub bases: Vec<RingBase>,
+    /// How long the back-end took to complete the requests it had taken when its rings
+    /// stopped, or why the device cannot be handed over.
+    pub outcome: Result<Duration, SuspendError>,
+}
+
+/// Why a device cannot be handed over to another VMM.
+#[derive(Debug, thiserror::Error)]
+pub enum SuspendError {
+    /// GET_VRING_BASE failed.
+    #[error("{0}")]
+    StopRings(String),
+    /// Requests taken before the rings stopped did not complete, or cannot be accounted for.
+    #[error(transparent)]
+    Drain(#[from] DrainError),
+}
+
+/// The guest's used index of queue `index`, whose used ring is at `used`.
+fn used_index(mem: &GuestMemoryMmap, index: u16, used: u64) -> Result<u16, String> {
+    mem.read_obj::<u16>(GuestAddress(used + 2))
+        .map_err(|e| format!("reading the used index of queue {index}: {e}"))
+}
 
 impl VirtioPciDevice {
     /// The transport state for a live update: PCI config, MSI-X, virtio registers.
@@ -63,24 +98,105 @@ impl VirtioPciDevice {
         self.common.status & status::DRIVER_OK != 0 && self.common.status & status::NEEDS_RESET == 0
     }
 
-    /// Stops the back-end's rings and disconnects from it (live update).
-    pub fn suspend(&mut self) -> Result<Vec<RingBase>, String> {
-        // Hang up even if the guest has not started the device yet: the back-end serves one
-        // front-end at a time, and the next one is the new VMM.
+    /// Stops the back-end's rings, waits until the requests it had taken have completed, and
+    /// disconnects from it (live update; the vCPUs are paused). See [`drain`] for why.
+    pub fn suspend(&mut self) -> Suspended {
+        let since = Instant::now();
+        let idle_wait = if self.activated && self.backend.device_type() == BLK {
+            self.wait_idle(since)
+        } else {
+            Duration::ZERO
+        };
         self.activated = false;
         self.backend_state = BackendState::HandedOver;
-        self.backend.suspend()
+        let mut bases = Vec::new();
+        let outcome = self
+            .backend
+            .stop_rings(&mut bases)
+            .map_err(SuspendError::StopRings)
+            .and_then(|()| Ok(self.wait_used(&bases, since)?));
+        // Hang up even if the guest has not started the device yet, and even if requests
+        // are missing: the back-end serves one front-end at a time, and the next one is the
+        // new VMM, or this one again on rollback.
+        self.backend.release();
+        let outcome = outcome.map(|used_wait| {
+            let waited = idle_wait + used_wait;
+            if !waited.is_zero() {
+                let us = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+                tracing::info!(device = %self.name, socket = %self.backend.socket().display(),
+                    idle_wait_us = us(idle_wait), used_wait_us = us(used_wait),
+                    "waited for the back-end to complete requests in flight");
+            }
+            waited
+        });
+        Suspended { bases, outcome }
+    }
+
+    /// Kicks every enabled ring once, then waits until the back-end has completed every
+    /// request the guest made available ([`drain::wait_idle`]). The kick takes in a request
+    /// that the guest made available just before the pause without notifying yet; an extra
+    /// kick is harmless.
+    fn wait_idle(&self, since: Instant) -> Duration {
+        let mut rings = Vec::new();
+        for (i, q) in self.common.queues.iter().enumerate() {
+            let (true, Ok(index), Some(kick)) = (q.enabled, u16::try_from(i), self.kicks.get(i))
+            else {
+                continue;
+            };
+            let _ = kick.write(1);
+            rings.push(RunningRing {
+                index,
+                size: q.size,
+                avail_addr: q.avail,
+                used_addr: q.used,
+            });
+        }
+        drain::wait_idle(
+            &self.mem,
+            self.backend.socket(),
+            &rings,
+            since,
+            DRAIN_TIMEOUT,
+        )
+    }
+
+    /// Waits until the used index of every stopped ring has reached its base: a back-end
+    /// that follows the specification may complete the requests it had taken after it
+    /// answered GET_VRING_BASE (see [`drain`]).
+    fn wait_used(&self, bases: &[RingBase], since: Instant) -> Result<Duration, DrainError> {
+        let rings: Vec<StoppedRing> = bases
+            .iter()
+            .filter_map(|b| {
+                let q = self.common.queues.get(usize::from(b.index))?;
+                Some(StoppedRing {
+                    index: b.index,
+                    size: q.size,
+                    used_addr: q.used,
+                    base: b.next_avail,
+                })
+            })
+            .collect();
+        drain::wait_used(
+            &self.mem,
+            self.backend.socket(),
+            &rings,
+            since,
+            DRAIN_TIMEOUT,
+        )
     }
 
     /// Reconnects the back-end and configures the guest's rings at `bases`. With `enable` the
     /// rings start now (see [`VirtioPciDevice::enable_rings`]); without, they wait for it.
     pub fn resume(&mut self, bases: &[RingBase], enable: bool) -> Result<(), String> {
+        let mem = &self.mem;
         let (active, starts) = if self.running() {
-            enabled_queues(&self.common.queues, &self.kicks, &self.calls, |i, _| {
-                Ok(bases
-                    .iter()
-                    .find(|b| b.index == i)
-                    .map_or(0, |b| b.next_avail))
+            enabled_queues(&self.common.queues, &self.kicks, &self.calls, |i, q| {
+                match bases.iter().find(|b| b.index == i) {
+                    Some(b) => Ok(b.next_avail),
+                    // A ring whose GET_VRING_BASE failed restarts where the used ring says, as
+                    // after a back-end crash.
+                    None => used_index(mem, i, q.used),
+                }
             })?
         } else {
             (Vec::new(), Vec::new())
@@ -198,8 +314,7 @@ impl VirtioPciDevice {
         let mem = &self.mem;
         let (active, starts) = if self.activated {
             enabled_queues(&self.common.queues, &self.kicks, &self.calls, |i, q| {
-                mem.read_obj::<u16>(GuestAddress(q.used + 2))
-                    .map_err(|e| format!("reading the used index of queue {i}: {e}"))
+                used_index(mem, i, q.used)
             })?
         } else {
             (Vec::new(), Vec::new())

@@ -22,6 +22,8 @@ use crate::pci::{PciDevice, lo32};
 
 mod handover;
 
+pub use handover::{SuspendError, Suspended};
+
 /// BAR layout.
 pub mod layout {
     /// Common configuration.

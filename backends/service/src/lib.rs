@@ -2,7 +2,14 @@
 //! vhost-user listening socket, inherited from the service manager (systemd socket activation:
 //! `LISTEN_PID`/`LISTEN_FDS`, fd 3) or bound at a path, and readiness reported with
 //! `sd_notify("READY=1")`. Both are a few lines of protocol, written by hand rather than
-//! pulling in a systemd crate.
+//! pulling in a systemd crate. And what both share as vhost-user devices facing untrusted peers:
+//! shared memory mapped so that a truncated file cannot kill them ([`memory`]), the checks a
+//! guest-controlled ring needs before a worker loops on it ([`ring`]), and a deadline on each
+//! front-end message ([`conn`]).
+
+pub mod conn;
+pub mod memory;
+pub mod ring;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixDatagram, UnixListener};

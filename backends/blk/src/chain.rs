@@ -21,19 +21,29 @@ pub struct Desc {
 }
 
 /// The descriptors of a chain popped from the avail ring (virtio-queue walks it, following
-/// indirect tables, at most queue-size descriptors).
-pub fn descs_of<M>(chain: DescriptorChain<M>) -> Vec<Desc>
+/// indirect tables), at most `max` of them: a longer chain comes back cut (the last one keeps
+/// NEXT), so that an indirect table of 65 535 entries costs no more than the `seg_max` the
+/// device advertises.
+pub fn descs_of<M>(chain: DescriptorChain<M>, max: usize) -> Vec<Desc>
 where
     M: Deref<Target = GuestMemoryMmap>,
 {
-    chain
+    let mut out: Vec<Desc> = chain
+        .take(max.saturating_add(1))
         .map(|d| Desc {
             addr: d.addr(),
             len: d.len(),
             write: d.is_write_only(),
             next: d.has_next(),
         })
-        .collect()
+        .collect();
+    if out.len() > max {
+        out.truncate(max);
+        if let Some(l) = out.last_mut() {
+            l.next = true;
+        }
+    }
+    out
 }
 
 const F_NEXT: u16 = 1;
@@ -42,8 +52,15 @@ const F_INDIRECT: u16 = 4;
 
 /// Walks the chain starting at `head` in the descriptor table (for resubmitting inflight
 /// heads, which are not in the avail ring any more). Same rules as virtio-queue: at most
-/// `queue_size` descriptors (or the indirect table's length), one level of indirection.
-pub fn walk(mem: &GuestMemoryMmap, table: GuestAddress, queue_size: u16, head: u16) -> Vec<Desc> {
+/// `queue_size` descriptors (or the indirect table's length), one level of indirection; and,
+/// as [`descs_of`], at most `max`.
+pub fn walk(
+    mem: &GuestMemoryMmap,
+    table: GuestAddress,
+    queue_size: u16,
+    head: u16,
+    max: usize,
+) -> Vec<Desc> {
     let mut out: Vec<Desc> = Vec::new();
     let (mut table, mut size, mut idx, mut ttl, mut indirect) =
         (table, queue_size, head, queue_size, false);
@@ -53,7 +70,7 @@ pub fn walk(mem: &GuestMemoryMmap, table: GuestAddress, queue_size: u16, head: u
         }
     };
     loop {
-        if idx >= size || ttl == 0 {
+        if idx >= size || ttl == 0 || out.len() >= max {
             cut(&mut out);
             break;
         }
@@ -127,20 +144,37 @@ mod tests {
         };
         put(0, 0x1000, 16, F_NEXT, 2);
         put(2, 0x3000, 1, F_WRITE, 0);
-        let c = walk(&m, table, 8, 0);
+        let c = walk(&m, table, 8, 0, 64);
         assert_eq!(
             c,
             vec![d(0x1000, 16, false, true), d(0x3000, 1, true, false)]
         );
         // A loop is cut at the queue size, with NEXT left on the last descriptor.
         put(2, 0x3000, 1, F_WRITE | F_NEXT, 0);
-        let c = walk(&m, table, 8, 0);
+        let c = walk(&m, table, 8, 0, 64);
         assert_eq!(c.len(), 8);
         assert!(c.last().unwrap().next);
         // Head out of range, and an indirect table inside an indirect table.
-        assert!(walk(&m, table, 8, 9).is_empty());
+        assert!(walk(&m, table, 8, 9, 64).is_empty());
         put(4, 0x9000, 32, F_INDIRECT, 0);
         put(0x100, 0x9000, 32, F_INDIRECT, 0); // 0x9000 = table + 16 * 0x100
-        assert!(walk(&m, table, 8, 4).is_empty());
+        assert!(walk(&m, table, 8, 4, 64).is_empty());
+        // A long indirect table is cut at `max` (seg_max + 2), not at its own length.
+        put(5, 0x20000, 16 * 1000, F_INDIRECT, 0); // 0x20000 = table + 16 * 0x1800
+        for i in 0..1000u64 {
+            put(
+                0x1800 + i,
+                0x1000,
+                512,
+                F_NEXT,
+                u16::try_from(i + 1).unwrap(),
+            );
+        }
+        let c = walk(&m, table, 8, 5, 10);
+        assert_eq!(c.len(), 10);
+        assert!(
+            c.last().unwrap().next,
+            "a cut chain keeps NEXT on its last descriptor"
+        );
     }
 }

@@ -123,6 +123,13 @@ impl Device {
         self.test_delay
     }
 
+    /// Most descriptors a request may have: header, `seg_max` data segments, status.
+    pub fn max_descs(&self) -> usize {
+        usize::try_from(self.seg_max)
+            .unwrap_or(usize::MAX)
+            .saturating_add(2)
+    }
+
     /// I/O engine for the workers.
     pub fn engine_kind(&self) -> IoEngineKind {
         self.engine

@@ -11,6 +11,7 @@
 use std::fs::File;
 use std::sync::Arc;
 
+use baton_service::memory::MemoryTable;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
     VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
@@ -18,7 +19,7 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Error as VuError, GpuBackend, VhostUserBackendReqHandlerMut};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::device::{Device, feat};
 use crate::inflight::{InflightRegion, queue_region_size};
@@ -46,8 +47,8 @@ pub struct ConnHandler {
     acked_features: u64,
     features_set: bool,
     acked_protocol: u64,
-    /// (user_addr, size, guest_phys_addr) of each region.
-    mappings: Vec<(u64, u64, u64)>,
+    /// The memory table (for translating ring addresses).
+    table: Option<MemoryTable>,
     mem: Option<Arc<GuestMemoryMmap>>,
     inflight: Option<InflightRegion>,
 }
@@ -61,7 +62,7 @@ impl ConnHandler {
             acked_features: 0,
             features_set: false,
             acked_protocol: 0,
-            mappings: Vec::new(),
+            table: None,
             mem: None,
             inflight: None,
         }
@@ -104,10 +105,9 @@ impl ConnHandler {
     }
 
     fn gpa(&self, user: u64) -> Result<GuestAddress> {
-        self.mappings
-            .iter()
-            .find(|(u, s, _)| user >= *u && user - *u < *s)
-            .map(|(u, _, g)| GuestAddress(g + (user - u)))
+        self.table
+            .as_ref()
+            .and_then(|t| t.gpa(user))
             .ok_or(VuError::InvalidParam)
     }
 }
@@ -168,22 +168,13 @@ impl VhostUserBackendReqHandlerMut for ConnHandler {
         files: Vec<File>,
         _postcopy: Option<bool>,
     ) -> Result<Option<Vec<u64>>> {
-        let mut regions = Vec::new();
-        let mut mappings = Vec::new();
-        for (r, file) in ctx.iter().zip(files) {
-            let region =
-                GuestRegionMmap::new(r.mmap_region(file)?, GuestAddress(r.guest_phys_addr))
-                    .ok_or(VuError::InvalidParam)?;
-            regions.push(region);
-            mappings.push((r.user_addr, r.memory_size, r.guest_phys_addr));
-        }
-        let mem =
-            Arc::new(GuestMemoryMmap::from_regions(regions).map_err(|e| other(&e.to_string()))?);
+        let table = MemoryTable::map(ctx, files).map_err(|e| other(&e.to_string()))?;
+        let mem = Arc::new(table.mem.clone());
         for q in self.dev.queues() {
             q.lock().mem = Some(mem.clone());
         }
         self.mem = Some(mem);
-        self.mappings = mappings;
+        self.table = Some(table);
         Ok(None)
     }
 

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use vm_memory::mmap::MmapRegion;
-use vm_memory::{Bytes, FileOffset, VolatileMemory};
+use vm_memory::{Bytes, VolatileMemory};
 
 /// Errors of the inflight region.
 #[derive(Debug, thiserror::Error)]
@@ -21,9 +21,9 @@ pub enum InflightError {
     /// memfd_create or ftruncate failed.
     #[error("cannot create the inflight memfd: {0}")]
     Create(#[source] std::io::Error),
-    /// mmap failed.
+    /// mmap failed, or the file does not cover the region.
     #[error("cannot map the inflight region: {0}")]
-    Map(String),
+    Map(#[source] baton_service::memory::MapError),
     /// The region the front-end gave is too small for its queues.
     #[error("inflight region too small: {size} bytes for {queues} queues of {queue_size}")]
     TooSmall {
@@ -92,9 +92,8 @@ impl InflightRegion {
                 queue_size,
             });
         }
-        let len = usize::try_from(size).map_err(|e| InflightError::Map(e.to_string()))?;
-        let map = MmapRegion::<()>::from_file(FileOffset::new(file, offset), len)
-            .map_err(|e| InflightError::Map(e.to_string()))?;
+        let map = baton_service::memory::map_file("inflight", file, offset, size)
+            .map_err(InflightError::Map)?;
         Ok(Self {
             map: Arc::new(map),
             queues,

@@ -18,6 +18,8 @@ use nix::sys::signalfd::SignalFd;
 use nix::sys::socket::{MsgFlags, recv};
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
+use baton_service::conn::MESSAGE_DEADLINE;
+
 use crate::device::Device;
 use crate::handler::ConnHandler;
 
@@ -130,6 +132,10 @@ fn serve(dev: &Arc<Device>, stream: UnixStream, listener: &UnixListener, sig: &S
                 }
             }
             continue;
+        }
+        if let Err(e) = baton_service::conn::await_message(&peek, MESSAGE_DEADLINE) {
+            tracing::warn!("{e}");
+            break End::Disconnected;
         }
         match intercept(&peek, &handler) {
             Intercept::Handled => continue,

@@ -44,6 +44,9 @@ pub struct Vring {
     pub completed: u64,
     /// Inflight heads to resubmit before popping new ones.
     pub resubmit: Vec<u16>,
+    /// The guest broke the ring (see [`baton_service::ring::AvailOverrun`]): left alone until
+    /// the front-end starts it again.
+    pub broken: bool,
 }
 
 impl Vring {
@@ -60,6 +63,7 @@ impl Vring {
             inflight: None,
             completed: 0,
             resubmit: Vec::new(),
+            broken: false,
         })
     }
 
@@ -73,7 +77,7 @@ impl Vring {
     }
 
     fn runnable(&self) -> bool {
-        self.started && self.enabled && self.mem.is_some() && self.queue.ready()
+        self.started && self.enabled && !self.broken && self.mem.is_some() && self.queue.ready()
     }
 
     /// Starts the ring after SET_VRING_KICK: next_used is re-read from the guest's used ring.
@@ -110,6 +114,7 @@ impl Vring {
             }
         }
         self.queue.set_ready(true);
+        self.broken = false;
         self.started = true;
         true
     }
@@ -189,6 +194,8 @@ pub fn worker(ctl: Arc<VringCtl>, dev: Arc<Device>, index: u16) {
         if st.runnable() {
             process(&mut st, &dev, &mut engine);
         }
+        drop(st);
+        baton_service::memory::report_faults();
     }
 }
 
@@ -202,11 +209,16 @@ fn process(st: &mut Vring, dev: &Device, engine: &mut Engine) {
         if event_idx {
             let _ = st.queue.disable_notification(m);
         }
+        if let Err(e) = baton_service::ring::check_avail(&st.queue, m) {
+            tracing::warn!("{e}");
+            st.broken = true;
+            return;
+        }
         let mut batch: Vec<Request> = Vec::new();
         // Heads a previous back-end instance left inflight go first (already marked).
         let table = GuestAddress(st.queue.desc_table());
         for head in std::mem::take(&mut st.resubmit) {
-            let descs = crate::chain::walk(m, table, st.queue.size(), head);
+            let descs = crate::chain::walk(m, table, st.queue.size(), head, dev.max_descs());
             batch.push(request::parse(m, head, &descs, info));
         }
         let max = usize::from(st.queue.size());
@@ -221,7 +233,7 @@ fn process(st: &mut Vring, dev: &Device, engine: &mut Engine) {
             batch.push(request::parse(
                 m,
                 head,
-                &crate::chain::descs_of(chain),
+                &crate::chain::descs_of(chain, dev.max_descs()),
                 info,
             ));
         }

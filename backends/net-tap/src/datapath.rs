@@ -244,6 +244,34 @@ fn iov_count(iovs: &[libc::iovec]) -> libc::c_int {
     libc::c_int::try_from(iovs.len()).unwrap_or(libc::c_int::MAX)
 }
 
+/// Drops the first `hdr_len` bytes (the guest's header) from `iovs` and puts an iovec for our
+/// checked copy at `hdr` in their place.
+fn replace_header(iovs: &mut Vec<libc::iovec>, hdr: *mut u8, hdr_len: usize) {
+    let mut skip = hdr_len;
+    let mut drop_n = 0;
+    for v in iovs.iter_mut() {
+        if skip == 0 {
+            break;
+        }
+        let n = skip.min(v.iov_len);
+        // SAFETY: stays within the iovec's buffer (n <= iov_len); only the pointer moves.
+        v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+        v.iov_len -= n;
+        skip -= n;
+        if v.iov_len == 0 {
+            drop_n += 1;
+        }
+    }
+    iovs.drain(..drop_n);
+    iovs.insert(
+        0,
+        libc::iovec {
+            iov_base: hdr.cast(),
+            iov_len: hdr_len,
+        },
+    );
+}
+
 /// Sends the guest's frames to the TAP. Returns true if more work may be pending.
 pub fn process_tx(dev: &Device, pair: &QueuePair, s: &mut Scratch) -> bool {
     let mut vr = lock(&pair.tx);
@@ -257,6 +285,9 @@ pub fn process_tx(dev: &Device, pair: &QueuePair, s: &mut Scratch) -> bool {
     let mut sent = 0usize;
     loop {
         let _ = vr.queue.disable_notification(mem);
+        if !vr.check_avail(mem, &dev.stats.bad_chain) {
+            return false;
+        }
         s.used.clear();
         let iter = match vr.queue.iter(mem) {
             Ok(it) => it,
@@ -270,16 +301,23 @@ pub fn process_tx(dev: &Device, pair: &QueuePair, s: &mut Scratch) -> bool {
             s.iovs.clear();
             match gather(chain, mem, false, (&mut s.iovs, 0), &mut s.segs) {
                 Ok(total) if usize::try_from(total).unwrap_or(0) >= hdr_len => {
-                    let mut hdr = [0u8; 10];
-                    let ok = access_segs(mem, s.segs.as_slice(), 0, &mut hdr, false);
+                    // The kernel gets our copy of the header, never the guest's buffer: what
+                    // was checked is what is sent, whatever the guest writes meanwhile.
+                    let mut hdr = [0u8; 12];
+                    let copy = hdr.get_mut(..hdr_len).unwrap_or_default();
+                    let ok = access_segs(mem, s.segs.as_slice(), 0, copy, false);
+                    let frame_len = usize::try_from(total).unwrap_or(0) - hdr_len;
+                    let head10 = hdr.first_chunk::<10>().copied().unwrap_or_default();
                     match if ok {
-                        neg.check_tx_header(&hdr)
+                        neg.check_tx_header(&head10, frame_len)
                     } else {
                         Err("unreadable header")
                     } {
                         Ok(()) => {
+                            replace_header(&mut s.iovs, hdr.as_mut_ptr(), hdr_len);
                             // SAFETY: every iovec points into guest memory mapped by `mem`, which
-                            // stays mapped while we hold the guard; the kernel only reads them.
+                            // stays mapped while we hold the guard, or into `hdr`, which lives
+                            // until after the call; the kernel only reads them.
                             let r = unsafe {
                                 libc::writev(
                                     pair.tap.as_raw_fd(),
@@ -376,7 +414,11 @@ fn gather_rx(
                 // dropped as truncated).
                 return Gathered::Ready;
             }
-            // Ask for a kick past everything popped so far; if buffers arrived meanwhile, go on.
+            // Ask for a kick past everything popped so far; if buffers arrived meanwhile, go on
+            // (unless the guest's index is bogus: then "more" would be forever).
+            if !vr.check_avail(mem, &dev.stats.bad_chain) {
+                return Gathered::Empty;
+            }
             if vr.queue.enable_notification(mem).unwrap_or(false) {
                 let _ = vr.queue.disable_notification(mem);
                 continue;
@@ -672,5 +714,28 @@ mod tests {
             !access_segs(&m, &segs[..1], 4, &mut [0; 4], false),
             "past the segments"
         );
+    }
+
+    #[test]
+    fn the_tap_gets_our_header_copy_and_the_rest_of_the_guest_buffers() {
+        let mut guest = *b"HHHHHHHHHHHHframe-bytes";
+        let mut copy = *b"cccccccccccc";
+        let base = guest.as_mut_ptr();
+        let iov = |off: usize, len: usize| libc::iovec {
+            // SAFETY: test buffers; offsets stay inside `guest`.
+            iov_base: unsafe { base.add(off) }.cast(),
+            iov_len: len,
+        };
+        // The guest header spans two descriptors; the second also holds the frame's start.
+        let mut iovs = vec![iov(0, 8), iov(8, 6), iov(14, 9)];
+        replace_header(&mut iovs, copy.as_mut_ptr(), 12);
+        let bytes: Vec<u8> = iovs
+            .iter()
+            // SAFETY: each iovec points into `guest` or `copy`, both alive.
+            .flat_map(|v| unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) })
+            .copied()
+            .collect();
+        assert_eq!(&bytes[..], b"ccccccccccccframe-bytes");
+        assert_eq!(iovs.len(), 3);
     }
 }

@@ -56,6 +56,9 @@ pub struct Vring {
     pub enabled: bool,
     /// Started by SET_VRING_KICK, stopped by GET_VRING_BASE or a disconnect.
     pub started: bool,
+    /// The guest broke the ring (see [`baton_service::ring::AvailOverrun`]): left alone until
+    /// the front-end starts it again.
+    pub broken: bool,
 }
 
 impl Vring {
@@ -67,12 +70,13 @@ impl Vring {
             call: None,
             enabled: false,
             started: false,
+            broken: false,
         }
     }
 
     /// Whether the worker may process this ring.
     pub fn active(&self) -> bool {
-        self.started && self.enabled && self.queue.ready()
+        self.started && self.enabled && !self.broken && self.queue.ready()
     }
 
     /// Notifies the front-end if the driver wants it (EVENT_IDX aware).
@@ -80,6 +84,19 @@ impl Vring {
         if self.queue.needs_notification(mem).unwrap_or(true) {
             if let Some(call) = &self.call {
                 let _ = call.write(1);
+            }
+        }
+    }
+
+    /// Whether the guest's avail index is sane; if not, the ring is marked broken (and the
+    /// reason counted) so that no worker loops on it.
+    pub fn check_avail(&mut self, mem: &GuestMem, stats: &crate::ratelimit::ErrorSite) -> bool {
+        match baton_service::ring::check_avail(&self.queue, mem) {
+            Ok(()) => true,
+            Err(e) => {
+                stats.hit("ring", &e);
+                self.broken = true;
+                false
             }
         }
     }
@@ -260,6 +277,9 @@ impl Device {
         let mem = self.mem.memory();
         loop {
             let _ = vr.queue.disable_notification(&*mem);
+            if !vr.check_avail(&mem, &self.stats.bad_chain) {
+                break;
+            }
             let mut done: Vec<(u16, u32)> = Vec::new();
             match vr.queue.iter(&*mem) {
                 Ok(iter) => {
@@ -490,6 +510,7 @@ impl<'a> Worker<'a> {
                 self.dev.process_ctrl();
                 do_ctrl = false;
             }
+            baton_service::memory::report_faults();
             let timeout = if do_rx || do_tx { 0 } else { -1 };
             let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,

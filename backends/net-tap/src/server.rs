@@ -1,6 +1,7 @@
 //! Accepting front-ends: one at a time, in a loop, on the same socket (bound from `--socket` or
 //! inherited through systemd socket activation), plus readiness notification and SIGTERM.
 
+use baton_service::conn::MESSAGE_DEADLINE;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -165,6 +166,9 @@ fn connection(dev: &Arc<Device>, stream: UnixStream) -> io::Result<()> {
     let peek = stream.try_clone()?;
     let mut handler = BackendReqHandler::from_stream(stream, Arc::clone(&adapter));
     loop {
+        if let Err(e) = baton_service::conn::await_message(&peek, MESSAGE_DEADLINE) {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, e));
+        }
         if pre_filter(&peek, &adapter)? {
             continue;
         }

@@ -19,6 +19,7 @@ use std::fs::File;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::sync::Arc;
 
+use baton_service::memory::{Mapping, MemoryTable};
 use vhost::VhostUserMemoryRegionBase;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
@@ -27,7 +28,7 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Error, GpuBackend, Result, VhostUserBackendReqHandlerMut};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{GuestAddress, GuestAddressSpace};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device::{Device, MAX_QUEUE_SIZE, lock};
@@ -40,19 +41,13 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIG
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Mapping {
-    va: u64,
-    size: u64,
-    gpa: u64,
-}
-
 /// Per-connection vhost-user state.
 #[derive(Debug)]
 pub struct Adapter {
     dev: Arc<Device>,
     acked_protocol: u64,
     acked_features: u64,
+    /// The guest memory table's front-end view (for ring addresses).
     mappings: Vec<Mapping>,
 }
 
@@ -147,20 +142,7 @@ impl VhostUserBackendReqHandlerMut for Adapter {
         if postcopy_listening.is_some() {
             return Err(Error::InvalidOperation("postcopy is not supported"));
         }
-        let mut regions = Vec::with_capacity(ctx.len());
-        let mut mappings = Vec::with_capacity(ctx.len());
-        for (region, file) in ctx.iter().zip(files) {
-            let mmap = region.mmap_region(file)?;
-            let r = GuestRegionMmap::new(mmap, GuestAddress(region.guest_phys_addr))
-                .ok_or_else(|| handler_err("memory region wraps around"))?;
-            regions.push(r);
-            mappings.push(Mapping {
-                va: region.user_addr,
-                size: region.memory_size,
-                gpa: region.guest_phys_addr,
-            });
-        }
-        let mem = GuestMemoryMmap::from_regions(regions).map_err(handler_err)?;
+        let MemoryTable { mem, mappings } = MemoryTable::map(ctx, files).map_err(handler_err)?;
         self.dev
             .mem
             .lock()
@@ -240,6 +222,7 @@ impl VhostUserBackendReqHandlerMut for Adapter {
             let mut v = lock(self.ring(u32::from(index))?);
             v.kick = Some(Arc::new(kick));
             v.started = true;
+            v.broken = false;
             v.queue.set_ready(true);
             let mem = self.dev.mem.memory();
             if !v.queue.is_valid(&*mem) {

@@ -141,9 +141,19 @@ impl Negotiated {
         }
     }
 
-    /// Checks a TX header (first 10 bytes) against what was negotiated.
-    pub fn check_tx_header(&self, hdr: &[u8; 10]) -> Result<(), &'static str> {
+    /// Checks a TX header (first 10 bytes) against what was negotiated and against the frame
+    /// it precedes (`frame_len` bytes, header excluded): the offsets the host kernel will use
+    /// must lie inside the frame.
+    pub fn check_tx_header(&self, hdr: &[u8; 10], frame_len: usize) -> Result<(), &'static str> {
         let [flags, gso_type, ..] = *hdr;
+        let field = |i: usize| usize::from(u16::from_le_bytes([hdr[i], hdr[i + 1]]));
+        let (hdr_len, csum_start, csum_offset) = (field(2), field(6), field(8));
+        if hdr_len > frame_len {
+            return Err("hdr_len past the end of the frame");
+        }
+        if flags & HDR_F_NEEDS_CSUM != 0 && csum_start + csum_offset + 2 > frame_len {
+            return Err("checksum field past the end of the frame");
+        }
         if flags & !(HDR_F_NEEDS_CSUM | HDR_F_DATA_VALID) != 0 {
             return Err("unknown flags");
         }
@@ -225,21 +235,37 @@ mod tests {
             features: bit(f::VERSION_1),
         };
         let mut h = [0u8; 10];
-        assert!(all.check_tx_header(&h).is_ok());
+        assert!(all.check_tx_header(&h, 60).is_ok());
         h[0] = 0x10;
-        assert!(all.check_tx_header(&h).is_err());
+        assert!(all.check_tx_header(&h, 60).is_err());
         h[0] = HDR_F_NEEDS_CSUM;
-        assert!(all.check_tx_header(&h).is_ok());
-        assert!(none.check_tx_header(&h).is_err());
+        assert!(all.check_tx_header(&h, 60).is_ok());
+        assert!(none.check_tx_header(&h, 60).is_err());
         h[1] = GSO_TCPV4;
-        assert!(all.check_tx_header(&h).is_err(), "gso_size 0");
+        assert!(all.check_tx_header(&h, 60).is_err(), "gso_size 0");
         h[4] = 0xa8;
         h[5] = 0x05;
-        assert!(all.check_tx_header(&h).is_ok());
+        assert!(all.check_tx_header(&h, 60).is_ok());
         h[1] = 3; // UDP (UFO) is not offered
-        assert!(all.check_tx_header(&h).is_err());
+        assert!(all.check_tx_header(&h, 60).is_err());
         h[1] = GSO_TCPV6 | GSO_ECN;
-        assert!(all.check_tx_header(&h).is_err());
+        assert!(all.check_tx_header(&h, 60).is_err());
+        // Offsets must lie inside the frame: csum at 34 + 16 (TCP) needs 52 bytes.
+        let mut h = [HDR_F_NEEDS_CSUM, 0, 0, 0, 0, 0, 34, 0, 16, 0];
+        assert!(all.check_tx_header(&h, 52).is_ok());
+        assert!(
+            all.check_tx_header(&h, 51).is_err(),
+            "checksum past the end"
+        );
+        h[6] = 0xff;
+        h[7] = 0xff;
+        assert!(
+            all.check_tx_header(&h, 1500).is_err(),
+            "csum_start past the end"
+        );
+        let h = [0, 0, 54, 0, 0, 0, 0, 0, 0, 0];
+        assert!(all.check_tx_header(&h, 54).is_ok());
+        assert!(all.check_tx_header(&h, 53).is_err(), "hdr_len past the end");
     }
 
     #[test]

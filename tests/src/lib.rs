@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod boot;
 pub mod harness;
+pub mod hostile;
 pub mod linux_guest;
 pub mod netns;
 pub mod services;

@@ -522,3 +522,239 @@ fn socket_activation_and_sd_notify() {
     assert_eq!(&std::fs::read(&img).unwrap()[..4096], &pattern(7, 4096)[..]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// ---- Hostile front-ends and guests that used to livelock, kill or wedge the back-end ----
+
+/// A guest that sets the avail index more than the ring size ahead: the ring is ignored (no
+/// spinning core), GET_VRING_BASE answers within 1 s, the other queue keeps serving, SIGTERM
+/// still stops the back-end. With and without EVENT_IDX (Linux negotiates it).
+fn avail_index_overrun(event_idx: bool) {
+    use baton_tests::hostile::{cpu_share, timed_with_watchdog};
+    use baton_tests::vhost_user::frontend::F_EVENT_IDX;
+    let mut b = Blk::start(MIB, &["--queues", "2"]);
+    let pid = b.child.id();
+    let features = if event_idx {
+        BLK_FEATURES
+    } else {
+        BLK_FEATURES & !F_EVENT_IDX
+    };
+    let mut d = BlkDriver::connect(
+        &b.sock,
+        BlkOptions {
+            queues: 2,
+            queue_size: 16,
+            mem_size: MEM,
+            slots: 8,
+            features,
+            ..BlkOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(d.conn().unwrap().features & F_EVENT_IDX != 0, event_idx);
+    let q = d.queue(0);
+    let bogus = q.vq.avail_idx().wrapping_add(16 + 5);
+    q.vq.write_avail_idx_raw(bogus).unwrap();
+    q.vq.kick().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let share = cpu_share(pid, Duration::from_secs(1));
+    assert!(
+        share < 0.3,
+        "baton-blk uses {:.0} % of a CPU on a broken ring",
+        share * 100.0
+    );
+    // The other queue serves.
+    let data = pattern(9, 4096);
+    assert_eq!(d.queue(1).write(8, &data).unwrap(), S_OK);
+    assert_eq!(d.queue(1).read(8, 4096).unwrap(), (S_OK, data));
+    // GET_VRING_BASE on the broken ring answers, at once.
+    let (base, took) = timed_with_watchdog(pid, Duration::from_secs(5), || {
+        d.conn().unwrap().stop_queue(0)
+    });
+    assert!(base.is_ok(), "GET_VRING_BASE failed: {base:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "GET_VRING_BASE took {took:?}"
+    );
+    let t = std::time::Instant::now();
+    assert!(b.signal_and_wait(libc::SIGTERM).success());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "SIGTERM took {:?}",
+        t.elapsed()
+    );
+}
+
+#[test]
+fn avail_index_overrun_with_event_idx_does_not_livelock() {
+    avail_index_overrun(true);
+}
+
+#[test]
+fn avail_index_overrun_without_event_idx_does_not_livelock() {
+    avail_index_overrun(false);
+}
+
+/// A memory table whose file is shorter than the size it declares is refused (mapping it
+/// would SIGBUS at the first access past the end); the back-end serves the next front-end.
+#[test]
+fn memory_file_shorter_than_declared_is_refused() {
+    use baton_tests::vhost_user::frontend::Connection;
+    use baton_tests::vhost_user::memory::SharedMemory;
+    let mut b = Blk::start(MIB, &[]);
+    let mem = SharedMemory::new(MEM).unwrap();
+    mem.file().set_len(MEM / 2).unwrap();
+    let mut c = Connection::connect(&b.sock, 1, BLK_FEATURES, wanted_protocol(false)).unwrap();
+    let e = c.set_mem_table(&mem);
+    assert!(e.is_err(), "a short memory file was accepted");
+    drop(c);
+    assert!(b.alive(), "baton-blk died");
+    let mut d = connect(&b, 16);
+    still_serving(&mut d, 21);
+}
+
+/// An inflight region whose file is shorter than declared is refused too.
+#[test]
+fn inflight_file_shorter_than_declared_is_refused() {
+    use baton_tests::vhost_user::frontend::Connection;
+    use baton_tests::vhost_user::memory::SharedMemory;
+    use vhost::vhost_user::message::VhostUserInflight;
+    let mut b = Blk::start(MIB, &[]);
+    let mem = SharedMemory::new(MEM).unwrap();
+    let mut c = Connection::connect(&b.sock, 1, BLK_FEATURES, wanted_protocol(true)).unwrap();
+    c.set_mem_table(&mem).unwrap();
+    let fd =
+        nix::sys::memfd::memfd_create(c"short", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+    let file = std::fs::File::from(fd);
+    file.set_len(4096).unwrap();
+    // One queue of 256 needs align_up(16 * 256 + 2, 64) = 4160 bytes.
+    let info = VhostUserInflight {
+        mmap_size: 4160,
+        mmap_offset: 0,
+        num_queues: 1,
+        queue_size: 256,
+    };
+    assert!(
+        c.set_inflight(&info, &file).is_err(),
+        "a short inflight file was accepted"
+    );
+    drop(c);
+    assert!(b.alive(), "baton-blk died");
+    let mut d = connect(&b, 16);
+    still_serving(&mut d, 22);
+}
+
+/// A front-end that truncates the memory file after SET_MEM_TABLE: the back-end's accesses to
+/// the vanished pages no longer kill it (SIGBUS); it goes on serving.
+#[test]
+fn memory_file_truncated_after_set_mem_table_does_not_kill_the_back_end() {
+    let mut b = Blk::start(MIB, &[]);
+    let mut d = connect(&b, 16);
+    // Buffers in the upper half of memory, filled before the cut (this process must not touch
+    // them afterwards: its own mapping of them is gone too).
+    d.mem.alloc(MEM / 2, 4096).unwrap();
+    let x = bufs(&d, T_OUT, 0);
+    assert!(x.hdr.0 >= MEM / 2);
+    d.mem.file().set_len(MEM / 2).unwrap();
+    let h = raw_chain(
+        &mut d,
+        &[
+            (x.hdr.0, 16, 0),
+            (x.data.0, 4096, 0),
+            (x.status.0, 1, DESC_F_WRITE),
+        ],
+        &seq(3),
+    );
+    d.queue(0).wait_head(h, Duration::from_secs(10)).unwrap();
+    assert!(b.alive(), "baton-blk died of SIGBUS");
+    still_serving(&mut d, 23);
+}
+
+/// A request with far more segments than the seg_max the device advertises (an indirect table
+/// of 1000 entries) is refused; the back-end keeps serving.
+#[test]
+fn request_beyond_seg_max_is_refused() {
+    let b = Blk::start(MIB, &["--queue-size", "16"]);
+    let mut d = connect(&b, 16);
+    let seg_max = u32::from_le_bytes(
+        d.conn().unwrap().config(12, 4).unwrap()[..4]
+            .try_into()
+            .unwrap(),
+    );
+    assert!(seg_max < 1000, "seg_max {seg_max}");
+    // Sector 0 holds data, so that a request that was served would be seen.
+    assert_eq!(d.queue(0).write(0, &pattern(26, 4096)).unwrap(), S_OK);
+    let x = bufs(&d, T_IN, 0);
+    let n = 1000u16;
+    let table = d.mem.alloc(16 * u64::from(n), 16).unwrap();
+    for i in 0..n {
+        let (addr, len, flags) = match i {
+            0 => (x.hdr.0, 16, DESC_F_NEXT),
+            i if i == n - 1 => (x.status.0, 1, DESC_F_WRITE),
+            _ => (x.data.0, 512, DESC_F_WRITE | DESC_F_NEXT),
+        };
+        let raw = RawDesc {
+            addr,
+            len,
+            flags,
+            next: i + 1,
+        };
+        d.mem
+            .write(GuestAddress(table.0 + 16 * u64::from(i)), &raw.to_bytes())
+            .unwrap();
+    }
+    let h = raw_chain(
+        &mut d,
+        &[(table.0, 16 * u32::from(n), DESC_F_INDIRECT)],
+        &[None],
+    );
+    d.queue(0).wait_head(h, Duration::from_secs(10)).unwrap();
+    // Cut at seg_max + 2 descriptors, it is a malformed chain: IOERR in its last writable
+    // byte (the device cannot know where the real status is), no I/O.
+    let data = d.mem.read(x.data, 512).unwrap();
+    assert!(
+        data[..511].iter().all(|&v| v == 0),
+        "a request past seg_max was served"
+    );
+    assert_eq!((data[511], status(&d, &x)), (S_IOERR, S_UNSET));
+    still_serving(&mut d, 24);
+}
+
+/// A front-end that sends half a message and then nothing: dropped after the message deadline
+/// (the next front-end is served), and SIGTERM is honoured meanwhile.
+#[test]
+fn half_a_message_does_not_wedge_the_back_end() {
+    use std::io::{Read, Write};
+    let mut b = Blk::start(MIB, &[]);
+    // GET_FEATURES (1), version 1, announcing a 40-byte body of which 10 bytes come.
+    let half = |s: &mut std::os::unix::net::UnixStream| {
+        let mut m = vec![1, 0, 0, 0, 1, 0, 0, 0, 40, 0, 0, 0];
+        m.extend_from_slice(&[0; 10]);
+        s.write_all(&m).unwrap();
+    };
+    let mut s = std::os::unix::net::UnixStream::connect(&b.sock).unwrap();
+    half(&mut s);
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let t = std::time::Instant::now();
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "expected the back-end to hang up");
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "dropped after {:?}",
+        t.elapsed()
+    );
+    let mut d = connect(&b, 16);
+    still_serving(&mut d, 25);
+    drop(d);
+    // SIGTERM while a half message is pending.
+    let mut s = std::os::unix::net::UnixStream::connect(&b.sock).unwrap();
+    half(&mut s);
+    std::thread::sleep(Duration::from_millis(100));
+    let t = std::time::Instant::now();
+    assert!(b.signal_and_wait(libc::SIGTERM).success());
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "SIGTERM took {:?}",
+        t.elapsed()
+    );
+}

@@ -653,3 +653,126 @@ fn net_driver_unpollable_kick_fd_does_not_stop_the_device() {
         tap.log_text()
     );
 }
+
+/// Which ring the guest breaks.
+#[derive(Clone, Copy, Debug)]
+enum Broken {
+    Rx,
+    Ctrl,
+}
+
+/// A guest that sets a ring's avail index more than the ring size ahead: baton-net-tap
+/// ignores that ring (no spinning core), answers GET_VRING_BASE within 1 s, keeps sending,
+/// and serves the next front-end. With and without EVENT_IDX.
+fn avail_index_overrun(tag: &str, subnet: u8, ring: Broken, event_idx: bool) {
+    use baton_tests::hostile::{cpu_share, timed_with_watchdog};
+    let (ns, _dir, mut tap, _name, tap_mac) = setup(tag, subnet, &[]);
+    let pid = tap.child.id();
+    let features = if event_idx {
+        f::ALL
+    } else {
+        f::ALL & !(1 << 29)
+    };
+    let o = NetOptions {
+        features,
+        ..NetOptions::default()
+    };
+    let mut d = NetDriver::connect(&tap.socket, o).unwrap();
+    assert_eq!(d.conn.features & (1 << 29) != 0, event_idx);
+    let index = match ring {
+        Broken::Rx => {
+            let q = &d.rx[0].q;
+            q.write_avail_idx_raw(q.avail_idx().wrapping_add(q.size() + 5))
+                .unwrap();
+            q.kick().unwrap();
+            0
+        }
+        Broken::Ctrl => {
+            let q = d.ctrl.as_ref().unwrap();
+            q.write_avail_idx_raw(q.avail_idx().wrapping_add(q.size() + 5))
+                .unwrap();
+            q.kick().unwrap();
+            q.index
+        }
+    };
+    // Frames arriving for the guest make the RX path look at its ring.
+    let addr = format!("10.213.{subnet}.2:9300");
+    ns.thread(move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..20 {
+            let _ = s.send_to(b"wake", addr.as_str());
+        }
+    })
+    .join()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let share = cpu_share(pid, Duration::from_secs(1));
+    assert!(
+        share < 0.3,
+        "baton-net-tap uses {:.0} % of a CPU on a broken {ring:?} ring\n{}",
+        share * 100.0,
+        tap.log_text()
+    );
+    // TX still works.
+    let sink = udp_sink(&ns, format!("10.213.{subnet}.1:6101"), 1);
+    let (h, fr) = udp_frame(
+        (DRIVER_MAC, tap_mac),
+        ([10, 213, subnet, 2], [10, 213, subnet, 1]),
+        (5000, 6101),
+        b"still-sending",
+        false,
+    );
+    d.tx[0].send(&h, &fr).unwrap();
+    d.tx[0].flush(T).unwrap();
+    assert_eq!(sink.join().unwrap(), vec![b"still-sending".to_vec()]);
+    let (base, took) =
+        timed_with_watchdog(pid, Duration::from_secs(5), || d.conn.stop_queue(index));
+    assert!(base.is_ok(), "GET_VRING_BASE failed: {base:?}");
+    assert!(
+        took < Duration::from_secs(1),
+        "GET_VRING_BASE took {took:?}"
+    );
+    drop(d);
+    // The next front-end is served, once the back-end has seen this one go.
+    assert!(tap.wait_log("front-end gone", T), "{}", tap.log_text());
+    let mut d = NetDriver::connect(&tap.socket, NetOptions::default())
+        .unwrap_or_else(|e| panic!("next front-end refused: {e}\n{}", tap.log_text()));
+    let addr = format!("10.213.{subnet}.2:9301");
+    ns.thread(move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.send_to(b"again", addr.as_str()).unwrap();
+    })
+    .join()
+    .unwrap();
+    let fr = d.rx[0]
+        .recv_matching(T, |fr| {
+            udp_payload(&fr.data).is_some_and(|(p, _)| p == 9301)
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", tap.log_text()));
+    assert_eq!(udp_payload(&fr.data).unwrap().1, b"again");
+    assert!(tap.alive());
+}
+
+#[test]
+fn net_driver_rx_avail_overrun_with_event_idx_does_not_livelock() {
+    skip_unless_net!("net_driver_rx_avail_overrun_with_event_idx_does_not_livelock");
+    avail_index_overrun("nh1", 91, Broken::Rx, true);
+}
+
+#[test]
+fn net_driver_rx_avail_overrun_without_event_idx_does_not_livelock() {
+    skip_unless_net!("net_driver_rx_avail_overrun_without_event_idx_does_not_livelock");
+    avail_index_overrun("nh2", 92, Broken::Rx, false);
+}
+
+#[test]
+fn net_driver_ctrl_avail_overrun_with_event_idx_does_not_livelock() {
+    skip_unless_net!("net_driver_ctrl_avail_overrun_with_event_idx_does_not_livelock");
+    avail_index_overrun("nh3", 93, Broken::Ctrl, true);
+}
+
+#[test]
+fn net_driver_ctrl_avail_overrun_without_event_idx_does_not_livelock() {
+    skip_unless_net!("net_driver_ctrl_avail_overrun_without_event_idx_does_not_livelock");
+    avail_index_overrun("nh4", 94, Broken::Ctrl, false);
+}

@@ -49,6 +49,11 @@ impl SharedMemory {
         self.size
     }
 
+    /// The memfd itself (hostile tests shrink it under the back-end).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     /// The memfd (sent with SET_MEM_TABLE).
     pub fn raw_fd(&self) -> i32 {
         self.file.as_raw_fd()

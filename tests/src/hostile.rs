@@ -57,3 +57,87 @@ pub fn timed_with_watchdog<T>(
     let _ = dog.join();
     (r, took)
 }
+
+/// What a front-end of another uid got from a back-end's socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Attempt {
+    /// connect() failed (e.g. EACCES: the socket's mode keeps the uid out).
+    NoConnect,
+    /// Connected, sent GET_FEATURES, and the back-end hung up without answering.
+    HungUp,
+    /// Got the answer to GET_FEATURES.
+    Served,
+    /// Something else went wrong in the child.
+    Other,
+}
+
+/// Connects to the vhost-user socket at `path` as `uid` (from a forked child that drops to
+/// that uid) and sends GET_FEATURES.
+pub fn vhost_user_attempt_as(uid: u32, path: &std::path::Path) -> Attempt {
+    use std::os::unix::ffi::OsStrExt;
+    let mut addr: libc::sockaddr_un = {
+        // SAFETY: sockaddr_un is plain data; all-zero is valid.
+        unsafe { std::mem::zeroed() }
+    };
+    addr.sun_family = libc::sa_family_t::try_from(libc::AF_UNIX).unwrap_or(1);
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Attempt::Other;
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = libc::c_char::from_ne_bytes([*s]);
+    }
+    // SAFETY: the child only makes async-signal-safe system calls and then _exit()s.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: plain system calls on values owned by this child; it never returns.
+        unsafe {
+            if libc::setgroups(0, std::ptr::null()) != 0
+                || libc::setresgid(uid, uid, uid) != 0
+                || libc::setresuid(uid, uid, uid) != 0
+            {
+                libc::_exit(3);
+            }
+            let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+            let len =
+                libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_un>()).unwrap_or(0);
+            if libc::connect(fd, (&raw const addr).cast(), len) != 0 {
+                libc::_exit(2);
+            }
+            let tv = libc::timeval {
+                tv_sec: 5,
+                tv_usec: 0,
+            };
+            let tv_len =
+                libc::socklen_t::try_from(std::mem::size_of::<libc::timeval>()).unwrap_or(0);
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const tv).cast(),
+                tv_len,
+            );
+            // GET_FEATURES, version 1, no body.
+            let msg: [u8; 12] = [1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
+            if libc::write(fd, msg.as_ptr().cast(), msg.len()) != 12 {
+                libc::_exit(1);
+            }
+            let mut buf = [0u8; 20];
+            let n = libc::read(fd, buf.as_mut_ptr().cast(), buf.len());
+            libc::_exit(match n {
+                20 => 0,
+                0 | -1 => 1,
+                _ => 3,
+            });
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child forked above.
+    unsafe { libc::waitpid(pid, &raw mut status, 0) };
+    match libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status)) {
+        Some(0) => Attempt::Served,
+        Some(1) => Attempt::HungUp,
+        Some(2) => Attempt::NoConnect,
+        _ => Attempt::Other,
+    }
+}

@@ -42,6 +42,10 @@ pub struct Args {
     /// I/O engine; io_uring falls back to sync when it cannot be set up.
     #[arg(long, value_enum, default_value_t = IoEngineKind::IoUring)]
     pub io_engine: IoEngineKind,
+    /// A uid allowed to connect as a front-end (repeatable; default: this service's own uid).
+    /// Every connection's SO_PEERCRED is checked; others are closed at once.
+    #[arg(long = "allow-uid", value_name = "UID")]
+    pub allow_uid: Vec<u32>,
     /// Test only: hold every batch this long between marking it inflight and executing it,
     /// so that tests can kill the back-end with requests in flight.
     #[arg(long, hide = true, default_value_t = 0)]

@@ -39,7 +39,12 @@ fn run() -> anyhow::Result<()> {
         "ready"
     );
     baton_service::notify_ready();
-    server::run(dev, listener, sig)?;
+    server::run(
+        dev,
+        listener,
+        sig,
+        &baton_service::PeerPolicy::new(&args.allow_uid),
+    )?;
     Ok(())
 }
 

@@ -18,6 +18,7 @@ use nix::sys::signalfd::SignalFd;
 use nix::sys::socket::{MsgFlags, recv};
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
+use baton_service::PeerPolicy;
 use baton_service::conn::MESSAGE_DEADLINE;
 
 use crate::device::Device;
@@ -54,7 +55,12 @@ fn readable(f: &PollFd<'_>) -> bool {
 }
 
 /// Serves front-ends one after the other until SIGTERM/SIGINT.
-pub fn run(dev: Arc<Device>, listener: UnixListener, sig: SignalFd) -> Result<(), ServerError> {
+pub fn run(
+    dev: Arc<Device>,
+    listener: UnixListener,
+    sig: SignalFd,
+    peers: &PeerPolicy,
+) -> Result<(), ServerError> {
     let mut generation = 0u64;
     loop {
         let mut fds = [
@@ -78,6 +84,10 @@ pub fn run(dev: Arc<Device>, listener: UnixListener, sig: SignalFd) -> Result<()
                 continue;
             }
         };
+        if let Err(e) = peers.admit(&stream) {
+            tracing::warn!("{e}");
+            continue;
+        }
         generation += 1;
         let span = tracing::info_span!("frontend", n = generation);
         let _e = span.enter();

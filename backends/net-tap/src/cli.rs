@@ -27,6 +27,10 @@ pub struct Args {
     /// MTU offered to the guest.
     #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u16).range(68..=65521))]
     pub mtu: u16,
+    /// A uid allowed to connect as a front-end (repeatable; default: this service's own uid).
+    /// Every connection's SO_PEERCRED is checked; others are closed at once.
+    #[arg(long = "allow-uid", value_name = "UID")]
+    pub allow_uid: Vec<u32>,
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`, refusing multicast and all-zero addresses.

@@ -41,7 +41,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     dev.spawn_workers().context("starting the workers")?;
     tracing::info!(tap = %name, queues = pairs, "serving");
     baton_service::notify_ready();
-    server::serve(dev, listener)?;
+    server::serve(
+        dev,
+        listener,
+        baton_service::PeerPolicy::new(&args.allow_uid),
+    )?;
     Ok(())
 }
 

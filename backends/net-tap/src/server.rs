@@ -1,6 +1,7 @@
 //! Accepting front-ends: one at a time, in a loop, on the same socket (bound from `--socket` or
 //! inherited through systemd socket activation), plus readiness notification and SIGTERM.
 
+use baton_service::PeerPolicy;
 use baton_service::conn::MESSAGE_DEADLINE;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -59,7 +60,7 @@ pub fn handle_signals(dev: Arc<Device>, socket: Option<PathBuf>) -> io::Result<(
 
 /// Accepts front-ends forever, one at a time; a second one while one is connected is closed
 /// at once without touching the first.
-pub fn serve(dev: Arc<Device>, listener: UnixListener) -> io::Result<()> {
+pub fn serve(dev: Arc<Device>, listener: UnixListener, peers: PeerPolicy) -> io::Result<()> {
     let busy = Arc::new(AtomicBool::new(false));
     loop {
         let stream = match listener.accept() {
@@ -79,6 +80,10 @@ pub fn serve(dev: Arc<Device>, listener: UnixListener) -> io::Result<()> {
                 continue;
             }
         };
+        if let Err(e) = peers.admit(&stream) {
+            tracing::warn!("{e}");
+            continue;
+        }
         if busy.swap(true, Ordering::AcqRel) {
             tracing::warn!("refusing a second front-end while one is connected");
             drop(stream);

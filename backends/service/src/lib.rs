@@ -94,12 +94,93 @@ pub fn listener(path: Option<&Path>) -> Result<(UnixListener, bool), ListenError
         // A stale socket left by a previous instance.
         let _ = std::fs::remove_file(path);
     }
-    UnixListener::bind(path)
+    // The socket file is created 0600 whatever the caller's umask: bind under a umask of 0177.
+    // The umask is process-wide; this runs before any thread exists (see above).
+    // SAFETY: umask has no memory-safety preconditions.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    bound
         .map(|l| (l, true))
         .map_err(|source| ListenError::Bind {
             path: path.into(),
             source,
         })
+}
+
+/// Which local users may be a front-end: SO_PEERCRED of every accepted connection against an
+/// allowlist of uids (by default only the service's own uid). A peer outside it is closed
+/// before it can send a message.
+#[derive(Debug, Clone)]
+pub struct PeerPolicy {
+    allowed: Vec<u32>,
+}
+
+/// A connection from a peer the policy refuses.
+#[derive(Debug, thiserror::Error)]
+pub enum PeerRefused {
+    /// SO_PEERCRED failed.
+    #[error("cannot read the peer's credentials: {0}")]
+    Creds(#[source] std::io::Error),
+    /// The peer's uid is not allowed.
+    #[error(
+        "refusing a front-end of uid {uid} (pid {pid}): allowed uids are {allowed:?} (--allow-uid)"
+    )]
+    Uid {
+        /// Peer uid.
+        uid: u32,
+        /// Peer pid.
+        pid: i32,
+        /// The allowlist.
+        allowed: Vec<u32>,
+    },
+}
+
+impl PeerPolicy {
+    /// Allows `uids`, or only our own uid when empty.
+    pub fn new(uids: &[u32]) -> Self {
+        let allowed = if uids.is_empty() {
+            // SAFETY: getuid has no preconditions.
+            vec![unsafe { libc::getuid() }]
+        } else {
+            uids.to_vec()
+        };
+        Self { allowed }
+    }
+
+    /// Checks an accepted connection's peer.
+    pub fn admit(&self, stream: &std::os::unix::net::UnixStream) -> Result<(), PeerRefused> {
+        let mut cred = libc::ucred {
+            pid: 0,
+            uid: 0,
+            gid: 0,
+        };
+        let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>())
+            .unwrap_or(libc::socklen_t::MAX);
+        // SAFETY: SO_PEERCRED writes at most `len` bytes into `cred`, which we own.
+        let r = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&raw mut cred).cast(),
+                &raw mut len,
+            )
+        };
+        if r != 0 {
+            return Err(PeerRefused::Creds(std::io::Error::last_os_error()));
+        }
+        if self.allowed.contains(&cred.uid) {
+            Ok(())
+        } else {
+            Err(PeerRefused::Uid {
+                uid: cred.uid,
+                pid: cred.pid,
+                allowed: self.allowed.clone(),
+            })
+        }
+    }
 }
 
 /// Sends `READY=1` to `$NOTIFY_SOCKET` if set (a path, or an abstract name after '@').
@@ -136,6 +217,9 @@ mod tests {
         drop(l);
         // The file stays behind, stale: a new instance replaces it.
         assert!(listener(Some(&sock)).is_ok());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "socket mode {mode:o}");
         let file = dir.join("plain");
         std::fs::write(&file, b"x").unwrap();
         assert!(matches!(
@@ -167,5 +251,16 @@ mod tests {
         let n = rx.recv(&mut buf).unwrap();
         assert_eq!(&buf[..n], b"READY=1");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn peers_are_checked_against_the_allowlist() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        // SAFETY: getuid has no preconditions.
+        let me = unsafe { libc::getuid() };
+        assert!(PeerPolicy::new(&[]).admit(&a).is_ok());
+        assert!(PeerPolicy::new(&[me]).admit(&a).is_ok());
+        let e = PeerPolicy::new(&[me + 1]).admit(&a).unwrap_err();
+        assert!(e.to_string().contains(&format!("uid {me}")), "{e}");
     }
 }

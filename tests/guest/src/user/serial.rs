@@ -80,7 +80,7 @@ impl Serial {
     }
 }
 
-/// Prints a formatted line under the serial lock (used by [`println!`]).
+/// Prints a formatted line under the serial lock (used by [`println!`](crate::println)).
 pub fn print_line(args: fmt::Arguments) {
     Serial::lock().line(args);
 }

@@ -42,6 +42,17 @@ pub fn guest() -> PathBuf {
         })
 }
 
+/// Where baton-vmm puts the RAM file of VM `name` by default: `/dev/shm/baton-UID/NAME.ram`
+/// (UID: ours; the VMMs the tests start run as us).
+pub fn default_ram_file(name: &str) -> PathBuf {
+    default_ram_dir().join(format!("{name}.ram"))
+}
+
+/// The per-user directory of default RAM files, `/dev/shm/baton-UID`.
+pub fn default_ram_dir() -> PathBuf {
+    PathBuf::from(format!("/dev/shm/baton-{}", nix::unistd::geteuid()))
+}
+
 /// Whether /dev/kvm can be opened; tests that need it print why they skip otherwise.
 pub fn kvm_available() -> bool {
     std::fs::OpenOptions::new()

@@ -6,6 +6,7 @@ pub mod boot;
 pub mod harness;
 pub mod hostile;
 pub mod linux_guest;
+pub mod local_users;
 pub mod netns;
 pub mod services;
 pub mod udp;

@@ -40,7 +40,7 @@ fn unique(tag: &str) -> String {
 }
 
 fn ram_file(name: &str) -> PathBuf {
-    PathBuf::from(format!("/dev/shm/baton-{name}.ram"))
+    baton_tests::harness::default_ram_file(name)
 }
 
 /// baton-vmm booting the test guest with `cmdline`, serial on stdout, named `name`.

@@ -12,7 +12,9 @@ use std::time::Duration;
 
 use baton_tests::boot::baton_cmd;
 use baton_tests::boot::percentile;
-use baton_tests::harness::{Proc, TempDir, bin, can_run, result_json, run_to_end, wait_until};
+use baton_tests::harness::{
+    Proc, TempDir, bin, can_run, default_ram_file, result_json, run_to_end, wait_until,
+};
 use baton_tests::netns::{self, Netns};
 use baton_tests::services::{
     Vmm, start_blk as start_blk_service, start_net_tap, verify_blk_cont_image,
@@ -136,7 +138,7 @@ fn swap_under_ticks(mem: &str, swaps: usize) -> Vec<f64> {
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(cur.proc.wait_exit(T), Some(0));
     assert!(
-        !Path::new(&format!("/dev/shm/baton-{name}.ram")).exists(),
+        !default_ram_file(&name).exists(),
         "the last VMM removes the RAM file"
     );
     blackouts

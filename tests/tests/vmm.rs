@@ -2,20 +2,16 @@
 #![allow(clippy::unwrap_used)]
 
 use std::os::unix::net::UnixListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use baton_tests::boot::baton_cmd;
 use baton_tests::harness::{
-    Proc, TempDir, bin, can_run, guest, kvm_available, result_json, run_to_end,
+    Proc, TempDir, bin, can_run, default_ram_file, guest, kvm_available, result_json, run_to_end,
 };
 
 const BOOT: Duration = Duration::from_secs(30);
-
-fn ram_file(name: &str) -> PathBuf {
-    PathBuf::from(format!("/dev/shm/baton-{name}.ram"))
-}
 
 fn vmm(name: &str, cpus: u32, cmdline: &str) -> Command {
     let mut c = baton_cmd(cpus, "128M", cmdline);
@@ -33,7 +29,7 @@ fn boot_and_pass(cpus: u32, test: &str) -> serde_json::Value {
     let ready = p.wait_line(BOOT, |l| l.contains("ready"));
     assert!(ready.is_some(), "no ready line:\n{}", p.transcript());
     assert!(
-        ram_file(&name).exists(),
+        default_ram_file(&name).exists(),
         "guest RAM is a file under /dev/shm while the VM runs"
     );
     let code = p.wait_exit(BOOT);
@@ -43,7 +39,10 @@ fn boot_and_pass(cpus: u32, test: &str) -> serde_json::Value {
         "baton-vmm exits 0 on guest power-off:\n{}",
         p.transcript()
     );
-    assert!(!ram_file(&name).exists(), "RAM file removed at exit");
+    assert!(
+        !default_ram_file(&name).exists(),
+        "RAM file removed at exit"
+    );
     let r = result_json(&p.seen).unwrap_or_else(|| panic!("no result line:\n{}", p.transcript()));
     assert_eq!(r["result"], "pass", "{r}");
     r
@@ -94,7 +93,10 @@ fn api_pause_resume_info_shutdown() {
     assert_eq!(info["state"], "running");
     assert_eq!(info["cpus"], 2);
     assert_eq!(info["memory_bytes"], 128 << 20);
-    assert_eq!(info["memory_path"], ram_file(&name).display().to_string());
+    assert_eq!(
+        info["memory_path"],
+        default_ram_file(&name).display().to_string()
+    );
 
     // curl works on the same socket, as the README promises.
     if let Ok(f) = run_to_end(
@@ -128,7 +130,7 @@ fn api_pause_resume_info_shutdown() {
     assert_eq!(api(&sock, "shutdown").0, Some(0));
     assert_eq!(p.wait_exit(BOOT), Some(0));
     assert!(!sock.exists(), "API socket removed at exit");
-    assert!(!ram_file(&name).exists());
+    assert!(!default_ram_file(&name).exists());
 }
 
 #[test]
@@ -188,7 +190,7 @@ fn refused(mut cmd: Command, name: &str, needles: &[&str]) {
         );
     }
     assert!(
-        !ram_file(name).exists(),
+        !default_ram_file(name).exists(),
         "a refused start leaves no RAM file"
     );
 }

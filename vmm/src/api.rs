@@ -1,56 +1,52 @@
-//! The HTTP API on a UNIX socket: `vm.info`, `vm.pause`, `vm.resume`, `vm.shutdown`.
+//! The HTTP API on a UNIX socket: `vm.info`, `vm.pause`, `vm.resume`, `vm.shutdown`,
+//! `vm.live-update`.
 //!
-//! tiny_http serves HTTP/1.1 on a listener we bind ourselves (so that an address in use is
-//! reported before the VM is built).
+//! The socket is bound before the VM is built (so that an address in use is reported before
+//! anything is created), mode 0600, and only peers of the [`AllowList`] get through (see
+//! [`crate::access`]); requests are served one at a time on a thread of their own
+//! ([`crate::http`]).
 
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use baton_protocol::api::{API_PREFIX, ApiError, LiveUpdateRequest};
-use std::io::Read as _;
-use tiny_http::{Header, Method, Response, Server};
 
+use crate::access::{self, AllowList, BindError};
+use crate::http;
 use crate::vm::Vm;
 
 /// Errors starting the API server.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiServerError {
-    /// Another process serves on the path.
-    #[error("API socket {0} is already in use by another process")]
-    InUse(PathBuf),
-    /// The path exists and is not a socket.
-    #[error("API socket path {0} exists and is not a socket")]
-    NotSocket(PathBuf),
-    /// bind() failed.
-    #[error("cannot bind API socket {0}: {1}")]
-    Bind(PathBuf, #[source] std::io::Error),
+    /// The socket could not be bound (in use, not a socket, ...).
+    #[error("API socket: {0}")]
+    Bind(#[from] BindError),
+    /// The server thread could not be started.
+    #[error("cannot start the API thread for {0}: {1}")]
+    Thread(PathBuf, #[source] std::io::Error),
 }
+
+/// How long a client may take to send its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A bound API socket, removed when dropped.
 pub struct ApiSocket {
     listener: Option<UnixListener>,
     path: PathBuf,
+    allow: AllowList,
 }
 
 impl ApiSocket {
-    /// Binds `path`. A stale socket file (nobody listening) is replaced; a live one is refused.
-    pub fn bind(path: &Path) -> Result<Self, ApiServerError> {
-        use std::os::unix::fs::FileTypeExt;
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            if !meta.file_type().is_socket() {
-                return Err(ApiServerError::NotSocket(path.into()));
-            }
-            if UnixStream::connect(path).is_ok() {
-                return Err(ApiServerError::InUse(path.into()));
-            }
-            let _ = std::fs::remove_file(path);
-        }
-        let listener =
-            UnixListener::bind(path).map_err(|e| ApiServerError::Bind(path.into(), e))?;
+    /// Binds `path` (mode 0600, reachable by `allow`). A stale socket file (nobody listening)
+    /// is replaced; a live one, or anything that is not a socket, is refused.
+    pub fn bind(path: &Path, allow: &AllowList) -> Result<Self, ApiServerError> {
+        let listener = access::bind_private(path, allow)?;
         Ok(ApiSocket {
             listener: Some(listener),
             path: path.into(),
+            allow: allow.clone(),
         })
     }
 
@@ -59,32 +55,48 @@ impl ApiSocket {
         let Some(listener) = self.listener.take() else {
             return Ok(());
         };
-        let server = Server::from_listener(listener, None)
-            .map_err(|e| ApiServerError::Bind(self.path.clone(), std::io::Error::other(e)))?;
+        let (path, allow) = (self.path.clone(), self.allow.clone());
         std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || {
-                for mut req in server.incoming_requests() {
-                    let mut body_in = String::new();
-                    let _ =
-                        std::io::Read::take(req.as_reader(), MAX_BODY).read_to_string(&mut body_in);
-                    let (status, body, then) = handle(&vm, req.method(), req.url(), &body_in);
-                    let mut resp = Response::from_string(body).with_status_code(status);
-                    if let Ok(h) = Header::from_bytes("Content-Type", "application/json") {
-                        resp.add_header(h);
-                    }
-                    let _ = req.respond(resp);
-                    // Only now: either one ends the process, and the answer must reach the
-                    // client first.
-                    match then {
-                        Then::Nothing => {}
-                        Then::Shutdown => vm.shutdown(),
-                        Then::Moved => vm.finish_live_update(),
-                    }
-                }
-            })
-            .map_err(|e| ApiServerError::Bind(self.path.clone(), e))?;
+            .spawn(move || serve(&listener, &allow, &path, &vm))
+            .map_err(|e| ApiServerError::Thread(self.path.clone(), e))?;
         Ok(())
+    }
+}
+
+/// The API thread: one request per connection, from allowed peers only.
+fn serve(listener: &UnixListener, allow: &AllowList, path: &Path, vm: &Arc<Vm>) {
+    loop {
+        let mut conn = match access::accept(listener, allow, path) {
+            Ok((conn, _peer)) => conn,
+            Err(e) => {
+                // EMFILE and the like: wait for a descriptor to come free.
+                tracing::warn!("API socket {}: accept: {e}", path.display());
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let _ = conn.set_read_timeout(Some(REQUEST_TIMEOUT));
+        let _ = conn.set_write_timeout(Some(REQUEST_TIMEOUT));
+        let req = match http::read_request(&mut conn) {
+            Ok(r) => r,
+            Err(e) => {
+                if let Some(status) = e.status() {
+                    let (status, body) = error(status, e.to_string());
+                    let _ = http::write_response(&mut conn, status, &body);
+                }
+                continue;
+            }
+        };
+        let (status, body, then) = handle(vm, &req.method, &req.path, &req.body);
+        let _ = http::write_response(&mut conn, status, &body);
+        // Closed before either of these ends the process: the client sees the whole answer.
+        drop(conn);
+        match then {
+            Then::Nothing => {}
+            Then::Shutdown => vm.shutdown(),
+            Then::Moved => vm.finish_live_update(),
+        }
     }
 }
 
@@ -99,9 +111,6 @@ fn error(status: u16, msg: impl Into<String>) -> (u16, String) {
     (status, body)
 }
 
-/// Largest request body read.
-const MAX_BODY: u64 = 64 << 10;
-
 /// What to do once the answer is sent.
 enum Then {
     Nothing,
@@ -112,7 +121,7 @@ enum Then {
 }
 
 /// Routes one request; returns (status, JSON body, what to do after answering).
-fn handle(vm: &Arc<Vm>, method: &Method, url: &str, body: &str) -> (u16, String, Then) {
+fn handle(vm: &Arc<Vm>, method: &str, url: &str, body: &str) -> (u16, String, Then) {
     let (status, body) = route(vm, method, url, body);
     let then = match (status, url.rsplit('/').next()) {
         (204, Some("vm.shutdown")) => Then::Shutdown,
@@ -122,7 +131,7 @@ fn handle(vm: &Arc<Vm>, method: &Method, url: &str, body: &str) -> (u16, String,
     (status, body, then)
 }
 
-fn route(vm: &Arc<Vm>, method: &Method, url: &str, body: &str) -> (u16, String) {
+fn route(vm: &Arc<Vm>, method: &str, url: &str, body: &str) -> (u16, String) {
     let Some(endpoint) = url
         .strip_prefix(API_PREFIX)
         .and_then(|r| r.strip_prefix('/'))
@@ -133,20 +142,20 @@ fn route(vm: &Arc<Vm>, method: &Method, url: &str, body: &str) -> (u16, String) 
         );
     };
     match (method, endpoint) {
-        (Method::Get, "vm.info") => (200, serde_json::to_string(&vm.info()).unwrap_or_default()),
-        (Method::Put, "vm.pause") => {
+        ("GET", "vm.info") => (200, serde_json::to_string(&vm.info()).unwrap_or_default()),
+        ("PUT", "vm.pause") => {
             if vm.pause() {
                 (204, String::new())
             } else {
                 error(500, "vCPUs did not stop")
             }
         }
-        (Method::Put, "vm.resume") => {
+        ("PUT", "vm.resume") => {
             vm.resume();
             (204, String::new())
         }
-        (Method::Put, "vm.shutdown") => (204, String::new()),
-        (Method::Put, "vm.live-update") => {
+        ("PUT", "vm.shutdown") => (204, String::new()),
+        ("PUT", "vm.live-update") => {
             let req: LiveUpdateRequest = match serde_json::from_str(body) {
                 Ok(r) => r,
                 Err(e) => {

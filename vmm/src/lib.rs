@@ -4,8 +4,11 @@
 //! Module map: [`config`] parses options, [`memory`] maps RAM, [`boot`] loads a PVH kernel,
 //! [`acpi`] writes the firmware tables, [`cpuid`] and [`vcpu`] set up and run vCPUs,
 //! [`devices`] emulates the serial console and ACPI registers, [`control`] coordinates
-//! pause/resume/exit, [`vm`] ties them together, and [`api`] serves the HTTP API.
+//! pause/resume/exit, [`vm`] ties them together, and [`api`] serves the HTTP API
+//! ([`http`]). [`access`] decides who may use the VMM's sockets; [`ram_file`] creates or
+//! opens the guest RAM file so that no other user can reach it.
 
+pub mod access;
 pub mod acpi;
 pub mod api;
 pub mod boot;
@@ -13,11 +16,13 @@ pub mod config;
 pub mod control;
 pub mod cpuid;
 pub mod devices;
+pub mod http;
 pub mod interrupts;
 pub mod layout;
 pub mod memory;
 pub mod migration;
 pub mod pci;
+pub mod ram_file;
 pub mod reconnect;
 pub mod snapshot;
 pub mod vcpu;

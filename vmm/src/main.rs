@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use baton_vmm::access::AllowList;
 use baton_vmm::api::ApiSocket;
 use baton_vmm::config::{MemoryConfig, SerialConfig, parse_device};
 use baton_vmm::control::ExitReason;
@@ -37,9 +38,14 @@ struct Args {
     /// Serial console: stdio, file=PATH or off.
     #[arg(long)]
     serial: Option<SerialConfig>,
-    /// HTTP API socket path.
+    /// HTTP API socket path. Created mode 0600; only --allow-uid peers get through.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// Also let processes of this uid use the API socket and the --incoming sockets
+    /// (checked with SO_PEERCRED on every connection; the socket files get an ACL entry for
+    /// it). Repeatable. The VMM's own uid is always allowed; root only if listed.
+    #[arg(long = "allow-uid", value_name = "UID")]
+    allow_uid: Vec<u32>,
     /// A vhost-user block device: socket=PATH[,queues=N,queue_size=N,reconnect_ms=N].
     /// Repeatable. A back-end that goes away is reconnected forever unless reconnect_ms says
     /// how long to try.
@@ -49,7 +55,7 @@ struct Args {
     /// reconnect_ms=N]. Repeatable.
     #[arg(long)]
     net: Vec<String>,
-    /// VM name (names the default RAM file /dev/shm/baton-NAME.ram).
+    /// VM name (names the default RAM file /dev/shm/baton-UID/NAME.ram).
     #[arg(long)]
     name: Option<String>,
 }
@@ -108,18 +114,19 @@ fn run(args: Args) -> anyhow::Result<ExitReason> {
     // SIGTERM/SIGINT/SIGHUP are taken by a thread of their own (blocked everywhere else), so
     // that they shut the VM down cleanly and the RAM file and API socket are removed.
     let signals = block_exit_signals()?;
+    let allow = AllowList::new(&args.allow_uid);
     // Bind the API socket first: an address in use must leave nothing behind.
     let mut api = args
         .api_socket
         .as_deref()
-        .map(ApiSocket::bind)
+        .map(|p| ApiSocket::bind(p, &allow))
         .transpose()?;
     let name = args
         .name
         .unwrap_or_else(|| format!("pid{}", std::process::id()));
     let vm = match (&args.incoming, args.kernel) {
         (Some(path), _) => {
-            let incoming = Incoming::bind(path)?;
+            let incoming = Incoming::bind(path, &allow)?;
             eprintln!("baton-vmm: waiting for a VM on {}", path.display());
             incoming.accept(args.serial)?
         }

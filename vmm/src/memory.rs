@@ -1,19 +1,22 @@
 //! Guest RAM: a MAP_SHARED mapping of a file that a second VMM process (live update) and the
 //! vhost-user back-ends can map by path.
 
-use std::fs::{File, OpenOptions};
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::fs::File;
+use std::path::PathBuf;
 
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use crate::config::MemoryConfig;
 use crate::layout;
+use crate::ram_file::{self, RamFileError};
 
 /// Errors setting up guest RAM.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
-    /// The backing file could not be created or opened.
+    /// The backing file could not be created or opened safely.
+    #[error(transparent)]
+    File(#[from] RamFileError),
+    /// The backing file could not be duplicated for a mapping.
     #[error("cannot open guest RAM file {path}: {source}")]
     Open {
         /// The file.
@@ -70,29 +73,20 @@ pub struct GuestRam {
 }
 
 impl GuestRam {
-    /// Creates (or opens, when `path=` names an existing file) and maps guest RAM.
+    /// Creates (or opens, when `path=` names an existing file of ours) and maps guest RAM.
+    /// See [`crate::ram_file`] for what is refused.
     pub fn new(cfg: &MemoryConfig, vm_name: &str) -> Result<Self, MemoryError> {
-        let path = cfg
-            .path
-            .clone()
-            .unwrap_or_else(|| default_path(vm_name, cfg.hugepages));
-        let existed = path.exists();
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(!existed)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|source| MemoryError::Open {
-                path: path.clone(),
-                source,
-            })?;
+        let ram_file::RamFile {
+            file,
+            path,
+            created,
+        } = ram_file::open(cfg.path.as_deref(), vm_name, cfg.hugepages)?;
         // From here on the guard removes a file we created if anything fails.
         let mut ram = GuestRam {
             mem: GuestMemoryMmap::default(),
             path,
             size: cfg.size,
-            owned: std::sync::atomic::AtomicBool::new(!existed),
+            owned: std::sync::atomic::AtomicBool::new(created),
         };
         ram.check_room(&file, cfg)?;
         let current = file
@@ -203,16 +197,6 @@ fn region_at(region: MmapRegion, gpa: u64) -> Result<GuestRegionMmap, MemoryErro
     ))
 }
 
-/// The path a VM's RAM file gets by default.
-pub fn default_path(vm_name: &str, hugepages: bool) -> PathBuf {
-    let dir = if hugepages {
-        "/dev/hugepages"
-    } else {
-        "/dev/shm"
-    };
-    Path::new(dir).join(format!("baton-{vm_name}.ram"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,7 +217,7 @@ mod tests {
             .write_obj(0xdead_beef_u32, GuestAddress(0x1000))
             .unwrap();
         // A second mapping of the same path (as a second VMM would do) sees the write.
-        let file = OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .open(&path)

@@ -39,6 +39,7 @@ use convert::{
     config_state, device_states, inflight_name, restore_kvm, save_kvm, serial_state, vm_config,
 };
 
+use crate::access::{self, AllowList};
 use crate::config::SerialConfig;
 use crate::snapshot;
 use crate::vhost_user::RingBase;
@@ -98,6 +99,9 @@ pub enum LiveUpdateError {
     /// A socket operation failed.
     #[error("{0}: {1}")]
     Io(&'static str, #[source] std::io::Error),
+    /// An incoming socket could not be bound.
+    #[error("incoming socket: {0}")]
+    Bind(#[from] access::BindError),
     /// The peer is not who it must be, or the cpr channel failed.
     #[error("cpr channel: {0}")]
     Cpr(#[from] cpr::CprError),
@@ -401,39 +405,51 @@ pub struct Incoming {
     state: UnixListener,
     cpr: UnixListener,
     paths: [PathBuf; 2],
+    allow: AllowList,
 }
 
 impl Incoming {
-    /// Binds `path` (state stream) and `path.cpr` (cpr channel).
-    pub fn bind(path: &Path) -> Result<Self, LiveUpdateError> {
+    /// Binds `path` (state stream) and `path.cpr` (cpr channel), mode 0600, for the peers
+    /// `allow` lets in (see [`crate::access`]). Only a stale socket at either path is
+    /// replaced; anything else there is refused and left alone.
+    pub fn bind(path: &Path, allow: &AllowList) -> Result<Self, LiveUpdateError> {
         let cpr_p = cpr_path(path);
-        for p in [path, cpr_p.as_path()] {
-            if UnixStream::connect(p).is_ok() {
-                return Err(LiveUpdateError::Io(
-                    "binding the incoming socket",
-                    std::io::Error::new(
-                        std::io::ErrorKind::AddrInUse,
-                        format!("{} is in use", p.display()),
-                    ),
-                ));
-            }
-            let _ = std::fs::remove_file(p);
-        }
         // The cpr socket first: the state socket appearing means both are ready.
-        let cpr = UnixListener::bind(&cpr_p).map_err(io("binding the cpr socket"))?;
+        let cpr = access::bind_private(&cpr_p, allow)?;
+        let state = match access::bind_private(path, allow) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = std::fs::remove_file(&cpr_p);
+                return Err(e.into());
+            }
+        };
         Ok(Incoming {
-            state: UnixListener::bind(path).map_err(io("binding the incoming socket"))?,
+            state,
             cpr,
             paths: [path.to_path_buf(), cpr_p],
+            allow: allow.clone(),
         })
     }
 
     /// Waits for the old VMM, takes the VM over and resumes it here.
     pub fn accept(&self, serial: Option<SerialConfig>) -> Result<Arc<Vm>, LiveUpdateError> {
-        let (mut s, _) = self.state.accept().map_err(io("accept"))?;
-        cpr::check_peer(&s)?;
-        let (cprs, _) = self.cpr.accept().map_err(io("accept (cpr)"))?;
-        cpr::check_peer(&cprs)?;
+        let [state_p, cpr_p] = &self.paths;
+        let (mut s, peer) =
+            access::accept(&self.state, &self.allow, state_p).map_err(io("accept"))?;
+        // The cpr channel must come from the same process as the state stream.
+        let cprs = loop {
+            let (c, p) =
+                access::accept(&self.cpr, &self.allow, cpr_p).map_err(io("accept (cpr)"))?;
+            if p.pid == peer.pid {
+                break c;
+            }
+            tracing::warn!(
+                "closed a connection on {} from pid {}: the state stream comes from pid {}",
+                cpr_p.display(),
+                p.pid,
+                peer.pid
+            );
+        };
         s.set_read_timeout(Some(STEP_TIMEOUT))
             .map_err(io("socket timeout"))?;
         handshake::exchange_hello(&mut s, &our_hello(Role::Incoming))?;

@@ -53,6 +53,39 @@ pub fn default_ram_dir() -> PathBuf {
     PathBuf::from(format!("/dev/shm/baton-{}", nix::unistd::geteuid()))
 }
 
+/// A test cannot run here (`kind`: `kvm`, `root`, `net`, `qemu`, `systemd`, `odirect`, …; `why`:
+/// what is missing). That is a failure — this panics — unless `BATON_ALLOW_SKIP` lists the kind
+/// (comma-separated, or `all`), as a developer may allow on a laptop; CI allows none. An allowed
+/// skip prints `SKIP <test>: <why>` and is appended to `$BATON_SKIP_LOG` (if set), which
+/// `./test.sh` counts. Returns `why`, for callers that print it and return.
+pub fn cannot_run(kind: &str, why: &str) -> String {
+    let test = std::thread::current()
+        .name()
+        .filter(|n| *n != "main")
+        .map_or_else(|| "a test".to_string(), str::to_string);
+    let allowed = std::env::var("BATON_ALLOW_SKIP").unwrap_or_default();
+    let ok = allowed
+        .split(',')
+        .map(str::trim)
+        .any(|k| k == kind || k == "all");
+    assert!(
+        ok,
+        "{test} cannot run here: {why} (a {kind} prerequisite; set BATON_ALLOW_SKIP={kind} to skip it instead)"
+    );
+    eprintln!("SKIP {test}: {why}");
+    if let Some(log) = std::env::var_os("BATON_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        {
+            let _ = writeln!(f, "{test}\t{kind}\t{why}");
+        }
+    }
+    why.to_string()
+}
+
 /// Whether /dev/kvm can be opened; tests that need it print why they skip otherwise.
 pub fn kvm_available() -> bool {
     std::fs::OpenOptions::new()
@@ -66,7 +99,7 @@ pub fn kvm_available() -> bool {
 /// /dev/kvm is not usable; a missing guest image is a failure (./test.sh builds it).
 pub fn can_run(test: &str) -> bool {
     if !kvm_available() {
-        eprintln!("SKIP {test}: /dev/kvm is not accessible");
+        cannot_run("kvm", &format!("{test}: /dev/kvm is not accessible"));
         return false;
     }
     assert!(
@@ -281,4 +314,17 @@ pub fn run_to_end(mut cmd: Command, timeout: Duration) -> std::io::Result<Finish
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     })
+}
+
+#[cfg(test)]
+mod skip_tests {
+    #[test]
+    fn a_test_that_cannot_run_fails_unless_its_kind_is_allowed() {
+        // This library's tests never set BATON_ALLOW_SKIP; ./test.sh under CI refuses it.
+        if std::env::var_os("BATON_ALLOW_SKIP").is_some() {
+            return;
+        }
+        let r = std::panic::catch_unwind(|| super::cannot_run("qemu", "qemu is missing"));
+        assert!(r.is_err(), "a missing prerequisite passed as a skip");
+    }
 }

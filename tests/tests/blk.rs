@@ -46,9 +46,9 @@ fn every_request_type_with_o_direct() {
         .is_ok();
     let _ = std::fs::remove_file(&probe);
     if !ok {
-        eprintln!(
-            "SKIP every_request_type_with_o_direct: O_DIRECT unsupported on {}",
-            harness_dir().display()
+        baton_tests::harness::cannot_run(
+            "odirect",
+            &format!("O_DIRECT unsupported on {}", harness_dir().display()),
         );
         return;
     }

@@ -30,7 +30,10 @@ const MIB: u64 = 1 << 20;
 /// Why the QEMU tests cannot run here, if they cannot.
 fn skip(test: &str) -> bool {
     if !try_sh("command -v qemu-system-x86_64").0 {
-        eprintln!("SKIP {test}: qemu-system-x86_64 is not installed");
+        baton_tests::harness::cannot_run(
+            "qemu",
+            &format!("{test}: qemu-system-x86_64 is not installed"),
+        );
         return true;
     }
     assert!(

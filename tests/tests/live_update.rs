@@ -194,7 +194,7 @@ fn start_blk(dir: &TempDir, size_mib: u64) -> (Proc, PathBuf, PathBuf) {
 fn swaps_under_io(mem: &str, subnet: u8) {
     let _one_at_a_time = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(why) = netns::unavailable() {
-        eprintln!("SKIP swaps_under_io {mem}: {why}");
+        baton_tests::harness::cannot_run("root", &format!("swaps_under_io {mem}: {why}"));
         return;
     }
     let dir = TempDir::new("lu-io");

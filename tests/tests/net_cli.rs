@@ -121,9 +121,7 @@ fn net_cli_tap_name_taken_by_a_non_tap_device() {
         .into_iter()
         .find(|k| ns.try_exec(&format!("ip link add {name} type {k}")).0);
     let Some(kind) = kind else {
-        eprintln!(
-            "skipping net_cli_tap_name_taken_by_a_non_tap_device: no dummy/veth/bridge link type"
-        );
+        baton_tests::harness::cannot_run("net", "no dummy/veth/bridge link type");
         return;
     };
     let (code, err) = run_in(
@@ -154,7 +152,7 @@ fn net_cli_tap_name_taken_by_a_non_tap_device() {
 fn net_cli_no_permission_to_create_a_tap() {
     skip_unless_net!("net_cli_no_permission_to_create_a_tap");
     if !try_sh("command -v setpriv").0 {
-        eprintln!("skipping net_cli_no_permission_to_create_a_tap: setpriv is not installed");
+        baton_tests::harness::cannot_run("root", "setpriv is not installed");
         return;
     }
     let ns = Netns::new("nc3");
@@ -167,9 +165,9 @@ fn net_cli_no_permission_to_create_a_tap() {
     ))
     .0
     {
-        eprintln!(
-            "skipping net_cli_no_permission_to_create_a_tap: nobody cannot execute {}",
-            bin.display()
+        baton_tests::harness::cannot_run(
+            "root",
+            &format!("nobody cannot execute {}", bin.display()),
         );
         return;
     }

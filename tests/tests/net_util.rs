@@ -84,16 +84,21 @@ pub fn sh(cmd: &str) -> String {
 }
 
 /// Why a test that needs root networking cannot run, if it cannot.
+/// (A failure unless `BATON_ALLOW_SKIP` allows it: see `harness::cannot_run`.)
 pub fn net_skip_reason() -> Option<String> {
+    use baton_tests::harness::cannot_run;
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        return Some("needs root (network namespaces, TAP devices)".into());
+        return Some(cannot_run(
+            "root",
+            "needs root (network namespaces, TAP devices)",
+        ));
     }
     if !Path::new("/dev/net/tun").exists() {
-        return Some("/dev/net/tun is missing".into());
+        return Some(cannot_run("net", "/dev/net/tun is missing"));
     }
     if !try_sh("ip netns list").0 {
-        return Some("`ip netns` does not work here".into());
+        return Some(cannot_run("net", "`ip netns` does not work here"));
     }
     None
 }
@@ -215,7 +220,10 @@ pub fn qemu_skip_reason() -> Option<String> {
         return Some(r);
     }
     if !try_sh("command -v qemu-system-x86_64").0 {
-        return Some("qemu-system-x86_64 is not installed".into());
+        return Some(baton_tests::harness::cannot_run(
+            "qemu",
+            "qemu-system-x86_64 is not installed",
+        ));
     }
     None
 }

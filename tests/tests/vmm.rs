@@ -269,7 +269,7 @@ fn api_socket_in_use_is_refused() {
 #[test]
 fn missing_or_inaccessible_dev_kvm_is_reported() {
     if !kvm_available() || !Path::new("/usr/bin/unshare").exists() {
-        eprintln!("SKIP missing_or_inaccessible_dev_kvm: needs root, /dev/kvm and unshare");
+        baton_tests::harness::cannot_run("kvm", "needs root, /dev/kvm and unshare");
         return;
     }
     let dir = TempDir::new("nokvm");
@@ -310,7 +310,7 @@ fn missing_or_inaccessible_dev_kvm_is_reported() {
 fn same_guest_boots_under_qemu_tcg() {
     let qemu = Path::new("/usr/bin/qemu-system-x86_64");
     if !qemu.exists() {
-        eprintln!("SKIP same_guest_boots_under_qemu_tcg: qemu-system-x86_64 not installed");
+        baton_tests::harness::cannot_run("qemu", "qemu-system-x86_64 not installed");
         return;
     }
     assert!(

@@ -19,6 +19,7 @@ fn systemd_units_verify() {
             assert!(text.contains("Restart=always"), "{}", u.display());
             assert!(text.contains("StartLimitIntervalSec=0"), "{}", u.display());
             assert!(text.contains("Type=notify"), "{}", u.display());
+            assert!(text.contains("NoNewPrivileges=yes"), "{}", u.display());
         }
     }
     if Command::new("systemd-analyze")

@@ -46,6 +46,9 @@ pub struct Args {
     /// Every connection's SO_PEERCRED is checked; others are closed at once.
     #[arg(long = "allow-uid", value_name = "UID")]
     pub allow_uid: Vec<u32>,
+    /// The sandbox: --seccomp true|false|log, --landlock true|false.
+    #[command(flatten)]
+    pub sandbox: baton_service::sandbox::SandboxArgs,
     /// Test only: hold every batch this long between marking it inflight and executing it,
     /// so that tests can kill the back-end with requests in flight.
     #[arg(long, hide = true, default_value_t = 0)]

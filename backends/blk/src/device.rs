@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use baton_service::sandbox::{Sandbox, SandboxError};
+
 use crate::cli::{Args, IoEngineKind};
 use crate::disk::{Disk, DiskError};
 use crate::request::{DiskInfo, MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, SECTOR};
@@ -85,15 +87,17 @@ impl Device {
         })
     }
 
-    /// Starts one worker thread per queue.
-    pub fn spawn_workers(self: &Arc<Self>) -> std::io::Result<()> {
+    /// Starts one worker thread per queue; returns once each has entered the sandbox.
+    pub fn spawn_workers(self: &Arc<Self>, sandbox: &Arc<Sandbox>) -> Result<(), SandboxError> {
         for (i, q) in self.queues.iter().enumerate() {
             let (q, dev) = (q.clone(), self.clone());
             let index = u16::try_from(i).unwrap_or(u16::MAX);
-            std::thread::Builder::new()
-                .name(format!("blk-q{i}"))
-                .stack_size(256 << 10)
-                .spawn(move || worker(q, dev, index))?;
+            sandbox.spawn(
+                format!("blk-q{i}"),
+                Some(256 << 10),
+                crate::seccomp::worker(),
+                move |gate| worker(q, dev, index, gate),
+            )?;
         }
         Ok(())
     }

@@ -3,22 +3,14 @@
 //! Structure: `device` (virtio-blk state, config space) + `request` (chain parsing) +
 //! `engine`/`disk` (io_uring or sync I/O) + `vring` (queue workers) + `inflight` (the
 //! INFLIGHT_SHMFD region) + `handler` (vhost-user requests of one connection) + `server`
-//! (accept loop, socket activation, sd_notify, signals).
+//! (accept loop, socket activation, sd_notify, signals) + `seccomp` (each thread kind's
+//! allowlist; the sandbox itself is `baton_service::sandbox`).
 
-mod chain;
-mod cli;
-mod device;
-mod disk;
-mod engine;
-mod handler;
-mod inflight;
-mod request;
-mod server;
-mod vring;
+use baton_blk::{cli, device, seccomp, server};
 
 use std::sync::Arc;
 
-use anyhow::Context;
+use baton_service::sandbox::Sandbox;
 use clap::Parser;
 
 fn run() -> anyhow::Result<()> {
@@ -27,7 +19,12 @@ fn run() -> anyhow::Result<()> {
     let sig = server::signals()?;
     let dev = Arc::new(device::Device::new(&args)?);
     let (listener, _bound) = baton_service::listener(args.socket.as_deref())?;
-    dev.spawn_workers().context("cannot start queue threads")?;
+    let peers = baton_service::PeerPolicy::new(&args.allow_uid);
+    let sandbox = Arc::new(Sandbox::new("baton-blk", &args.sandbox)?);
+    // No file system access at all from here: the image is open, the socket bound (and left in
+    // place at exit: the next instance replaces it).
+    sandbox.restrict_fs(&[])?;
+    dev.spawn_workers(&sandbox)?;
     tracing::info!(
         image = %args.image.display(),
         size = dev.disk().size(),
@@ -39,12 +36,9 @@ fn run() -> anyhow::Result<()> {
         "ready"
     );
     baton_service::notify_ready();
-    server::run(
-        dev,
-        listener,
-        sig,
-        &baton_service::PeerPolicy::new(&args.allow_uid),
-    )?;
+    sandbox.enter(&seccomp::control())?;
+    sandbox.report();
+    server::run(dev, listener, sig, &peers)?;
     Ok(())
 }
 

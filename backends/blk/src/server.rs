@@ -44,8 +44,12 @@ pub fn signals() -> Result<SignalFd, ServerError> {
     SignalFd::new(&set).map_err(ServerError::Signals)
 }
 
-enum End {
+/// How serving one front-end ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum End {
+    /// The front-end hung up or broke the protocol: wait for the next one.
     Disconnected,
+    /// SIGTERM/SIGINT arrived.
     Shutdown,
 }
 
@@ -105,7 +109,13 @@ pub fn run(
     Ok(())
 }
 
-fn serve(dev: &Arc<Device>, stream: UnixStream, listener: &UnixListener, sig: &SignalFd) -> End {
+/// Serves one connected front-end until it goes away (public for the fuzz targets).
+pub fn serve(
+    dev: &Arc<Device>,
+    stream: UnixStream,
+    listener: &UnixListener,
+    sig: &SignalFd,
+) -> End {
     let handler = Arc::new(Mutex::new(ConnHandler::new(dev.clone())));
     let peek = match stream.try_clone() {
         Ok(s) => s,

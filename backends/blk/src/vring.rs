@@ -13,6 +13,7 @@ use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use baton_service::sandbox::Gate;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use virtio_queue::{Queue, QueueT};
@@ -155,11 +156,14 @@ impl VringCtl {
     }
 }
 
-/// The queue worker loop.
-pub fn worker(ctl: Arc<VringCtl>, dev: Arc<Device>, index: u16) {
+/// The queue worker loop; it enters the sandbox (`gate`) once its engine is set up.
+pub fn worker(ctl: Arc<VringCtl>, dev: Arc<Device>, index: u16, gate: Gate) {
     let span = tracing::debug_span!("queue", index);
     let _e = span.enter();
     let mut engine = Engine::new(dev.engine_kind(), dev.queue_size().saturating_mul(2));
+    if !gate.enter() {
+        return;
+    }
     tracing::debug!(?engine, "worker started");
     loop {
         let kick = ctl.lock().kick.clone();
@@ -199,8 +203,8 @@ pub fn worker(ctl: Arc<VringCtl>, dev: Arc<Device>, index: u16) {
     }
 }
 
-/// Processes everything available on a started ring.
-fn process(st: &mut Vring, dev: &Device, engine: &mut Engine) {
+/// Processes everything available on a started ring (public for the fuzz targets).
+pub fn process(st: &mut Vring, dev: &Device, engine: &mut Engine) {
     let Some(mem) = st.mem.clone() else { return };
     let m: &GuestMemoryMmap = &mem;
     let info = dev.info();

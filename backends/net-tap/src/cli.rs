@@ -31,6 +31,9 @@ pub struct Args {
     /// Every connection's SO_PEERCRED is checked; others are closed at once.
     #[arg(long = "allow-uid", value_name = "UID")]
     pub allow_uid: Vec<u32>,
+    /// The sandbox: --seccomp true|false|log, --landlock true|false.
+    #[command(flatten)]
+    pub sandbox: baton_service::sandbox::SandboxArgs,
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`, refusing multicast and all-zero addresses.

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
+use baton_service::sandbox::{Sandbox, SandboxError};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -21,7 +22,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::datapath::{self, Scratch};
 use crate::ratelimit::Stats;
-use crate::tap::Tap;
+use crate::tap::{TUNSETQUEUE, Tap};
 use crate::virtio::{Negotiated, config_space, ctrl};
 
 /// Guest memory as mapped from the front-end's memory table.
@@ -252,24 +253,36 @@ impl Device {
         config_space(self.cfg.mac, pairs, self.cfg.mtu)
     }
 
-    /// Starts one worker thread per queue pair.
-    pub fn spawn_workers(self: &Arc<Self>) -> io::Result<Vec<JoinHandle<()>>> {
+    /// Starts one worker thread per queue pair; returns once each has entered the sandbox.
+    pub fn spawn_workers(
+        self: &Arc<Self>,
+        sandbox: &Arc<Sandbox>,
+    ) -> Result<Vec<JoinHandle<()>>, SandboxError> {
         (0..self.pairs.len())
             .map(|i| {
                 let dev = Arc::clone(self);
-                std::thread::Builder::new()
-                    .name(format!("net-q{i}"))
-                    .spawn(move || {
-                        if let Err(e) = Worker::new(&dev, i).and_then(|mut w| w.run()) {
-                            tracing::error!(pair = i, "worker failed: {e}");
+                let kind = crate::seccomp::worker();
+                sandbox.spawn(format!("net-q{i}"), None, kind, move |gate| {
+                    let mut w = match Worker::new(&dev, i) {
+                        Ok(w) => w,
+                        Err(e) => {
+                            tracing::error!(pair = i, "worker set-up failed: {e}");
+                            return;
                         }
-                    })
+                    };
+                    if !gate.enter() {
+                        return;
+                    }
+                    if let Err(e) = w.run() {
+                        tracing::error!(pair = i, "worker failed: {e}");
+                    }
+                })
             })
             .collect()
     }
 
-    /// Serves the control queue.
-    fn process_ctrl(&self) {
+    /// Serves the control queue (public for the fuzz targets).
+    pub fn process_ctrl(&self) {
         let mut vr = lock(&self.ctrl);
         if !vr.active() {
             return;
@@ -371,7 +384,6 @@ const TOKEN_RX: u64 = 2;
 const TOKEN_TX: u64 = 3;
 const TOKEN_CTRL: u64 = 4;
 
-const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
 const IFF_ATTACH_QUEUE: libc::c_short = 0x0200;
 const IFF_DETACH_QUEUE: libc::c_short = 0x0400;
 

@@ -4,12 +4,14 @@
 //! constants and the negotiated-feature logic, [`datapath`] moves frames between the rings and the
 //! TAP, [`device`] is the device core (rings, workers, control queue) that lives for the whole
 //! process, [`vhost`] adapts it to the vhost-user protocol, and [`server`] accepts front-ends one
-//! at a time on the same socket.
+//! at a time on the same socket. [`seccomp`] lists each thread kind's system calls for the
+//! sandbox (`baton_service::sandbox`).
 
 pub mod cli;
 pub mod datapath;
 pub mod device;
 pub mod ratelimit;
+pub mod seccomp;
 pub mod server;
 pub mod tap;
 pub mod vhost;

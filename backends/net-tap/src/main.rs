@@ -1,11 +1,13 @@
 //! baton-net-tap: vhost-user-net back-end service over a TAP device that outlives its front-ends.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use baton_net_tap::cli::{Args, default_mac};
 use baton_net_tap::device::{Device, NetConfig};
-use baton_net_tap::{server, tap::Tap};
+use baton_net_tap::{seccomp, server, tap::Tap};
+use baton_service::sandbox::{FsRule, Sandbox};
 use clap::Parser;
 
 fn run(args: Args) -> anyhow::Result<()> {
@@ -37,15 +39,19 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let (listener, bound) = baton_service::listener(args.socket.as_deref())?;
     let dev = Device::new(cfg, taps).context("creating the device")?;
-    server::handle_signals(dev.clone(), args.socket.filter(|_| bound))?;
-    dev.spawn_workers().context("starting the workers")?;
+    let socket = args.socket.filter(|_| bound);
+    let peers = baton_service::PeerPolicy::new(&args.allow_uid);
+    let sandbox = Arc::new(Sandbox::new("baton-net-tap", &args.sandbox)?);
+    // TAP queues open, socket bound: the only file system access left is removing our socket.
+    let rules: Vec<FsRule> = socket.iter().map(|s| FsRule::remove_file(s)).collect();
+    sandbox.restrict_fs(&rules)?;
+    server::handle_signals(dev.clone(), socket, &sandbox)?;
+    dev.spawn_workers(&sandbox)?;
     tracing::info!(tap = %name, queues = pairs, "serving");
     baton_service::notify_ready();
-    server::serve(
-        dev,
-        listener,
-        baton_service::PeerPolicy::new(&args.allow_uid),
-    )?;
+    sandbox.enter(&seccomp::control())?;
+    sandbox.report();
+    server::serve(dev, listener, peers)?;
     Ok(())
 }
 

@@ -3,6 +3,7 @@
 
 use baton_service::PeerPolicy;
 use baton_service::conn::MESSAGE_DEADLINE;
+use baton_service::sandbox::Sandbox;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -31,16 +32,23 @@ pub fn init_logging() {
 /// Blocks SIGTERM/SIGINT/SIGUSR1 in this thread (and every thread spawned after) and starts a
 /// thread that logs the counters on SIGUSR1 and, on SIGTERM/SIGINT, stops all rings, removes the
 /// socket file we bound, and exits 0. A TAP that existed before (persistent) stays; one we
-/// created goes with our last fd.
-pub fn handle_signals(dev: Arc<Device>, socket: Option<PathBuf>) -> io::Result<()> {
+/// created goes with our last fd. The thread is in the sandbox before this returns.
+pub fn handle_signals(
+    dev: Arc<Device>,
+    socket: Option<PathBuf>,
+    sandbox: &Arc<Sandbox>,
+) -> io::Result<()> {
     let mut set = SigSet::empty();
     set.add(Signal::SIGTERM);
     set.add(Signal::SIGINT);
     set.add(Signal::SIGUSR1);
     set.thread_block().map_err(io::Error::from)?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
+    let kind = crate::seccomp::signals();
+    sandbox
+        .spawn("signals".into(), None, kind, move |gate| {
+            if !gate.enter() {
+                return;
+            }
             let sig = loop {
                 match set.wait() {
                     Ok(Signal::SIGUSR1) => tracing::info!("stats: {}", dev.stats.summary()),
@@ -54,8 +62,9 @@ pub fn handle_signals(dev: Arc<Device>, socket: Option<PathBuf>) -> io::Result<(
                 let _ = std::fs::remove_file(p);
             }
             std::process::exit(0);
-        })?;
-    Ok(())
+        })
+        .map(drop)
+        .map_err(io::Error::other)
 }
 
 /// Accepts front-ends forever, one at a time; a second one while one is connected is closed
@@ -95,6 +104,8 @@ pub fn serve(dev: Arc<Device>, listener: UnixListener, peers: PeerPolicy) -> io:
         std::thread::Builder::new()
             .name("vhost-user".into())
             .spawn(move || {
+                // This thread runs under the control filter it inherited from this one.
+                baton_service::sandbox::inherit("control");
                 if let Err(e) = connection(&dev, stream) {
                     tracing::info!("front-end connection ended: {e}");
                 }
@@ -165,8 +176,8 @@ fn pre_filter(sock: &UnixStream, adapter: &Mutex<Adapter>) -> io::Result<bool> {
     Ok(true)
 }
 
-/// Serves one front-end until it goes away.
-fn connection(dev: &Arc<Device>, stream: UnixStream) -> io::Result<()> {
+/// Serves one front-end until it goes away (public for the fuzz targets).
+pub fn connection(dev: &Arc<Device>, stream: UnixStream) -> io::Result<()> {
     let adapter = Arc::new(Mutex::new(Adapter::new(Arc::clone(dev))));
     let peek = stream.try_clone()?;
     let mut handler = BackendReqHandler::from_stream(stream, Arc::clone(&adapter));

@@ -9,8 +9,9 @@ use std::path::Path;
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
-const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
-const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+pub(crate) const TUNSETQUEUE: libc::c_ulong = 0x4004_54d9;
+pub(crate) const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
+pub(crate) const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_MULTI_QUEUE: libc::c_short = 0x0100;

@@ -4,12 +4,14 @@
 //! `sd_notify("READY=1")`. Both are a few lines of protocol, written by hand rather than
 //! pulling in a systemd crate. And what both share as vhost-user devices facing untrusted peers:
 //! shared memory mapped so that a truncated file cannot kill them ([`memory`]), the checks a
-//! guest-controlled ring needs before a worker loops on it ([`ring`]), and a deadline on each
-//! front-end message ([`conn`]).
+//! guest-controlled ring needs before a worker loops on it ([`ring`]), a deadline on each
+//! front-end message ([`conn`]), and the sandbox each back-end enters once set up: seccomp
+//! filters per thread kind and Landlock ([`sandbox`]), which baton-vmm enters too.
 
 pub mod conn;
 pub mod memory;
 pub mod ring;
+pub mod sandbox;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::{UnixDatagram, UnixListener};

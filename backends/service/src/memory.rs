@@ -220,9 +220,16 @@ pub mod guard {
     static FAULTS: AtomicU64 = AtomicU64::new(0);
     static INSTALL: std::sync::Once = std::sync::Once::new();
 
+    /// Installs the SIGBUS handler now (otherwise the first [`register`] does): a sandboxed
+    /// service does it before its seccomp filters, which allow `rt_sigaction` only for the
+    /// handler's reset to the default action.
+    pub fn install() {
+        INSTALL.call_once(install_handler);
+    }
+
     /// Records `[start, start + len)` (pages of `page` bytes) as a guarded mapping.
     pub fn register(start: usize, len: usize, page: usize) {
-        INSTALL.call_once(install);
+        install();
         let i = NEXT.fetch_add(1, Ordering::Relaxed) % SLOTS;
         if let (Some(s), Some(l), Some(p)) = (START.get(i), LEN.get(i), PAGE.get(i)) {
             l.store(0, Ordering::Release);
@@ -237,7 +244,7 @@ pub mod guard {
         FAULTS.load(Ordering::Relaxed)
     }
 
-    fn install() {
+    fn install_handler() {
         // SAFETY: a zeroed sigaction is valid; we set the handler and flags before use.
         let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
         sa.sa_sigaction = on_sigbus as *const () as usize;

@@ -1,0 +1,118 @@
+//! baton-net-tap's thread kinds and their seccomp allowlists (on top of what every thread
+//! needs: `baton_service::sandbox::seccomp::base`). Found by reading the code and by running the
+//! test suites with `--seccomp log` (the kernel's audit records, type 1326) and under
+//! `strace -f`.
+//!
+//! - `control`: the main thread once set up (the accept loop) and the connection thread it
+//!   spawns per front-end, which inherits this filter: spawning that thread (clone/clone3 and
+//!   what a new thread does before its closure runs), and every vhost-user message — fds
+//!   (SCM_RIGHTS), guest memory mapped from them, the TAP's header size and offloads
+//!   (TUNSETVNETHDRSZ, TUNSETOFFLOAD) when features are set. clone3's flags are in memory that
+//!   seccomp cannot read, so they are not checked; a process forked here would inherit this
+//!   filter and the Landlock domain, and gain nothing.
+//! - `worker`: a queue-pair thread once its epoll set exists: epoll, `readv`/`writev` on the TAP,
+//!   eventfd reads and writes, attaching and detaching its TAP queue (TUNSETQUEUE).
+//! - `signals`: the thread that waits for SIGTERM/SIGINT/SIGUSR1: logs counters, stops the
+//!   rings, removes the socket file it bound, exits.
+
+use baton_service::sandbox::{Syscall, ThreadKind};
+
+use crate::tap::{TUNSETOFFLOAD, TUNSETQUEUE, TUNSETVNETHDRSZ};
+
+const F_DUPFD_CLOEXEC: u64 = libc::F_DUPFD_CLOEXEC as u64;
+
+/// The main thread after set-up, and the connection threads it spawns.
+pub fn control() -> ThreadKind {
+    ThreadKind::new(
+        "control",
+        vec![
+            Syscall::any(libc::SYS_accept4),
+            // Spawning a connection thread, and that thread's own start.
+            Syscall::any(libc::SYS_clone3),
+            Syscall::any(libc::SYS_clone),
+            Syscall::any(libc::SYS_set_robust_list),
+            Syscall::any(libc::SYS_rseq),
+            Syscall::arg_in(libc::SYS_prctl, 0, &[libc::PR_SET_NAME as u64]),
+            // std's stack guard: pthread_getattr_np.
+            Syscall::any(libc::SYS_gettid),
+            Syscall::any(libc::SYS_sched_getaffinity),
+            Syscall::any(libc::SYS_poll),
+            Syscall::any(libc::SYS_ppoll),
+            Syscall::any(libc::SYS_read),
+            Syscall::any(libc::SYS_recvfrom),
+            Syscall::any(libc::SYS_recvmsg),
+            Syscall::any(libc::SYS_sendmsg),
+            Syscall::any(libc::SYS_sendto),
+            Syscall::args_eq(
+                libc::SYS_getsockopt,
+                &[(1, libc::SOL_SOCKET as u64), (2, libc::SO_PEERCRED as u64)],
+            ),
+            Syscall::arg_in(
+                libc::SYS_ioctl,
+                1,
+                &[libc::FIONREAD, TUNSETOFFLOAD, TUNSETVNETHDRSZ],
+            ),
+            // UnixStream::try_clone.
+            Syscall::arg_in(libc::SYS_fcntl, 1, &[F_DUPFD_CLOEXEC]),
+            Syscall::any(libc::SYS_fstat),
+            Syscall::any(libc::SYS_newfstatat),
+            Syscall::any(libc::SYS_statx),
+            Syscall::any(libc::SYS_fstatfs),
+        ],
+    )
+}
+
+/// A queue-pair worker after its epoll set is built.
+pub fn worker() -> ThreadKind {
+    ThreadKind::new(
+        "worker",
+        vec![
+            Syscall::any(libc::SYS_epoll_wait),
+            Syscall::any(libc::SYS_epoll_pwait),
+            Syscall::any(libc::SYS_epoll_ctl),
+            Syscall::any(libc::SYS_read),
+            Syscall::any(libc::SYS_readv),
+            Syscall::any(libc::SYS_writev),
+            Syscall::arg_in(libc::SYS_ioctl, 1, &[TUNSETQUEUE]),
+        ],
+    )
+}
+
+/// The signal thread.
+pub fn signals() -> ThreadKind {
+    ThreadKind::new(
+        "signals",
+        vec![
+            Syscall::any(libc::SYS_rt_sigtimedwait),
+            Syscall::any(libc::SYS_unlink),
+            Syscall::any(libc::SYS_unlinkat),
+        ],
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use baton_service::sandbox::seccomp::SeccompAction;
+
+    #[test]
+    fn thread_kinds_compile_and_keep_least_privilege() {
+        for k in [control(), worker(), signals()] {
+            assert!(k.program(SeccompAction::Trap).is_ok(), "{}", k.name);
+            for nr in [
+                libc::SYS_execve,
+                libc::SYS_openat,
+                libc::SYS_socket,
+                libc::SYS_connect,
+                libc::SYS_ptrace,
+                libc::SYS_io_uring_setup,
+            ] {
+                assert!(!k.allows(nr), "{} allows {nr}", k.name);
+            }
+            assert!(!k.allows_any_args(libc::SYS_ioctl), "{}", k.name);
+        }
+        assert!(!worker().allows(libc::SYS_clone3) && !signals().allows(libc::SYS_clone3));
+        assert!(!worker().allows(libc::SYS_accept4) && !worker().allows(libc::SYS_unlink));
+        assert!(!control().allows(libc::SYS_unlink) && !control().allows(libc::SYS_readv));
+    }
+}

@@ -4,7 +4,8 @@
 //! The socket is bound before the VM is built (so that an address in use is reported before
 //! anything is created), mode 0600, and only peers of the [`AllowList`] get through (see
 //! [`crate::access`]); requests are served one at a time on a thread of their own
-//! ([`crate::http`]).
+//! ([`crate::http`]), the `api` thread of [`crate::sandbox::kinds`]. A live update runs on the
+//! `migration-out` thread ([`crate::migration::Outgoing`]); this thread waits for its report.
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,8 @@ use baton_protocol::api::{API_PREFIX, ApiError, LiveUpdateRequest};
 
 use crate::access::{self, AllowList, BindError};
 use crate::http;
+use crate::migration::Outgoing;
+use crate::sandbox::{Sandbox, SandboxError, kinds};
 use crate::vm::Vm;
 
 /// Errors starting the API server.
@@ -25,7 +28,7 @@ pub enum ApiServerError {
     Bind(#[from] BindError),
     /// The server thread could not be started.
     #[error("cannot start the API thread for {0}: {1}")]
-    Thread(PathBuf, #[source] std::io::Error),
+    Thread(PathBuf, #[source] SandboxError),
 }
 
 /// How long a client may take to send its request.
@@ -50,22 +53,37 @@ impl ApiSocket {
         })
     }
 
-    /// Serves requests for `vm` on a thread of its own until the process exits.
-    pub fn serve(&mut self, vm: Arc<Vm>) -> Result<(), ApiServerError> {
+    /// Serves requests for `vm` on a thread of its own (an `api` thread of `sandbox`) until
+    /// the process exits; live updates go to `outgoing`.
+    pub fn serve(
+        &mut self,
+        vm: Arc<Vm>,
+        outgoing: Outgoing,
+        sandbox: &Arc<Sandbox>,
+    ) -> Result<(), ApiServerError> {
         let Some(listener) = self.listener.take() else {
             return Ok(());
         };
         let (path, allow) = (self.path.clone(), self.allow.clone());
-        std::thread::Builder::new()
-            .name("api".into())
-            .spawn(move || serve(&listener, &allow, &path, &vm))
+        sandbox
+            .spawn("api".into(), None, kinds::api(), move |gate| {
+                if gate.enter() {
+                    serve(&listener, &allow, &path, &vm, &outgoing);
+                }
+            })
             .map_err(|e| ApiServerError::Thread(self.path.clone(), e))?;
         Ok(())
     }
 }
 
 /// The API thread: one request per connection, from allowed peers only.
-fn serve(listener: &UnixListener, allow: &AllowList, path: &Path, vm: &Arc<Vm>) {
+fn serve(
+    listener: &UnixListener,
+    allow: &AllowList,
+    path: &Path,
+    vm: &Arc<Vm>,
+    outgoing: &Outgoing,
+) {
     loop {
         let mut conn = match access::accept(listener, allow, path) {
             Ok((conn, _peer)) => conn,
@@ -88,7 +106,8 @@ fn serve(listener: &UnixListener, allow: &AllowList, path: &Path, vm: &Arc<Vm>) 
                 continue;
             }
         };
-        let (status, body, then) = handle(vm, &req.method, &req.path, &req.body);
+        crate::sandbox::violation_point("api");
+        let (status, body, then) = handle(vm, outgoing, &req.method, &req.path, &req.body);
         let _ = http::write_response(&mut conn, status, &body);
         // Closed before either of these ends the process: the client sees the whole answer.
         drop(conn);
@@ -121,8 +140,14 @@ enum Then {
 }
 
 /// Routes one request; returns (status, JSON body, what to do after answering).
-fn handle(vm: &Arc<Vm>, method: &str, url: &str, body: &str) -> (u16, String, Then) {
-    let (status, body) = route(vm, method, url, body);
+fn handle(
+    vm: &Arc<Vm>,
+    outgoing: &Outgoing,
+    method: &str,
+    url: &str,
+    body: &str,
+) -> (u16, String, Then) {
+    let (status, body) = route(vm, outgoing, method, url, body);
     let then = match (status, url.rsplit('/').next()) {
         (204, Some("vm.shutdown")) => Then::Shutdown,
         (200, Some("vm.live-update")) => Then::Moved,
@@ -131,7 +156,7 @@ fn handle(vm: &Arc<Vm>, method: &str, url: &str, body: &str) -> (u16, String, Th
     (status, body, then)
 }
 
-fn route(vm: &Arc<Vm>, method: &str, url: &str, body: &str) -> (u16, String) {
+fn route(vm: &Arc<Vm>, outgoing: &Outgoing, method: &str, url: &str, body: &str) -> (u16, String) {
     let Some(endpoint) = url
         .strip_prefix(API_PREFIX)
         .and_then(|r| r.strip_prefix('/'))
@@ -166,7 +191,7 @@ fn route(vm: &Arc<Vm>, method: &str, url: &str, body: &str) -> (u16, String) {
                 crate::migration::STEP_TIMEOUT,
                 std::time::Duration::from_millis,
             );
-            match vm.live_update(std::path::Path::new(&req.destination), timeout) {
+            match outgoing.live_update(std::path::Path::new(&req.destination), timeout) {
                 Ok(report) => (200, serde_json::to_string(&report).unwrap_or_default()),
                 Err(e) => error(500, e.to_string()),
             }

@@ -6,7 +6,9 @@
 //! [`devices`] emulates the serial console and ACPI registers, [`control`] coordinates
 //! pause/resume/exit, [`vm`] ties them together, and [`api`] serves the HTTP API
 //! ([`http`]). [`access`] decides who may use the VMM's sockets; [`ram_file`] creates or
-//! opens the guest RAM file so that no other user can reach it.
+//! opens the guest RAM file so that no other user can reach it; [`sandbox`] holds each
+//! thread kind's seccomp allowlist and the Landlock rules; [`deadline`] ends back-end
+//! handshakes that stall.
 
 pub mod access;
 pub mod acpi;
@@ -15,6 +17,7 @@ pub mod boot;
 pub mod config;
 pub mod control;
 pub mod cpuid;
+pub mod deadline;
 pub mod devices;
 pub mod http;
 pub mod interrupts;
@@ -24,6 +27,7 @@ pub mod migration;
 pub mod pci;
 pub mod ram_file;
 pub mod reconnect;
+pub mod sandbox;
 pub mod snapshot;
 pub mod vcpu;
 pub mod vhost_user;

@@ -1,13 +1,16 @@
-//! `baton-vmm`: boots a PVH ELF kernel in a KVM VM.
+//! `baton-vmm`: boots a PVH ELF kernel in a KVM VM, or takes one over (`--incoming`), inside
+//! its sandbox (`baton_vmm::sandbox`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use baton_vmm::access::AllowList;
 use baton_vmm::api::ApiSocket;
 use baton_vmm::config::{MemoryConfig, SerialConfig, parse_device};
 use baton_vmm::control::ExitReason;
-use baton_vmm::migration::Incoming;
+use baton_vmm::migration::{self, Incoming, Outgoing};
+use baton_vmm::sandbox::{self, Removable, Sandbox, SandboxArgs, kinds};
 use baton_vmm::vm::{Vm, VmConfig};
 use clap::Parser;
 
@@ -58,6 +61,14 @@ struct Args {
     /// VM name (names the default RAM file /dev/shm/baton-UID/NAME.ram).
     #[arg(long)]
     name: Option<String>,
+    /// The sandbox: --seccomp true|false|log, --landlock true|false.
+    #[command(flatten)]
+    sandbox: SandboxArgs,
+    /// Test only: the kind of thread that tries --test-sandbox-violation (default: the main
+    /// thread, after start-up).
+    #[arg(long, hide = true, value_name = "KIND", requires = "test_sandbox_violation",
+        value_parser = clap::builder::PossibleValuesParser::new(sandbox::VIOLATION_POINTS))]
+    test_sandbox_violation_in: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -102,7 +113,7 @@ fn block_exit_signals() -> std::io::Result<libc::sigset_t> {
     }
 }
 
-fn run(args: Args) -> anyhow::Result<ExitReason> {
+fn run(mut args: Args) -> anyhow::Result<ExitReason> {
     let mut devices = Vec::new();
     for d in &args.disk {
         devices.push(parse_device(d, false, 0).map_err(|e| anyhow::anyhow!("--disk {d}: {e}"))?);
@@ -114,6 +125,21 @@ fn run(args: Args) -> anyhow::Result<ExitReason> {
     // SIGTERM/SIGINT/SIGHUP are taken by a thread of their own (blocked everywhere else), so
     // that they shut the VM down cleanly and the RAM file and API socket are removed.
     let signals = block_exit_signals()?;
+    // The sandbox: the SIGSYS handler now; each thread enters its seccomp filter as it starts,
+    // and Landlock comes once every file is open (see baton_vmm::sandbox).
+    if let Some(what) = args.sandbox.test_sandbox_violation.take() {
+        let kind = args
+            .test_sandbox_violation_in
+            .as_deref()
+            .unwrap_or("control");
+        sandbox::plan_violation(kind, what);
+    }
+    let sandbox = Arc::new(Sandbox::bare(sandbox::SERVICE, &args.sandbox)?);
+    baton_vmm::deadline::start(&sandbox)?;
+    let keep = Removable {
+        api_socket: args.api_socket.clone(),
+        incoming: args.incoming.clone(),
+    };
     let allow = AllowList::new(&args.allow_uid);
     // Bind the API socket first: an address in use must leave nothing behind.
     let mut api = args
@@ -128,34 +154,50 @@ fn run(args: Args) -> anyhow::Result<ExitReason> {
         (Some(path), _) => {
             let incoming = Incoming::bind(path, &allow)?;
             eprintln!("baton-vmm: waiting for a VM on {}", path.display());
-            incoming.accept(args.serial)?
+            // The migration-in thread builds the VM; this thread starts its threads.
+            migration::take_over(incoming, args.serial, &sandbox, keep.clone(), |vm| {
+                sandbox::restrict_fs(&sandbox, &keep, vm)?;
+                vm.start_vcpus_parked(&sandbox)?;
+                Ok(())
+            })?
         }
-        (None, Some(kernel)) => Vm::start(VmConfig {
-            name,
-            kernel,
-            cmdline: args.cmdline,
-            initramfs: args.initramfs,
-            cpus: args.cpus,
-            memory: args.memory,
-            serial: args.serial.unwrap_or(SerialConfig::Stdio),
-            devices,
-        })?,
+        (None, Some(kernel)) => {
+            let vm = Vm::load(VmConfig {
+                name,
+                kernel,
+                cmdline: args.cmdline,
+                initramfs: args.initramfs,
+                cpus: args.cpus,
+                memory: args.memory,
+                serial: args.serial.unwrap_or(SerialConfig::Stdio),
+                devices,
+            })?;
+            sandbox::restrict_fs(&sandbox, &keep, &vm)?;
+            vm.start_vcpus(&sandbox)?;
+            vm
+        }
         (None, None) => anyhow::bail!("--kernel or --incoming is required"),
     };
+    let outgoing = Outgoing::spawn(&vm, &sandbox)?;
     if let Some(api) = api.as_mut() {
-        api.serve(vm.clone())?;
+        api.serve(vm.clone(), outgoing, &sandbox)?;
     }
     let on_signal = vm.clone();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let mut sig = 0;
-            // SAFETY: sigwait reads the set we built and writes one int we own.
-            if unsafe { libc::sigwait(&signals, &mut sig) } == 0 {
-                tracing::info!("signal {sig}: shutting down");
-                on_signal.shutdown();
-            }
-        })?;
+    sandbox.spawn("signals".into(), None, kinds::signals(), move |gate| {
+        if !gate.enter() {
+            return;
+        }
+        let mut sig = 0;
+        // SAFETY: sigwait reads the set we built and writes one int we own.
+        if unsafe { libc::sigwait(&signals, &mut sig) } == 0 {
+            tracing::info!("signal {sig}: shutting down");
+            on_signal.shutdown();
+        }
+    })?;
+    // From here on this thread only waits for the VM to stop and removes its files.
+    sandbox.enter(&kinds::control())?;
+    sandbox.report();
+    sandbox::violation_point("control");
     let reason = vm.wait();
     drop(api);
     // Other threads (API, vCPUs) may still hold the VM: remove its files explicitly.

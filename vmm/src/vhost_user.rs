@@ -5,7 +5,6 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use vhost::vhost_user::message::{
@@ -78,51 +77,6 @@ const PROTOCOL_FEATURES: VhostUserProtocolFeatures = VhostUserProtocolFeatures::
 
 /// How long the VMM waits for any one answer of a back-end before giving up on the step.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// Ends a connection whose handshake takes longer than a deadline.
-///
-/// The vhost crate retries a read that times out (it treats EAGAIN as "try again"), so a
-/// socket timeout cannot bound a step; shutting the socket down makes the pending read return
-/// end-of-file, which the crate reports as an error.
-struct Watchdog {
-    done: Arc<(Mutex<bool>, Condvar)>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Watchdog {
-    fn arm(stream: &std::os::unix::net::UnixStream, timeout: Duration) -> std::io::Result<Self> {
-        let sock = stream.try_clone()?;
-        let done = Arc::new((Mutex::new(false), Condvar::new()));
-        let flag = done.clone();
-        let thread = std::thread::Builder::new()
-            .name("vu-watchdog".into())
-            .spawn(move || {
-                let (lock, cv) = &*flag;
-                let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-                let (finished, _) = cv
-                    .wait_timeout_while(guard, timeout, |d| !*d)
-                    .unwrap_or_else(|e| e.into_inner());
-                if !*finished {
-                    let _ = sock.shutdown(std::net::Shutdown::Both);
-                }
-            })?;
-        Ok(Watchdog {
-            done,
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        let (lock, cv) = &*self.done;
-        *lock.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        cv.notify_all();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
 
 /// How long a reconnect keeps retrying a back-end that refuses us.
 pub const RECONNECT_WINDOW: std::time::Duration = std::time::Duration::from_secs(3);
@@ -235,8 +189,8 @@ impl VhostUserDevice {
         };
         let stream = std::os::unix::net::UnixStream::connect(&cfg.socket).map_err(connect_err)?;
         // A back-end that accepts and then never answers (or answers short) must not hang the
-        // VMM: past the deadline the watchdog ends the connection and the step fails.
-        let _watchdog = Watchdog::arm(&stream, REPLY_TIMEOUT).map_err(connect_err)?;
+        // VMM: past the deadline the connection is ended and the step fails.
+        let _deadline = crate::deadline::arm(&stream, REPLY_TIMEOUT).map_err(connect_err)?;
         let mut fe = Frontend::from_stream(stream, u64::from(queue_count) + 1);
         fe.set_owner().map_err(step("SET_OWNER"))?;
         let features = fe.get_features().map_err(step("GET_FEATURES"))?;

@@ -20,6 +20,7 @@ use crate::devices::serial::{ConsoleOut, ConsoleSerial, IrqTrigger};
 use crate::interrupts::IrqRouting;
 use crate::memory::GuestRam;
 use crate::pci::PciBus;
+use crate::sandbox::{Sandbox, SandboxError, kinds};
 use crate::vhost_user::{DeviceConfig, VhostUserDevice, VhostUserError};
 use crate::virtio::VirtioBackend;
 use crate::virtio::pci::{VirtioPciDevice, VirtioPciError, layout as vp_layout};
@@ -94,6 +95,9 @@ pub enum VmError {
     /// eventfd / thread creation.
     #[error("{0}: {1}")]
     Os(&'static str, #[source] std::io::Error),
+    /// A thread could not be started inside the sandbox.
+    #[error(transparent)]
+    Sandbox(#[from] SandboxError),
 }
 
 /// A VM, shared by the main thread, the API and (during a live update) the migration code.
@@ -128,9 +132,10 @@ pub(crate) enum Devices<'a> {
 }
 
 impl Vm {
-    /// Builds and boots the VM. Checks that need nothing created come first, so a bad kernel
-    /// or an unusable /dev/kvm leaves nothing behind.
-    pub fn start(config: VmConfig) -> Result<Arc<Vm>, VmError> {
+    /// Builds the VM and loads the guest; nothing runs until [`Vm::start_vcpus`] (the caller
+    /// enters Landlock in between: every file is open by then). Checks that need nothing
+    /// created come first, so a bad kernel or an unusable /dev/kvm leaves nothing behind.
+    pub fn load(config: VmConfig) -> Result<Arc<Vm>, VmError> {
         let kernel = boot::check_kernel(&config.kernel)?;
         let vm = Vm::build(config, Devices::Connect)?;
         let rsdp = acpi::create_tables(&vm.ram.mem, vm.cpus)?;
@@ -146,9 +151,7 @@ impl Vm {
         if let Some(bsp) = vm.vcpus.first() {
             vcpu::set_pvh_entry(&bsp.lock().unwrap_or_else(|e| e.into_inner()), &boot)?;
         }
-        let vm = Arc::new(vm);
-        vm.start_vcpus()?;
-        Ok(vm)
+        Ok(Arc::new(vm))
     }
 
     /// Creates the KVM VM, maps RAM, creates vCPUs and devices; runs nothing.
@@ -203,9 +206,6 @@ impl Vm {
         steps.done("KVM memory slots");
         let control = Arc::new(VmControl::default());
         let serial = Arc::new(Mutex::new(console(&config.serial, &vm)?));
-        if config.serial == SerialConfig::Stdio {
-            forward_stdin(serial.clone());
-        }
         let (pci, devs) = create_pci(&config, &kvm, &vm, &ram, devices)?;
         steps.done("create devices");
         let bus = Arc::new(PioBus::new(serial.clone(), control.clone(), Arc::new(pci)));
@@ -243,17 +243,30 @@ impl Vm {
         })
     }
 
-    /// Starts one thread per vCPU, and one per device that watches its back-end.
-    pub(crate) fn start_vcpus(&self) -> Result<(), VmError> {
-        for (_, dev) in &self.devices {
-            let dev = dev.clone();
-            std::thread::Builder::new()
-                .name("backend-watch".into())
-                .spawn(move || crate::reconnect::watch(&dev))
-                .map_err(|e| VmError::Os("spawning a back-end watcher", e))?;
-        }
+    /// Starts one thread per vCPU, one per device that watches its back-end, and (with
+    /// `--serial stdio`) the one that feeds stdin to the guest; each enters the `sandbox` as
+    /// its kind before it runs. Call on a thread without a seccomp filter (the main thread
+    /// before it enters its own): a thread started by a filtered one is held to its parent's
+    /// filter as well.
+    pub fn start_vcpus(&self, sandbox: &Arc<Sandbox>) -> Result<(), VmError> {
         vmm_sys_util::signal::register_signal_handler(kick_signal(), noop_handler)
             .map_err(|e| VmError::Os("registering the vCPU kick signal", e.into()))?;
+        for (_, dev) in &self.devices {
+            let dev = dev.clone();
+            sandbox.spawn(
+                "backend-watch".into(),
+                None,
+                kinds::backend_watch(),
+                move |gate| {
+                    if gate.enter() {
+                        crate::reconnect::watch(&dev);
+                    }
+                },
+            )?;
+        }
+        if self.config.serial == SerialConfig::Stdio {
+            forward_stdin(self.serial.clone(), sandbox)?;
+        }
         let mut threads = self.vcpu_threads.lock().unwrap_or_else(|e| e.into_inner());
         for (id, fd) in (0u32..).zip(&self.vcpus) {
             let (fd, bus, mem, control) = (
@@ -262,10 +275,12 @@ impl Vm {
                 self.ram.mem.clone(),
                 self.control.clone(),
             );
-            let handle = std::thread::Builder::new()
-                .name(format!("vcpu{id}"))
-                .spawn(move || vcpu::run(fd, id, bus, mem, control))
-                .map_err(|e| VmError::Os("spawning a vCPU thread", e))?;
+            let handle = sandbox.spawn(format!("vcpu{id}"), None, kinds::vcpu(), move |gate| {
+                if gate.enter() {
+                    crate::sandbox::violation_point("vcpu");
+                    vcpu::run(fd, id, bus, mem, control);
+                }
+            })?;
             threads.push(handle);
         }
         Ok(())
@@ -280,10 +295,11 @@ impl Vm {
         }
     }
 
-    /// Starts the vCPU threads parked (an incoming VMM before the switch).
-    pub(crate) fn start_vcpus_parked(&self) -> Result<(), VmError> {
+    /// Starts the vCPU threads parked (an incoming VMM before the switch); see
+    /// [`Vm::start_vcpus`].
+    pub fn start_vcpus_parked(&self, sandbox: &Arc<Sandbox>) -> Result<(), VmError> {
         self.control.hold();
-        self.start_vcpus()?;
+        self.start_vcpus(sandbox)?;
         if !self.pause() {
             return Err(VmError::Os(
                 "parking the vCPU threads",
@@ -324,7 +340,8 @@ impl Vm {
     }
 
     /// Moves the VM to the new VMM on `dest` (see [`crate::migration`]). On success the
-    /// caller reports and then calls [`Vm::finish_live_update`].
+    /// caller reports and then calls [`Vm::finish_live_update`]. baton-vmm runs it on its
+    /// `migration-out` thread ([`crate::migration::Outgoing`]).
     pub fn live_update(
         self: &Arc<Self>,
         dest: &std::path::Path,
@@ -499,10 +516,15 @@ fn console(cfg: &SerialConfig, vm: &VmFd) -> Result<ConsoleSerial, VmError> {
 }
 
 /// Feeds the VMM's stdin to the guest's UART, waiting when its FIFO is full.
-fn forward_stdin(serial: Arc<Mutex<ConsoleSerial>>) {
-    let _ = std::thread::Builder::new()
-        .name("stdin".into())
-        .spawn(move || {
+fn forward_stdin(
+    serial: Arc<Mutex<ConsoleSerial>>,
+    sandbox: &Arc<Sandbox>,
+) -> Result<(), SandboxError> {
+    sandbox
+        .spawn("stdin".into(), None, kinds::stdin(), move |gate| {
+            if !gate.enter() {
+                return;
+            }
             let mut buf = [0u8; 64];
             let mut stdin = std::io::stdin();
             while let Ok(n @ 1..) = stdin.read(&mut buf) {
@@ -518,5 +540,6 @@ fn forward_stdin(serial: Arc<Mutex<ConsoleSerial>>) {
                     }
                 }
             }
-        });
+        })
+        .map(drop)
 }

@@ -20,6 +20,11 @@
 //!
 //! Any failure before `Commit` rolls back: the old VMM makes sure the new one is gone, then
 //! reconnects the back-ends it had let go at the saved ring positions and resumes the guest.
+//!
+//! Both sides run under seccomp and Landlock throughout, on threads of their own: the old
+//! VMM's `migration-out` thread takes the API's request ([`Outgoing`]), the new VMM's
+//! `migration-in` thread accepts the old one and builds the VM ([`take_over`]; see
+//! [`crate::sandbox`]).
 
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -34,6 +39,9 @@ use baton_protocol::handshake::{
 use baton_protocol::state::VmState;
 
 mod convert;
+mod workers;
+
+pub use workers::{Outgoing, take_over};
 
 use convert::{
     config_state, device_states, inflight_name, restore_kvm, save_kvm, serial_state, vm_config,
@@ -136,6 +144,15 @@ pub enum LiveUpdateError {
     /// The update failed and rollback failed too.
     #[error("live update failed ({0}) and rollback failed: {1}")]
     RollbackFailed(Box<LiveUpdateError>, Box<LiveUpdateError>),
+    /// A live-update thread could not be started or sandboxed.
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
+    /// The thread that runs live updates is gone (it stopped on an earlier error).
+    #[error("the live-update thread is gone")]
+    Worker,
+    /// The VM built for the switch could not be started here.
+    #[error("cannot start the VM's threads: {0}")]
+    Start(String),
 }
 
 /// What one successful switch cost, as measured by both sides.
@@ -368,19 +385,7 @@ fn rollback(
 ) -> LiveUpdateError {
     tracing::warn!("live update failed: {cause}; rolling back");
     if let Some(pid) = new_pid.filter(|p| *p > 0) {
-        // SAFETY: kill(2) of the pid the socket's SO_PEERCRED named.
-        unsafe { libc::kill(pid, libc::SIGKILL) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        // SAFETY: kill(pid, 0) only probes for existence.
-        while unsafe { libc::kill(pid, 0) } == 0 && Instant::now() < deadline {
-            if std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map(|s| s.contains(") Z "))
-                .unwrap_or(true)
-            {
-                break; // a zombie holds no sockets
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        workers::kill_and_wait(pid, Duration::from_secs(5));
     }
     for ((_, dev), b) in vm.devices.iter().zip(bases) {
         let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
@@ -431,8 +436,14 @@ impl Incoming {
         })
     }
 
-    /// Waits for the old VMM, takes the VM over and resumes it here.
-    pub fn accept(&self, serial: Option<SerialConfig>) -> Result<Arc<Vm>, LiveUpdateError> {
+    /// Waits for the old VMM, takes the VM over and resumes it here. `built` is called with
+    /// the VM once it is built (every file it needs is open), before the state arrives: it
+    /// starts the VM's threads, parked ([`Vm::start_vcpus_parked`]).
+    pub fn accept(
+        &self,
+        serial: Option<SerialConfig>,
+        built: &mut dyn FnMut(&Arc<Vm>) -> Result<(), LiveUpdateError>,
+    ) -> Result<Arc<Vm>, LiveUpdateError> {
         let [state_p, cpr_p] = &self.paths;
         let (mut s, peer) =
             access::accept(&self.state, &self.allow, state_p).map_err(io("accept"))?;
@@ -471,9 +482,9 @@ impl Incoming {
         };
         tracing::info!("VM built; starting parked vCPU threads");
         // vCPU threads start now, parked: resuming after the switch is a wake-up, not a spawn.
-        if let Err(e) = vm.start_vcpus_parked() {
+        if let Err(e) = built(&vm) {
             let _ = handshake::send_abort(&mut s, &e.to_string());
-            return Err(e.into());
+            return Err(e);
         }
         t.lap("build_vm (guest running on the old VMM)");
         tracing::info!(phases = ?t.phases, "ready for the switch");
@@ -515,6 +526,8 @@ impl Incoming {
                     .into_iter()
                     .map(|(dev, saved, inflight)| {
                         sc.spawn(move || {
+                            // Started by (and filtered as) the migration-in thread.
+                            baton_service::sandbox::inherit("migration-in");
                             let t0 = Instant::now();
                             let r = reconnect_device(dev, saved, inflight);
                             let us = u64::try_from(t0.elapsed().as_micros()).unwrap_or(u64::MAX);

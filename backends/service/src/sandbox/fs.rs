@@ -19,9 +19,8 @@ use landlock::{
     ABI, Access, AccessFs, AccessNet, CompatLevel, Compatible, LandlockStatus, PathBeneath, PathFd,
     Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope,
 };
-use super::Scopes;
 
-use super::SandboxError;
+use super::{SandboxError, Scopes};
 
 /// The Landlock ABI whose rights are handled (the newest tested; a newer kernel enforces these,
 /// an older one as many as it knows).

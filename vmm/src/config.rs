@@ -2,8 +2,6 @@
 
 use std::path::PathBuf;
 
-use crate::vhost_user::{DeviceConfig, DeviceKind};
-
 /// Errors in option values; each names the option and what was wrong.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -53,6 +51,35 @@ pub struct MemoryConfig {
     pub path: Option<PathBuf>,
     /// Back RAM with huge pages (the file must be on hugetlbfs).
     pub hugepages: bool,
+}
+
+/// What kind of device a back-end serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// virtio-blk; configuration space comes from the back-end (GET_CONFIG).
+    Block,
+    /// virtio-net; configuration space comes from the options.
+    Net {
+        /// MAC address.
+        mac: [u8; 6],
+        /// MTU, if set.
+        mtu: Option<u16>,
+    },
+}
+
+/// Options of one vhost-user device (`--disk`, `--net`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceConfig {
+    /// Back-end socket.
+    pub socket: PathBuf,
+    /// Queues (blk) or queue pairs (net).
+    pub queues: u16,
+    /// Largest ring size offered to the guest.
+    pub queue_size: u16,
+    /// Block or net.
+    pub kind: DeviceKind,
+    /// How long to keep reconnecting to a back-end that went away; `None`: forever.
+    pub reconnect_limit: Option<std::time::Duration>,
 }
 
 /// Where the serial console goes (`--serial`).

@@ -7,8 +7,9 @@
 //! pause/resume/exit, [`vm`] ties them together, and [`api`] serves the HTTP API
 //! ([`http`]). [`access`] decides who may use the VMM's sockets; [`ram_file`] creates or
 //! opens the guest RAM file so that no other user can reach it; [`sandbox`] holds each
-//! thread kind's seccomp allowlist and the Landlock rules; [`deadline`] ends back-end
-//! handshakes that stall.
+//! thread kind's seccomp allowlist and the Landlock rules. [`vhost_user`] talks to each
+//! device's back-end; [`virtio`] is the transport in front of it; [`reconnect`] brings a
+//! back-end back after a restart and [`migration`] moves the VM to a new VMM.
 
 pub mod access;
 pub mod acpi;
@@ -17,7 +18,6 @@ pub mod boot;
 pub mod config;
 pub mod control;
 pub mod cpuid;
-pub mod deadline;
 pub mod devices;
 pub mod http;
 pub mod interrupts;

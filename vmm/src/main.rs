@@ -135,7 +135,7 @@ fn run(mut args: Args) -> anyhow::Result<ExitReason> {
         sandbox::plan_violation(kind, what);
     }
     let sandbox = Arc::new(Sandbox::bare(sandbox::SERVICE, &args.sandbox)?);
-    baton_vmm::deadline::start(&sandbox)?;
+    baton_vmm::vhost_user::deadline::start(&sandbox)?;
     let keep = Removable {
         api_socket: args.api_socket.clone(),
         incoming: args.incoming.clone(),

@@ -2,12 +2,16 @@
 //! back-end goes away (crash, upgrade) it reconnects with capped exponential backoff — first
 //! try at once, then every 1 ms for the first 100 ms (a restarted service is usually back by
 //! then), then doubling up to 1 s, never giving up — retrying the whole handshake on any
-//! failure. The guest and the other devices keep running meanwhile.
+//! failure. An error that retrying cannot cure ([`ErrorClass::Fatal`]: the back-end came back
+//! without a feature or queue the guest uses) skips the fast retries: the next attempt waits
+//! [`MAX_BACKOFF`], for an operator to put the right back-end in place. The guest and the
+//! other devices keep running meanwhile.
 
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::vhost_user::ErrorClass;
 use crate::virtio::pci::VirtioPciDevice;
 
 /// First delay after a failed attempt.
@@ -81,17 +85,27 @@ fn reconnect(dev: &Arc<Mutex<VirtioPciDevice>>) {
             return;
         }
         attempts += 1;
-        match d.try_reconnect() {
+        let class = match d.try_reconnect() {
             Ok(()) => return,
             Err(e) => {
                 // Logged on the first failures and then every so often, not on every try.
+                let class = e.class();
                 if attempts <= 3 || attempts.is_power_of_two() {
-                    tracing::warn!(attempts, "reconnect failed: {e}");
+                    match class {
+                        ErrorClass::Fatal => tracing::error!(attempts, "reconnect failed: {e}"),
+                        _ => tracing::warn!(attempts, "reconnect failed: {e}"),
+                    }
                 }
+                class
             }
-        }
+        };
         drop(d);
-        delay = next_backoff(delay, since.elapsed());
+        delay = match class {
+            // The same back-end gives the same answer: wait for another one, slowly.
+            ErrorClass::Fatal => MAX_BACKOFF,
+            // Nobody there yet, or the connection broke (already hung up): again, soon.
+            ErrorClass::Retry | ErrorClass::Reconnect => next_backoff(delay, since.elapsed()),
+        };
     }
 }
 

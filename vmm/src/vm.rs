@@ -8,12 +8,13 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use baton_protocol::api::{VmInfo, VmState};
+use baton_protocol::state::MAX_VCPUS;
 use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{MemoryConfig, SerialConfig};
+use crate::config::{DeviceConfig, MemoryConfig, SerialConfig};
 use crate::control::{ExitReason, VmControl};
 use crate::devices::PioBus;
 use crate::devices::serial::{ConsoleOut, ConsoleSerial, IrqTrigger};
@@ -21,13 +22,9 @@ use crate::interrupts::IrqRouting;
 use crate::memory::GuestRam;
 use crate::pci::PciBus;
 use crate::sandbox::{Sandbox, SandboxError, kinds};
-use crate::vhost_user::{DeviceConfig, VhostUserDevice, VhostUserError};
-use crate::virtio::VirtioBackend;
+use crate::vhost_user::{TYPE_NET, VhostUserDevice, VhostUserError};
 use crate::virtio::pci::{VirtioPciDevice, VirtioPciError, layout as vp_layout};
 use crate::{acpi, boot, cpuid, layout, vcpu};
-
-/// Most vCPUs a VM may have (8-bit xAPIC ids, 255 is broadcast).
-pub const MAX_CPUS: u32 = 254;
 
 /// Everything needed to build a VM.
 #[derive(Debug, Clone)]
@@ -164,7 +161,7 @@ impl Vm {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         let max = u32::try_from(kvm.get_max_vcpus())
             .unwrap_or(1)
-            .min(MAX_CPUS);
+            .min(MAX_VCPUS);
         if config.cpus == 0 || config.cpus > max {
             return Err(VmError::Cpus(config.cpus, max));
         }
@@ -456,12 +453,11 @@ fn create_pci(
                 ram.mem.clone(),
                 s.virtio.device_features,
                 u16::try_from(s.virtio.queues.len()).unwrap_or(0),
-                device_config_space(d),
             ),
         };
         let name = format!(
             "{}{i}",
-            if backend.device_type() == 1 {
+            if backend.device_type() == TYPE_NET {
                 "net"
             } else {
                 "disk"
@@ -469,7 +465,7 @@ fn create_pci(
         );
         let dev = Arc::new(Mutex::new(VirtioPciDevice::new(
             name,
-            Box::new(backend),
+            backend,
             vm.clone(),
             irq.clone(),
             ram.mem.clone(),
@@ -479,22 +475,6 @@ fn create_pci(
         devices.push((u8::try_from(slot).map_err(|_| full())?, dev));
     }
     Ok((bus, devices))
-}
-
-/// Device configuration space known without asking the back-end (net: from the options).
-fn device_config_space(d: &DeviceConfig) -> Vec<u8> {
-    match &d.kind {
-        crate::vhost_user::DeviceKind::Net { mac, mtu } => {
-            let mut c = mac.to_vec();
-            c.extend_from_slice(&1u16.to_le_bytes());
-            c.extend_from_slice(&d.queues.to_le_bytes());
-            c.extend_from_slice(&mtu.unwrap_or(1500).to_le_bytes());
-            c
-        }
-        crate::vhost_user::DeviceKind::Block => {
-            vec![0; crate::vhost_user::blk::CONFIG_SIZE as usize]
-        }
-    }
 }
 
 fn console(cfg: &SerialConfig, vm: &VmFd) -> Result<ConsoleSerial, VmError> {

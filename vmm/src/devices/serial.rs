@@ -23,24 +23,35 @@ pub type ConsoleOut = Box<dyn Write + Send>;
 /// The guest's console UART.
 pub type ConsoleSerial = Serial<IrqTrigger, NoEvents, ConsoleOut>;
 
+/// Why a saved UART state cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The interrupt eventfd could not be duplicated.
+    #[error("duplicating the serial interrupt eventfd: {0}")]
+    Eventfd(#[source] std::io::Error),
+    /// vm-superio refused the state.
+    #[error("invalid serial state: {0}")]
+    State(#[source] vm_superio::serial::Error<std::io::Error>),
+}
+
 /// Replaces the UART's registers with a saved state (live update), keeping its interrupt
 /// eventfd and output.
 pub fn restore(
     serial: &mut ConsoleSerial,
     state: &vm_superio::serial::SerialState,
-) -> Result<(), String> {
+) -> Result<(), RestoreError> {
     let evt = serial
         .interrupt_evt()
         .0
         .try_clone()
-        .map_err(|e| e.to_string())?;
+        .map_err(RestoreError::Eventfd)?;
     let placeholder = ConsoleSerial::new(
-        IrqTrigger(evt.try_clone().map_err(|e| e.to_string())?),
+        IrqTrigger(evt.try_clone().map_err(RestoreError::Eventfd)?),
         Box::new(std::io::sink()),
     );
     let old = std::mem::replace(serial, placeholder);
     let out = old.into_writer();
     *serial = vm_superio::Serial::from_state(state, IrqTrigger(evt), NoEvents, out)
-        .map_err(|e| format!("{e:?}"))?;
+        .map_err(RestoreError::State)?;
     Ok(())
 }

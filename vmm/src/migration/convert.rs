@@ -9,9 +9,10 @@ use baton_protocol::state::{
 use kvm_bindings::{kvm_irqchip, kvm_mp_state, kvm_msr_entry};
 
 use super::LiveUpdateError;
+use crate::config::{DeviceConfig, DeviceKind};
 use crate::config::{MemoryConfig, SerialConfig};
 use crate::snapshot::{self, VcpuSnapshot, VmSnapshot};
-use crate::vhost_user::{DeviceConfig, DeviceKind, RingBase};
+use crate::vhost_user::RingBase;
 use crate::vm::{Vm, VmConfig};
 
 /// Name of a device's inflight region on the cpr channel.
@@ -262,7 +263,7 @@ pub(super) fn restore_kvm(vm: &Vm, state: &VmState) -> Result<(), LiveUpdateErro
     )?;
     let mut serial = vm.serial.lock().unwrap_or_else(|e| e.into_inner());
     crate::devices::serial::restore(&mut serial, &superio_state(&state.serial))
-        .map_err(|e| LiveUpdateError::State(format!("serial: {e}")))?;
+        .map_err(LiveUpdateError::Serial)?;
     Ok(())
 }
 

@@ -84,7 +84,7 @@ where
 {
     // A rendezvous: the VM passes only while both threads are there.
     let (built_tx, built_rx) = sync_channel::<Arc<Vm>>(0);
-    let (go_tx, go_rx) = sync_channel::<Result<(), String>>(1);
+    let (go_tx, go_rx) = sync_channel::<Result<(), LiveUpdateError>>(1);
     let (done_tx, done_rx) = sync_channel(1);
     let sb = Arc::clone(sandbox);
     sandbox.spawn(
@@ -104,7 +104,7 @@ where
                 go_rx
                     .recv()
                     .map_err(|_| LiveUpdateError::Worker)?
-                    .map_err(LiveUpdateError::Start)
+                    .map_err(|e| LiveUpdateError::Start(Box::new(e)))
             };
             let r = incoming.accept(serial, &mut built);
             drop(incoming);
@@ -113,7 +113,7 @@ where
     )?;
     // Nothing arrives if the thread fails before the VM is built: it then reports below.
     if let Ok(vm) = built_rx.recv() {
-        let started = host(&vm).map_err(|e| e.to_string());
+        let started = host(&vm);
         let _ = go_tx.send(started);
     }
     done_rx.recv().map_err(|_| LiveUpdateError::Worker)?

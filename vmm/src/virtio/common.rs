@@ -28,8 +28,8 @@ mod off {
 
 /// Size of the common configuration structure.
 pub const SIZE: u64 = 0x40;
-/// MSI-X "no vector".
-pub const NO_VECTOR: u16 = 0xffff;
+/// MSI-X "no vector" (the live-update state checks vectors against the same value).
+pub use baton_protocol::state::NO_VECTOR;
 
 /// One queue's registers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

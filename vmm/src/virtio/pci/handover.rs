@@ -11,13 +11,9 @@ use baton_protocol::state::{
 use vhost::vhost_user::message::VhostUserInflight;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::{VirtioBackend, VirtioPciDevice, enabled_queues, msix, status};
-use crate::vhost_user::RingBase;
+use super::{DeviceError, VirtioPciDevice, enabled_queues, msix, status};
+use crate::vhost_user::{ErrorClass, RingBase, TYPE_BLOCK, VhostUserDevice, VhostUserError};
 use crate::virtio::drain::{self, DRAIN_TIMEOUT, DrainError, RunningRing, StoppedRing};
-
-/// virtio device type of a block device: its rings carry requests that the back-end takes
-/// and later completes.
-const BLK: u16 = 2;
 
 /// What [`VirtioPciDevice::suspend`] leaves behind.
 #[derive(Debug)]
@@ -34,17 +30,17 @@ pub struct Suspended {
 #[derive(Debug, thiserror::Error)]
 pub enum SuspendError {
     /// GET_VRING_BASE failed.
-    #[error("{0}")]
-    StopRings(String),
+    #[error(transparent)]
+    StopRings(VhostUserError),
     /// Requests taken before the rings stopped did not complete, or cannot be accounted for.
     #[error(transparent)]
     Drain(#[from] DrainError),
 }
 
 /// The guest's used index of queue `index`, whose used ring is at `used`.
-fn used_index(mem: &GuestMemoryMmap, index: u16, used: u64) -> Result<u16, String> {
+fn used_index(mem: &GuestMemoryMmap, index: u16, used: u64) -> Result<u16, DeviceError> {
     mem.read_obj::<u16>(GuestAddress(used + 2))
-        .map_err(|e| format!("reading the used index of queue {index}: {e}"))
+        .map_err(|source| DeviceError::UsedIndex { index, source })
 }
 
 impl VirtioPciDevice {
@@ -102,7 +98,7 @@ impl VirtioPciDevice {
     /// disconnects from it (live update; the vCPUs are paused). See [`drain`] for why.
     pub fn suspend(&mut self) -> Suspended {
         let since = Instant::now();
-        let idle_wait = if self.activated && self.backend.device_type() == BLK {
+        let idle_wait = if self.activated && self.backend.device_type() == TYPE_BLOCK {
             self.wait_idle(since)
         } else {
             Duration::ZERO
@@ -187,7 +183,7 @@ impl VirtioPciDevice {
 
     /// Reconnects the back-end and configures the guest's rings at `bases`. With `enable` the
     /// rings start now (see [`VirtioPciDevice::enable_rings`]); without, they wait for it.
-    pub fn resume(&mut self, bases: &[RingBase], enable: bool) -> Result<(), String> {
+    pub fn resume(&mut self, bases: &[RingBase], enable: bool) -> Result<(), DeviceError> {
         let mem = &self.mem;
         let (active, starts) = if self.running() {
             enabled_queues(&self.common.queues, &self.kicks, &self.calls, |i, q| {
@@ -214,7 +210,7 @@ impl VirtioPciDevice {
 
     /// Enables the configured rings and interrupts the guest once per ring: a spurious
     /// interrupt is harmless, a lost one is not.
-    pub fn enable_rings(&mut self) -> Result<(), String> {
+    pub fn enable_rings(&mut self) -> Result<(), VhostUserError> {
         if !self.activated {
             return Ok(());
         }
@@ -292,6 +288,18 @@ impl VirtioPciDevice {
         self.backend.reconnect_limit()
     }
 
+    /// After a failed [`VirtioPciDevice::resume`] whose error is worth retrying (not
+    /// [`ErrorClass::Fatal`]): the back-end watcher takes the device over and reconnects as
+    /// after a crash, restarting the guest's rings where its used rings say.
+    pub fn await_backend(&mut self, cause: &DeviceError) {
+        debug_assert_ne!(cause.class(), ErrorClass::Fatal);
+        tracing::warn!(device = %self.name, socket = %self.backend.socket().display(),
+            "vhost-user back-end not back yet ({cause}); reconnecting in the background");
+        self.backend.lost();
+        self.activated = self.running();
+        self.backend_state = BackendState::Reconnecting;
+    }
+
     /// Stops waiting for the back-end: the device goes to NEEDS_RESET.
     pub fn give_up(&mut self) {
         tracing::error!(device = %self.name, socket = %self.backend.socket().display(),
@@ -309,7 +317,7 @@ impl VirtioPciDevice {
     /// used rings say the dead back-end stopped (a back-end with an inflight region
     /// resubmits the requests it had taken and not completed). Every ring is kicked and
     /// every vector signalled once.
-    pub fn try_reconnect(&mut self) -> Result<(), String> {
+    pub fn try_reconnect(&mut self) -> Result<(), DeviceError> {
         self.backend.reconnect_once()?;
         let mem = &self.mem;
         let (active, starts) = if self.activated {
@@ -324,7 +332,7 @@ impl VirtioPciDevice {
             .resume(self.common.driver_features, &active, &starts, true)
         {
             self.backend.lost();
-            return Err(e);
+            return Err(e.into());
         }
         for q in &active {
             let _ = q.kick.write(1);
@@ -339,7 +347,7 @@ impl VirtioPciDevice {
     }
 
     /// The back-end's negotiated features and socket, for the state stream.
-    pub fn backend(&self) -> &dyn VirtioBackend {
-        self.backend.as_ref()
+    pub fn backend(&self) -> &VhostUserDevice {
+        &self.backend
     }
 }

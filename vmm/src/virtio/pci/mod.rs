@@ -14,11 +14,15 @@ use vmm_sys_util::eventfd::EventFd;
 use baton_protocol::api::BackendState;
 
 use super::common::{CommonConfig, Effect, NO_VECTOR, QueueRegs};
-use super::{ActiveQueue, VirtioBackend, status};
+use super::status;
 use crate::interrupts::IrqRouting;
 use crate::pci::config::{BarMove, ConfigSpace, PciId};
 use crate::pci::msix::{self, Msix};
 use crate::pci::{PciDevice, lo32};
+use crate::vhost_user::features::F_VERSION_1;
+use crate::vhost_user::{
+    ActiveQueue, ErrorClass, TYPE_BLOCK, TYPE_NET, VhostUserDevice, VhostUserError,
+};
 
 mod handover;
 
@@ -65,12 +69,63 @@ pub enum VirtioPciError {
     Irq(#[from] crate::interrupts::IrqError),
 }
 
+/// Why a device's rings cannot be handed to its back-end.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// A vhost-user step failed.
+    #[error(transparent)]
+    Backend(#[from] VhostUserError),
+    /// The driver set a queue size the device does not support.
+    #[error("queue {index}: size {size} is not a power of two up to {max}")]
+    QueueSize {
+        /// Queue index.
+        index: u16,
+        /// Size the driver set.
+        size: u16,
+        /// Largest size offered.
+        max: u16,
+    },
+    /// A ring the driver set up is not in guest RAM or misaligned.
+    #[error("queue {index}: {what} at {addr:#x} is outside guest RAM or misaligned")]
+    RingOutsideRam {
+        /// Queue index.
+        index: u16,
+        /// Which part of the ring.
+        what: &'static str,
+        /// Its guest address.
+        addr: u64,
+    },
+    /// A queue index beyond what the device has.
+    #[error("queue {0} has no eventfds")]
+    NoEventFds(usize),
+    /// The guest's used index could not be read.
+    #[error("reading the used index of queue {index}: {source}")]
+    UsedIndex {
+        /// Queue index.
+        index: u16,
+        /// Why.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+impl DeviceError {
+    /// What to do about this error: a back-end error says so itself; the guest's rings do not
+    /// get better by trying again.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            DeviceError::Backend(e) => e.class(),
+            _ => ErrorClass::Fatal,
+        }
+    }
+}
+
 /// A virtio device on the PCI bus.
 pub struct VirtioPciDevice {
     config: ConfigSpace,
     msix: Msix,
     common: CommonConfig,
-    backend: Box<dyn VirtioBackend>,
+    backend: VhostUserDevice,
     vm: Arc<VmFd>,
     irq: Arc<IrqRouting>,
     mem: GuestMemoryMmap,
@@ -97,7 +152,7 @@ impl VirtioPciDevice {
     /// A device for `backend` whose BAR sits at `bar_base`.
     pub fn new(
         name: String,
-        backend: Box<dyn VirtioBackend>,
+        backend: VhostUserDevice,
         vm: Arc<VmFd>,
         irq: Arc<IrqRouting>,
         mem: GuestMemoryMmap,
@@ -107,8 +162,8 @@ impl VirtioPciDevice {
         let vectors = nq + 1;
         let device_type = backend.device_type();
         let class = match device_type {
-            1 => 0x02_00_00, // network controller
-            2 => 0x01_80_00, // mass storage, other
+            TYPE_NET => 0x02_00_00,   // network controller
+            TYPE_BLOCK => 0x01_80_00, // mass storage, other
             _ => 0xff_00_00,
         };
         let mut config = ConfigSpace::new(PciId {
@@ -259,7 +314,7 @@ impl VirtioPciDevice {
         let mut new = value;
         if new & status::FEATURES_OK != 0 && old & status::FEATURES_OK == 0 {
             let f = self.common.driver_features;
-            if f & !self.common.device_features != 0 || f & super::F_VERSION_1 == 0 {
+            if f & !self.common.device_features != 0 || f & F_VERSION_1 == 0 {
                 tracing::warn!(device = %self.name, "driver features {f:#x} refused");
                 new &= !status::FEATURES_OK;
             }
@@ -280,7 +335,7 @@ impl VirtioPciDevice {
         let _ = self.config_call.write(1);
     }
 
-    fn activate(&mut self) -> Result<(), String> {
+    fn activate(&mut self) -> Result<(), DeviceError> {
         let max = self.backend.max_queue_size();
         let mem = &self.mem;
         let (active, _) = enabled_queues(&self.common.queues, &self.kicks, &self.calls, |i, q| {
@@ -299,17 +354,17 @@ fn enabled_queues<'a>(
     queues: &[QueueRegs],
     kicks: &'a [EventFd],
     calls: &'a [EventFd],
-    mut start: impl FnMut(u16, &QueueRegs) -> Result<u16, String>,
-) -> Result<(Vec<ActiveQueue<'a>>, Vec<u16>), String> {
+    mut start: impl FnMut(u16, &QueueRegs) -> Result<u16, DeviceError>,
+) -> Result<(Vec<ActiveQueue<'a>>, Vec<u16>), DeviceError> {
     let mut active = Vec::new();
     let mut starts = Vec::new();
     for (i, q) in queues.iter().enumerate() {
         if !q.enabled {
             continue;
         }
-        let index = u16::try_from(i).map_err(|_| "queue index".to_string())?;
-        let (Some(kick), Some(call)) = (kicks.get(i), calls.get(i)) else {
-            return Err(format!("queue {i} has no eventfds"));
+        let (Ok(index), Some(kick), Some(call)) = (u16::try_from(i), kicks.get(i), calls.get(i))
+        else {
+            return Err(DeviceError::NoEventFds(i));
         };
         starts.push(start(index, q)?);
         active.push(ActiveQueue {
@@ -334,11 +389,9 @@ fn check_ring(
     desc: u64,
     avail: u64,
     used: u64,
-) -> Result<(), String> {
+) -> Result<(), DeviceError> {
     if size == 0 || !size.is_power_of_two() || size > max {
-        return Err(format!(
-            "queue {index}: size {size} is not a power of two up to {max}"
-        ));
+        return Err(DeviceError::QueueSize { index, size, max });
     }
     let n = u64::from(size);
     for (what, addr, len, align) in [
@@ -351,9 +404,7 @@ fn check_ring(
             usize::try_from(len).unwrap_or(usize::MAX),
         );
         if addr % align != 0 || !in_ram || GuestAddress(addr).checked_add(len).is_none() {
-            return Err(format!(
-                "queue {index}: {what} at {addr:#x} is outside guest RAM or misaligned"
-            ));
+            return Err(DeviceError::RingOutsideRam { index, what, addr });
         }
     }
     Ok(())

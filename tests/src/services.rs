@@ -80,6 +80,47 @@ pub fn start_net_tap(ns: &Netns, tap: &str, socket: &Path) -> anyhow::Result<Pro
     Ok(p)
 }
 
+/// Starts `baton-net-tap --tap TAP EXTRA` inside `ns` under `baton-supervise`, which binds the
+/// socket at `socket`, keeps the TAP queues the service stores, and restarts it whenever it
+/// dies; waits until the TAP exists. Stop it with SIGTERM (dropping the [`Proc`] does); kill the
+/// service itself ([`service_pid`]) to restart it.
+pub fn start_supervised_net_tap(
+    ns: &Netns,
+    tap: &str,
+    socket: &Path,
+    extra: &[&str],
+) -> anyhow::Result<Proc> {
+    let _ = std::fs::remove_file(socket);
+    let mut c = ns.command(&bin("baton-supervise"));
+    c.arg("--socket")
+        .arg(socket)
+        .arg("--")
+        .arg(bin("baton-net-tap"))
+        .args(["--tap", tap])
+        .args(extra);
+    c.stderr(log_file(socket)?);
+    let p = Proc::spawn(c)?;
+    let sys = format!("/sys/class/net/{tap}");
+    wait_until(STEP, || {
+        (socket.exists() && ns.exec(&format!("test -e {sys}")).is_ok()).then_some(())
+    })
+    .ok_or_else(|| anyhow::anyhow!("baton-supervise / baton-net-tap did not come up"))?;
+    Ok(p)
+}
+
+/// The pid of the service a `baton-supervise` runs now (its child), if one runs.
+pub fn service_pid(supervisor: &Proc) -> Option<i32> {
+    let sup = i32::try_from(supervisor.child.id()).ok()?;
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        let rest = stat.get(stat.rfind(')')? + 1..)?;
+        let ppid: i32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+        (ppid == sup).then_some(pid)
+    })
+}
+
 /// `<path>.log`, appended to: where a service's stderr goes.
 pub fn log_file(path: &Path) -> anyhow::Result<std::fs::File> {
     let mut p = path.as_os_str().to_owned();

@@ -38,6 +38,7 @@ impl EchoStats {
 pub struct EchoStream {
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
+    echoed: Arc<AtomicU64>,
     thread: std::thread::JoinHandle<anyhow::Result<anyhow::Result<EchoStats>>>,
 }
 
@@ -46,9 +47,28 @@ impl EchoStream {
     pub fn start(ns: &Netns, dst: String, interval: Duration) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let sent = Arc::new(AtomicU64::new(0));
-        let (flag, counter) = (stop.clone(), sent.clone());
-        let thread = ns.thread(move || run(&dst, interval, &flag, &counter));
-        EchoStream { stop, sent, thread }
+        let echoed = Arc::new(AtomicU64::new(0));
+        let (flag, counter, back) = (stop.clone(), sent.clone(), echoed.clone());
+        let thread = ns.thread(move || run(&dst, interval, &flag, (&counter, &back)));
+        EchoStream {
+            stop,
+            sent,
+            echoed,
+            thread,
+        }
+    }
+
+    /// Distinct datagrams echoed so far.
+    pub fn echoed(&self) -> u64 {
+        self.echoed.load(Ordering::SeqCst)
+    }
+
+    /// Waits until a datagram comes back (the path is up: ARP answered, the guest echoing) and
+    /// returns the mark after it: count losses from there.
+    pub fn wait_first_echo(&self, timeout: Duration) -> anyhow::Result<u64> {
+        crate::harness::wait_until(timeout, || (self.echoed() > 0).then_some(()))
+            .ok_or_else(|| anyhow::anyhow!("no datagram came back in {timeout:?}"))?;
+        Ok(self.mark())
     }
 
     /// The sequence number the next datagram will carry (a mark for [`EchoStats::lost_between`]).
@@ -69,7 +89,7 @@ fn run(
     dst: &str,
     interval: Duration,
     stop: &AtomicBool,
-    counter: &AtomicU64,
+    (counter, back): (&AtomicU64, &AtomicU64),
 ) -> anyhow::Result<EchoStats> {
     let s = UdpSocket::bind("0.0.0.0:0")?;
     s.set_nonblocking(true)?;
@@ -94,6 +114,7 @@ fn run(
             last_echo = Some(now);
             if seen.insert(seq) {
                 st.echoed += 1;
+                back.store(st.echoed, Ordering::SeqCst);
             } else {
                 st.duplicates += 1;
             }

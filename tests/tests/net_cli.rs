@@ -336,7 +336,11 @@ fn net_socket_activation_and_sd_notify() {
         });
     }
     let mut child = KillOnDrop(cmd.spawn().unwrap());
+    // The TAP queue goes to the fd store first (FDSTORE=1, the fd as SCM_RIGHTS: dropped here),
+    // then READY=1.
     let mut buf = [0u8; 64];
+    let n = notify.recv(&mut buf).expect("FDSTORE=1 from sd_notify");
+    assert_eq!(&buf[..n], b"FDSTORE=1\nFDNAME=tap-q0");
     let n = notify.recv(&mut buf).expect("READY=1 from sd_notify");
     assert_eq!(&buf[..n], b"READY=1");
     let mut fe = UnixStream::connect(dir.join("act.sock")).unwrap();

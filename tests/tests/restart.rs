@@ -1,13 +1,13 @@
 //! Per-back-end restart under a running guest: the back-end process is killed (SIGKILL at a
 //! random moment, or SIGTERM for a graceful upgrade) and started again on the same socket;
-//! baton-vmm reconnects and the guest sees no error.
+//! baton-vmm reconnects and the guest sees no error. baton-net-tap is restarted both by hand
+//! (frames that arrive while no process holds the TAP queue are lost) and under
+//! baton-supervise, whose fd store keeps the TAP queue attached: nothing is lost.
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 #[path = "net_util.rs"]
 mod net_util;
 
-use std::collections::BTreeSet;
-use std::net::UdpSocket;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -15,8 +15,11 @@ use std::time::{Duration, Instant};
 use baton_tests::bench::Rng;
 use baton_tests::boot::baton_cmd;
 use baton_tests::harness::{Proc, TempDir, bin, can_run, result_json, run_to_end, wait_until};
-use baton_tests::services::verify_blk_cont_image;
-use net_util::{NetTap, Netns, net_skip_reason, tap_name};
+use baton_tests::services::{
+    kill, service_pid, start_net_tap, start_supervised_net_tap, verify_blk_cont_image,
+};
+use baton_tests::udp::EchoStream;
+use net_util::{net_skip_reason, tap_name};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -156,9 +159,127 @@ fn blk_backend_upgraded_with_sigterm() {
     }
 }
 
-const GUEST_IP: &str = "10.213.7.2";
-const HOST_IP: &str = "10.213.7.1";
+/// What one run of [`net_restarts`] saw.
+struct NetRestarts {
+    /// Datagrams sent from the first echo to the end.
+    sent: u64,
+    /// Of those, never echoed.
+    lost: u64,
+    /// Lost in each window: first echo → kill 1 → … → kill N → end.
+    per_window: Vec<u64>,
+    /// Echoed among the last 500 sent.
+    tail: u64,
+    /// The back-end's log.
+    log: String,
+}
 
+/// The guest runs a UDP echo (`net-cont`) on baton-net-tap; from a namespace, 1 datagram per
+/// ms; `restarts` times, at a random moment, baton-net-tap is SIGKILLed and comes back, either
+/// started again by hand on a persistent TAP or by baton-supervise (a TAP baton-net-tap creates,
+/// kept by the stored queue). Counts only what is sent after the first echo.
+fn net_restarts(supervised: bool, restarts: u64) -> NetRestarts {
+    let guest = if supervised {
+        "10.213.8.2"
+    } else {
+        "10.213.7.2"
+    };
+    let host = if supervised {
+        "10.213.8.1"
+    } else {
+        "10.213.7.1"
+    };
+    let ns = baton_tests::netns::Netns::new(if supervised { "rsv" } else { "rst" }).unwrap();
+    let dir = TempDir::new(if supervised {
+        "restart-net-sup"
+    } else {
+        "restart-net"
+    });
+    let tap = tap_name(if supervised { "rv" } else { "rs" });
+    let socket = dir.join("net.sock");
+    let mut net = if supervised {
+        let sup = start_supervised_net_tap(&ns, &tap, &socket, &[]).unwrap();
+        ns.exec(&format!(
+            "ip addr add {host}/24 dev {tap} && ip link set {tap} up"
+        ))
+        .unwrap();
+        sup
+    } else {
+        // A persistent TAP, so that it (and its address) outlives each baton-net-tap process.
+        ns.persistent_tap(&tap, &format!("{host}/24")).unwrap();
+        start_net_tap(&ns, &tap, &socket).unwrap()
+    };
+    let api = dir.join("api.sock");
+    let mut c = baton_cmd(1, "128M", &format!("test=net-cont ip={guest}/24 seconds=0"));
+    c.arg("--net")
+        .arg(format!("socket={}", socket.display()))
+        .arg("--api-socket")
+        .arg(&api);
+    let mut vm = Proc::spawn_with_stdin(c).unwrap();
+    assert!(
+        vm.wait_line(T, |l| l.contains("ready")).is_some(),
+        "{}",
+        vm.transcript()
+    );
+    let echo = EchoStream::start(&ns, format!("{guest}:7"), Duration::from_millis(1));
+    let mut marks = vec![echo.wait_first_echo(T).unwrap()];
+    let mut rng = Rng::from_clock();
+    for i in 1..=restarts {
+        std::thread::sleep(Duration::from_millis(300 + rng.next(400)));
+        if supervised {
+            let pid = service_pid(&net).expect("baton-net-tap runs under baton-supervise");
+            // SAFETY: kill(2) on the supervisor's child, a process this test started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            wait_reconnects(&api, i);
+            assert_ne!(service_pid(&net), Some(pid), "not restarted");
+        } else {
+            kill(&mut net, libc::SIGKILL);
+            net = start_net_tap(&ns, &tap, &socket).unwrap();
+            wait_reconnects(&api, i);
+        }
+        marks.push(echo.mark());
+    }
+    std::thread::sleep(Duration::from_millis(700));
+    let to = echo.mark();
+    marks.push(to);
+    let stats = echo.stop().unwrap();
+    vm.send(b"q").unwrap();
+    assert_eq!(vm.wait_exit(T), Some(0), "{}", vm.transcript());
+    let r = result_json(&vm.seen).unwrap_or_else(|| panic!("{}", vm.transcript()));
+    assert_eq!(r["result"], "pass", "{r}");
+    drop(net);
+    let from = marks[0];
+    let run = NetRestarts {
+        sent: to - from,
+        lost: stats.lost_between(from, to),
+        per_window: marks
+            .windows(2)
+            .map(|w| stats.lost_between(w[0], w[1]))
+            .collect(),
+        tail: 500 - stats.lost_between(to.saturating_sub(500), to),
+        log: std::fs::read_to_string(dir.join("net.sock.log")).unwrap_or_default(),
+    };
+    eprintln!(
+        "{restarts} baton-net-tap SIGKILLs ({}): {} datagrams sent after the first echo, {} \
+         lost (per window first echo → kill 1 → … → end: {:?}), {} duplicated, largest echo \
+         gap {:.1} ms",
+        if supervised {
+            "under baton-supervise"
+        } else {
+            "started again by hand"
+        },
+        run.sent,
+        run.lost,
+        run.per_window,
+        stats.duplicates,
+        stats.max_gap_ms
+    );
+    run
+}
+
+/// baton-net-tap restarted by hand (SIGKILL, start again on the persistent TAP), no service
+/// manager: the guest's network comes back after every restart, but the frames that arrive
+/// while no process holds the TAP queue are dropped by the kernel (the figure printed; compare
+/// `net_backend_supervised_sigkilled_5_times_loses_no_datagram`).
 #[test]
 fn net_backend_restarted_under_udp_echo() {
     if !can_run("net_backend_restarted_under_udp_echo") {
@@ -168,93 +289,38 @@ fn net_backend_restarted_under_udp_echo() {
         eprintln!("SKIP net_backend_restarted_under_udp_echo: {why}");
         return;
     }
-    let ns = Netns::new("rst");
-    let dir = TempDir::new("restart-net");
-    let tap = tap_name("rs");
-    // A persistent TAP, so that it (and its address) outlives each baton-net-tap process.
-    ns.exec(&format!(
-        "ip tuntap add dev {tap} mode tap multi_queue vnet_hdr && ip addr add {HOST_IP}/24 dev {tap} && ip link set {tap} up"
-    ));
-    let mut nt = NetTap::start(&ns, &dir, &["--tap", &tap]);
-    let api = dir.join("api.sock");
-    let mut c = baton_cmd(
-        1,
-        "128M",
-        &format!("test=net-cont ip={GUEST_IP}/24 seconds=0"),
-    );
-    c.arg("--net")
-        .arg(format!("socket={}", nt.socket.display()))
-        .arg("--api-socket")
-        .arg(&api);
-    let mut vm = Proc::spawn_with_stdin(c).unwrap();
+    let r = net_restarts(false, 5);
     assert!(
-        vm.wait_line(T, |l| l.contains("ready")).is_some(),
-        "{}",
-        vm.transcript()
+        r.tail > 400,
+        "echo did not resume: {} of the last 500 came back",
+        r.tail
     );
+    assert!(r.lost < r.sent / 2, "{} of {} lost", r.lost, r.sent);
+}
 
-    // A sender in the namespace: one datagram per ms with a sequence number; a receiver
-    // thread records what comes back.
-    let dst = format!("{GUEST_IP}:7");
-    let restarts = 5u64;
-    let sent_so_far = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
-    let counter = sent_so_far.clone();
-    let sender = ns.thread(move || {
-        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
-        let mut got = BTreeSet::new();
-        let mut buf = [0u8; 64];
-        let t0 = Instant::now();
-        let mut seq = 0u32;
-        let mut sent = 0u32;
-        while t0.elapsed() < Duration::from_secs(8) {
-            let _ = s.send_to(&seq.to_le_bytes(), &dst);
-            sent += 1;
-            seq += 1;
-            counter.store(seq, std::sync::atomic::Ordering::SeqCst);
-            while let Ok((n, _)) = s.recv_from(&mut buf) {
-                if n == 4 {
-                    got.insert(u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]));
-                }
-            }
-        }
-        let deadline = Instant::now() + Duration::from_millis(300);
-        while Instant::now() < deadline {
-            if let Ok((4, _)) = s.recv_from(&mut buf) {
-                got.insert(u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]));
-            }
-        }
-        (sent, got)
-    });
-    std::thread::sleep(Duration::from_millis(800));
-    for i in 1..=restarts {
-        nt.child.kill().unwrap();
-        let _ = nt.child.wait();
-        nt = NetTap::start(&ns, &dir, &["--tap", &tap]);
-        wait_reconnects(&api, i);
-        std::thread::sleep(Duration::from_millis(700));
+/// baton-net-tap under baton-supervise, SIGKILLed 5 times under the same stream: the service
+/// stored its TAP queue, the supervisor keeps it attached while the service is down, so the
+/// frames that arrive meanwhile wait in it and the guest echoes every datagram. The TAP is not
+/// even persistent: the stored queue keeps it (and its address) alive.
+#[test]
+fn net_backend_supervised_sigkilled_5_times_loses_no_datagram() {
+    if !can_run("net_backend_supervised_sigkilled_5_times_loses_no_datagram") {
+        return;
     }
-    let (sent, got) = sender.join().unwrap();
-    let lost = sent - got.len() as u32;
-    // Echo resumed after the last restart: the last second's datagrams came back.
-    let tail = got
-        .iter()
-        .filter(|&&s| s >= sent.saturating_sub(500))
-        .count();
-    eprintln!(
-        "{restarts} baton-net-tap restarts: {sent} datagrams sent, {} echoed, {lost} lost",
-        got.len()
+    if let Some(why) = net_skip_reason() {
+        eprintln!("SKIP net_backend_supervised_sigkilled_5_times_loses_no_datagram: {why}");
+        return;
+    }
+    let r = net_restarts(true, 5);
+    assert_eq!(
+        r.log
+            .matches("TAP queues kept by the service manager")
+            .count(),
+        5,
+        "every restart reuses the stored queue:\n{}",
+        r.log
     );
-    assert!(
-        tail > 400,
-        "echo did not resume: {tail} of the last 500 came back"
-    );
-    assert!(got.len() as u32 > sent / 2, "{} of {sent}", got.len());
-    vm.send(b"q").unwrap();
-    assert_eq!(vm.wait_exit(T), Some(0), "{}", vm.transcript());
-    let r = result_json(&vm.seen).unwrap_or_else(|| panic!("{}", vm.transcript()));
-    assert_eq!(r["result"], "pass", "{r}");
-    drop(nt);
+    assert_eq!(r.lost, 0, "per window {:?}\n{}", r.per_window, r.log);
 }
 
 #[test]

@@ -22,7 +22,7 @@ use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::datapath::{self, Scratch};
 use crate::ratelimit::Stats;
-use crate::tap::{TUNSETQUEUE, Tap};
+use crate::tap::{IFF_ATTACH_QUEUE, IFF_DETACH_QUEUE, TUNSETQUEUE, Tap};
 use crate::virtio::{Negotiated, config_space, ctrl};
 
 /// Guest memory as mapped from the front-end's memory table.
@@ -57,6 +57,10 @@ pub struct Vring {
     pub enabled: bool,
     /// Started by SET_VRING_KICK, stopped by GET_VRING_BASE or a disconnect.
     pub started: bool,
+    /// Turned off by the front-end (SET_VRING_ENABLE 0) and not on again since; unlike a ring
+    /// that is merely not enabled yet (a front-end connecting or reconnecting), or whose
+    /// front-end is gone.
+    pub disabled: bool,
     /// The guest broke the ring (see [`baton_service::ring::AvailOverrun`]): left alone until
     /// the front-end starts it again.
     pub broken: bool,
@@ -71,6 +75,7 @@ impl Vring {
             call: None,
             enabled: false,
             started: false,
+            disabled: false,
             broken: false,
         }
     }
@@ -222,6 +227,15 @@ impl Device {
             p.tap.set_vnet_hdr_size(n.hdr_len())?;
             p.tap.set_offload(n.tap_offload())?;
         }
+        // A driver without MQ uses the first pair only; one with MQ all of them until it sets
+        // the pair count (the control queue).
+        let pairs = if n.has(crate::virtio::f::MQ) {
+            self.pairs.len()
+        } else {
+            1
+        };
+        self.active_pairs.store(pairs, Ordering::Release);
+        self.wake(None);
         let event_idx = n.has(crate::virtio::f::EVENT_IDX);
         for i in 0..self.num_queues() {
             if let Some(v) = self.vring(i) {
@@ -240,6 +254,7 @@ impl Device {
                 let mut v = lock(v);
                 v.stop();
                 v.enabled = false;
+                v.disabled = false;
                 v.queue.set_ready(false);
             }
         }
@@ -384,9 +399,6 @@ const TOKEN_RX: u64 = 2;
 const TOKEN_TX: u64 = 3;
 const TOKEN_CTRL: u64 = 4;
 
-const IFF_ATTACH_QUEUE: libc::c_short = 0x0200;
-const IFF_DETACH_QUEUE: libc::c_short = 0x0400;
-
 struct Worker<'a> {
     dev: &'a Device,
     index: usize,
@@ -420,7 +432,7 @@ impl<'a> Worker<'a> {
             pair,
             epoll,
             kicks: [None, None, None],
-            attached: true,
+            attached: pair.tap.attached(),
             scratch: Scratch::new(),
         })
     }
@@ -439,15 +451,15 @@ impl<'a> Worker<'a> {
                 TOKEN_CTRL,
             ),
         ];
-        let mut rx_enabled = false;
+        let (mut rx_enabled, mut rx_disabled) = (false, false);
         for (slot, (ring, token)) in self.kicks.iter_mut().zip(rings) {
             let Some(ring) = ring else { continue };
-            let (now, enabled) = {
+            let (now, enabled, disabled) = {
                 let v = lock(ring);
-                (v.kick.clone(), v.enabled)
+                (v.kick.clone(), v.enabled, v.disabled)
             };
             if token == TOKEN_RX {
-                rx_enabled = enabled;
+                (rx_enabled, rx_disabled) = (enabled, disabled);
             }
             let same = match (&now, &*slot) {
                 (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -476,10 +488,22 @@ impl<'a> Worker<'a> {
             }
             *slot = now;
         }
-        // Queue 0 stays attached so that frames wait in the TAP while no front-end is connected;
-        // the others follow the driver's ring enable and MQ pair count.
-        let want = self.index == 0
-            || (rx_enabled && self.index < self.dev.active_pairs.load(Ordering::Acquire));
+        // Queue 0 is always attached, so that frames wait in the TAP while no front-end is
+        // connected. The others follow the guest: attached while it uses the pair (RX ring
+        // enabled, within the MQ pair count), detached once it stops (MQ pair count, the
+        // front-end turning the ring off); while no front-end says (between front-ends, in a
+        // restarted process, before a reconnecting one enables the ring) a queue stays as it
+        // is, so frames steered to it keep waiting there: detaching would drop them.
+        let active = self.index < self.dev.active_pairs.load(Ordering::Acquire);
+        let want = if self.index == 0 {
+            true
+        } else if !active || rx_disabled {
+            false
+        } else if rx_enabled {
+            true
+        } else {
+            self.attached
+        };
         if want != self.attached {
             let mut req = [0u8; 40];
             let flags = if want {
@@ -561,4 +585,99 @@ pub fn rewind(queue: &mut Queue, n: usize) {
     let n = u16::try_from(n).unwrap_or(u16::MAX);
     let next = Wrapping(queue.next_avail()) - Wrapping(n);
     queue.set_next_avail(next.0);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// A device without TAP queues (so only the control queue, index 0) whose control ring of 4
+    /// is at 0x1000 (descriptors) and `avail`/`used`, holding one command (RX promiscuous on)
+    /// with its ack byte, started.
+    fn device(avail: u64, used: u64) -> Arc<Device> {
+        let cfg = NetConfig {
+            mac: [2, 0, 0, 0, 0, 1],
+            mtu: 1500,
+            pairs: 0,
+        };
+        let dev = Device::new(cfg, Vec::new()).unwrap();
+        let mem = GuestMem::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        mem.write_slice(&[ctrl::CLASS_RX, 0, 1], GuestAddress(0x3000))
+            .unwrap();
+        let put = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+            let a = GuestAddress(0x1000 + 16 * i);
+            mem.write_obj(addr, a).unwrap();
+            mem.write_obj(len, GuestAddress(a.0 + 8)).unwrap();
+            mem.write_obj(flags, GuestAddress(a.0 + 12)).unwrap();
+            mem.write_obj(next, GuestAddress(a.0 + 14)).unwrap();
+        };
+        put(0, 0x3000, 3, 1, 1);
+        put(1, 0x3100, 1, 2, 0);
+        mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+        dev.mem.lock().unwrap().replace(mem);
+        let mut v = lock(&dev.ctrl);
+        v.queue.try_set_size(4).unwrap();
+        v.queue
+            .try_set_desc_table_address(GuestAddress(0x1000))
+            .unwrap();
+        v.queue
+            .try_set_avail_ring_address(GuestAddress(avail))
+            .unwrap();
+        v.queue
+            .try_set_used_ring_address(GuestAddress(used))
+            .unwrap();
+        // As SET_VRING_ADDR does: the used index restarts where the driver's used ring says.
+        let used_idx = v
+            .queue
+            .used_idx(&*dev.mem.memory(), Ordering::Acquire)
+            .unwrap();
+        v.queue.set_next_used(used_idx.0);
+        v.queue.set_ready(true);
+        v.started = true;
+        v.enabled = true;
+        drop(v);
+        dev
+    }
+
+    /// Whether `process_ctrl` returns within a few seconds (a livelocked thread is left
+    /// spinning until the test binary exits).
+    fn process_ends(dev: Arc<Device>) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            dev.process_ctrl();
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(5)).is_ok()
+    }
+
+    #[test]
+    fn a_control_command_is_acked() {
+        let dev = device(0x2000, 0x2400);
+        assert!(process_ends(dev.clone()));
+        let ack: u8 = dev.mem.memory().read_obj(GuestAddress(0x3100)).unwrap();
+        assert_eq!(ack, ctrl::OK);
+        assert_eq!(lock(&dev.ctrl).queue.next_used(), 1);
+        let used: u16 = dev.mem.memory().read_obj(GuestAddress(0x2402)).unwrap();
+        assert_eq!(used, 1);
+    }
+
+    /// Found by fuzzing (`fuzz/regressions/net_ctrl/used-ring-on-avail-ring`): with the used
+    /// ring on top of the avail ring every completion moves the avail index one further, and
+    /// `process_ctrl` never returns, holding the control ring's lock (worker 0 serves queue
+    /// pair 0 too).
+    #[test]
+    #[ignore = "known livelock found by fuzzing, not fixed yet"]
+    fn a_used_ring_on_the_avail_ring_does_not_livelock() {
+        assert!(process_ends(device(0x2000, 0x2000)));
+    }
+
+    /// Found by fuzzing (`fuzz/regressions/net_ctrl/avail-ring-at-0`): virtio-queue does not
+    /// iterate an avail ring at guest address 0 (it reads as "not ready"), but
+    /// `enable_notification` still sees the index ahead, so `process_ctrl` loops.
+    #[test]
+    #[ignore = "known livelock found by fuzzing, not fixed yet"]
+    fn an_avail_ring_at_address_zero_does_not_livelock() {
+        assert!(process_ends(device(0, 0x2400)));
+    }
 }

@@ -4,7 +4,8 @@
 //! constants and the negotiated-feature logic, [`datapath`] moves frames between the rings and the
 //! TAP, [`device`] is the device core (rings, workers, control queue) that lives for the whole
 //! process, [`vhost`] adapts it to the vhost-user protocol, and [`server`] accepts front-ends one
-//! at a time on the same socket. [`seccomp`] lists each thread kind's system calls for the
+//! at a time on the same socket. [`store`] keeps the TAP queues in the service manager's fd store
+//! across restarts. [`seccomp`] lists each thread kind's system calls for the
 //! sandbox (`baton_service::sandbox`).
 
 pub mod cli;
@@ -13,6 +14,7 @@ pub mod device;
 pub mod ratelimit;
 pub mod seccomp;
 pub mod server;
+pub mod store;
 pub mod tap;
 pub mod vhost;
 pub mod virtio;

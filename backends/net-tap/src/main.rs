@@ -6,14 +6,16 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use baton_net_tap::cli::{Args, default_mac};
 use baton_net_tap::device::{Device, NetConfig};
-use baton_net_tap::{seccomp, server, tap::Tap};
+use baton_net_tap::{seccomp, server, store, tap::Tap};
 use baton_service::sandbox::{FsRule, Sandbox};
 use clap::Parser;
 
 fn run(args: Args) -> anyhow::Result<()> {
+    // What the service manager passed: the listening socket, the TAP queues it kept for us.
+    let mut passed = baton_service::ListenFds::from_env();
     let taps = if args.tap_fd.is_empty() {
         let name = args.tap.as_deref().unwrap_or_default();
-        Tap::open_queues(name, usize::from(args.queues))?
+        store::open_queues(name, usize::from(args.queues), &mut passed)?
     } else {
         if args.queues != 1 && usize::from(args.queues) != args.tap_fd.len() {
             bail!(
@@ -24,7 +26,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         args.tap_fd
             .iter()
-            .map(|fd| Tap::from_inherited_fd(*fd))
+            .map(|fd| Tap::from_inherited_fd(passed.release(*fd)))
             .collect::<Result<Vec<_>, _>>()?
     };
     let name = taps
@@ -37,7 +39,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         mtu: args.mtu,
         pairs,
     };
-    let (listener, bound) = baton_service::listener(args.socket.as_deref())?;
+    let (listener, bound) = baton_service::listener_from(&mut passed, args.socket.as_deref())?;
+    drop(passed);
     let dev = Device::new(cfg, taps).context("creating the device")?;
     let socket = args.socket.filter(|_| bound);
     let peers = baton_service::PeerPolicy::new(&args.allow_uid);

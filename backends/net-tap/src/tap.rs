@@ -3,7 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
@@ -16,6 +16,13 @@ const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_MULTI_QUEUE: libc::c_short = 0x0100;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
+/// TUNSETQUEUE: attach this queue (again) to its device.
+pub(crate) const IFF_ATTACH_QUEUE: libc::c_short = 0x0200;
+/// TUNSETQUEUE: detach this queue: the device stops steering frames to it (and drops those
+/// waiting in it). TUNGETIFF reports it on a detached queue.
+pub(crate) const IFF_DETACH_QUEUE: libc::c_short = 0x0400;
+/// The flags every queue of ours has.
+const QUEUE_FLAGS: libc::c_short = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE;
 /// Interface names are at most 15 bytes plus the terminating NUL.
 pub const IFNAMSIZ: usize = 16;
 
@@ -61,6 +68,17 @@ pub enum TapError {
         /// Cause.
         #[source]
         source: io::Error,
+    },
+    /// A stored queue fd handed back by the service manager is not a queue of this TAP with
+    /// our flags.
+    #[error(
+        "not a queue of TAP '{want}' with IFF_TAP|IFF_NO_PI|IFF_VNET_HDR|IFF_MULTI_QUEUE: {found}"
+    )]
+    NotOurQueue {
+        /// The TAP we serve.
+        want: String,
+        /// What the fd is.
+        found: String,
     },
     /// An inherited fd is not a usable TAP.
     #[error("fd {fd} is not a TAP device with IFF_VNET_HDR")]
@@ -117,6 +135,7 @@ impl IfReq {
 pub struct Tap {
     fd: OwnedFd,
     name: String,
+    attached: bool,
 }
 
 /// Checks an interface name the way the kernel does (`dev_valid_name`).
@@ -155,6 +174,13 @@ fn ioctl_ptr<T>(fd: RawFd, req: libc::c_ulong, arg: *mut T) -> io::Result<()> {
     }
 }
 
+/// TUNGETIFF: the device's name and flags, plus IFF_DETACH_QUEUE if this queue is detached.
+fn query(fd: RawFd) -> io::Result<IfReq> {
+    let mut req = IfReq::new("", 0);
+    ioctl_ptr(fd, TUNGETIFF, &mut req)?;
+    Ok(req)
+}
+
 fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     // SAFETY: F_GETFL/F_SETFL on an fd we own; no pointers involved.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
@@ -172,55 +198,81 @@ impl Tap {
     /// Creates the TAP `name` if absent, or attaches to an existing one, and opens `queues`
     /// queue fds (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE), all nonblocking.
     pub fn open_queues(name: &str, queues: usize) -> Result<Vec<Tap>, TapError> {
+        (0..queues).map(|q| Tap::open_queue(name, q)).collect()
+    }
+
+    /// Opens one more queue of TAP `name` (created if absent), attached; `queue` is its index
+    /// among ours, for messages.
+    pub fn open_queue(name: &str, queue: usize) -> Result<Tap, TapError> {
         check_name(name)?;
         let sys = Path::new("/sys/class/net").join(name);
         if sys.exists() && !sys.join("tun_flags").exists() {
             return Err(TapError::NotTap(name.to_string()));
         }
-        let mut taps = Vec::with_capacity(queues);
-        for queue in 0..queues {
-            let file: File = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
-                .open("/dev/net/tun")
-                .map_err(TapError::OpenTun)?;
-            let mut req = IfReq::new(name, IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | IFF_MULTI_QUEUE);
-            ioctl_ptr(file.as_raw_fd(), TUNSETIFF, &mut req).map_err(|source| {
-                if source.raw_os_error() == Some(libc::EPERM) {
-                    TapError::Permission(name.to_string())
-                } else if source.raw_os_error() == Some(libc::EINVAL)
-                    && !sys.join("tun_flags").exists()
-                    && sys.exists()
-                {
-                    TapError::NotTap(name.to_string())
-                } else if source.raw_os_error() == Some(libc::EINVAL)
-                    && queue == 0
-                    && !is_multi_queue(&sys)
-                {
-                    TapError::NotMultiQueue(name.to_string())
-                } else {
-                    TapError::SetIff {
-                        name: name.to_string(),
-                        queue,
-                        source,
-                    }
+        let file: File = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open("/dev/net/tun")
+            .map_err(TapError::OpenTun)?;
+        let mut req = IfReq::new(name, QUEUE_FLAGS);
+        ioctl_ptr(file.as_raw_fd(), TUNSETIFF, &mut req).map_err(|source| {
+            if source.raw_os_error() == Some(libc::EPERM) {
+                TapError::Permission(name.to_string())
+            } else if source.raw_os_error() == Some(libc::EINVAL)
+                && !sys.join("tun_flags").exists()
+                && sys.exists()
+            {
+                TapError::NotTap(name.to_string())
+            } else if source.raw_os_error() == Some(libc::EINVAL)
+                && queue == 0
+                && !is_multi_queue(&sys)
+            {
+                TapError::NotMultiQueue(name.to_string())
+            } else {
+                TapError::SetIff {
+                    name: name.to_string(),
+                    queue,
+                    source,
                 }
-            })?;
-            taps.push(Tap {
-                fd: file.into(),
-                name: req.name(),
+            }
+        })?;
+        Ok(Tap {
+            fd: file.into(),
+            name: req.name(),
+            attached: true,
+        })
+    }
+
+    /// Takes a queue fd a previous instance stored in the service manager, after checking
+    /// (TUNGETIFF) that it is a queue of TAP `name` with our flags; it stays attached or
+    /// detached as it was.
+    pub fn adopt(fd: OwnedFd, name: &str) -> Result<Tap, TapError> {
+        let req = query(fd.as_raw_fd()).map_err(|e| TapError::NotOurQueue {
+            want: name.to_string(),
+            found: format!("TUNGETIFF failed ({e})"),
+        })?;
+        if req.name() != name || req.flags & QUEUE_FLAGS != QUEUE_FLAGS {
+            return Err(TapError::NotOurQueue {
+                want: name.to_string(),
+                found: format!("a queue of '{}' with flags {:#x}", req.name(), req.flags),
             });
         }
-        Ok(taps)
+        set_nonblocking(fd.as_raw_fd()).map_err(|e| TapError::NotOurQueue {
+            want: name.to_string(),
+            found: format!("cannot be made nonblocking ({e})"),
+        })?;
+        Ok(Tap {
+            fd,
+            name: req.name(),
+            attached: req.flags & IFF_DETACH_QUEUE == 0,
+        })
     }
 
     /// Takes over an inherited TAP fd (e.g. from systemd's fd store): checks with TUNGETIFF
     /// that it is a TAP with IFF_VNET_HDR, and makes it nonblocking.
     pub fn from_inherited_fd(fd: RawFd) -> Result<Tap, TapError> {
-        let mut req = IfReq::new("", 0);
-        ioctl_ptr(fd, TUNGETIFF, &mut req)
-            .map_err(|source| TapError::BadInheritedFd { fd, source })?;
+        let req = query(fd).map_err(|source| TapError::BadInheritedFd { fd, source })?;
         if req.flags & IFF_TAP == 0 || req.flags & IFF_VNET_HDR == 0 || req.flags & IFF_NO_PI == 0 {
             return Err(TapError::BadInheritedFd {
                 fd,
@@ -237,12 +289,19 @@ impl Tap {
         Ok(Tap {
             fd: owned,
             name: req.name(),
+            attached: req.flags & IFF_DETACH_QUEUE == 0,
         })
     }
 
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Whether the queue was attached to its device when opened or taken over (a queue kept
+    /// in the fd store stays detached across a restart if it was).
+    pub fn attached(&self) -> bool {
+        self.attached
     }
 
     /// Sets the offloads the TAP may use on frames it hands us (TUNSETOFFLOAD).
@@ -278,6 +337,12 @@ impl Tap {
 impl AsRawFd for Tap {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+}
+
+impl AsFd for Tap {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 }
 

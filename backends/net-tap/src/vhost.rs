@@ -87,7 +87,11 @@ impl Adapter {
 
     /// SET_VRING_ENABLE, also reached from the connection loop's pre-filter.
     pub fn vring_enable(&mut self, index: u32, enable: bool) -> Result<()> {
-        lock(self.ring(index)?).enabled = enable;
+        {
+            let mut v = lock(self.ring(index)?);
+            v.enabled = enable;
+            v.disabled = !enable;
+        }
         self.dev.wake(usize::try_from(index).ok());
         Ok(())
     }

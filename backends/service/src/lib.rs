@@ -1,24 +1,27 @@
 //! What baton's back-ends (baton-blk, baton-net-tap) share as long-lived system services: the
-//! vhost-user listening socket, inherited from the service manager (systemd socket activation:
-//! `LISTEN_PID`/`LISTEN_FDS`, fd 3) or bound at a path, and readiness reported with
-//! `sd_notify("READY=1")`. Both are a few lines of protocol, written by hand rather than
-//! pulling in a systemd crate. And what both share as vhost-user devices facing untrusted peers:
-//! shared memory mapped so that a truncated file cannot kill them ([`memory`]), the checks a
-//! guest-controlled ring needs before a worker loops on it ([`ring`]), a deadline on each
-//! front-end message ([`conn`]), and the sandbox each back-end enters once set up: seccomp
-//! filters per thread kind and Landlock ([`sandbox`]), which baton-vmm enters too.
+//! vhost-user listening socket, inherited from the service manager (systemd socket activation,
+//! or baton-supervise) or bound at a path, readiness reported with `sd_notify("READY=1")`, and
+//! fds kept in the manager's fd store across restarts ([`sd`]: the protocol, both sides, a few
+//! lines written by hand rather than a systemd crate). And what both share as vhost-user devices
+//! facing untrusted peers: shared memory mapped so that a truncated file cannot kill them
+//! ([`memory`]), the checks a guest-controlled ring needs before a worker loops on it
+//! ([`ring`]), a deadline on each front-end message ([`conn`]), and the sandbox each back-end
+//! enters once set up: seccomp filters per thread kind and Landlock ([`sandbox`]), which
+//! baton-vmm enters too. [`supervise`] is baton-supervise, the fd store and restart loop for
+//! hosts where systemd is not the service manager.
 
 pub mod conn;
 pub mod memory;
 pub mod ring;
 pub mod sandbox;
+pub mod sd;
+pub mod supervise;
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::net::{UnixDatagram, UnixListener};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 
-/// The file descriptor systemd passes the first socket in.
-const LISTEN_FDS_START: i32 = 3;
+pub use sd::{ListenFds, notify_ready};
 
 /// Errors setting up the listening socket.
 #[derive(Debug, thiserror::Error)]
@@ -41,46 +44,31 @@ pub enum ListenError {
         #[source]
         source: std::io::Error,
     },
-    /// LISTEN_FDS says fd 3 is our socket, but it is not a UNIX socket.
-    #[error("socket activation: fd 3 is not a UNIX listening socket")]
-    BadActivationFd,
+    /// The service manager passed fds, none of them a UNIX listening socket, and no path was
+    /// given.
+    #[error("socket activation: none of the {0} fds passed is a UNIX listening socket")]
+    BadActivationFd(usize),
 }
 
-/// Whether the service manager passed us a socket (`LISTEN_PID` is us, `LISTEN_FDS` ≥ 1).
-fn activated() -> bool {
-    let ours = std::env::var("LISTEN_PID")
-        .ok()
-        .and_then(|p| p.parse::<u32>().ok())
-        == Some(std::process::id());
-    let fds = std::env::var("LISTEN_FDS")
-        .ok()
-        .and_then(|n| n.parse::<u32>().ok())
-        .unwrap_or(0);
-    ours && fds >= 1
-}
-
-/// The listening socket: fd 3 under socket activation, else a socket bound at `path` (a stale
-/// socket file there is replaced). Returns whether this process bound it (and so should remove
-/// the file when it stops). Call before starting threads: it clears the activation variables
-/// so that child processes do not inherit them.
+/// The listening socket: the one the service manager passed (socket activation), else a socket
+/// bound at `path` (a stale socket file there is replaced). Returns whether this process bound
+/// it (and so should remove the file when it stops). Call before starting threads: it takes
+/// the fds passed at exec ([`ListenFds::from_env`]) and drops the others; a service that wants
+/// more of them calls [`listener_from`].
 pub fn listener(path: Option<&Path>) -> Result<(UnixListener, bool), ListenError> {
-    if activated() {
-        // SAFETY: under socket activation fd 3 is the listening socket the service manager
-        // passed to us; nothing else in this process owns it.
-        let fd = unsafe { OwnedFd::from_raw_fd(LISTEN_FDS_START) };
-        // SAFETY: FD_CLOEXEC on an fd we own.
-        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
-        let l = UnixListener::from(fd);
-        if l.local_addr().is_err() {
-            return Err(ListenError::BadActivationFd);
-        }
-        // SAFETY: called before any thread is spawned, so nothing reads the environment
-        // concurrently.
-        unsafe {
-            std::env::remove_var("LISTEN_PID");
-            std::env::remove_var("LISTEN_FDS");
-        }
+    listener_from(&mut ListenFds::from_env(), path)
+}
+
+/// [`listener`] taking the socket from `passed`, which keeps the other fds.
+pub fn listener_from(
+    passed: &mut ListenFds,
+    path: Option<&Path>,
+) -> Result<(UnixListener, bool), ListenError> {
+    if let Some(l) = passed.take_listener() {
         return Ok((l, false));
+    }
+    if path.is_none() && !passed.is_empty() {
+        return Err(ListenError::BadActivationFd(passed.len()));
     }
     let path = path.ok_or(ListenError::NoSocket)?;
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -185,26 +173,6 @@ impl PeerPolicy {
     }
 }
 
-/// Sends `READY=1` to `$NOTIFY_SOCKET` if set (a path, or an abstract name after '@').
-pub fn notify_ready() {
-    let Some(target) = std::env::var_os("NOTIFY_SOCKET") else {
-        return;
-    };
-    let sent = UnixDatagram::unbound().and_then(|s| {
-        let bytes = target.as_encoded_bytes();
-        if let Some(name) = bytes.strip_prefix(b"@") {
-            use std::os::linux::net::SocketAddrExt;
-            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
-            s.send_to_addr(b"READY=1", &addr)
-        } else {
-            s.send_to(b"READY=1", Path::new(&target))
-        }
-    });
-    if let Err(e) = sent {
-        tracing::warn!("sd_notify to {} failed: {e}", target.to_string_lossy());
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,23 +203,6 @@ mod tests {
             Err(ListenError::NoDir(..))
         ));
         assert!(matches!(listener(None), Err(ListenError::NoSocket)));
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn readiness_reaches_the_notify_socket() {
-        let dir = std::env::temp_dir().join(format!("baton-notify-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("notify");
-        let rx = UnixDatagram::bind(&path).unwrap();
-        // SAFETY: this test is the only reader of NOTIFY_SOCKET in this process.
-        unsafe { std::env::set_var("NOTIFY_SOCKET", &path) };
-        notify_ready();
-        // SAFETY: as above.
-        unsafe { std::env::remove_var("NOTIFY_SOCKET") };
-        let mut buf = [0u8; 16];
-        let n = rx.recv(&mut buf).unwrap();
-        assert_eq!(&buf[..n], b"READY=1");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

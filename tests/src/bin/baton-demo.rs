@@ -1,10 +1,12 @@
 //! `./demo.sh`: baton's main job, end to end.
 //!
-//! Starts baton-blk on a disk image and baton-net-tap on a TAP inside a network namespace,
-//! boots the test guest on baton-vmm with both (2 vCPUs), and runs continuous verified disk
-//! writes and a sequence-numbered UDP echo stream from the namespace. Under that load it
-//! swaps the VMM three times (live update) and restarts each back-end once (SIGKILL, start
-//! again). Prints a summary; the last line is one JSON object with the figures.
+//! Starts baton-blk on a disk image and baton-net-tap on a TAP inside a network namespace (under
+//! baton-supervise, which keeps its TAP queue in an fd store across restarts), boots the test
+//! guest on baton-vmm with both (2 vCPUs), and runs continuous verified disk writes and a
+//! sequence-numbered UDP echo stream from the namespace. Under that load it swaps the VMM three
+//! times (live update) and restarts each back-end once (SIGKILL; baton-blk started again by
+//! hand, baton-net-tap by its supervisor). Prints a summary; the last line is one JSON object
+//! with the figures.
 
 use std::time::{Duration, Instant};
 
@@ -13,7 +15,7 @@ use baton_tests::boot::baton_cmd;
 use baton_tests::boot::percentile;
 use baton_tests::harness::{TempDir, result_json};
 use baton_tests::netns::{self, Netns};
-use baton_tests::services::{Vmm, kill, start_blk, start_net_tap};
+use baton_tests::services::{Vmm, kill, service_pid, start_blk, start_supervised_net_tap};
 use baton_tests::udp::EchoStream;
 use serde_json::json;
 
@@ -36,11 +38,13 @@ fn main() -> anyhow::Result<()> {
     let net_sock = dir.join("net.sock");
     let tap = netns::unique_tap("demo");
 
-    step("starting baton-blk (64 MiB image) and baton-net-tap (TAP in a private namespace)");
+    step(
+        "starting baton-blk (64 MiB image) and baton-net-tap (TAP in a private namespace, under baton-supervise)",
+    );
     let mut blk = start_blk(&img, &blk_sock, &[])?;
     let ns = Netns::new("demo")?;
     ns.persistent_tap(&tap, &format!("{HOST_IP}/24"))?;
-    let mut net = start_net_tap(&ns, &tap, &net_sock)?;
+    let net = start_supervised_net_tap(&ns, &tap, &net_sock, &[])?;
 
     step("booting the test guest on baton-vmm: 2 vCPUs, 256 MiB, one disk, one NIC");
     let mut c = baton_cmd(
@@ -105,12 +109,15 @@ fn main() -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(700));
 
     let net_from = echo.mark();
-    step("restarting baton-net-tap (SIGKILL, then start again; the persistent TAP stays)");
-    kill(&mut net, libc::SIGKILL);
-    net = start_net_tap(&ns, &tap, &net_sock)?;
+    step(
+        "restarting baton-net-tap (SIGKILL; baton-supervise starts it again with the TAP queue it kept)",
+    );
+    let pid = service_pid(&net).ok_or_else(|| anyhow::anyhow!("baton-net-tap is not running"))?;
+    // SAFETY: kill(2) on baton-supervise's child, a process this program started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
     let t = vmm.wait_reconnects(1, 1)?;
     println!(
-        "   NIC reconnected {:.1} ms after baton-net-tap was started again",
+        "   NIC reconnected {:.1} ms after baton-net-tap was killed",
         t.as_secs_f64() * 1000.0
     );
     std::thread::sleep(Duration::from_millis(1000));
@@ -137,14 +144,14 @@ fn main() -> anyhow::Result<()> {
     let io_errors = count("io_errors") + count("verify_errors") + count("outstanding");
     let passed = r["result"] == "pass";
     kill(&mut blk, libc::SIGTERM);
-    kill(&mut net, libc::SIGTERM);
+    drop(net); // SIGTERM to baton-supervise, which stops baton-net-tap and exits
 
     let mut b = blackouts.clone();
     let (p50, p99) = (percentile(&mut b, 50.0), percentile(&mut b, 99.0));
     println!(
         "== summary: boot {boot_ms:.1} ms; {} disk writes verified, {io_errors} I/O errors; \
          {} of {} datagrams echoed ({} lost: {lost_in_updates} during the live updates, \
-         {lost_in_net_restart} around the baton-net-tap kill, the frames in flight then; \
+         {lost_in_net_restart} around the baton-net-tap kill; \
          {} duplicated, largest echo gap {:.1} ms); \
          {LIVE_UPDATES} live updates (blackout p50 {p50:.2} ms, p99 {p99:.2} ms); \
          2 back-end restarts; last baton-vmm exited {code:?}",

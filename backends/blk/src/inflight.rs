@@ -121,7 +121,9 @@ impl InflightRegion {
             .filter(|&i| q.get::<u8>(q.desc(i)) == 1)
             .map(|i| q.get::<u64>(q.desc(i) + 8))
             .max()
-            .map_or(0, |c| c + 1);
+            // The counters are the front-end's (a previous back-end's) bytes: never trust them
+            // not to be u64::MAX.
+            .map_or(0, |c| c.wrapping_add(1));
         Some(q)
     }
 }
@@ -162,7 +164,7 @@ impl InflightQueue {
         }
         let d = self.desc(head);
         self.set::<u64>(d + 8, self.counter);
-        self.counter += 1;
+        self.counter = self.counter.wrapping_add(1);
         Self::fence();
         self.set::<u8>(d, 1);
     }
@@ -233,5 +235,24 @@ mod tests {
         q.begin(200); // out of range: ignored
         let q2 = r.queue(1).unwrap();
         assert_eq!(q2.pending(), vec![3]);
+    }
+
+    /// Found by fuzzing (fuzz target `blk_ring`): a region whose inflight descriptor carries
+    /// counter u64::MAX (or u64::MAX - 1) overflowed the next counter, a panic in builds with
+    /// overflow checks.
+    #[test]
+    fn counters_from_the_front_end_do_not_overflow() {
+        for last in [u64::MAX, u64::MAX - 1] {
+            let (r, f, _) = InflightRegion::create(1, 8).unwrap();
+            let mut d = [0u8; 16];
+            d[0] = 1; // inflight
+            d[8..].copy_from_slice(&last.to_le_bytes());
+            std::os::unix::fs::FileExt::write_all_at(&f, &d, 16 + 16 * 2).unwrap();
+            let mut q = r.queue(0).unwrap();
+            assert_eq!(q.pending(), vec![2]);
+            q.begin(4);
+            q.begin(5);
+            assert_eq!(q.pending().len(), 3);
+        }
     }
 }

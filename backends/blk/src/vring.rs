@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use baton_service::sandbox::Gate;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::device::Device;
@@ -213,7 +213,7 @@ pub fn process(st: &mut Vring, dev: &Device, engine: &mut Engine) {
         if event_idx {
             let _ = st.queue.disable_notification(m);
         }
-        if let Err(e) = baton_service::ring::check_avail(&st.queue, m) {
+        if let Err(e) = baton_service::ring::check(&st.queue, m) {
             tracing::warn!("{e}");
             st.broken = true;
             return;
@@ -227,7 +227,17 @@ pub fn process(st: &mut Vring, dev: &Device, engine: &mut Engine) {
         }
         let max = usize::from(st.queue.size());
         while batch.len() < max {
-            let Some(chain) = st.queue.pop_descriptor_chain(m) else {
+            // virtio-queue's refusal to iterate (not ready, bad index) does not change until the
+            // front-end restarts the ring: leave it alone rather than ask again forever.
+            let chain = match st.queue.iter(m) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    tracing::warn!("ring refused: {e}; ignored until restarted");
+                    st.broken = true;
+                    break;
+                }
+            };
+            let Some(chain) = chain else {
                 break;
             };
             if let Some(inf) = st.inflight.as_mut() {
@@ -242,7 +252,7 @@ pub fn process(st: &mut Vring, dev: &Device, engine: &mut Engine) {
             ));
         }
         if batch.is_empty() {
-            if event_idx && matches!(st.queue.enable_notification(m), Ok(true)) {
+            if !st.broken && event_idx && matches!(st.queue.enable_notification(m), Ok(true)) {
                 continue;
             }
             return;
@@ -273,5 +283,106 @@ pub fn process(st: &mut Vring, dev: &Device, engine: &mut Engine) {
                 let _ = (&*call).write(&1u64.to_ne_bytes());
             }
         }
+        if st.broken {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use std::time::Duration;
+
+    /// A device with one queue of 4 on a memfd disk, its ring at `desc`/`avail`/`used` in 64 KiB
+    /// of guest memory whose avail index is 1 (one request, head 0: a flush), started.
+    fn device(avail: u64, used: u64, event_idx: bool) -> Arc<Device> {
+        let fd =
+            nix::sys::memfd::memfd_create(c"disk", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
+        let disk = File::from(fd);
+        disk.set_len(1 << 20).unwrap();
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&disk));
+        let args = crate::cli::Args::try_parse_from([
+            "baton-blk",
+            "--image",
+            &path,
+            "--queue-size",
+            "4",
+            "--io-engine",
+            "sync",
+        ])
+        .unwrap();
+        let dev = Arc::new(Device::new(&args).unwrap());
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
+        let desc = 0x1000;
+        // Descriptor 0: a flush header; descriptor 1: the status byte.
+        mem.write_obj(4u32, GuestAddress(0x3000)).unwrap();
+        let put = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+            let a = GuestAddress(desc + 16 * i);
+            mem.write_obj(addr, a).unwrap();
+            mem.write_obj(len, a.unchecked_add(8)).unwrap();
+            mem.write_obj(flags, a.unchecked_add(12)).unwrap();
+            mem.write_obj(next, a.unchecked_add(14)).unwrap();
+        };
+        put(0, 0x3000, 16, 1, 1);
+        put(1, 0x3100, 1, 2, 0);
+        mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
+        {
+            let mut st = dev.queues()[0].lock();
+            st.queue.try_set_size(4).unwrap();
+            st.queue
+                .try_set_desc_table_address(GuestAddress(desc))
+                .unwrap();
+            st.queue
+                .try_set_avail_ring_address(GuestAddress(avail))
+                .unwrap();
+            st.queue
+                .try_set_used_ring_address(GuestAddress(used))
+                .unwrap();
+            st.queue.set_event_idx(event_idx);
+            st.mem = Some(Arc::new(mem));
+            st.enabled = true;
+            assert!(st.start());
+        }
+        drop(disk);
+        dev
+    }
+
+    /// Whether `process` on queue 0 returns within a few seconds (a livelocked worker thread is
+    /// left spinning until the test binary exits).
+    fn process_ends(dev: Arc<Device>) -> bool {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let ctl = dev.queues()[0].clone();
+            let mut engine = Engine::new(crate::cli::IoEngineKind::Sync, 8);
+            process(&mut ctl.lock(), &dev, &mut engine);
+            let _ = tx.send(());
+        });
+        rx.recv_timeout(Duration::from_secs(5)).is_ok()
+    }
+
+    #[test]
+    fn a_well_formed_ring_is_processed() {
+        let dev = device(0x2000, 0x2400, false);
+        assert!(process_ends(dev.clone()));
+        assert_eq!(dev.queues()[0].lock().completed, 1);
+    }
+
+    /// Found by fuzzing (`fuzz/regressions/blk_ring/used-ring-on-avail-ring`): with the used
+    /// ring on top of the avail ring, every completion moves the avail index one further, and
+    /// `process` (which loops until nothing is available) never returns, holding the ring lock:
+    /// GET_VRING_BASE, live update and SIGTERM wait forever.
+    #[test]
+    fn a_used_ring_on_the_avail_ring_does_not_livelock() {
+        assert!(process_ends(device(0x2000, 0x2000, false)));
+    }
+
+    /// Found by fuzzing (`fuzz/regressions/blk_ring/avail-ring-at-0-event-idx`): virtio-queue
+    /// does not iterate an avail ring at guest address 0 (it reads as "not ready"), but its
+    /// `enable_notification` still sees the index ahead, so with EVENT_IDX `process` loops.
+    #[test]
+    fn an_avail_ring_at_address_zero_does_not_livelock() {
+        assert!(process_ends(device(0, 0x2400, true)));
     }
 }

@@ -292,7 +292,7 @@ pub fn process_tx(dev: &Device, pair: &QueuePair, s: &mut Scratch) -> bool {
         let iter = match vr.queue.iter(mem) {
             Ok(it) => it,
             Err(e) => {
-                dev.stats.bad_chain.hit("TX ring", &e);
+                vr.refused("TX ring", &e, &dev.stats.bad_chain);
                 return false;
             }
         };
@@ -404,8 +404,8 @@ fn gather_rx(
         let chain = match vr.queue.iter(mem) {
             Ok(mut it) => it.next(),
             Err(e) => {
-                dev.stats.bad_chain.hit("RX ring", &e);
-                None
+                vr.refused("RX ring", &e, &dev.stats.bad_chain);
+                return Gathered::Empty;
             }
         };
         let Some(chain) = chain else {

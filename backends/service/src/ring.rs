@@ -28,6 +28,65 @@ pub struct AvailOverrun {
     pub size: u16,
 }
 
+/// A ring the guest laid out so that the device's writes land on the driver's parts: the used
+/// ring overlapping the descriptor table or the avail ring. Every completion then rewrites
+/// what the device reads next (with the used ring on the avail ring, each completion moves
+/// the avail index one further: a worker never runs out of work).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the guest put the used ring ({used:#x}) over the {other} ({other_addr:#x}) on a ring of \
+     {size}: ring ignored until restarted"
+)]
+pub struct Overlap {
+    /// Used ring address.
+    pub used: u64,
+    /// Which driver part it overlaps.
+    pub other: &'static str,
+    /// That part's address.
+    pub other_addr: u64,
+    /// Ring size.
+    pub size: u16,
+}
+
+/// Why a worker must leave a ring alone until the front-end restarts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RingError {
+    /// See [`AvailOverrun`].
+    #[error(transparent)]
+    Overrun(#[from] AvailOverrun),
+    /// See [`Overlap`].
+    #[error(transparent)]
+    Overlap(#[from] Overlap),
+}
+
+/// Fails if the used ring overlaps the descriptor table or the avail ring.
+pub fn check_layout(queue: &Queue) -> Result<(), Overlap> {
+    let size = u64::from(queue.size());
+    let span = |start: u64, len: u64| (start, start.saturating_add(len));
+    let used = span(queue.used_ring(), 6 + 8 * size);
+    for (other, part) in [
+        ("descriptor table", span(queue.desc_table(), 16 * size)),
+        ("avail ring", span(queue.avail_ring(), 6 + 2 * size)),
+    ] {
+        if used.0 < part.1 && part.0 < used.1 {
+            return Err(Overlap {
+                used: used.0,
+                other,
+                other_addr: part.0,
+                size: queue.size(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// [`check_layout`] and [`check_avail`]: what a worker checks before each pass over a ring.
+pub fn check<M: GuestMemory>(queue: &Queue, mem: &M) -> Result<(), RingError> {
+    check_layout(queue)?;
+    check_avail(queue, mem)?;
+    Ok(())
+}
+
 /// Fails if the guest's avail index is more than the ring size ahead of the device. An
 /// unreadable avail ring is left to virtio-queue's own checks (it fails the iteration).
 pub fn check_avail<M: GuestMemory>(queue: &Queue, mem: &M) -> Result<(), AvailOverrun> {
@@ -65,5 +124,22 @@ mod tests {
             mem.write_obj(idx.to_le(), GuestAddress(0x2002)).unwrap();
             assert_eq!(check_avail(&q, &mem).is_ok(), ok, "avail {idx}");
         }
+    }
+
+    #[test]
+    fn a_used_ring_over_the_driver_parts_is_refused() {
+        let mut q = Queue::new(16).unwrap();
+        q.set_desc_table_address(Some(0x1000), Some(0));
+        q.set_avail_ring_address(Some(0x2000), Some(0));
+        q.set_used_ring_address(Some(0x3000), Some(0));
+        assert!(check_layout(&q).is_ok());
+        // Used ring (6 + 8 * 16 bytes) ending inside the avail ring, or on it, or on the table.
+        for used in [0x2000 - 0x80, 0x2000, 0x1000 + 0xf0] {
+            q.set_used_ring_address(Some(used), Some(0));
+            assert!(check_layout(&q).is_err(), "used at {used:#x}");
+        }
+        // Just past the avail ring (6 + 2 * 16 = 38 bytes, aligned to 4).
+        q.set_used_ring_address(Some(0x2028), Some(0));
+        assert!(check_layout(&q).is_ok());
     }
 }

@@ -2,9 +2,9 @@
 //!
 //! Structure: `device` (virtio-blk state, config space) + `request` (chain parsing) +
 //! `engine`/`disk` (io_uring or sync I/O) + `vring` (queue workers) + `inflight` (the
-//! INFLIGHT_SHMFD region) + `handler` (vhost-user requests of one connection) + `server`
-//! (accept loop, socket activation, sd_notify, signals) + `seccomp` (each thread kind's
-//! allowlist; the sandbox itself is `baton_service::sandbox`).
+//! INFLIGHT_SHMFD region) + `handler` (the device core as a `baton_service::vhost` device; the
+//! request handler and connection loop are the framework's) + `server` (accept loop, signals)
+//! + `seccomp` (each thread kind's allowlist; the sandbox itself is `baton_service::sandbox`).
 
 use baton_blk::{cli, device, seccomp, server};
 
@@ -43,12 +43,7 @@ fn run() -> anyhow::Result<()> {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    baton_service::ratelimit::init_logging();
     if let Err(e) = run() {
         eprintln!("baton-blk: error: {e:#}");
         std::process::exit(1);

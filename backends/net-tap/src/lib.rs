@@ -3,10 +3,10 @@
 //! Layout: [`tap`] opens and configures the TAP queues, [`virtio`] holds the virtio-net wire
 //! constants and the negotiated-feature logic, [`datapath`] moves frames between the rings and the
 //! TAP, [`device`] is the device core (rings, workers, control queue) that lives for the whole
-//! process, [`vhost`] adapts it to the vhost-user protocol, and [`server`] accepts front-ends one
-//! at a time on the same socket. [`store`] keeps the TAP queues in the service manager's fd store
-//! across restarts. [`seccomp`] lists each thread kind's system calls for the
-//! sandbox (`baton_service::sandbox`).
+//! process, [`vhost`] makes it a `baton_service::vhost` device (the framework serves the
+//! vhost-user protocol), and [`server`] accepts front-ends one at a time on the same socket.
+//! [`store`] keeps the TAP queues in the service manager's fd store across restarts.
+//! [`seccomp`] lists each thread kind's system calls for the sandbox (`baton_service::sandbox`).
 
 pub mod cli;
 pub mod datapath;

@@ -59,7 +59,7 @@ fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    server::init_logging();
+    baton_service::ratelimit::init_logging();
     let args = Args::parse();
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,

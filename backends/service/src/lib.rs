@@ -8,14 +8,18 @@
 //! ([`ring`]), a deadline on each front-end message ([`conn`]), and the sandbox each back-end
 //! enters once set up: seccomp filters per thread kind and Landlock ([`sandbox`]), which
 //! baton-vmm enters too. [`supervise`] is baton-supervise, the fd store and restart loop for
-//! hosts where systemd is not the service manager.
+//! hosts where systemd is not the service manager. [`vhost`] is the back-end framework: one
+//! vhost-user request handler and connection loop over each back-end's device core, with
+//! rate-limited logging of peer-triggered errors ([`ratelimit`]).
 
 pub mod conn;
 pub mod memory;
+pub mod ratelimit;
 pub mod ring;
 pub mod sandbox;
 pub mod sd;
 pub mod supervise;
+pub mod vhost;
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixListener;

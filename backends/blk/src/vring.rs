@@ -385,4 +385,28 @@ mod tests {
     fn an_avail_ring_at_address_zero_does_not_livelock() {
         assert!(process_ends(device(0, 0x2400, true)));
     }
+
+    /// Found by fuzzing (`fuzz/regressions/blk_ring/avail-ring-cut-by-set-mem-table`): the
+    /// ring was valid at SET_VRING_KICK, then the front-end's next SET_MEM_TABLE leaves part of
+    /// the avail ring outside guest memory. An entry that cannot be read ends virtio-queue's
+    /// iteration without moving next_avail, `enable_notification` still sees the index ahead,
+    /// and with EVENT_IDX `process` loops.
+    #[test]
+    fn an_avail_ring_cut_by_a_new_memory_table_does_not_livelock() {
+        let dev = device(0x1ff8, 0x1800, true);
+        {
+            let mut st = dev.queues()[0].lock();
+            let old = st.mem.clone().unwrap();
+            // The new table covers 8 KiB: the used ring and the avail index (0x1ffa) are there,
+            // avail entry 2 (0x2000) is not.
+            let small = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x2000)]).unwrap();
+            let mut buf = vec![0u8; 0x2000];
+            old.read_slice(&mut buf, GuestAddress(0)).unwrap();
+            small.write_slice(&buf, GuestAddress(0)).unwrap();
+            small.write_obj(3u16, GuestAddress(0x1ffa)).unwrap();
+            st.queue.set_next_avail(2);
+            st.mem = Some(Arc::new(small));
+        }
+        assert!(process_ends(dev));
+    }
 }

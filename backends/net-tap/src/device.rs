@@ -693,4 +693,13 @@ mod tests {
     fn an_avail_ring_at_address_zero_does_not_livelock() {
         assert!(process_ends(device(0, 0x2400)));
     }
+
+    /// Found by fuzzing (`fuzz/regressions/net_ctrl/avail-ring-past-memory`): the ring is
+    /// started although `is_valid` fails; an avail entry that cannot be read ends virtio-queue's
+    /// iteration without moving next_avail, `enable_notification` still sees the index ahead,
+    /// and `process_ctrl` loops. (The TX and RX loops look the same by inspection.)
+    #[test]
+    fn an_avail_ring_past_the_end_of_memory_does_not_livelock() {
+        assert!(process_ends(device(0xfffc, 0x2400)));
+    }
 }

@@ -57,6 +57,11 @@ pub enum RingError {
     /// See [`Overlap`].
     #[error(transparent)]
     Overlap(#[from] Overlap),
+    /// A part of the ring is not (or no longer, after a new memory table) inside guest memory:
+    /// an avail entry that cannot be read ends virtio-queue's iteration without consuming it,
+    /// while `enable_notification` keeps reporting it.
+    #[error("a part of the ring lies outside guest memory: ring ignored until restarted")]
+    OutsideMemory,
 }
 
 /// Fails if the used ring overlaps the descriptor table or the avail ring.
@@ -80,9 +85,13 @@ pub fn check_layout(queue: &Queue) -> Result<(), Overlap> {
     Ok(())
 }
 
-/// [`check_layout`] and [`check_avail`]: what a worker checks before each pass over a ring.
+/// [`check_layout`], the ring inside guest memory, and [`check_avail`]: what a worker checks
+/// before each pass over a ring.
 pub fn check<M: GuestMemory>(queue: &Queue, mem: &M) -> Result<(), RingError> {
     check_layout(queue)?;
+    if !queue.is_valid(mem) {
+        return Err(RingError::OutsideMemory);
+    }
     check_avail(queue, mem)?;
     Ok(())
 }

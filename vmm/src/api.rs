@@ -3,7 +3,7 @@
 //!
 //! The socket is bound before the VM is built (so that an address in use is reported before
 //! anything is created), mode 0600, and only peers of the [`AllowList`] get through (see
-//! [`crate::access`]); requests are served one at a time on a thread of their own
+//! [`baton_service::access`]); requests are served one at a time on a thread of their own
 //! ([`crate::http`]), the `api` thread of [`crate::sandbox::kinds`]. A live update runs on the
 //! `migration-out` thread ([`crate::migration::Outgoing`]); this thread waits for its report.
 
@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use baton_protocol::api::{API_PREFIX, ApiError, LiveUpdateRequest};
 
-use crate::access::{self, AllowList, BindError};
 use crate::http;
 use crate::migration::Outgoing;
 use crate::sandbox::{Sandbox, SandboxError, kinds};
 use crate::vm::Vm;
+use baton_service::access::{self, AllowList, BindError};
 
 /// Errors starting the API server.
 #[derive(Debug, thiserror::Error)]

@@ -3,7 +3,7 @@
 //!
 //! The API serves its own connections (rather than an HTTP server library that accepts them
 //! itself) so that every connection is checked with SO_PEERCRED before a byte is read from it:
-//! see [`crate::access`]. Clients (`batonctl`, `curl --unix-socket`) send one small request
+//! see [`baton_service::access`]. Clients (`batonctl`, `curl --unix-socket`) send one small request
 //! per connection; keep-alive, chunked bodies and pipelining are not needed and not served.
 
 use std::io::{Read, Write};

@@ -5,13 +5,12 @@
 //! [`acpi`] writes the firmware tables, [`cpuid`] and [`vcpu`] set up and run vCPUs,
 //! [`devices`] emulates the serial console and ACPI registers, [`control`] coordinates
 //! pause/resume/exit, [`vm`] ties them together, and [`api`] serves the HTTP API
-//! ([`http`]). [`access`] decides who may use the VMM's sockets; [`ram_file`] creates or
+//! ([`http`]). [`baton_service::access`] decides who may use the VMM's sockets; [`ram_file`] creates or
 //! opens the guest RAM file so that no other user can reach it; [`sandbox`] holds each
 //! thread kind's seccomp allowlist and the Landlock rules. [`vhost_user`] talks to each
 //! device's back-end; [`virtio`] is the transport in front of it; [`reconnect`] brings a
 //! back-end back after a restart and [`migration`] moves the VM to a new VMM.
 
-pub mod access;
 pub mod acpi;
 pub mod api;
 pub mod boot;

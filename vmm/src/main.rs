@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use baton_vmm::access::AllowList;
+use baton_service::access::AllowList;
 use baton_vmm::api::ApiSocket;
 use baton_vmm::config::{MemoryConfig, SerialConfig, parse_device};
 use baton_vmm::control::ExitReason;

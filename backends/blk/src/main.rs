@@ -10,6 +10,7 @@ use baton_blk::{cli, device, seccomp, server};
 
 use std::sync::Arc;
 
+use baton_service::access::{AllowList, SocketPolicy};
 use baton_service::sandbox::Sandbox;
 use clap::Parser;
 
@@ -18,8 +19,14 @@ fn run() -> anyhow::Result<()> {
     args.validate().map_err(anyhow::Error::msg)?;
     let sig = server::signals()?;
     let dev = Arc::new(device::Device::new(&args)?);
-    let (listener, _bound) = baton_service::listener(args.socket.as_deref())?;
-    let peers = baton_service::PeerPolicy::new(&args.allow_uid);
+    let peers = SocketPolicy {
+        allow: AllowList::new(&args.allow_uid),
+        socket: args
+            .socket
+            .clone()
+            .unwrap_or_else(|| "the activation socket".into()),
+    };
+    let (listener, _bound) = baton_service::listener(args.socket.as_deref(), &peers.allow)?;
     let sandbox = Arc::new(Sandbox::new("baton-blk", &args.sandbox)?);
     // No file system access at all from here: the image is open, the socket bound (and left in
     // place at exit: the next instance replaces it).

@@ -15,7 +15,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::SignalFd;
 
-use baton_service::PeerPolicy;
+use baton_service::access::SocketPolicy;
 pub use baton_service::vhost::End;
 use baton_service::vhost::serve_connection;
 
@@ -51,7 +51,7 @@ pub fn run(
     dev: Arc<Device>,
     listener: UnixListener,
     sig: SignalFd,
-    peers: &PeerPolicy,
+    peers: &SocketPolicy,
 ) -> Result<(), ServerError> {
     let mut generation = 0u64;
     loop {
@@ -76,8 +76,7 @@ pub fn run(
                 continue;
             }
         };
-        if let Err(e) = peers.admit(&stream) {
-            tracing::warn!("{e}");
+        if !peers.admit(&stream) {
             continue;
         }
         generation += 1;

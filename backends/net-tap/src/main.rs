@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use baton_net_tap::cli::{Args, default_mac};
 use baton_net_tap::device::{Device, NetConfig};
 use baton_net_tap::{seccomp, server, store, tap::Tap};
+use baton_service::access::{AllowList, SocketPolicy};
 use baton_service::sandbox::{FsRule, Sandbox};
 use clap::Parser;
 
@@ -39,11 +40,19 @@ fn run(args: Args) -> anyhow::Result<()> {
         mtu: args.mtu,
         pairs,
     };
-    let (listener, bound) = baton_service::listener_from(&mut passed, args.socket.as_deref())?;
+    let allow = AllowList::new(&args.allow_uid);
+    let (listener, bound) =
+        baton_service::listener_from(&mut passed, args.socket.as_deref(), &allow)?;
     drop(passed);
     let dev = Device::new(cfg, taps).context("creating the device")?;
+    let peers = SocketPolicy {
+        allow,
+        socket: args
+            .socket
+            .clone()
+            .unwrap_or_else(|| "the activation socket".into()),
+    };
     let socket = args.socket.filter(|_| bound);
-    let peers = baton_service::PeerPolicy::new(&args.allow_uid);
     let sandbox = Arc::new(Sandbox::new("baton-net-tap", &args.sandbox)?);
     // TAP queues open, socket bound: the only file system access left is removing our socket.
     let rules: Vec<FsRule> = socket.iter().map(|s| FsRule::remove_file(s)).collect();

@@ -1,7 +1,7 @@
 //! Accepting front-ends: one at a time, in a loop, on the same socket (bound from `--socket` or
 //! inherited through systemd socket activation), plus readiness notification and SIGTERM.
 
-use baton_service::PeerPolicy;
+use baton_service::access::SocketPolicy;
 use baton_service::sandbox::Sandbox;
 use baton_service::vhost::serve_connection;
 use std::io;
@@ -54,7 +54,7 @@ pub fn handle_signals(
 
 /// Accepts front-ends forever, one at a time; a second one while one is connected is closed
 /// at once without touching the first.
-pub fn serve(dev: Arc<Device>, listener: UnixListener, peers: PeerPolicy) -> io::Result<()> {
+pub fn serve(dev: Arc<Device>, listener: UnixListener, peers: SocketPolicy) -> io::Result<()> {
     let busy = Arc::new(AtomicBool::new(false));
     loop {
         let stream = match listener.accept() {
@@ -74,8 +74,7 @@ pub fn serve(dev: Arc<Device>, listener: UnixListener, peers: PeerPolicy) -> io:
                 continue;
             }
         };
-        if let Err(e) = peers.admit(&stream) {
-            tracing::warn!("{e}");
+        if !peers.admit(&stream) {
             continue;
         }
         if busy.swap(true, Ordering::AcqRel) {

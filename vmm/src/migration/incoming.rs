@@ -10,10 +10,10 @@ use baton_protocol::handshake::{self, Ack, Phase, Ready, Role};
 
 use super::convert::{restore_kvm, vm_config};
 use super::{LiveUpdateError, STEP_TIMEOUT, Timer, cpr_path, io, our_hello};
-use crate::access::{self, AllowList};
 use crate::config::SerialConfig;
 use crate::vhost_user::RingBase;
 use crate::vm::{Devices, Vm};
+use baton_service::access::{self, AllowList};
 
 /// Failure injection for the rollback tests, read by the incoming VMM from
 /// `BATON_LIVE_UPDATE_FAIL`: `exit-after-prepare`, `exit-after-state`, `hang-before-ready`,
@@ -32,7 +32,7 @@ pub struct Incoming {
 
 impl Incoming {
     /// Binds `path` (state stream) and `path.cpr` (cpr channel), mode 0600, for the peers
-    /// `allow` lets in (see [`crate::access`]). Only a stale socket at either path is
+    /// `allow` lets in (see [`baton_service::access`]). Only a stale socket at either path is
     /// replaced; anything else there is refused and left alone.
     pub fn bind(path: &Path, allow: &AllowList) -> Result<Self, LiveUpdateError> {
         let cpr_p = cpr_path(path);

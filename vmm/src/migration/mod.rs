@@ -41,10 +41,10 @@ pub use incoming::Incoming;
 pub use outgoing::outgoing;
 pub use workers::{Outgoing, take_over};
 
-use crate::access;
 use crate::snapshot;
 use crate::virtio::pci::{DeviceError, SuspendError};
 use crate::vm::VmError;
+use baton_service::access;
 
 /// How long each side waits for the other at any step before giving up (and rolling back).
 pub const STEP_TIMEOUT: Duration = Duration::from_secs(10);

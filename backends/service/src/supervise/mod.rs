@@ -58,6 +58,10 @@ pub struct Args {
     /// Most fds kept for the service (systemd's `FileDescriptorStoreMax=`).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(0..=1024))]
     pub fd_store_max: u16,
+    /// A uid that may connect to the socket besides our own (repeatable): it gets an ACL entry
+    /// on the socket file. Give the service the same `--allow-uid`s: it checks every peer.
+    #[arg(long = "allow-uid", value_name = "UID")]
+    pub allow_uid: Vec<u32>,
     /// Seconds the service has to exit after SIGTERM before it is killed.
     #[arg(long, default_value_t = 30)]
     pub stop_timeout: u64,
@@ -154,7 +158,10 @@ struct Supervisor {
 
 /// Runs the service under supervision until SIGTERM/SIGINT; returns the exit status.
 pub fn run(args: Args) -> Result<i32, SuperviseError> {
-    let (listener, _) = crate::listener(Some(&args.socket))?;
+    let (listener, _) = crate::listener(
+        Some(&args.socket),
+        &crate::access::AllowList::new(&args.allow_uid),
+    )?;
     let notify_path = args.notify_socket.clone().unwrap_or_else(|| {
         let mut p = args.socket.clone().into_os_string();
         p.push(".notify");

@@ -1,5 +1,6 @@
-//! Who may talk to this VMM over its local sockets: the API socket and the live-update
-//! `--incoming` sockets (state stream and cpr channel).
+//! Who may talk to a baton process over its local sockets: the VMM's API socket and
+//! live-update `--incoming` sockets (state stream and cpr channel), and each back-end's
+//! vhost-user socket. One policy for all of them.
 //!
 //! Two layers, each enough on its own against an ordinary local user:
 //!
@@ -13,8 +14,8 @@
 //!   mode was widened afterwards. A refused peer is closed before a byte is read from it and
 //!   logged with its uid and pid, at most once a minute per uid.
 //!
-//! The allowlist always holds the VMM's own effective uid (a process of that uid could
-//! ptrace the VMM anyway); `--allow-uid` adds more. Root is not let in unless it is the VMM's
+//! The allowlist always holds the process's own effective uid (a process of that uid could
+//! ptrace it anyway); `--allow-uid` adds more. Root is not let in unless it is the process's
 //! uid or listed.
 
 use std::collections::HashMap;
@@ -71,7 +72,7 @@ pub enum BindError {
     },
 }
 
-/// The uids whose processes may use a socket of this VMM.
+/// The uids whose processes may use a socket of this process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllowList {
     /// Sorted, without duplicates.
@@ -101,6 +102,22 @@ impl AllowList {
     /// The allowed uids, sorted.
     pub fn uids(&self) -> &[u32] {
         &self.uids
+    }
+}
+
+/// An [`AllowList`] and the socket it guards (named in the log of refusals).
+#[derive(Debug, Clone)]
+pub struct SocketPolicy {
+    /// Who may connect.
+    pub allow: AllowList,
+    /// The socket, for the log.
+    pub socket: PathBuf,
+}
+
+impl SocketPolicy {
+    /// Whether an accepted connection's peer may stay (a refusal is logged).
+    pub fn admit(&self, stream: &UnixStream) -> bool {
+        admit(stream, &self.allow, &self.socket).is_some()
     }
 }
 
@@ -249,19 +266,27 @@ pub fn accept(
             }
             Err(e) => return Err(e),
         };
-        match peer_cred(&stream) {
-            Ok(peer) if allow.allows(peer.uid) => return Ok((stream, peer)),
-            Ok(peer) => {
-                drop(stream);
-                log_refusal(socket, &peer, allow);
-            }
-            Err(e) => {
-                drop(stream);
-                tracing::warn!(
-                    "closed a connection on {} whose credentials cannot be read: {e}",
-                    socket.display()
-                );
-            }
+        if let Some(peer) = admit(&stream, allow, socket) {
+            return Ok((stream, peer));
+        }
+    }
+}
+
+/// Checks an accepted connection's peer against `allow`: its credentials if let in; else
+/// `None`, after logging the refusal (the caller drops the stream without reading from it).
+pub fn admit(stream: &UnixStream, allow: &AllowList, socket: &Path) -> Option<PeerCred> {
+    match peer_cred(stream) {
+        Ok(peer) if allow.allows(peer.uid) => Some(peer),
+        Ok(peer) => {
+            log_refusal(socket, &peer, allow);
+            None
+        }
+        Err(e) => {
+            tracing::warn!(
+                "closed a connection on {} whose credentials cannot be read: {e}",
+                socket.display()
+            );
+            None
         }
     }
 }

@@ -95,19 +95,63 @@ pub fn kvm_available() -> bool {
         .is_ok()
 }
 
-/// Whether a test that boots the test guest under KVM can run here: prints why it skips when
-/// /dev/kvm is not usable; a missing guest image is a failure (./test.sh builds it).
-pub fn can_run(test: &str) -> bool {
-    if !kvm_available() {
-        cannot_run("kvm", &format!("{test}: /dev/kvm is not accessible"));
+/// A prerequisite of a test, checked by [`can_run_with`].
+#[derive(Clone, Copy, Debug)]
+pub enum Need {
+    /// /dev/kvm (kind `kvm`).
+    Kvm,
+    /// The freestanding test guest: never skipped, a failure if missing (./test.sh builds it).
+    Guest,
+    /// Running as root (kind `root`).
+    Root,
+    /// Root networking: root (kind `root`), /dev/net/tun and `ip netns` (kind `net`).
+    Net,
+    /// A program on `PATH` from what `scripts/setup.sh` installs for the QEMU tests
+    /// (`qemu-system-x86_64`, `qemu-storage-daemon`, `cpio`, `busybox`, ...; kind `qemu`).
+    Program(&'static str),
+}
+
+/// Why `need` is not met here, as (kind, why), if it is not.
+fn missing(need: Need) -> Option<(&'static str, String)> {
+    let root = nix::unistd::geteuid().is_root();
+    match need {
+        Need::Kvm => (!kvm_available()).then(|| ("kvm", "/dev/kvm is not accessible".into())),
+        Need::Root | Need::Net if !root => Some(("root", "needs root".into())),
+        Need::Root | Need::Guest => None,
+        Need::Net => crate::netns::unavailable().map(|why| ("net", why)),
+        Need::Program(p) => {
+            let found = Command::new("sh")
+                .arg("-c")
+                .arg(format!("command -v {p} >/dev/null"))
+                .status()
+                .is_ok_and(|s| s.success());
+            (!found).then(|| ("qemu", format!("{p} is not installed")))
+        }
+    }
+}
+
+/// The one skip rule: whether `test` has everything in `needs` here. When something is
+/// missing this goes through [`cannot_run`] (a failure unless `BATON_ALLOW_SKIP` allows that
+/// kind) and returns false.
+pub fn can_run_with(test: &str, needs: &[Need]) -> bool {
+    if let Some((kind, why)) = needs.iter().find_map(|&n| missing(n)) {
+        cannot_run(kind, &format!("{test}: {why}"));
         return false;
     }
-    assert!(
-        guest().exists(),
-        "test guest missing at {} (./test.sh builds it: cd tests/guest && cargo build --release)",
-        guest().display()
-    );
+    if needs.iter().any(|n| matches!(n, Need::Guest)) {
+        assert!(
+            guest().exists(),
+            "test guest missing at {} (./test.sh builds it: cd tests/guest && cargo build --release)",
+            guest().display()
+        );
+    }
     true
+}
+
+/// Whether a test that boots the test guest under KVM can run here: `can_run_with(test,
+/// &[Need::Kvm, Need::Guest])`.
+pub fn can_run(test: &str) -> bool {
+    can_run_with(test, &[Need::Kvm, Need::Guest])
 }
 
 /// A fresh scratch directory under the system temp dir, removed on drop.

@@ -2,11 +2,13 @@
 //! running processes against a deadline, and (later) the host-side vhost-user driver.
 
 pub mod bench;
+pub mod blk;
 pub mod boot;
 pub mod harness;
 pub mod hostile;
 pub mod linux_guest;
 pub mod local_users;
+pub mod net;
 pub mod netns;
 pub mod services;
 pub mod udp;

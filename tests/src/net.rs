@@ -1,128 +1,28 @@
-//! Shared pieces of the baton-net-tap tests (included with `#[path]` by each `net_*.rs`):
-//! network namespaces removed on drop, the back-end process, threads that open sockets inside a
-//! namespace, and the Linux test guest. Everything stays inside namespaces the tests create.
+//! Pieces of the baton-net-tap tests: the back-end process with its log and counters, the
+//! Linux test guest on QEMU with a vhost-user-net device, hand-built frames, TAP queues opened
+//! from a namespace, and ping. Everything stays inside namespaces the tests create
+//! ([`crate::netns`]).
+// Test support: a failed set-up step panics, as the test that called it would.
 #![allow(
-    dead_code,
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::cast_possible_truncation
 )]
 
-use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
-use baton_tests::harness::{self, TempDir, wait_until};
+use crate::harness::{self, Proc, TempDir, wait_until};
+use crate::netns::{Netns, sh};
+use crate::services::{net_tap_command, start_service};
 
-/// A network namespace `baton-test-<tag>-<pid>`, deleted on drop.
-pub struct Netns(pub String);
-
-impl Netns {
-    /// Creates the namespace with `lo` up.
-    pub fn new(tag: &str) -> Netns {
-        let name = format!("baton-test-{tag}-{}", std::process::id());
-        let _ = Command::new("ip")
-            .args(["netns", "del", &name])
-            .stderr(Stdio::null())
-            .status();
-        sh(&format!("ip netns add {name}"));
-        let ns = Netns(name);
-        ns.exec("ip link set lo up");
-        ns
-    }
-
-    /// Runs a shell command inside the namespace; panics with its output if it fails.
-    pub fn exec(&self, cmd: &str) -> String {
-        sh(&format!("ip netns exec {} sh -c '{cmd}'", self.0))
-    }
-
-    /// Runs a shell command inside the namespace; returns (success, output).
-    pub fn try_exec(&self, cmd: &str) -> (bool, String) {
-        try_sh(&format!("ip netns exec {} sh -c '{cmd}'", self.0))
-    }
-
-    /// Runs `f` on a thread that has entered the namespace (sockets it opens live there).
-    pub fn thread<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<T> {
-        let path = format!("/var/run/netns/{}", self.0);
-        std::thread::spawn(move || {
-            let nsf = File::open(&path).expect("open netns");
-            // SAFETY: setns on a valid namespace fd; affects only this thread.
-            let r = unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-/// Runs `sh -c cmd`; returns (success, stdout+stderr).
-pub fn try_sh(cmd: &str) -> (bool, String) {
-    let out = Command::new("sh")
-        .args(["-c", cmd])
-        .output()
-        .expect("run sh");
-    let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
-    s.push_str(&String::from_utf8_lossy(&out.stderr));
-    (out.status.success(), s)
-}
-
-/// Runs `sh -c cmd`, panicking with its output if it fails.
-pub fn sh(cmd: &str) -> String {
-    let (ok, out) = try_sh(cmd);
-    assert!(ok, "`{cmd}` failed: {out}");
-    out
-}
-
-/// Why a test that needs root networking cannot run, if it cannot.
-/// (A failure unless `BATON_ALLOW_SKIP` allows it: see `harness::cannot_run`.)
-pub fn net_skip_reason() -> Option<String> {
-    use baton_tests::harness::cannot_run;
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some(cannot_run(
-            "root",
-            "needs root (network namespaces, TAP devices)",
-        ));
-    }
-    if !Path::new("/dev/net/tun").exists() {
-        return Some(cannot_run("net", "/dev/net/tun is missing"));
-    }
-    if !try_sh("ip netns list").0 {
-        return Some(cannot_run("net", "`ip netns` does not work here"));
-    }
-    None
-}
-
-/// The baton-net-tap binary next to the test executable.
-pub fn net_tap_bin() -> PathBuf {
-    let b = harness::bin("baton-net-tap");
-    assert!(
-        b.exists(),
-        "{} is missing: build the workspace (cargo build --workspace) first",
-        b.display()
-    );
-    b
-}
-
-/// A unique TAP name (≤ 15 bytes).
-pub fn tap_name(tag: &str) -> String {
-    format!("bt{tag}{}", std::process::id() % 100_000)
-}
-
-/// A running baton-net-tap (inside a namespace), killed on drop; stderr goes to a log file.
+/// A running baton-net-tap (inside a namespace) with an info-level log, killed (SIGKILL) on
+/// drop.
 pub struct NetTap {
     /// The process (`ip netns exec` execs it, so this is baton-net-tap itself).
-    pub child: Child,
+    pub proc: Proc,
     /// Its vhost-user socket.
     pub socket: PathBuf,
     /// Its stderr.
@@ -134,32 +34,15 @@ impl NetTap {
     pub fn start(ns: &Netns, dir: &TempDir, args: &[&str]) -> NetTap {
         let socket = dir.join("net.sock");
         let log = dir.join("net-tap.log");
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.0])
-            .arg(net_tap_bin())
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::create(&log).unwrap())
-            .spawn()
-            .expect("spawn baton-net-tap");
-        let mut t = NetTap { child, socket, log };
-        let up = wait_until(Duration::from_secs(10), || {
-            if t.socket.exists() {
-                return Some(true);
-            }
-            t.child.try_wait().ok().flatten().map(|_| false)
+        let mut c = net_tap_command(ns, &socket, args);
+        c.env("RUST_LOG", "info");
+        let proc = start_service(c, &socket, Some(&log)).unwrap_or_else(|e| {
+            panic!(
+                "baton-net-tap did not come up: {e}\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
         });
-        assert_eq!(
-            up,
-            Some(true),
-            "baton-net-tap did not come up:\n{}",
-            t.log_text()
-        );
-        t
+        NetTap { proc, socket, log }
     }
 
     /// Everything it logged so far.
@@ -174,14 +57,14 @@ impl NetTap {
 
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        matches!(self.proc.child.try_wait(), Ok(None))
     }
 
     /// Asks for the counters (SIGUSR1) and returns the value of `name` from the next stats line.
     pub fn stat(&self, name: &str) -> Option<u64> {
         let before = self.log_text().matches("stats: ").count();
         // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGUSR1) };
+        unsafe { libc::kill(self.proc.child.id() as i32, libc::SIGUSR1) };
         let line = wait_until(Duration::from_secs(10), || {
             let log = self.log_text();
             (log.matches("stats: ").count() > before)
@@ -199,9 +82,9 @@ impl NetTap {
     /// Sends SIGTERM and returns the exit code.
     pub fn terminate(&mut self) -> Option<i32> {
         // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        unsafe { libc::kill(self.proc.child.id() as i32, libc::SIGTERM) };
         let code = wait_until(Duration::from_secs(10), || {
-            self.child.try_wait().ok().flatten()
+            self.proc.child.try_wait().ok().flatten()
         });
         code.and_then(|s| s.code())
     }
@@ -209,23 +92,9 @@ impl NetTap {
 
 impl Drop for NetTap {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
     }
-}
-
-/// Why QEMU-based tests cannot run, if they cannot.
-pub fn qemu_skip_reason() -> Option<String> {
-    if let Some(r) = net_skip_reason() {
-        return Some(r);
-    }
-    if !try_sh("command -v qemu-system-x86_64").0 {
-        return Some(baton_tests::harness::cannot_run(
-            "qemu",
-            "qemu-system-x86_64 is not installed",
-        ));
-    }
-    None
 }
 
 /// The QEMU/TCG command line booting the guest with one vhost-user-net device on `socket`
@@ -237,7 +106,7 @@ pub fn qemu_command(
     queues: u16,
     script: &str,
 ) -> Command {
-    let mut cmd = baton_tests::linux_guest::qemu(guest, 512, u32::from(queues), script);
+    let mut cmd = crate::linux_guest::qemu(guest, 512, u32::from(queues), script);
     cmd.arg("-chardev")
         .arg(format!("socket,id=n0,path={}", socket.display()))
         .arg("-netdev")
@@ -392,19 +261,18 @@ pub fn open_tap(name: &str, offload: u32, nonblock: bool) -> OwnedFd {
 /// From inside `ns`: `count` pings to `ip` (busybox or iputils ping), retried until the
 /// first answer arrives (ARP, guest start-up). Returns the ping output.
 pub fn ping_from(ns: &Netns, ip: &str, count: u32) -> String {
-    let ping = if try_sh("command -v ping").0 {
+    let ping = if sh("command -v ping").is_ok() {
         "ping"
     } else {
         "busybox ping"
     };
     let first = wait_until(Duration::from_secs(15), || {
-        ns.try_exec(&format!("{ping} -c 1 -W 1 {ip}"))
-            .0
-            .then_some(())
+        ns.exec(&format!("{ping} -c 1 -W 1 {ip}")).ok().map(drop)
     });
     assert!(first.is_some(), "no ping reply from {ip}");
-    let (ok, out) = ns.try_exec(&format!("{ping} -c {count} -W 2 {ip}"));
-    assert!(ok, "ping -c {count} {ip} failed: {out}");
+    let out = ns
+        .exec(&format!("{ping} -c {count} -W 2 {ip}"))
+        .unwrap_or_else(|e| panic!("ping -c {count} {ip} failed: {e}"));
     assert!(
         out.contains(&format!("{count} packets received"))
             || out.contains(&format!("{count} received")),

@@ -1,5 +1,8 @@
 //! Network namespaces for tests, the demo and benchmarks: every frame baton sends in them
 //! stays inside a namespace this process created (addresses 10.213.x.x only).
+//!
+//! Commands return `anyhow::Result` (a test unwraps, a binary uses `?`); a failed command's
+//! error carries its output.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -53,18 +56,19 @@ impl Netns {
         c
     }
 
-    /// Runs `f` on a thread that has entered the namespace (sockets it opens live there).
+    /// Runs `f` on a thread that has entered the namespace (sockets it opens live there). The
+    /// thread panics if it cannot enter the namespace: `join` returns that as an error.
     pub fn thread<T: Send + 'static>(
         &self,
         f: impl FnOnce() -> T + Send + 'static,
-    ) -> std::thread::JoinHandle<anyhow::Result<T>> {
+    ) -> std::thread::JoinHandle<T> {
         let path = format!("/var/run/netns/{}", self.0);
         std::thread::spawn(move || {
-            let nsf = File::open(&path)?;
+            let nsf = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
             // SAFETY: setns on a valid namespace fd; it affects only this thread.
             let r = unsafe { libc::setns(nsf.as_raw_fd(), libc::CLONE_NEWNET) };
-            anyhow::ensure!(r == 0, "setns: {}", std::io::Error::last_os_error());
-            Ok(f())
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
         })
     }
 }
@@ -84,8 +88,8 @@ pub fn unavailable() -> Option<String> {
     if !std::path::Path::new("/dev/net/tun").exists() {
         return Some("/dev/net/tun is missing".into());
     }
-    if Command::new("ip").arg("-V").output().is_err() {
-        return Some("iproute2 (ip) is not installed".into());
+    if sh("ip netns list").is_err() {
+        return Some("`ip netns` does not work here (is iproute2 installed?)".into());
     }
     None
 }

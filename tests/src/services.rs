@@ -11,20 +11,62 @@ use crate::netns::Netns;
 /// How long any one step may take.
 pub const STEP: Duration = Duration::from_secs(30);
 
-/// Starts `baton-blk` on `image` at `socket` and waits for the socket.
-pub fn start_blk(image: &Path, socket: &Path, extra: &[&str]) -> anyhow::Result<Proc> {
+/// Starts a service: `cmd` with its stderr appended to `log` (`None`: `<socket>.log`, see
+/// [`log_file`]), after removing a stale `socket`; waits until `socket` exists. An error if
+/// the process exits first or the socket does not appear within [`STEP`]. Every service the
+/// tests, the demo and the benchmarks start goes through here.
+pub fn start_service(mut cmd: Command, socket: &Path, log: Option<&Path>) -> anyhow::Result<Proc> {
     let _ = std::fs::remove_file(socket);
+    let name = Path::new(cmd.get_program())
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    cmd.stderr(match log {
+        Some(l) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(l)?,
+        None => log_file(socket)?,
+    });
+    let mut p = Proc::spawn(cmd).map_err(|e| anyhow::anyhow!("cannot run {name}: {e}"))?;
+    let up = wait_until(STEP, || {
+        if socket.exists() {
+            return Some(true);
+        }
+        p.child.try_wait().ok().flatten().map(|_| false)
+    });
+    match up {
+        Some(true) => Ok(p),
+        Some(false) => anyhow::bail!("{name} exited before creating {}", socket.display()),
+        None => anyhow::bail!("{name} did not create {}", socket.display()),
+    }
+}
+
+/// The `baton-blk` command line serving `image` at `socket`.
+pub fn blk_command(image: &Path, socket: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(bin("baton-blk"));
     c.arg("--socket")
         .arg(socket)
         .arg("--image")
         .arg(image)
         .args(extra);
-    c.stderr(log_file(socket)?);
-    let p = Proc::spawn(c)?;
-    wait_until(STEP, || socket.exists().then_some(()))
-        .ok_or_else(|| anyhow::anyhow!("baton-blk did not create {}", socket.display()))?;
-    Ok(p)
+    c
+}
+
+/// Starts `baton-blk` on `image` at `socket` and waits for the socket.
+pub fn start_blk(image: &Path, socket: &Path, extra: &[&str]) -> anyhow::Result<Proc> {
+    start_service(blk_command(image, socket, extra), socket, None)
+}
+
+/// Creates a sparse image of `size` bytes at `image` and starts `baton-blk` on it.
+pub fn start_blk_on_new_image(
+    image: &Path,
+    size: u64,
+    socket: &Path,
+    extra: &[&str],
+) -> anyhow::Result<Proc> {
+    std::fs::File::create(image)?.set_len(size)?;
+    start_blk(image, socket, extra)
 }
 
 /// Starts `qemu-storage-daemon` exporting `image` (a raw file) as a writable vhost-user-blk
@@ -38,7 +80,6 @@ pub fn start_qsd_blk(
     queues: u16,
     iops: Option<u32>,
 ) -> anyhow::Result<Proc> {
-    let _ = std::fs::remove_file(socket);
     let mut c = Command::new("qemu-storage-daemon");
     c.arg("--blockdev").arg(format!(
         "driver=file,node-name=f0,filename={}",
@@ -58,26 +99,20 @@ pub fn start_qsd_blk(
         "type=vhost-user-blk,id=e0,node-name={node},addr.type=unix,addr.path={},writable=on,num-queues={queues}",
         socket.display()
     ));
-    c.stderr(log_file(socket)?);
-    let p = Proc::spawn(c).map_err(|e| {
-        anyhow::anyhow!("cannot run qemu-storage-daemon (scripts/setup.sh installs it): {e}")
-    })?;
-    wait_until(STEP, || socket.exists().then_some(())).ok_or_else(|| {
-        anyhow::anyhow!("qemu-storage-daemon did not create {}", socket.display())
-    })?;
-    Ok(p)
+    start_service(c, socket, None)
+        .map_err(|e| anyhow::anyhow!("{e} (scripts/setup.sh installs qemu-storage-daemon)"))
+}
+
+/// The `baton-net-tap --socket SOCKET ARGS` command line, run inside `ns`.
+pub fn net_tap_command(ns: &Netns, socket: &Path, args: &[&str]) -> Command {
+    let mut c = ns.command(&bin("baton-net-tap"));
+    c.arg("--socket").arg(socket).args(args);
+    c
 }
 
 /// Starts `baton-net-tap` inside `ns` on TAP `tap` and waits for the socket.
 pub fn start_net_tap(ns: &Netns, tap: &str, socket: &Path) -> anyhow::Result<Proc> {
-    let _ = std::fs::remove_file(socket);
-    let mut c = ns.command(&bin("baton-net-tap"));
-    c.arg("--socket").arg(socket).args(["--tap", tap]);
-    c.stderr(log_file(socket)?);
-    let p = Proc::spawn(c)?;
-    wait_until(STEP, || socket.exists().then_some(()))
-        .ok_or_else(|| anyhow::anyhow!("baton-net-tap did not create {}", socket.display()))?;
-    Ok(p)
+    start_service(net_tap_command(ns, socket, &["--tap", tap]), socket, None)
 }
 
 /// Starts `baton-net-tap --tap TAP EXTRA` inside `ns` under `baton-supervise`, which binds the
@@ -90,7 +125,6 @@ pub fn start_supervised_net_tap(
     socket: &Path,
     extra: &[&str],
 ) -> anyhow::Result<Proc> {
-    let _ = std::fs::remove_file(socket);
     let mut c = ns.command(&bin("baton-supervise"));
     c.arg("--socket")
         .arg(socket)
@@ -98,8 +132,7 @@ pub fn start_supervised_net_tap(
         .arg(bin("baton-net-tap"))
         .args(["--tap", tap])
         .args(extra);
-    c.stderr(log_file(socket)?);
-    let p = Proc::spawn(c)?;
+    let p = start_service(c, socket, None)?;
     let sys = format!("/sys/class/net/{tap}");
     wait_until(STEP, || {
         (socket.exists() && ns.exec(&format!("test -e {sys}")).is_ok()).then_some(())
@@ -219,6 +252,16 @@ pub fn blk_cont_seq(block: &[u8]) -> Option<u64> {
         Some(u64::from_le_bytes(w))
     };
     (word(2)? == BLK_CONT_MARKER).then(|| word(0)).flatten()
+}
+
+/// The highest sequence number among the first `blocks` 4 KiB blocks of an image the guest's
+/// `blk-cont`/`io-cont` writes, if it wrote any yet: it grows while the guest writes.
+pub fn blk_cont_max_seq(img: &Path, blocks: usize) -> Option<u64> {
+    let data = std::fs::read(img).ok()?;
+    data.chunks_exact(4096)
+        .take(blocks)
+        .filter_map(blk_cont_seq)
+        .max()
 }
 
 /// Checks every 4 KiB block of an image the guest's `blk-cont`/`io-cont` wrote: either never

@@ -39,7 +39,7 @@ pub struct EchoStream {
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
     echoed: Arc<AtomicU64>,
-    thread: std::thread::JoinHandle<anyhow::Result<anyhow::Result<EchoStats>>>,
+    thread: std::thread::JoinHandle<anyhow::Result<EchoStats>>,
 }
 
 impl EchoStream {
@@ -81,7 +81,7 @@ impl EchoStream {
         self.stop.store(true, Ordering::SeqCst);
         self.thread
             .join()
-            .map_err(|_| anyhow::anyhow!("echo thread panicked"))??
+            .map_err(|_| anyhow::anyhow!("echo thread panicked"))?
     }
 }
 

@@ -3,15 +3,14 @@
 
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // test code: panics are failures
 
-mod blk_common;
-
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+use baton_tests::blk::*;
+use baton_tests::harness::wait_until;
 use baton_tests::vhost_user::blk::*;
-use blk_common::*;
 
 const MIB: u64 = 1 << 20;
 
@@ -472,8 +471,8 @@ fn restarted_backend_resubmits_inflight_requests() {
     let mut d = BlkDriver::connect(&a.sock, opts(1)).unwrap();
     assert_eq!(d.queue(0).write(0, &pattern(100, 4096)).unwrap(), S_OK);
     // The back-end crashes.
-    a.child.kill().unwrap();
-    a.child.wait().unwrap();
+    a.proc.child.kill().unwrap();
+    a.proc.child.wait().unwrap();
     // Four requests it had "popped" when it died: in the avail ring and marked inflight
     // in the region (the avail index moved past them), never completed.
     let mut heads = Vec::new();

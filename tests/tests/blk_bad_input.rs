@@ -4,14 +4,13 @@
 
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // test code: panics are failures
 
-mod blk_common;
-
 use std::os::unix::net::{UnixDatagram, UnixListener};
 use std::time::Duration;
 
+use baton_tests::blk::*;
+use baton_tests::harness::{bin, wait_until};
 use baton_tests::vhost_user::blk::*;
 use baton_tests::vhost_user::virtq::{DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, RawDesc};
-use blk_common::*;
 use vm_memory::GuestAddress;
 
 const MIB: u64 = 1 << 20;
@@ -535,7 +534,7 @@ fn avail_index_overrun(event_idx: bool) {
     use baton_tests::hostile::{cpu_share, timed_with_watchdog};
     use baton_tests::vhost_user::frontend::F_EVENT_IDX;
     let mut b = Blk::start(MIB, &["--queues", "2"]);
-    let pid = b.child.id();
+    let pid = b.proc.child.id();
     let features = if event_idx {
         BLK_FEATURES
     } else {

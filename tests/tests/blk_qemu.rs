@@ -4,42 +4,25 @@
 
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // test code: panics are failures
 
-mod blk_common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use baton_tests::blk::*;
 use baton_tests::harness;
+use baton_tests::harness::{Need, can_run_with, wait_until};
 use baton_tests::linux_guest;
-use blk_common::*;
 
 const MIB: usize = 1 << 20;
 
-fn skip_reason() -> Option<String> {
-    let ok = |c: &str| {
-        Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {c} >/dev/null"))
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    for c in ["qemu-system-x86_64", "cpio", "apt-get", "dpkg-deb"] {
-        if !ok(c) {
-            return Some(baton_tests::harness::cannot_run(
-                "qemu",
-                &format!("{c} is not installed"),
-            ));
-        }
-    }
-    if !Path::new("/bin/busybox").exists() && !ok("busybox") {
-        return Some(baton_tests::harness::cannot_run(
-            "qemu",
-            "busybox-static is not installed",
-        ));
-    }
-    None
-}
+/// What the Linux guest on QEMU needs (scripts/setup.sh installs it).
+const QEMU_TOOLS: &[Need] = &[
+    Need::Program("qemu-system-x86_64"),
+    Need::Program("cpio"),
+    Need::Program("apt-get"),
+    Need::Program("dpkg-deb"),
+    Need::Program("busybox"),
+];
 
 fn qemu_cmd(guest: &(PathBuf, PathBuf), chardev: &str, script: &str) -> Command {
     let mut cmd = linux_guest::qemu(guest, 512, 2, script);
@@ -106,8 +89,10 @@ echo "ZERO $(dd if=$dev bs=65536 skip=256 count=16 2>/dev/null | md5sum | cut -d
 
 #[test]
 fn linux_guest_writes_discards_and_a_second_qemu_reads_back() {
-    if let Some(r) = skip_reason() {
-        eprintln!("SKIP linux_guest_writes_discards_and_a_second_qemu_reads_back: {r}");
+    if !can_run_with(
+        "linux_guest_writes_discards_and_a_second_qemu_reads_back",
+        QEMU_TOOLS,
+    ) {
         return;
     }
     let guest = match linux_guest::build() {
@@ -193,8 +178,10 @@ done
 
 #[test]
 fn backend_killed_and_restarted_under_a_running_guest() {
-    if let Some(r) = skip_reason() {
-        eprintln!("SKIP backend_killed_and_restarted_under_a_running_guest: {r}");
+    if !can_run_with(
+        "backend_killed_and_restarted_under_a_running_guest",
+        QEMU_TOOLS,
+    ) {
         return;
     }
     let guest = match linux_guest::build() {
@@ -234,8 +221,8 @@ fn backend_killed_and_restarted_under_a_running_guest() {
     while holds() == n0 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(1));
     }
-    a.child.kill().unwrap();
-    a.child.wait().unwrap();
+    a.proc.child.kill().unwrap();
+    a.proc.child.wait().unwrap();
     std::fs::remove_file(&a.sock).unwrap();
     let log = std::env::temp_dir().join(format!("baton-blk-restart-{}.log", std::process::id()));
     let mut b = Blk::start_with_log(dir.clone(), img.clone(), &["--queues", "2"], Some(&log));

@@ -4,15 +4,14 @@
 
 #![allow(clippy::unwrap_used, clippy::cast_possible_truncation)] // test code: panics are failures
 
-mod blk_common;
-
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use baton_tests::blk::*;
+use baton_tests::harness::{bin, wait_until};
 use baton_tests::vhost_user::blk::*;
-use blk_common::*;
 
 const MIB: u64 = 1 << 20;
 

@@ -12,11 +12,6 @@
     clippy::cast_possible_truncation
 )]
 
-// Shared with the net tests (namespaces, baton-net-tap); its lints are its owner's.
-#[allow(clippy::double_ended_iterator_last, clippy::too_many_arguments)]
-#[path = "net_util.rs"]
-mod net_util;
-
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::net::UdpSocket;
@@ -28,8 +23,10 @@ use std::time::{Duration, Instant};
 use baton_tests::harness::{
     Finished, Proc, TempDir, bin, can_run, guest, result_json, run_to_end, wait_until,
 };
-use baton_tests::services::start_qsd_blk;
-use net_util::{NetTap, Netns, net_skip_reason, ping_from, tap_name, try_sh};
+use baton_tests::harness::{Need, can_run_with};
+use baton_tests::net::*;
+use baton_tests::netns::{Netns, unique_tap};
+use baton_tests::services::{start_blk_on_new_image, start_qsd_blk};
 
 /// Deadline for one guest run (boot, test, power-off).
 const RUN: Duration = Duration::from_secs(60);
@@ -67,30 +64,7 @@ struct Blk {
 fn start_blk(dir: &TempDir, tag: &str, size: u64, extra: &[&str]) -> Blk {
     let sock = dir.join(&format!("{tag}.sock"));
     let image = dir.join(&format!("{tag}.img"));
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(size)
-        .unwrap();
-    let mut c = Command::new(bin("baton-blk"));
-    c.arg("--socket")
-        .arg(&sock)
-        .arg("--image")
-        .arg(&image)
-        .args(extra)
-        .env("RUST_LOG", "warn");
-    let mut p = Proc::spawn(c).unwrap();
-    let up = wait_until(Duration::from_secs(10), || {
-        if sock.exists() {
-            return Some(true);
-        }
-        p.child.try_wait().ok().flatten().map(|_| false)
-    });
-    assert_eq!(
-        up,
-        Some(true),
-        "baton-blk did not create {}",
-        sock.display()
-    );
+    let p = start_blk_on_new_image(&image, size, &sock, extra).unwrap();
     Blk {
         _proc: p,
         sock,
@@ -255,13 +229,10 @@ fn blk_lat_poll_and_irq_completions() {
 
 #[test]
 fn qemu_storage_daemon_as_the_blk_back_end() {
-    if !can_run("qemu_storage_daemon_as_the_blk_back_end") {
-        return;
-    }
-    if !try_sh("command -v qemu-storage-daemon").0 {
-        eprintln!(
-            "SKIP qemu_storage_daemon_as_the_blk_back_end: qemu-storage-daemon not installed"
-        );
+    if !can_run_with(
+        "qemu_storage_daemon_as_the_blk_back_end",
+        &[Need::Kvm, Need::Guest, Need::Program("qemu-storage-daemon")],
+    ) {
         return;
     }
     let dir = TempDir::new("fe-qsd");
@@ -392,20 +363,20 @@ fn udp_echo_from(ns: &Netns, ip: &str, n: u32, burst: u32) -> (u32, u32) {
 
 #[test]
 fn baton_net_tap_ping_and_udp_echo_from_a_namespace() {
-    if !can_run("baton_net_tap_ping_and_udp_echo") {
+    if !can_run_with(
+        "baton_net_tap_ping_and_udp_echo",
+        &[Need::Kvm, Need::Guest, Need::Net],
+    ) {
         return;
     }
-    if let Some(why) = net_skip_reason() {
-        eprintln!("SKIP baton_net_tap_ping_and_udp_echo: {why}");
-        return;
-    }
-    let ns = Netns::new("fe");
+    let ns = Netns::new("fe").unwrap();
     let dir = TempDir::new("fe-net");
-    let tap = tap_name("fe");
+    let tap = unique_tap("fe");
     let nt = NetTap::start(&ns, &dir, &["--tap", &tap, "--queues", "2"]);
     ns.exec(&format!(
         "ip addr add {HOST_IP}/24 dev {tap} && ip link set {tap} up"
-    ));
+    ))
+    .unwrap();
     for queues in [1, 2] {
         let name = unique(&format!("net{queues}"));
         let mut c = vmm(
@@ -929,16 +900,15 @@ fn sigterm_while_waiting_for_a_backend_stops_the_vmm_cleanly() {
 
 #[test]
 fn blk_device_on_a_net_backend_is_an_error_not_a_hang() {
-    if !can_run("blk_device_on_a_net_backend") {
+    if !can_run_with(
+        "blk_device_on_a_net_backend",
+        &[Need::Kvm, Need::Guest, Need::Net],
+    ) {
         return;
     }
-    if let Some(why) = net_skip_reason() {
-        eprintln!("SKIP blk_device_on_a_net_backend: {why}");
-        return;
-    }
-    let ns = Netns::new("fewt");
+    let ns = Netns::new("fewt").unwrap();
     let dir = TempDir::new("fe-wrongtype");
-    let nt = NetTap::start(&ns, &dir, &["--tap", &tap_name("fw")]);
+    let nt = NetTap::start(&ns, &dir, &["--tap", &unique_tap("fw")]);
     let s = nt.socket.display().to_string();
     let mut v = Hung::spawn(
         &dir,

@@ -9,40 +9,21 @@
     clippy::cast_possible_truncation
 )]
 
-// Shared with the net tests (namespaces); its lints are its owner's.
-#[allow(clippy::double_ended_iterator_last, clippy::too_many_arguments)]
-#[path = "net_util.rs"]
-mod net_util;
-
 use std::collections::BTreeSet;
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use baton_tests::harness::{Proc, TempDir, bin, guest, result_json, run_to_end, wait_until};
-use net_util::{Netns, net_skip_reason, ping_from, tap_name, try_sh};
+use baton_tests::harness::{Need, can_run_with};
+use baton_tests::harness::{Proc, TempDir, guest, result_json, run_to_end, wait_until};
+use baton_tests::net::*;
+use baton_tests::netns::{Netns, unique_tap};
+use baton_tests::services::start_blk as start_blk_service;
 
 /// Deadline for one guest run under TCG (SeaBIOS, boot, test, power-off).
 const RUN: Duration = Duration::from_secs(120);
 const MIB: u64 = 1 << 20;
-
-/// Why the QEMU tests cannot run here, if they cannot.
-fn skip(test: &str) -> bool {
-    if !try_sh("command -v qemu-system-x86_64").0 {
-        baton_tests::harness::cannot_run(
-            "qemu",
-            &format!("{test}: qemu-system-x86_64 is not installed"),
-        );
-        return true;
-    }
-    assert!(
-        guest().exists(),
-        "test guest missing at {} (cd tests/guest && cargo build --release)",
-        guest().display()
-    );
-    false
-}
 
 /// QEMU/TCG booting the test guest with `append`; devices are added by the caller.
 fn qemu(append: &str) -> Command {
@@ -105,7 +86,10 @@ fn check_blk(r: &serde_json::Value, queues: u32, serial: &str) {
 
 #[test]
 fn guest_blk_on_qemu_virtio_blk_pci() {
-    if skip("guest_blk_on_qemu_virtio_blk_pci") {
+    if !can_run_with(
+        "guest_blk_on_qemu_virtio_blk_pci",
+        &[Need::Program("qemu-system-x86_64"), Need::Guest],
+    ) {
         return;
     }
     let dir = TempDir::new("feq-blk");
@@ -131,25 +115,21 @@ fn start_blk(dir: &TempDir, queues: u32, serial: &str) -> (Proc, PathBuf, PathBu
     let sock = dir.join("blk.sock");
     let image = dir.join("blk.img");
     sparse_image(&image, 64 * MIB);
-    let mut c = Command::new(bin("baton-blk"));
-    c.arg("--socket")
-        .arg(&sock)
-        .arg("--image")
-        .arg(&image)
-        .args(["--queues", &queues.to_string(), "--serial", serial])
-        .env("RUST_LOG", "warn");
-    let p = Proc::spawn(c).unwrap();
-    assert!(
-        wait_until(Duration::from_secs(10), || sock.exists().then_some(())).is_some(),
-        "baton-blk did not create {}",
-        sock.display()
-    );
+    let p = start_blk_service(
+        &image,
+        &sock,
+        &["--queues", &queues.to_string(), "--serial", serial],
+    )
+    .unwrap();
     (p, sock, image)
 }
 
 #[test]
 fn guest_blk_on_qemu_vhost_user_blk_pci_with_baton_blk() {
-    if skip("guest_blk_on_qemu_vhost_user_blk_pci_with_baton_blk") {
+    if !can_run_with(
+        "guest_blk_on_qemu_vhost_user_blk_pci_with_baton_blk",
+        &[Need::Program("qemu-system-x86_64"), Need::Guest],
+    ) {
         return;
     }
     let dir = TempDir::new("feq-vu");
@@ -186,15 +166,14 @@ fn datagram(seq: u32) -> Vec<u8> {
 
 #[test]
 fn guest_net_on_qemu_virtio_net_pci_on_a_tap() {
-    if skip("guest_net_on_qemu_virtio_net_pci_on_a_tap") {
+    if !can_run_with(
+        "guest_net_on_qemu_virtio_net_pci_on_a_tap",
+        &[Need::Program("qemu-system-x86_64"), Need::Guest, Need::Net],
+    ) {
         return;
     }
-    if let Some(why) = net_skip_reason() {
-        eprintln!("SKIP guest_net_on_qemu_virtio_net_pci_on_a_tap: {why}");
-        return;
-    }
-    let ns = Netns::new("feq");
-    let tap = tap_name("fq");
+    let ns = Netns::new("feq").unwrap();
+    let tap = unique_tap("fq");
     // QEMU creates the TAP inside the namespace: nothing reaches the host's network.
     let mut c = Command::new("ip");
     c.args(["netns", "exec", &ns.0, "qemu-system-x86_64"]);
@@ -210,12 +189,15 @@ fn guest_net_on_qemu_virtio_net_pci_on_a_tap() {
         ));
     let mut p = Proc::spawn(c).unwrap();
     let up = wait_until(Duration::from_secs(20), || {
-        ns.try_exec(&format!("ip link show {tap}")).0.then_some(())
+        ns.exec(&format!("ip link show {tap}"))
+            .is_ok()
+            .then_some(())
     });
     assert!(up.is_some(), "QEMU did not create {tap}");
     ns.exec(&format!(
         "ip addr add {HOST_IP}/24 dev {tap} && ip link set {tap} up"
-    ));
+    ))
+    .unwrap();
     assert!(
         p.wait_line(RUN, |l| l.contains("ready")).is_some(),
         "no ready line:\n{}",

@@ -13,12 +13,11 @@ use std::time::Duration;
 use baton_tests::boot::baton_cmd;
 use baton_tests::boot::percentile;
 use baton_tests::harness::{
-    Proc, TempDir, bin, can_run, default_ram_file, result_json, run_to_end, wait_until,
+    Need, Proc, TempDir, bin, can_run, can_run_with, default_ram_file, result_json, run_to_end,
+    wait_until,
 };
 use baton_tests::netns::{self, Netns};
-use baton_tests::services::{
-    Vmm, start_blk as start_blk_service, start_net_tap, verify_blk_cont_image,
-};
+use baton_tests::services::{Vmm, start_blk_on_new_image, start_net_tap, verify_blk_cont_image};
 use baton_tests::udp::EchoStream;
 
 const T: Duration = Duration::from_secs(30);
@@ -173,18 +172,8 @@ fn twenty_swaps_2g() {
 /// A baton-blk back-end on a fresh image in `dir`.
 fn start_blk(dir: &TempDir, size_mib: u64) -> (Proc, PathBuf, PathBuf) {
     let img = dir.join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(size_mib << 20)
-        .unwrap();
     let sock = dir.join("blk.sock");
-    let mut c = Command::new(bin("baton-blk"));
-    c.arg("--socket").arg(&sock).arg("--image").arg(&img);
-    let p = Proc::spawn(c).unwrap();
-    assert!(
-        wait_until(T, || sock.exists().then_some(())).is_some(),
-        "baton-blk socket"
-    );
+    let p = start_blk_on_new_image(&img, size_mib << 20, &sock, &[]).unwrap();
     (p, sock, img)
 }
 
@@ -193,19 +182,14 @@ fn start_blk(dir: &TempDir, size_mib: u64) -> (Proc, PathBuf, PathBuf) {
 /// lost or duplicated, the image consistent at the end.
 fn swaps_under_io(mem: &str, subnet: u8) {
     let _one_at_a_time = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
-    if let Some(why) = netns::unavailable() {
-        baton_tests::harness::cannot_run("root", &format!("swaps_under_io {mem}: {why}"));
+    if !can_run_with(&format!("swaps_under_io {mem}"), &[Need::Net]) {
         return;
     }
     let dir = TempDir::new("lu-io");
     let img = dir.join("disk.img");
-    std::fs::File::create(&img)
-        .unwrap()
-        .set_len(16 << 20)
-        .unwrap();
     let blk_sock = dir.join("blk.sock");
     let net_sock = dir.join("net.sock");
-    let _blk = start_blk_service(&img, &blk_sock, &[]).unwrap();
+    let _blk = start_blk_on_new_image(&img, 16 << 20, &blk_sock, &[]).unwrap();
     let ns = Netns::new("lu").unwrap();
     let tap = netns::unique_tap("lu");
     ns.persistent_tap(&tap, &format!("10.213.{subnet}.1/24"))
@@ -231,7 +215,7 @@ fn swaps_under_io(mem: &str, subnet: u8) {
         format!("10.213.{subnet}.2:7"),
         Duration::from_millis(1),
     );
-    std::thread::sleep(Duration::from_millis(500));
+    echo.wait_first_echo(T).unwrap();
     let mut blackouts = Vec::new();
     for n in 0..20 {
         let (new, sock) = Vmm::incoming(&dir.0, n).unwrap();
@@ -245,9 +229,16 @@ fn swaps_under_io(mem: &str, subnet: u8) {
             "old VMM exits 0 after swap {n}"
         );
         vmm = new;
-        std::thread::sleep(Duration::from_millis(100));
+        // The guest echoes again from the new VMM before the next swap.
+        let echoed = echo.echoed();
+        assert!(
+            wait_until(T, || (echo.echoed() > echoed).then_some(())).is_some(),
+            "no echo after swap {n}"
+        );
     }
-    std::thread::sleep(Duration::from_millis(300));
+    // 300 more datagrams through the last VMM before the stream stops.
+    let last = echo.mark();
+    assert!(wait_until(T, || (echo.mark() >= last + 300).then_some(())).is_some());
     let stats = echo.stop().unwrap();
     vmm.proc.send(b"q").unwrap();
     assert_eq!(
@@ -336,9 +327,15 @@ fn rollback(fail: &str, timeout_ms: Option<u64>, with_disk: bool) {
     let f = run_to_end(c, T).unwrap();
     assert!(f.stdout.contains("\"running\""), "{f:?}");
     if with_disk {
-        // Stop the writer: 'q' is not available (stdin is /dev/null), so shut down after
-        // checking that completions continue through the info endpoint's uptime.
-        std::thread::sleep(Duration::from_millis(300));
+        // Stop the writer: 'q' is not available (stdin is /dev/null), so shut down once the
+        // old VMM has its back-end connected again.
+        assert!(
+            wait_until(T, || {
+                (old.info().ok()?["devices"][0]["backend"] == "connected").then_some(())
+            })
+            .is_some(),
+            "the disk did not come back after the rollback"
+        );
     } else {
         let before = old.proc.seen.len();
         assert!(

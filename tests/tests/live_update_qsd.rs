@@ -13,8 +13,8 @@
 use std::time::Duration;
 
 use baton_tests::boot::{baton_cmd, percentile};
-use baton_tests::harness::{TempDir, can_run, result_json};
-use baton_tests::services::{Vmm, start_qsd_blk, verify_blk_cont_image};
+use baton_tests::harness::{TempDir, can_run, result_json, wait_until};
+use baton_tests::services::{Vmm, blk_cont_max_seq, start_qsd_blk, verify_blk_cont_image};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -71,8 +71,14 @@ fn swaps_on_qsd(test: &str, iops: Option<u32>) {
         "{}",
         vmm.proc.transcript()
     );
-    // Let the writes get going before the first swap, and between swaps.
-    std::thread::sleep(Duration::from_millis(300));
+    // The writes get going before the first swap, and again between swaps: the image shows
+    // a higher sequence number.
+    let mut seq = 0;
+    let mut wait_writes = |after: &str| {
+        seq = wait_until(T, || blk_cont_max_seq(&img, BLOCKS).filter(|&s| s > seq))
+            .unwrap_or_else(|| panic!("no write reached the disk {after}"));
+    };
+    wait_writes("before the first swap");
     let mut blackouts = Vec::new();
     let mut waits = Vec::new();
     for n in 0..SWAPS {
@@ -90,7 +96,7 @@ fn swaps_on_qsd(test: &str, iops: Option<u32>) {
             "old VMM exits 0 after swap {n}"
         );
         vmm = new;
-        std::thread::sleep(Duration::from_millis(100));
+        wait_writes(&format!("after swap {n}"));
     }
     vmm.proc.send(b"q").unwrap();
     assert_eq!(

@@ -12,17 +12,16 @@
     clippy::cast_possible_truncation
 )]
 
-#[path = "net_util.rs"]
-mod net_util;
-
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use baton_tests::harness::TempDir;
+use baton_tests::harness::{Need, can_run_with};
+use baton_tests::net::*;
+use baton_tests::netns::{Netns, sh, unique_tap};
 use baton_tests::vhost_user::net::{NetDriver, NetOptions};
-use net_util::*;
 
 const DRIVER_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x00, 0x09, 0x02];
 const GEN_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
@@ -162,10 +161,10 @@ fn tx_peer(ns: &Netns, c: &Case) -> f64 {
     let bufs: Vec<Vec<u8>> = (0..NetOptions::default().queue_size)
         .map(|_| f.clone())
         .collect();
-    let name = tap_name("bp");
+    let name = unique_tap("bp");
     ns.thread(move || {
         let fd = open_tap(&name, 0, false);
-        sh(&format!("ip link set {name} up"));
+        sh(&format!("ip link set {name} up")).unwrap();
         let start = Instant::now();
         let mut n = 0u64;
         while start.elapsed() < RUN {
@@ -185,12 +184,13 @@ fn tx_peer(ns: &Netns, c: &Case) -> f64 {
 /// TAP) until `stop`.
 fn generator(ns: &Netns, c: &Case, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
     let (h, f) = frame(DRIVER_MAC, GEN_MAC, c.len, c.tso);
-    let gen_name = tap_name("bg");
+    let gen_name = unique_tap("bg");
     ns.thread(move || {
         let fd = open_tap(&gen_name, 0, false);
         sh(&format!(
             "ip link set {gen_name} master br0 && ip link set {gen_name} up"
-        ));
+        ))
+        .unwrap();
         let mut n = 0u64;
         while !stop.load(Ordering::Relaxed) {
             for _ in 0..64 {
@@ -238,7 +238,7 @@ fn rx_ours(ns: &Netns, d: &mut NetDriver, c: &Case) -> f64 {
 
 /// Frames per second one thread reads from a TAP directly.
 fn rx_peer(ns: &Netns, c: &Case) -> f64 {
-    let name = tap_name("br");
+    let name = unique_tap("br");
     let n2 = name.clone();
     let len = c.len;
     let fd = ns
@@ -247,7 +247,8 @@ fn rx_peer(ns: &Netns, c: &Case) -> f64 {
             let fd = open_tap(&n2, 0x1 | 0x2 | 0x4, true);
             sh(&format!(
                 "ip link set {n2} master br0 && ip link set {n2} up"
-            ));
+            ))
+            .unwrap();
             fd
         })
         .join()
@@ -309,17 +310,16 @@ fn selected(dir: &str, c: &Case) -> bool {
 #[test]
 #[ignore = "benchmark: run through ./bench.sh net"]
 fn net_bench() {
-    if let Some(why) = net_skip_reason() {
-        eprintln!("skipping net_bench: {why}");
+    if !can_run_with("net_bench", &[Need::Net]) {
         return;
     }
-    let ns = Netns::new("nbench");
+    let ns = Netns::new("nbench").unwrap();
     let dir = TempDir::new("net-bench");
-    let name = tap_name("bb");
+    let name = unique_tap("bb");
     let tap = NetTap::start(&ns, &dir, &["--tap", &name]);
     ns.exec(&format!(
         "sysctl -qw net.ipv6.conf.all.disable_ipv6=1; ip link set {name} up; ip link add br0 type bridge && ip link set br0 up"
-    ));
+    )).unwrap();
     // Mergeable RX buffers large enough for a whole 64 KiB frame: the driver then spends one
     // buffer per frame, so the comparison is about the back-end, not the driver's refilling.
     let o = NetOptions {
@@ -332,7 +332,7 @@ fn net_bench() {
         let peer = tx_peer(&ns, c);
         report("tx", c, ours, peer);
     }
-    ns.exec(&format!("ip link set {name} master br0"));
+    ns.exec(&format!("ip link set {name} master br0")).unwrap();
     for c in CASES.iter().filter(|c| selected("rx", c)) {
         let ours = rx_ours(&ns, &mut d, c);
         let peer = rx_peer(&ns, c);

@@ -8,9 +8,6 @@
     clippy::cast_possible_truncation
 )]
 
-#[path = "net_util.rs"]
-mod net_util;
-
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixDatagram, UnixListener, UnixStream};
@@ -18,36 +15,33 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::Duration;
 
-use baton_tests::harness::{TempDir, run_to_end, wait_until};
-use net_util::*;
+use baton_tests::harness::{Need, TempDir, bin, can_run_with, run_to_end, wait_until};
+use baton_tests::net::*;
+use baton_tests::netns::{Netns, sh, unique_tap};
 
 /// Runs baton-net-tap inside `ns` with `args`; returns (exit code, stderr).
 fn run_in(ns: &Netns, args: &[&str]) -> (Option<i32>, String) {
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &ns.0])
-        .arg(net_tap_bin())
+        .arg(bin("baton-net-tap"))
         .args(args);
     let f = run_to_end(cmd, Duration::from_secs(20)).unwrap();
     (f.code, f.stderr)
 }
 
-macro_rules! skip_unless_net {
-    ($name:literal) => {
-        if let Some(why) = net_skip_reason() {
-            eprintln!("skipping {}: {why}", $name);
-            return;
-        }
-    };
-}
-
 #[test]
 fn net_cli_bad_options_exit_nonzero_with_a_message() {
-    skip_unless_net!("net_cli_bad_options_exit_nonzero_with_a_message");
-    let ns = Netns::new("nc1");
+    if !can_run_with(
+        "net_cli_bad_options_exit_nonzero_with_a_message",
+        &[Need::Net],
+    ) {
+        return;
+    }
+    let ns = Netns::new("nc1").unwrap();
     let dir = TempDir::new("net-cli");
     let sock = dir.join("s.sock");
     let sock = sock.to_str().unwrap();
-    let tap = tap_name("c");
+    let tap = unique_tap("c");
     let cases: &[(&[&str], &str)] = &[
         (&["--socket", sock], "--tap"),
         (
@@ -112,14 +106,16 @@ fn net_cli_bad_options_exit_nonzero_with_a_message() {
 
 #[test]
 fn net_cli_tap_name_taken_by_a_non_tap_device() {
-    skip_unless_net!("net_cli_tap_name_taken_by_a_non_tap_device");
-    let ns = Netns::new("nc2");
+    if !can_run_with("net_cli_tap_name_taken_by_a_non_tap_device", &[Need::Net]) {
+        return;
+    }
+    let ns = Netns::new("nc2").unwrap();
     let dir = TempDir::new("net-cli");
-    let name = tap_name("d");
+    let name = unique_tap("d");
     // Whichever of these link types the kernel has.
     let kind = ["dummy", "veth", "bridge"]
         .into_iter()
-        .find(|k| ns.try_exec(&format!("ip link add {name} type {k}")).0);
+        .find(|k| ns.exec(&format!("ip link add {name} type {k}")).is_ok());
     let Some(kind) = kind else {
         baton_tests::harness::cannot_run("net", "no dummy/veth/bridge link type");
         return;
@@ -131,8 +127,9 @@ fn net_cli_tap_name_taken_by_a_non_tap_device() {
     assert!(code.is_some_and(|c| c != 0), "exit {code:?}: {err}");
     assert!(err.contains("is not a TAP device"), "{err}");
     // A persistent TAP without multi-queue support: a hint how to create it.
-    let single = tap_name("e");
-    ns.exec(&format!("ip tuntap add dev {single} mode tap vnet_hdr"));
+    let single = unique_tap("e");
+    ns.exec(&format!("ip tuntap add dev {single} mode tap vnet_hdr"))
+        .unwrap();
     let (code, err) = run_in(
         &ns,
         &[
@@ -145,25 +142,28 @@ fn net_cli_tap_name_taken_by_a_non_tap_device() {
     assert!(code.is_some_and(|c| c != 0), "exit {code:?}: {err}");
     assert!(err.contains("without multi-queue support"), "{err}");
     // The other device is untouched.
-    ns.exec(&format!("ip -d link show {name} | grep -q {kind}"));
+    ns.exec(&format!("ip -d link show {name} | grep -q {kind}"))
+        .unwrap();
 }
 
 #[test]
 fn net_cli_no_permission_to_create_a_tap() {
-    skip_unless_net!("net_cli_no_permission_to_create_a_tap");
-    if !try_sh("command -v setpriv").0 {
+    if !can_run_with("net_cli_no_permission_to_create_a_tap", &[Need::Net]) {
+        return;
+    }
+    if sh("command -v setpriv").is_err() {
         baton_tests::harness::cannot_run("root", "setpriv is not installed");
         return;
     }
-    let ns = Netns::new("nc3");
+    let ns = Netns::new("nc3").unwrap();
     let dir = TempDir::new("net-cli");
     // The unprivileged user must be able to reach the binary and the socket directory.
-    let bin = net_tap_bin();
-    if !try_sh(&format!(
+    let bin = bin("baton-net-tap");
+    if sh(&format!(
         "setpriv --reuid=65534 --regid=65534 --clear-groups test -x {}",
         bin.display()
     ))
-    .0
+    .is_err()
     {
         baton_tests::harness::cannot_run(
             "root",
@@ -171,7 +171,7 @@ fn net_cli_no_permission_to_create_a_tap() {
         );
         return;
     }
-    sh(&format!("chmod 777 {}", dir.0.display()));
+    sh(&format!("chmod 777 {}", dir.0.display())).unwrap();
     let mut cmd = Command::new("ip");
     cmd.args([
         "netns",
@@ -187,7 +187,7 @@ fn net_cli_no_permission_to_create_a_tap() {
         "--socket",
         dir.join("s").to_str().unwrap(),
         "--tap",
-        &tap_name("p"),
+        &unique_tap("p"),
     ]);
     let f = run_to_end(cmd, Duration::from_secs(20)).unwrap();
     assert!(
@@ -217,10 +217,15 @@ fn get_features(s: &mut UnixStream) -> u64 {
 
 #[test]
 fn net_second_frontend_is_refused_without_disturbing_the_first() {
-    skip_unless_net!("net_second_frontend_is_refused_without_disturbing_the_first");
-    let ns = Netns::new("nc4");
+    if !can_run_with(
+        "net_second_frontend_is_refused_without_disturbing_the_first",
+        &[Need::Net],
+    ) {
+        return;
+    }
+    let ns = Netns::new("nc4").unwrap();
     let dir = TempDir::new("net-cli");
-    let tap = NetTap::start(&ns, &dir, &["--tap", &tap_name("r")]);
+    let tap = NetTap::start(&ns, &dir, &["--tap", &unique_tap("r")]);
     let mut first = UnixStream::connect(&tap.socket).unwrap();
     first
         .set_read_timeout(Some(Duration::from_secs(10)))
@@ -259,28 +264,35 @@ fn net_second_frontend_is_refused_without_disturbing_the_first() {
 
 #[test]
 fn net_sigterm_exits_0_and_leaves_a_persistent_tap() {
-    skip_unless_net!("net_sigterm_exits_0_and_leaves_a_persistent_tap");
-    let ns = Netns::new("nc5");
+    if !can_run_with(
+        "net_sigterm_exits_0_and_leaves_a_persistent_tap",
+        &[Need::Net],
+    ) {
+        return;
+    }
+    let ns = Netns::new("nc5").unwrap();
     let dir = TempDir::new("net-cli");
-    let name = tap_name("s");
+    let name = unique_tap("s");
     ns.exec(&format!(
         "ip tuntap add dev {name} mode tap multi_queue vnet_hdr"
-    ));
+    ))
+    .unwrap();
     let mut tap = NetTap::start(&ns, &dir, &["--tap", &name, "--queues", "2"]);
     let mut fe = UnixStream::connect(&tap.socket).unwrap();
     fe.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     get_features(&mut fe);
     assert_eq!(tap.terminate(), Some(0), "{}", tap.log_text());
-    ns.exec(&format!("ip link show {name} >/dev/null"));
+    ns.exec(&format!("ip link show {name} >/dev/null")).unwrap();
 
     // A TAP that baton-net-tap created itself goes away with it.
-    let name2 = tap_name("t");
+    let name2 = unique_tap("t");
     let dir2 = TempDir::new("net-cli");
     let mut tap2 = NetTap::start(&ns, &dir2, &["--tap", &name2]);
-    ns.exec(&format!("ip link show {name2} >/dev/null"));
+    ns.exec(&format!("ip link show {name2} >/dev/null"))
+        .unwrap();
     assert_eq!(tap2.terminate(), Some(0), "{}", tap2.log_text());
     assert!(
-        !ns.try_exec(&format!("ip link show {name2}")).0,
+        ns.exec(&format!("ip link show {name2}")).is_err(),
         "non-persistent TAP left behind"
     );
 }
@@ -297,8 +309,10 @@ impl Drop for KillOnDrop {
 
 #[test]
 fn net_socket_activation_and_sd_notify() {
-    skip_unless_net!("net_socket_activation_and_sd_notify");
-    let ns = Netns::new("nc6");
+    if !can_run_with("net_socket_activation_and_sd_notify", &[Need::Net]) {
+        return;
+    }
+    let ns = Netns::new("nc6").unwrap();
     let dir = TempDir::new("net-cli");
     let listener = UnixListener::bind(dir.join("act.sock")).unwrap();
     let notify = UnixDatagram::bind(dir.join("notify.sock")).unwrap();
@@ -315,8 +329,8 @@ fn net_socket_activation_and_sd_notify() {
         "-c",
         "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\"",
     ])
-    .arg(net_tap_bin())
-    .args(["--tap", &tap_name("a")])
+    .arg(bin("baton-net-tap"))
+    .args(["--tap", &unique_tap("a")])
     .env("NOTIFY_SOCKET", dir.join("notify.sock"))
     .stdout(std::process::Stdio::null())
     .stderr(std::process::Stdio::null());
@@ -356,10 +370,15 @@ fn net_socket_activation_and_sd_notify() {
 
 #[test]
 fn net_garbage_from_a_front_end_ends_only_that_connection() {
-    skip_unless_net!("net_garbage_from_a_front_end_ends_only_that_connection");
-    let ns = Netns::new("nc7");
+    if !can_run_with(
+        "net_garbage_from_a_front_end_ends_only_that_connection",
+        &[Need::Net],
+    ) {
+        return;
+    }
+    let ns = Netns::new("nc7").unwrap();
     let dir = TempDir::new("net-cli");
-    let mut tap = NetTap::start(&ns, &dir, &["--tap", &tap_name("g")]);
+    let mut tap = NetTap::start(&ns, &dir, &["--tap", &unique_tap("g")]);
     for (i, junk) in [
         vec![0x0f, 0x27, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0], // unknown request
         vec![1, 0, 0, 0, 1, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f], // oversized payload

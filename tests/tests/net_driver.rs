@@ -8,9 +8,6 @@
     clippy::cast_possible_truncation
 )]
 
-#[path = "net_util.rs"]
-mod net_util;
-
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream, UdpSocket};
 use std::sync::Arc;
@@ -18,36 +15,32 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use baton_tests::harness::TempDir;
+use baton_tests::harness::{Need, can_run_with};
+use baton_tests::net::*;
+use baton_tests::netns::{Netns, unique_tap};
+use baton_tests::services::{net_tap_command, start_service};
 use baton_tests::vhost_user::net::{NetDriver, NetOptions, f};
 use baton_tests::vhost_user::virtq::{DESC_F_NEXT, DESC_F_WRITE, RawDesc};
-use net_util::*;
 
 const DRIVER_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x00, 0x09, 0x02];
 const T: Duration = Duration::from_secs(10);
 
-macro_rules! skip_unless_net {
-    ($name:literal) => {
-        if let Some(why) = net_skip_reason() {
-            eprintln!("skipping {}: {why}", $name);
-            return;
-        }
-    };
-}
-
 /// A namespace with baton-net-tap on TAP `name` = 10.213.<subnet>.1, the driver's address
 /// .2 known statically (no ARP needed), IPv6 off (no stray frames).
 fn setup(tag: &str, subnet: u8, extra: &[&str]) -> (Netns, TempDir, NetTap, String, [u8; 6]) {
-    let ns = Netns::new(tag);
+    let ns = Netns::new(tag).unwrap();
     let dir = TempDir::new("net-drv");
-    let name = tap_name(tag);
+    let name = unique_tap(tag);
     let mut args = vec!["--tap", name.as_str()];
     args.extend_from_slice(extra);
     let tap = NetTap::start(&ns, &dir, &args);
     ns.exec(&format!(
         "sysctl -qw net.ipv6.conf.{name}.disable_ipv6=1; ip addr add 10.213.{subnet}.1/24 dev {name} && \
          ip link set {name} up && ip neigh replace 10.213.{subnet}.2 lladdr 52:54:00:00:09:02 dev {name}"
-    ));
-    let tap_mac = mac(&ns.exec(&format!("cat /sys/class/net/{name}/address")));
+    )).unwrap();
+    let tap_mac = mac(&ns
+        .exec(&format!("cat /sys/class/net/{name}/address"))
+        .unwrap());
     (ns, dir, tap, name, tap_mac)
 }
 
@@ -76,7 +69,12 @@ fn udp_sink(ns: &Netns, addr: String, count: usize) -> std::thread::JoinHandle<V
 
 #[test]
 fn net_driver_frames_both_ways_and_checksum_offload() {
-    skip_unless_net!("net_driver_frames_both_ways_and_checksum_offload");
+    if !can_run_with(
+        "net_driver_frames_both_ways_and_checksum_offload",
+        &[Need::Net],
+    ) {
+        return;
+    }
     let (ns, _dir, tap, _name, tap_mac) = setup("nd1", 31, &[]);
     let mut d = NetDriver::connect(&tap.socket, NetOptions::default()).unwrap();
     assert_ne!(d.conn.features & f::CSUM, 0);
@@ -173,16 +171,21 @@ fn forward(a: &mut NetDriver, b: &mut NetDriver, stop: &AtomicBool) -> Vec<[usiz
 
 #[test]
 fn net_driver_tcp_with_tso_csum_offloads_and_two_queue_pairs() {
-    skip_unless_net!("net_driver_tcp_with_tso_csum_offloads_and_two_queue_pairs");
-    let ns1 = Netns::new("nf1");
-    let ns2 = Netns::new("nf2");
+    if !can_run_with(
+        "net_driver_tcp_with_tso_csum_offloads_and_two_queue_pairs",
+        &[Need::Net],
+    ) {
+        return;
+    }
+    let ns1 = Netns::new("nf1").unwrap();
+    let ns2 = Netns::new("nf2").unwrap();
     let dir1 = TempDir::new("net-fwd");
     let dir2 = TempDir::new("net-fwd");
-    let (n1, n2) = (tap_name("fa"), tap_name("fb"));
+    let (n1, n2) = (unique_tap("fa"), unique_tap("fb"));
     let t1 = NetTap::start(&ns1, &dir1, &["--tap", &n1, "--queues", "2"]);
     let t2 = NetTap::start(&ns2, &dir2, &["--tap", &n2, "--queues", "2"]);
     for (ns, n, ip) in [(&ns1, &n1, "10.213.41.1"), (&ns2, &n2, "10.213.41.2")] {
-        ns.exec(&format!("sysctl -qw net.ipv6.conf.{n}.disable_ipv6=1; ip addr add {ip}/24 dev {n} && ip link set {n} up"));
+        ns.exec(&format!("sysctl -qw net.ipv6.conf.{n}.disable_ipv6=1; ip addr add {ip}/24 dev {n} && ip link set {n} up")).unwrap();
     }
     let o = NetOptions {
         pairs: 2,
@@ -274,7 +277,12 @@ fn net_driver_tcp_with_tso_csum_offloads_and_two_queue_pairs() {
 
 #[test]
 fn net_driver_bad_input_is_counted_and_never_fatal() {
-    skip_unless_net!("net_driver_bad_input_is_counted_and_never_fatal");
+    if !can_run_with(
+        "net_driver_bad_input_is_counted_and_never_fatal",
+        &[Need::Net],
+    ) {
+        return;
+    }
     let (ns, _dir, mut tap, _name, tap_mac) = setup("nb1", 51, &[]);
     // No mergeable buffers, no GSO on receive, tiny RX buffers.
     let features = f::CSUM | f::HOST_TSO4 | f::MAC | (1 << 32) | (1 << 29);
@@ -448,7 +456,12 @@ fn net_driver_bad_input_is_counted_and_never_fatal() {
 
 #[test]
 fn net_driver_frames_wait_in_the_tap_between_front_ends() {
-    skip_unless_net!("net_driver_frames_wait_in_the_tap_between_front_ends");
+    if !can_run_with(
+        "net_driver_frames_wait_in_the_tap_between_front_ends",
+        &[Need::Net],
+    ) {
+        return;
+    }
     let (ns, _dir, tap, _name, tap_mac) = setup("nw1", 61, &[]);
     let send_from_ns = |port: u16, msg: &'static str| {
         ns.thread(move || {
@@ -491,27 +504,21 @@ fn net_driver_frames_wait_in_the_tap_between_front_ends() {
 
 #[test]
 fn net_driver_inherited_tap_fd() {
-    skip_unless_net!("net_driver_inherited_tap_fd");
+    if !can_run_with("net_driver_inherited_tap_fd", &[Need::Net]) {
+        return;
+    }
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
-    let ns = Netns::new("ni1");
+    let ns = Netns::new("ni1").unwrap();
     let dir = TempDir::new("net-drv");
-    let name = tap_name("i");
+    let name = unique_tap("i");
     let n2 = name.clone();
     // The TAP fd is made inside the namespace, as a service manager would hand it over.
     let fd = ns.thread(move || open_tap(&n2, 0, false)).join().unwrap();
     let raw = fd.as_raw_fd();
     let socket = dir.join("net.sock");
     let log = dir.join("net-tap.log");
-    let mut cmd = std::process::Command::new("ip");
-    cmd.args(["netns", "exec", &ns.0])
-        .arg(net_tap_bin())
-        .arg("--socket")
-        .arg(&socket)
-        .args(["--tap-fd", "5"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
+    let mut cmd = net_tap_command(&ns, &socket, &["--tap-fd", "5"]);
     // SAFETY: only dup2/fcntl (async-signal-safe) between fork and exec.
     unsafe {
         cmd.pre_exec(move || {
@@ -527,9 +534,9 @@ fn net_driver_inherited_tap_fd() {
             Ok(())
         });
     }
-    let child = cmd.spawn().unwrap();
+    let proc = start_service(cmd, &socket, Some(&log)).unwrap();
     drop(fd);
-    let tap = NetTap { child, socket, log };
+    let tap = NetTap { proc, socket, log };
     assert!(
         baton_tests::harness::wait_until(T, || tap.socket.exists().then_some(())).is_some(),
         "{}",
@@ -543,8 +550,11 @@ fn net_driver_inherited_tap_fd() {
     ns.exec(&format!(
         "sysctl -qw net.ipv6.conf.{name}.disable_ipv6=1; ip addr add 10.213.71.1/24 dev {name} && \
          ip link set {name} up && ip neigh replace 10.213.71.2 lladdr 52:54:00:00:09:02 dev {name}"
-    ));
-    let tap_mac = mac(&ns.exec(&format!("cat /sys/class/net/{name}/address")));
+    ))
+    .unwrap();
+    let tap_mac = mac(&ns
+        .exec(&format!("cat /sys/class/net/{name}/address"))
+        .unwrap());
     let mut d = NetDriver::connect(&tap.socket, NetOptions::default()).unwrap();
     let sink = udp_sink(&ns, "10.213.71.1:9101".into(), 1);
     let (h, f) = udp_frame(
@@ -576,7 +586,9 @@ fn net_driver_inherited_tap_fd() {
 
 #[test]
 fn net_driver_get_vring_base_stops_the_ring() {
-    skip_unless_net!("net_driver_get_vring_base_stops_the_ring");
+    if !can_run_with("net_driver_get_vring_base_stops_the_ring", &[Need::Net]) {
+        return;
+    }
     let (ns, _dir, tap, _name, _tap_mac) = setup("ns1", 81, &[]);
     let send_from_ns = |port: u16| {
         ns.thread(move || {
@@ -618,7 +630,12 @@ fn net_driver_get_vring_base_stops_the_ring() {
 
 #[test]
 fn net_driver_unpollable_kick_fd_does_not_stop_the_device() {
-    skip_unless_net!("net_driver_unpollable_kick_fd_does_not_stop_the_device");
+    if !can_run_with(
+        "net_driver_unpollable_kick_fd_does_not_stop_the_device",
+        &[Need::Net],
+    ) {
+        return;
+    }
     use std::os::fd::{FromRawFd, IntoRawFd};
     use vhost::VhostBackend;
     let (ns, dir, tap, _name, tap_mac) = setup("nk1", 91, &[]);
@@ -667,7 +684,7 @@ enum Broken {
 fn avail_index_overrun(tag: &str, subnet: u8, ring: Broken, event_idx: bool) {
     use baton_tests::hostile::{cpu_share, timed_with_watchdog};
     let (ns, _dir, mut tap, _name, tap_mac) = setup(tag, subnet, &[]);
-    let pid = tap.child.id();
+    let pid = tap.proc.child.id();
     let features = if event_idx {
         f::ALL
     } else {
@@ -755,24 +772,44 @@ fn avail_index_overrun(tag: &str, subnet: u8, ring: Broken, event_idx: bool) {
 
 #[test]
 fn net_driver_rx_avail_overrun_with_event_idx_does_not_livelock() {
-    skip_unless_net!("net_driver_rx_avail_overrun_with_event_idx_does_not_livelock");
+    if !can_run_with(
+        "net_driver_rx_avail_overrun_with_event_idx_does_not_livelock",
+        &[Need::Net],
+    ) {
+        return;
+    }
     avail_index_overrun("nh1", 91, Broken::Rx, true);
 }
 
 #[test]
 fn net_driver_rx_avail_overrun_without_event_idx_does_not_livelock() {
-    skip_unless_net!("net_driver_rx_avail_overrun_without_event_idx_does_not_livelock");
+    if !can_run_with(
+        "net_driver_rx_avail_overrun_without_event_idx_does_not_livelock",
+        &[Need::Net],
+    ) {
+        return;
+    }
     avail_index_overrun("nh2", 92, Broken::Rx, false);
 }
 
 #[test]
 fn net_driver_ctrl_avail_overrun_with_event_idx_does_not_livelock() {
-    skip_unless_net!("net_driver_ctrl_avail_overrun_with_event_idx_does_not_livelock");
+    if !can_run_with(
+        "net_driver_ctrl_avail_overrun_with_event_idx_does_not_livelock",
+        &[Need::Net],
+    ) {
+        return;
+    }
     avail_index_overrun("nh3", 93, Broken::Ctrl, true);
 }
 
 #[test]
 fn net_driver_ctrl_avail_overrun_without_event_idx_does_not_livelock() {
-    skip_unless_net!("net_driver_ctrl_avail_overrun_without_event_idx_does_not_livelock");
+    if !can_run_with(
+        "net_driver_ctrl_avail_overrun_without_event_idx_does_not_livelock",
+        &[Need::Net],
+    ) {
+        return;
+    }
     avail_index_overrun("nh4", 94, Broken::Ctrl, false);
 }

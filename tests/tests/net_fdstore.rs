@@ -8,9 +8,6 @@
     clippy::cast_possible_truncation
 )]
 
-#[path = "net_util.rs"]
-mod net_util;
-
 use std::collections::BTreeSet;
 use std::io::{IoSlice, Write};
 use std::net::UdpSocket;
@@ -21,11 +18,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use baton_tests::harness::{Need, can_run_with};
 use baton_tests::harness::{Proc, TempDir, bin, wait_until};
-use baton_tests::netns::Netns;
+use baton_tests::net::*;
+use baton_tests::netns::{Netns, unique_tap};
 use baton_tests::services::{kill, service_pid, start_supervised_net_tap};
 use baton_tests::vhost_user::net::{NetDriver, NetOptions};
-use net_util::{net_skip_reason, tap_name, udp_payload};
 use nix::sys::socket::{ControlMessage, MsgFlags, UnixAddr, sendmsg};
 
 const T: Duration = Duration::from_secs(20);
@@ -224,13 +222,15 @@ fn wait_queues(ns: &Netns, tap: &str, want: (u32, u32)) {
 /// stays attached, and both are attached again as soon as a front-end uses two pairs.
 #[test]
 fn stored_queues_keep_their_attachment_across_a_restart() {
-    if let Some(why) = net_skip_reason() {
-        eprintln!("SKIP stored_queues_keep_their_attachment_across_a_restart: {why}");
+    if !can_run_with(
+        "stored_queues_keep_their_attachment_across_a_restart",
+        &[Need::Net],
+    ) {
         return;
     }
     let ns = Netns::new("fsq").unwrap();
     let dir = TempDir::new("fdstore-mq");
-    let tap = tap_name("fq");
+    let tap = unique_tap("fq");
     let socket = dir.join("net.sock");
     let mut sup = start_supervised_net_tap(&ns, &tap, &socket, &["--queues", "2"]).unwrap();
     let log = || std::fs::read_to_string(dir.join("net.sock.log")).unwrap_or_default();
@@ -290,7 +290,7 @@ struct Burst {
 fn burst(subnet: u8, qlen: Option<u32>, rate: u64) -> Burst {
     let ns = Netns::new("fsb").unwrap();
     let dir = TempDir::new("fdstore-burst");
-    let tap = tap_name(&format!("b{subnet}"));
+    let tap = unique_tap(&format!("b{subnet}"));
     let socket = dir.join("net.sock");
     let sup = start_supervised_net_tap(&ns, &tap, &socket, &[]).unwrap();
     let guest = format!("10.213.{subnet}.2");
@@ -358,7 +358,7 @@ fn burst(subnet: u8, qlen: Option<u32>, rate: u64) -> Burst {
         take(&mut d, &mut got);
     }
     stop.store(true, Ordering::SeqCst);
-    sender.join().unwrap().unwrap();
+    sender.join().unwrap();
     let grace = Instant::now();
     while grace.elapsed() < Duration::from_millis(200) {
         take(&mut d, &mut got);
@@ -387,8 +387,10 @@ fn burst(subnet: u8, qlen: Option<u32>, rate: u64) -> Burst {
 /// kernel and counted in the TAP's tx_dropped). A measurement: only checks the stream resumed.
 #[test]
 fn burst_of_100_kpps_across_one_supervised_restart() {
-    if let Some(why) = net_skip_reason() {
-        eprintln!("SKIP burst_of_100_kpps_across_one_supervised_restart: {why}");
+    if !can_run_with(
+        "burst_of_100_kpps_across_one_supervised_restart",
+        &[Need::Net],
+    ) {
         return;
     }
     const RATE: u64 = 100_000;

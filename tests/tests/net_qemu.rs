@@ -7,15 +7,14 @@
     clippy::cast_possible_truncation
 )]
 
-#[path = "net_util.rs"]
-mod net_util;
-
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Duration;
 
+use baton_tests::harness::{Need, can_run_with};
 use baton_tests::harness::{TempDir, wait_until};
-use net_util::*;
+use baton_tests::net::*;
+use baton_tests::netns::{Netns, unique_tap};
 
 fn pattern(n: u32) -> Vec<u8> {
     (1..=n)
@@ -123,21 +122,24 @@ fn session(
 
 #[test]
 fn net_qemu_ping_tcp_and_reconnect() {
-    if let Some(why) = qemu_skip_reason() {
-        eprintln!("skipping net_qemu_ping_tcp_and_reconnect: {why}");
+    if !can_run_with(
+        "net_qemu_ping_tcp_and_reconnect",
+        &[Need::Net, Need::Program("qemu-system-x86_64")],
+    ) {
         return;
     }
     let guest = match baton_tests::linux_guest::build() {
         Ok(g) => g,
         Err(why) => panic!("building the Linux test guest failed: {why}"),
     };
-    let ns = Netns::new("nq");
+    let ns = Netns::new("nq").unwrap();
     let dir = TempDir::new("net-qemu");
-    let name = tap_name("q");
+    let name = unique_tap("q");
     let mut tap = NetTap::start(&ns, &dir, &["--tap", &name, "--mac", "52:54:00:12:34:56"]);
     ns.exec(&format!(
         "ip addr add 10.213.7.1/24 dev {name} && ip link set {name} up"
-    ));
+    ))
+    .unwrap();
 
     session(1, &ns, &guest, &tap, 7, 40_000);
     assert!(
@@ -151,7 +153,7 @@ fn net_qemu_ping_tcp_and_reconnect() {
         tap.log_text()
     );
     // The TAP stays while no front-end is connected.
-    ns.exec(&format!("ip link show {name} >/dev/null"));
+    ns.exec(&format!("ip link show {name} >/dev/null")).unwrap();
 
     // A second QEMU on the same running back-end.
     session(1, &ns, &guest, &tap, 7, 25_000);
@@ -170,21 +172,24 @@ fn net_qemu_ping_tcp_and_reconnect() {
 
 #[test]
 fn net_qemu_two_queue_pairs() {
-    if let Some(why) = qemu_skip_reason() {
-        eprintln!("skipping net_qemu_two_queue_pairs: {why}");
+    if !can_run_with(
+        "net_qemu_two_queue_pairs",
+        &[Need::Net, Need::Program("qemu-system-x86_64")],
+    ) {
         return;
     }
     let guest = match baton_tests::linux_guest::build() {
         Ok(g) => g,
         Err(why) => panic!("building the Linux test guest failed: {why}"),
     };
-    let ns = Netns::new("nq2");
+    let ns = Netns::new("nq2").unwrap();
     let dir = TempDir::new("net-qemu");
-    let name = tap_name("m");
+    let name = unique_tap("m");
     let mut tap = NetTap::start(&ns, &dir, &["--tap", &name, "--queues", "2"]);
     ns.exec(&format!(
         "ip addr add 10.213.8.1/24 dev {name} && ip link set {name} up"
-    ));
+    ))
+    .unwrap();
     session(2, &ns, &guest, &tap, 8, 30_000);
     assert!(tap.alive(), "{}", tap.log_text());
     assert_eq!(tap.terminate(), Some(0), "{}", tap.log_text());
@@ -192,21 +197,24 @@ fn net_qemu_two_queue_pairs() {
 
 #[test]
 fn net_qemu_killed_front_end_then_a_new_one() {
-    if let Some(why) = qemu_skip_reason() {
-        eprintln!("skipping net_qemu_killed_front_end_then_a_new_one: {why}");
+    if !can_run_with(
+        "net_qemu_killed_front_end_then_a_new_one",
+        &[Need::Net, Need::Program("qemu-system-x86_64")],
+    ) {
         return;
     }
     let guest = match baton_tests::linux_guest::build() {
         Ok(g) => g,
         Err(why) => panic!("building the Linux test guest failed: {why}"),
     };
-    let ns = Netns::new("nq3");
+    let ns = Netns::new("nq3").unwrap();
     let dir = TempDir::new("net-qemu");
-    let name = tap_name("k");
+    let name = unique_tap("k");
     let mut tap = NetTap::start(&ns, &dir, &["--tap", &name]);
     ns.exec(&format!(
         "ip addr add 10.213.6.1/24 dev {name} && ip link set {name} up"
-    ));
+    ))
+    .unwrap();
     // A guest that pings until it is killed (no clean shutdown of the rings).
     let script =
         "ip link set eth0 up; ip addr add 10.213.6.2/24 dev eth0; ping -i 0.2 10.213.6.1\n";

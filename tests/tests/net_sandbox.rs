@@ -8,25 +8,14 @@
     clippy::cast_possible_truncation
 )]
 
-#[path = "net_util.rs"]
-mod net_util;
-
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
-use baton_tests::harness::{TempDir, run_to_end, wait_until};
-use net_util::*;
-
-macro_rules! skip_unless_net {
-    ($name:literal) => {
-        if let Some(why) = net_skip_reason() {
-            eprintln!("skipping {}: {why}", $name);
-            return;
-        }
-    };
-}
+use baton_tests::harness::{Need, TempDir, bin, can_run_with, run_to_end, wait_until};
+use baton_tests::net::*;
+use baton_tests::netns::{Netns, unique_tap};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -43,10 +32,12 @@ fn get_features(sock: &std::path::Path) -> u64 {
 
 #[test]
 fn net_sandbox_is_on_by_default_and_reported() {
-    skip_unless_net!("net_sandbox_is_on_by_default_and_reported");
-    let ns = Netns::new("sb1");
+    if !can_run_with("net_sandbox_is_on_by_default_and_reported", &[Need::Net]) {
+        return;
+    }
+    let ns = Netns::new("sb1").unwrap();
     let dir = TempDir::new("net-sandbox");
-    let name = tap_name("sb");
+    let name = unique_tap("sb");
     let mut tap = NetTap::start(&ns, &dir, &["--tap", &name, "--queues", "2"]);
     assert!(
         tap.wait_log(
@@ -72,7 +63,7 @@ fn net_sandbox_is_on_by_default_and_reported() {
     // SIGUSR1 (the signal thread logs the counters), then SIGTERM: stop, remove the socket (the
     // one Landlock right kept), exit 0.
     // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(tap.child.id() as i32, libc::SIGUSR1) };
+    unsafe { libc::kill(tap.proc.child.id() as i32, libc::SIGUSR1) };
     assert!(
         tap.wait_log("stats: rx_frames=", WAIT),
         "{}",
@@ -85,10 +76,12 @@ fn net_sandbox_is_on_by_default_and_reported() {
 
 #[test]
 fn net_sandbox_options_and_their_errors() {
-    skip_unless_net!("net_sandbox_options_and_their_errors");
-    let ns = Netns::new("sb2");
+    if !can_run_with("net_sandbox_options_and_their_errors", &[Need::Net]) {
+        return;
+    }
+    let ns = Netns::new("sb2").unwrap();
     let dir = TempDir::new("net-sandbox");
-    let name = tap_name("so");
+    let name = unique_tap("so");
     let tap = NetTap::start(
         &ns,
         &dir,
@@ -125,7 +118,7 @@ fn net_sandbox_options_and_their_errors() {
             "invalid value '1' for '--landlock <BOOL>'",
         ),
     ] {
-        let mut cmd = Command::new(net_tap_bin());
+        let mut cmd = Command::new(bin("baton-net-tap"));
         cmd.args(["--tap", &name]).args(args);
         let f = run_to_end(cmd, WAIT).unwrap();
         assert_eq!(f.code, Some(2), "{}", f.stderr);
@@ -137,16 +130,18 @@ fn net_sandbox_options_and_their_errors() {
 /// SIGSYS), with the system call named.
 #[test]
 fn net_forbidden_syscall_stops_it_and_is_named() {
-    skip_unless_net!("net_forbidden_syscall_stops_it_and_is_named");
-    let ns = Netns::new("sb3");
+    if !can_run_with("net_forbidden_syscall_stops_it_and_is_named", &[Need::Net]) {
+        return;
+    }
+    let ns = Netns::new("sb3").unwrap();
     let dir = TempDir::new("net-sandbox");
-    let name = tap_name("sx");
+    let name = unique_tap("sx");
     let mut tap = NetTap::start(
         &ns,
         &dir,
         &["--tap", &name, "--test-sandbox-violation", "execve"],
     );
-    let st = wait_until(WAIT, || tap.child.try_wait().ok().flatten()).expect("still running");
+    let st = wait_until(WAIT, || tap.proc.child.try_wait().ok().flatten()).expect("still running");
     assert_eq!(st.code(), Some(159), "{}", tap.log_text());
     assert!(
         tap.log_text().contains(
@@ -162,10 +157,15 @@ fn net_forbidden_syscall_stops_it_and_is_named() {
 /// freely at set-up — is refused afterwards, and the service carries on.
 #[test]
 fn net_landlock_refuses_the_tun_device_after_set_up() {
-    skip_unless_net!("net_landlock_refuses_the_tun_device_after_set_up");
-    let ns = Netns::new("sb4");
+    if !can_run_with(
+        "net_landlock_refuses_the_tun_device_after_set_up",
+        &[Need::Net],
+    ) {
+        return;
+    }
+    let ns = Netns::new("sb4").unwrap();
     let dir = TempDir::new("net-sandbox");
-    let name = tap_name("sl");
+    let name = unique_tap("sl");
     let mut tap = NetTap::start(
         &ns,
         &dir,

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use baton_tests::boot::baton_cmd;
 use baton_tests::harness::{
-    Proc, TempDir, bin, can_run, default_ram_dir, default_ram_file, run_to_end, wait_until,
+    Need, Proc, TempDir, bin, can_run, can_run_with, default_ram_dir, default_ram_file, run_to_end,
+    wait_until,
 };
 use baton_tests::local_users::{NOBODY, Probe, as_uid, can_switch_uid, mode, open_dir, probe_as};
 
@@ -49,14 +50,6 @@ fn log(dir: &TempDir) -> String {
     std::fs::read_to_string(dir.join("vmm.err")).unwrap_or_default()
 }
 
-fn skip_unless_root(test: &str) -> bool {
-    if !can_switch_uid() {
-        eprintln!("SKIP {test}: needs root to run clients as uid {NOBODY}");
-        return true;
-    }
-    false
-}
-
 #[test]
 fn sockets_are_0600_under_a_permissive_umask() {
     let dir = TempDir::new("sec-mode");
@@ -70,7 +63,7 @@ fn sockets_are_0600_under_a_permissive_umask() {
     for p in [&api, &sock, &cpr(&sock)] {
         assert_eq!(mode(p), 0o600, "{}", p.display());
     }
-    if !skip_unless_root("sockets_are_0600 (nobody part)") {
+    if can_run_with("sockets_are_0600 (nobody part)", &[Need::Root]) {
         // The mode alone keeps another user out.
         let got = probe_as(Some(NOBODY), &[&sock], "", WAIT);
         assert!(
@@ -82,7 +75,7 @@ fn sockets_are_0600_under_a_permissive_umask() {
 
 #[test]
 fn incoming_refuses_another_uid_and_lets_its_own_in() {
-    if skip_unless_root("incoming_refuses_another_uid") {
+    if !can_run_with("incoming_refuses_another_uid", &[Need::Root]) {
         return;
     }
     let dir = TempDir::new("sec-in");
@@ -110,7 +103,7 @@ fn incoming_refuses_another_uid_and_lets_its_own_in() {
 
 #[test]
 fn allow_uid_lets_another_uid_into_incoming() {
-    if skip_unless_root("allow_uid_lets_another_uid_into_incoming") {
+    if !can_run_with("allow_uid_lets_another_uid_into_incoming", &[Need::Root]) {
         return;
     }
     let dir = TempDir::new("sec-allow");
@@ -124,7 +117,7 @@ fn allow_uid_lets_another_uid_into_incoming() {
 
 #[test]
 fn root_is_refused_unless_it_is_the_vmm_uid_or_listed() {
-    if skip_unless_root("root_is_refused") {
+    if !can_run_with("root_is_refused", &[Need::Root]) {
         return;
     }
     for (extra, want_in) in [(None, false), (Some("0"), true)] {
@@ -219,7 +212,10 @@ fn batonctl_info(api: &Path, uid: Option<u32>) -> (Option<i32>, String) {
 
 #[test]
 fn api_refuses_another_uid_unless_allowed() {
-    if !can_run("api_refuses_another_uid") || skip_unless_root("api_refuses_another_uid") {
+    if !can_run_with(
+        "api_refuses_another_uid",
+        &[Need::Kvm, Need::Guest, Need::Root],
+    ) {
         return;
     }
     let dir = TempDir::new("sec-api");

@@ -291,7 +291,7 @@ fn max_overlapping_gap_ms(events: &[Instant], from: Instant, to: Instant) -> f64
 struct EchoLog {
     stop: Arc<AtomicBool>,
     echoes: Arc<Mutex<Vec<Instant>>>,
-    thread: std::thread::JoinHandle<anyhow::Result<anyhow::Result<(u64, u64, u64)>>>,
+    thread: std::thread::JoinHandle<anyhow::Result<(u64, u64, u64)>>,
 }
 
 impl EchoLog {
@@ -317,7 +317,7 @@ impl EchoLog {
         self.stop.store(true, Ordering::SeqCst);
         self.thread
             .join()
-            .map_err(|_| anyhow::anyhow!("echo thread panicked"))??
+            .map_err(|_| anyhow::anyhow!("echo thread panicked"))?
     }
 }
 

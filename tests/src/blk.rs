@@ -1,45 +1,15 @@
-//! Shared helpers of the baton-blk integration tests: locating/building the binary, starting
-//! it on a temporary image, polling with deadlines.
-#![allow(dead_code, clippy::unwrap_used, clippy::cast_possible_truncation)]
+//! Pieces of the baton-blk tests: baton-blk on a temporary image, a pattern to fill sectors
+//! with, and running it on bad arguments.
+// Test support: a failed set-up step panics, as the test that called it would.
+#![allow(clippy::unwrap_used, clippy::cast_possible_truncation)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// Polls `f` until it returns Some or the deadline passes.
-pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Path of a workspace binary next to this test executable; built if missing.
-pub fn bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    let p = profile_dir.join(name);
-    if !p.exists() {
-        let release = profile_dir.file_name().is_some_and(|n| n == "release");
-        let target = profile_dir.parent().unwrap();
-        let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        c.args(["build", "--quiet", "-p", "baton-blk"])
-            .env("CARGO_TARGET_DIR", target);
-        if release {
-            c.arg("--release");
-        }
-        let st = c.status().expect("cargo build baton-blk");
-        assert!(st.success(), "building {name} failed");
-    }
-    p
-}
+use crate::harness::{Proc, bin, wait_until};
+use crate::services::{blk_command, start_service};
 
 static N: AtomicU32 = AtomicU32::new(0);
 
@@ -68,16 +38,20 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// A running baton-blk.
+/// A running baton-blk; killed (SIGKILL) on drop, its directory removed.
 pub struct Blk {
-    pub child: Child,
+    /// The process.
+    pub proc: Proc,
+    /// The directory of the image and the socket.
     pub dir: PathBuf,
+    /// Its vhost-user socket.
     pub sock: PathBuf,
+    /// The image it serves.
     pub img: PathBuf,
 }
 
 impl Blk {
-    /// Creates an image of `size` bytes (filled by `fill`) and starts baton-blk on it.
+    /// Creates an image of `size` bytes in a fresh directory and starts baton-blk on it.
     pub fn start(size: u64, extra: &[&str]) -> Blk {
         let dir = tmpdir("t");
         let img = dir.join("disk.img");
@@ -92,48 +66,27 @@ impl Blk {
         Self::start_with_log(dir, img, extra, None)
     }
 
-    /// Same, with an info-level log written to `log`.
+    /// Same, with an info-level log written to `log` (else to `<dir>/blk.sock.log`, at
+    /// `RUST_LOG`'s level, `warn` by default).
     pub fn start_with_log(dir: PathBuf, img: PathBuf, extra: &[&str], log: Option<&Path>) -> Blk {
         let sock = dir.join("blk.sock");
-        let mut cmd = Command::new(bin("baton-blk"));
+        let mut cmd = blk_command(&img, &sock, extra);
         if let Some(l) = log {
-            cmd.stderr(std::fs::File::create(l).unwrap())
-                .env("RUST_LOG", "info")
-                .env("NO_COLOR", "1");
+            let _ = std::fs::remove_file(l);
+            cmd.env("RUST_LOG", "info").env("NO_COLOR", "1");
         } else {
             cmd.env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
             );
         }
-        let child = cmd
-            .arg("--socket")
-            .arg(&sock)
-            .arg("--image")
-            .arg(&img)
-            .args(extra)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        let b = Blk {
-            child,
+        let proc = start_service(cmd, &sock, log).unwrap_or_else(|e| panic!("{e}"));
+        Blk {
+            proc,
             dir,
             sock,
             img,
-        };
-        b.wait_listening();
-        b
-    }
-
-    /// Waits until the socket accepts connections... without consuming a front-end slot:
-    /// only checks that the socket file exists.
-    pub fn wait_listening(&self) {
-        let ok = wait_until(Duration::from_secs(20), || self.sock.exists().then_some(()));
-        assert!(
-            ok.is_some(),
-            "baton-blk did not create {}",
-            self.sock.display()
-        );
+        }
     }
 
     /// Image contents.
@@ -144,21 +97,23 @@ impl Blk {
     /// Sends a signal and waits for the exit status (with a deadline).
     pub fn signal_and_wait(&mut self, sig: i32) -> std::process::ExitStatus {
         // SAFETY: plain kill(2) on our child's pid.
-        unsafe { libc::kill(self.child.id() as i32, sig) };
-        wait_until(Duration::from_secs(20), || self.child.try_wait().unwrap())
-            .expect("baton-blk did not exit")
+        unsafe { libc::kill(self.proc.child.id() as i32, sig) };
+        wait_until(Duration::from_secs(20), || {
+            self.proc.child.try_wait().unwrap()
+        })
+        .expect("baton-blk did not exit")
     }
 
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
+        self.proc.child.try_wait().unwrap().is_none()
     }
 }
 
 impl Drop for Blk {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.proc.child.kill();
+        let _ = self.proc.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -341,6 +341,15 @@ impl VirtioPciDevice {
         let (active, _) = enabled_queues(&self.common.queues, &self.kicks, &self.calls, |i, q| {
             check_ring(mem, i, q.size, max, q.desc, q.avail, q.used).map(|()| 0)
         })?;
+        if self.reconnecting() {
+            // The back-end is restarting: the rings start when it is back (the reconnect
+            // starts an activated device's rings where its used rings say: here, at 0), or
+            // the device goes to NEEDS_RESET if the configured limit passes first.
+            tracing::info!(device = %self.name,
+                "driver started the device while its back-end is away; rings start when it is back");
+            self.activated = true;
+            return Ok(());
+        }
         self.backend
             .activate(self.common.driver_features, &active)?;
         self.activated = true;

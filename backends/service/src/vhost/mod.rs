@@ -7,8 +7,8 @@
 //! features and protocol features, config space, queue count and size, and the ring
 //! operations: [`VhostUserDevice::start_queue`] when the kick fd arrives,
 //! [`VhostUserDevice::stop_queue`] at GET_VRING_BASE, [`VhostUserDevice::disconnect`] when the
-//! front-end goes), accepts front-ends one at a time (peer checked with [`crate::PeerPolicy`])
-//! and hands each connection to [`serve_connection`].
+//! front-end goes), accepts front-ends one at a time (peer checked with
+//! [`crate::access::SocketPolicy`]) and hands each connection to [`serve_connection`].
 //!
 //! Why not vhost-user-backend's `VhostUserDaemon`: its handler keeps an `owned` flag that a
 //! disconnect never clears (a second front-end's SET_OWNER is refused), it does not implement

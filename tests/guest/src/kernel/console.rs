@@ -42,7 +42,11 @@ pub fn write_hex(v: u64) {
         let nibble = ((v >> (shift * 4)) & 0xf) as u8;
         if nibble != 0 || started || shift == 0 {
             started = true;
-            write_byte(if nibble < 10 { b'0' + nibble } else { b'a' + nibble - 10 });
+            write_byte(if nibble < 10 {
+                b'0' + nibble
+            } else {
+                b'a' + nibble - 10
+            });
         }
     }
 }

@@ -5,7 +5,9 @@
 
 use super::boot::IDT;
 use super::trap::{dev_irq_entry, exc_stubs, irq_eoi_entry, spurious_entry, syscall_entry};
-use super::{DEV_VECTOR_COUNT, DEV_VECTOR_FIRST, KCODE, SPURIOUS_VECTOR, TIMER_VECTOR, WAKE_VECTOR};
+use super::{
+    DEV_VECTOR_COUNT, DEV_VECTOR_FIRST, KCODE, SPURIOUS_VECTOR, TIMER_VECTOR, WAKE_VECTOR,
+};
 
 /// Interrupt gate, present, DPL 0.
 const GATE_KERNEL: u64 = 0x8e;
@@ -39,5 +41,9 @@ pub fn init_idt() {
     for vector in DEV_VECTOR_FIRST..DEV_VECTOR_FIRST + DEV_VECTOR_COUNT {
         set(vector, &raw const dev_irq_entry as u64, GATE_KERNEL);
     }
-    set(SPURIOUS_VECTOR, &raw const spurious_entry as u64, GATE_KERNEL);
+    set(
+        SPURIOUS_VECTOR,
+        &raw const spurious_entry as u64,
+        GATE_KERNEL,
+    );
 }

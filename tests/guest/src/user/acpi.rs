@@ -48,10 +48,16 @@ impl Acpi {
         let revision: u8 = read(rsdp + 15)?;
         let xsdt: u64 = if revision >= 2 { read(rsdp + 24)? } else { 0 };
         if xsdt != 0 {
-            return Some(Acpi { root: xsdt, entry_size: 8 });
+            return Some(Acpi {
+                root: xsdt,
+                entry_size: 8,
+            });
         }
         let rsdt: u32 = read(rsdp + 16)?;
-        Some(Acpi { root: u64::from(rsdt), entry_size: 4 })
+        Some(Acpi {
+            root: u64::from(rsdt),
+            entry_size: 4,
+        })
     }
 
     /// Address of the first table with this signature.
@@ -60,7 +66,11 @@ impl Acpi {
         let count = u64::from(len).saturating_sub(36) / self.entry_size;
         (0..count).find_map(|i| {
             let at = self.root + 36 + i * self.entry_size;
-            let table = if self.entry_size == 8 { read::<u64>(at)? } else { u64::from(read::<u32>(at)?) };
+            let table = if self.entry_size == 8 {
+                read::<u64>(at)?
+            } else {
+                u64::from(read::<u32>(at)?)
+            };
             (read::<[u8; 4]>(table)? == *signature).then_some(table)
         })
     }
@@ -78,7 +88,11 @@ pub struct CpuList {
 
 /// Lists the enabled CPUs from the MADT (type 0 local APIC and type 9 local x2APIC entries).
 pub fn madt_cpus(madt: u64) -> CpuList {
-    let mut list = CpuList { ids: [0; MAX_CPUS], len: 0, skipped: 0 };
+    let mut list = CpuList {
+        ids: [0; MAX_CPUS],
+        len: 0,
+        skipped: 0,
+    };
     let len = u64::from(read::<u32>(madt + 4).unwrap_or(0));
     let mut at = madt + 44;
     while at + 2 <= madt + len {
@@ -87,7 +101,9 @@ pub fn madt_cpus(madt: u64) -> CpuList {
             _ => break,
         };
         let cpu = match kind {
-            0 => read::<u8>(at + 3).zip(read::<u32>(at + 4)).map(|(id, f)| (u32::from(id), f)),
+            0 => read::<u8>(at + 3)
+                .zip(read::<u32>(at + 4))
+                .map(|(id, f)| (u32::from(id), f)),
             9 => read::<u32>(at + 4).zip(read::<u32>(at + 8)),
             _ => None,
         };
@@ -117,7 +133,9 @@ pub enum PowerOff {
 fn gas_io_port(addr: u64) -> Option<u16> {
     let space: u8 = read(addr)?;
     let address: u64 = read(addr + 4)?;
-    u16::try_from(address).ok().filter(|&port| space == 1 && port != 0)
+    u16::try_from(address)
+        .ok()
+        .filter(|&port| space == 1 && port != 0)
 }
 
 /// Works out the S5 method from the FADT (and the DSDT it points to).
@@ -126,22 +144,34 @@ pub fn power_off_method(fadt: u64) -> Option<PowerOff> {
     let field = |offset: u64, size: u64| (offset + size <= len).then_some(fadt + offset);
     let flags: u32 = read(field(112, 4)?)?;
     let x_dsdt: u64 = field(140, 8).and_then(read).unwrap_or(0);
-    let dsdt = if x_dsdt != 0 { x_dsdt } else { u64::from(read::<u32>(field(40, 4)?)?) };
+    let dsdt = if x_dsdt != 0 {
+        x_dsdt
+    } else {
+        u64::from(read::<u32>(field(40, 4)?)?)
+    };
     let slp_typ = s5_sleep_type(dsdt).unwrap_or(0);
     if flags & (1 << 20) != 0 {
         let port = gas_io_port(field(244, 12)?)?;
         return Some(PowerOff::SleepControl { port, slp_typ });
     }
-    let port = field(172, 12)
-        .and_then(gas_io_port)
-        .or_else(|| u16::try_from(read::<u32>(field(64, 4)?)?).ok().filter(|&p| p != 0))?;
+    let port = field(172, 12).and_then(gas_io_port).or_else(|| {
+        u16::try_from(read::<u32>(field(64, 4)?)?)
+            .ok()
+            .filter(|&p| p != 0)
+    })?;
     Some(PowerOff::Pm1aCnt { port, slp_typ })
 }
 
 /// Finds `Name(_S5_, Package { SLP_TYPa, ... })` in the DSDT's AML and returns SLP_TYPa.
 pub fn s5_sleep_type(dsdt: u64) -> Option<u8> {
     let len = u64::from(read::<u32>(dsdt + 4)?);
-    let byte = |at: u64| if at < dsdt + len { read::<u8>(at) } else { None };
+    let byte = |at: u64| {
+        if at < dsdt + len {
+            read::<u8>(at)
+        } else {
+            None
+        }
+    };
     let mut at = dsdt + 36;
     while at + 4 < dsdt + len {
         if read::<[u8; 4]>(at)? == *b"_S5_"

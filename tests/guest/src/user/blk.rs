@@ -75,8 +75,15 @@ impl Blk {
         let mut dev = VirtioPci::new(pci)?;
         dev.reset();
         let f = dev.negotiate(F_FLUSH | F_MQ | F_BLK_SIZE)?;
-        let max_queues = if f & F_MQ != 0 { dev.config::<u16>(34).max(1) } else { 1 };
-        let nq = want_queues.clamp(1, 8).min(usize::from(max_queues)).min(usize::from(dev.num_queues()));
+        let max_queues = if f & F_MQ != 0 {
+            dev.config::<u16>(34).max(1)
+        } else {
+            1
+        };
+        let nq = want_queues
+            .clamp(1, 8)
+            .min(usize::from(max_queues))
+            .min(usize::from(dev.num_queues()));
         let mut queues = [const { None }; 8];
         for (i, slot) in queues.iter_mut().enumerate().take(nq) {
             let index = u16::try_from(i).unwrap_or(0);
@@ -149,7 +156,11 @@ impl Blk {
         let got = if len == 0 {
             queue.vq.push(&[(hdr, 16, false), (hdr + 16, 1, true)])
         } else {
-            queue.vq.push(&[(hdr, 16, false), (data, len, device_writes), (hdr + 16, 1, true)])
+            queue.vq.push(&[
+                (hdr, 16, false),
+                (data, len, device_writes),
+                (hdr + 16, 1, true),
+            ])
         };
         if kick {
             queue.vq.kick();

@@ -72,7 +72,15 @@ fn drain(
 /// Runs one pass over `sectors` sectors per queue: writes (with `write`) or reads and
 /// verifies, `io` bytes per request, `depth` outstanding per queue. Returns (bytes, io
 /// errors, verify errors, completed in time).
-fn pass(blk: &mut Blk, poll: bool, write: bool, seed: u64, sectors: u64, io: u32, depth: u32) -> (u64, u64, u64, bool) {
+fn pass(
+    blk: &mut Blk,
+    poll: bool,
+    write: bool,
+    seed: u64,
+    sectors: u64,
+    io: u32,
+    depth: u32,
+) -> (u64, u64, u64, bool) {
     let nq = blk.nq;
     let per = u64::from(io) / SECTOR;
     let mut next = [0u64; 8];
@@ -90,7 +98,9 @@ fn pass(blk: &mut Blk, poll: bool, write: bool, seed: u64, sectors: u64, io: u32
                     fill(&mut buf[..io as usize], seed, sector);
                 }
                 let op = if write { Op::Write } else { Op::Read };
-                let Some(id) = blk.submit(q, op, sector, io, false) else { break };
+                let Some(id) = blk.submit(q, op, sector, io, false) else {
+                    break;
+                };
                 ids[q][usize::from(id) % 256] = sector;
                 next[q] += per;
                 outstanding[q] += 1;
@@ -136,8 +146,13 @@ pub fn test_blk(m: &Machine) {
         Ok(b) => b,
         Err(e) => return report(m, "blk", Err(e), format_args!("")),
     };
-    let io = u32::try_from(opt(m.cmdline, "io", 4096)).unwrap_or(4096).clamp(512, super::blk::MAX_IO) & !511;
-    let depth = u32::try_from(opt(m.cmdline, "depth", 8)).unwrap_or(8).clamp(1, 32);
+    let io = u32::try_from(opt(m.cmdline, "io", 4096))
+        .unwrap_or(4096)
+        .clamp(512, super::blk::MAX_IO)
+        & !511;
+    let depth = u32::try_from(opt(m.cmdline, "depth", 8))
+        .unwrap_or(8)
+        .clamp(1, 32);
     let nq = blk.nq as u64;
     let per_io = u64::from(io) / SECTOR;
     let mut sectors = opt(m.cmdline, "sectors", 2048).max(per_io) / per_io * per_io;
@@ -152,19 +167,32 @@ pub fn test_blk(m: &Machine) {
     let mut outstanding = [0u32; 8];
     if blk.flush && blk.submit(0, Op::Flush, 0, 0, true).is_some() {
         outstanding[0] = 1;
-        drain(&mut blk, poll, &mut outstanding, 10_000_000, |_, _, _, s| flush_status = Some(s));
+        drain(
+            &mut blk,
+            poll,
+            &mut outstanding,
+            10_000_000,
+            |_, _, _, s| flush_status = Some(s),
+        );
     }
     let t2 = sys::rdtsc();
-    let (verified, rerr, verify_errors, rok) = pass(&mut blk, poll, false, seed, sectors, io, depth);
+    let (verified, rerr, verify_errors, rok) =
+        pass(&mut blk, poll, false, seed, sectors, io, depth);
     let t3 = sys::rdtsc();
     let mut serial = [0u8; 20];
     let mut id_status = None;
     if blk.submit(0, Op::GetId, 0, 20, true).is_some() {
         outstanding[0] = 1;
-        drain(&mut blk, poll, &mut outstanding, 10_000_000, |b, q, id, s| {
-            id_status = Some(s);
-            serial.copy_from_slice(&b.buffer(q, id)[..20]);
-        });
+        drain(
+            &mut blk,
+            poll,
+            &mut outstanding,
+            10_000_000,
+            |b, q, id, s| {
+                id_status = Some(s);
+                serial.copy_from_slice(&b.buffer(q, id)[..20]);
+            },
+        );
     }
     let serial_len = serial.iter().position(|b| *b == 0).unwrap_or(20);
     let serial = core::str::from_utf8(&serial[..serial_len]).unwrap_or("?");
@@ -193,7 +221,11 @@ pub fn test_blk(m: &Machine) {
             blk.max_queues,
             blk.capacity,
             if poll { "poll" } else { "irq" },
-            flush_status.map_or("\"not offered\"", |s| if s == 0 { "\"ok\"" } else { "\"error\"" }),
+            flush_status.map_or("\"not offered\"", |s| if s == 0 {
+                "\"ok\""
+            } else {
+                "\"error\""
+            }),
             id_status.map_or(-1, i32::from),
             JsonStr(serial),
             us(t0, t1),
@@ -272,7 +304,9 @@ impl ContResult {
 
 /// The `blk-cont` options read from the command line: (depth, blocks), or why they are bad.
 pub fn cont_options(m: &Machine, blk: &Blk) -> Result<(u32, u64), &'static str> {
-    let depth = u32::try_from(opt(m.cmdline, "depth", 4)).unwrap_or(4).clamp(1, 32);
+    let depth = u32::try_from(opt(m.cmdline, "depth", 4))
+        .unwrap_or(4)
+        .clamp(1, 32);
     let max_blocks = blk.capacity / (u64::from(CONT_BLOCK) / SECTOR);
     let blocks = opt(m.cmdline, "blocks", 1024).min(max_blocks).max(1);
     if blocks < u64::from(depth) * blk.nq as u64 * 2 {
@@ -316,7 +350,9 @@ pub fn cont_run(
                 let sector = (seq % blocks) * u64::from(BLOCK) / SECTOR;
                 let Some(buf) = blk.next_buffer(q) else { break };
                 cont_fill(&mut buf[..BLOCK as usize], seq, sector);
-                let Some(id) = blk.submit(q, Op::Write, sector, BLOCK, false) else { break };
+                let Some(id) = blk.submit(q, Op::Write, sector, BLOCK, false) else {
+                    break;
+                };
                 inflight[q][usize::from(id) % 256] = (seq, false);
                 seq += 1;
                 outstanding[q] += 1;
@@ -348,7 +384,9 @@ pub fn cont_run(
                     if !cont_check(&blk.buffer(q, d.id)[..BLOCK as usize], s, sector) {
                         verify_errors += 1;
                         if verify_errors <= 3 {
-                            crate::println!("baton-test-guest: blk-cont verify error seq={s} sector={sector}");
+                            crate::println!(
+                                "baton-test-guest: blk-cont verify error seq={s} sector={sector}"
+                            );
                         }
                     }
                 } else {
@@ -380,7 +418,11 @@ pub fn cont_run(
         verify_errors,
         max_gap_us: time::tsc_to_us(max_gap),
         // Time from the last completion to the end (a stall that never ended shows here).
-        stall_us: if lost > 0 { time::tsc_to_us(sys::rdtsc() - last) } else { 0 },
+        stall_us: if lost > 0 {
+            time::tsc_to_us(sys::rdtsc() - last)
+        } else {
+            0
+        },
         next_seq: seq,
         outstanding: lost,
         elapsed_ms: time::tsc_to_us(sys::rdtsc() - started) / 1000,
@@ -409,7 +451,9 @@ pub fn test_blk_cont(m: &Machine) {
     let mut stop = Stop::new(opt(m.cmdline, "seconds", 10));
     let drain_us = opt(m.cmdline, "drain", 10) * 1_000_000;
     let start = opt(m.cmdline, "start", 0);
-    let r = cont_run(&mut blk, poll, depth, blocks, start, drain_us, || stop.due());
+    let r = cont_run(&mut blk, poll, depth, blocks, start, drain_us, || {
+        stop.due()
+    });
     report(
         m,
         "blk-cont",
@@ -451,7 +495,9 @@ pub fn test_blk_lat(m: &Machine) {
     let kptr = &raw mut KICKS;
     // SAFETY: as above: the only reference to KICKS.
     let kicks = unsafe { &mut *kptr };
-    let n = usize::try_from(opt(m.cmdline, "n", 1000)).unwrap_or(1000).clamp(1, samples.len());
+    let n = usize::try_from(opt(m.cmdline, "n", 1000))
+        .unwrap_or(1000)
+        .clamp(1, samples.len());
     let range = (blk.capacity / 8).max(1);
     let mut io_errors = 0u64;
     let mut timeouts = 0u64;
@@ -491,7 +537,10 @@ pub fn test_blk_lat(m: &Machine) {
     v.sort_unstable();
     let kv = &mut kicks[..n];
     kv.sort_unstable();
-    let ns = |t: u64| u64::try_from(u128::from(t) * 1_000_000_000 / u128::from(time::tsc_hz().max(1))).unwrap_or(0);
+    let ns = |t: u64| {
+        u64::try_from(u128::from(t) * 1_000_000_000 / u128::from(time::tsc_hz().max(1)))
+            .unwrap_or(0)
+    };
     let kick = ns(devices::percentile(kv, 50));
     let (median, p99, min, max) = (
         ns(devices::percentile(v, 50)),
@@ -529,11 +578,17 @@ pub fn test_blk_lat(m: &Machine) {
 
 /// Programs queue 0 badly (`size` instead of a power of two, or the descriptor table at
 /// `bad_desc`), sets DRIVER_OK and returns the status read back.
-fn misprogram(f: super::pci::Function, size: u16, bad_desc: Option<u64>) -> Result<u8, &'static str> {
+fn misprogram(
+    f: super::pci::Function,
+    size: u16,
+    bad_desc: Option<u64>,
+) -> Result<u8, &'static str> {
     let mut dev = VirtioPci::new(f).map_err(|_| "transport")?;
     dev.reset();
     dev.negotiate(0).map_err(|_| "features")?;
-    let q = dev.setup_queue(0, size, true, true).map_err(|_| "queue setup")?;
+    let q = dev
+        .setup_queue(0, size, true, true)
+        .map_err(|_| "queue setup")?;
     if let Some(addr) = bad_desc {
         dev.set_queue_desc(q.index, addr);
     }
@@ -548,7 +603,12 @@ fn misprogram(f: super::pci::Function, size: u16, bad_desc: Option<u64>) -> Resu
 pub fn test_virtio_bad(m: &Machine) {
     let nth = usize::try_from(opt(m.cmdline, "disk", 0)).unwrap_or(0);
     let Some(f) = devices::find(devices::VIRTIO_BLK, nth) else {
-        return report(m, "virtio-bad", Err("no virtio-blk device"), format_args!(""));
+        return report(
+            m,
+            "virtio-bad",
+            Err("no virtio-blk device"),
+            format_args!(""),
+        );
     };
     let beyond = ((m.mem_mib + 64) << 20).max(0x8000_0000);
     let bad_size = misprogram(f, 3, None);
@@ -560,7 +620,9 @@ pub fn test_virtio_bad(m: &Machine) {
             let mut st = None;
             if blk.submit(0, Op::Read, 0, 4096, true).is_some() {
                 out[0] = 1;
-                drain(&mut blk, true, &mut out, 5_000_000, |_, _, _, s| st = Some(s));
+                drain(&mut blk, true, &mut out, 5_000_000, |_, _, _, s| {
+                    st = Some(s)
+                });
             }
             st == Some(0)
         }

@@ -34,7 +34,9 @@ pub fn find(device: u16, nth: usize) -> Option<Function> {
 
 /// Numeric option `key=N` from the command line, or `default`.
 pub fn opt(cmdline: &str, key: &str, default: u64) -> u64 {
-    cmdline_value(cmdline, key).and_then(|v| v.parse().ok()).unwrap_or(default)
+    cmdline_value(cmdline, key)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 /// True with `mode=poll` (busy-polling the used rings), false with `mode=irq`/default.

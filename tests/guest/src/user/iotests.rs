@@ -96,11 +96,21 @@ fn net_job(cpu: usize) {
     if cpu != 1 || NET_STATE.load(Ordering::Acquire) != STARTING {
         return;
     }
-    let (ptr, len) = (CMD_PTR.load(Ordering::Acquire), CMD_LEN.load(Ordering::Acquire));
+    let (ptr, len) = (
+        CMD_PTR.load(Ordering::Acquire),
+        CMD_LEN.load(Ordering::Acquire),
+    );
     // SAFETY: the BSP stored the command line's address and length; it lives in the BSP's
     // boot frame, which never returns, and nothing writes it.
-    let cmdline = unsafe { core::str::from_utf8_unchecked(core::slice::from_raw_parts(ptr as *const u8, len)) };
-    let m = Machine { cpus: 0, mem_mib: 0, boot_us: 0, cmdline };
+    let cmdline = unsafe {
+        core::str::from_utf8_unchecked(core::slice::from_raw_parts(ptr as *const u8, len))
+    };
+    let m = Machine {
+        cpus: 0,
+        mem_mib: 0,
+        boot_us: 0,
+        cmdline,
+    };
     let poll = poll_mode(cmdline, false);
     let mut n = match nettests::open(&m, poll) {
         Ok(n) => n,
@@ -144,7 +154,9 @@ pub fn test_io_cont(m: &Machine) {
     let poll = poll_mode(m.cmdline, false);
     let split = match cmdline_value(m.cmdline, "layout") {
         Some("interleaved") => false,
-        Some("split") if m.cpus < 2 => return report(m, NAME, Err("layout=split needs 2 CPUs"), format_args!("")),
+        Some("split") if m.cpus < 2 => {
+            return report(m, NAME, Err("layout=split needs 2 CPUs"), format_args!(""));
+        }
         _ => m.cpus >= 2,
     };
     let seconds = opt(m.cmdline, "seconds", 10);
@@ -162,12 +174,24 @@ pub fn test_io_cont(m: &Machine) {
         match wait_net_state(STARTING, 10_000_000) {
             SERVING => {}
             FAILED => {
-                let (p, l) = (NET_ERR[0].load(Ordering::Relaxed), NET_ERR[1].load(Ordering::Relaxed));
+                let (p, l) = (
+                    NET_ERR[0].load(Ordering::Relaxed),
+                    NET_ERR[1].load(Ordering::Relaxed),
+                );
                 // SAFETY: a `&'static str` stored by `net_job`.
-                let e = unsafe { core::str::from_utf8_unchecked(core::slice::from_raw_parts(p as *const u8, l)) };
+                let e = unsafe {
+                    core::str::from_utf8_unchecked(core::slice::from_raw_parts(p as *const u8, l))
+                };
                 return report(m, NAME, Err(e), format_args!(""));
             }
-            _ => return report(m, NAME, Err("the net workload did not start on cpu 1"), format_args!("")),
+            _ => {
+                return report(
+                    m,
+                    NAME,
+                    Err("the net workload did not start on cpu 1"),
+                    format_args!(""),
+                );
+            }
         }
     } else {
         match nettests::open(m, poll) {
@@ -189,7 +213,8 @@ pub fn test_io_cont(m: &Machine) {
         wait_net_state(SERVING, 2_000_000)
     };
 
-    let blk_setup = blktests::open_cont(m, poll).and_then(|b| blktests::cont_options(m, &b).map(|o| (b, o)));
+    let blk_setup =
+        blktests::open_cont(m, poll).and_then(|b| blktests::cont_options(m, &b).map(|o| (b, o)));
     let (mut blk, (depth, blocks)) = match blk_setup {
         Ok(x) => x,
         Err(e) => {

@@ -10,8 +10,8 @@ pub mod acpi;
 pub mod blk;
 pub mod blktests;
 pub mod devices;
-pub mod iotests;
 pub mod dma;
+pub mod iotests;
 pub mod net;
 pub mod nettests;
 pub mod pci;
@@ -65,7 +65,11 @@ fn bsp_main(start_info: u64) -> ! {
     let bsp_apic = sys::apic_id();
     let cpus = match acpi.find(b"APIC") {
         Some(madt) => acpi::madt_cpus(madt),
-        None => acpi::CpuList { ids: [bsp_apic; kernel::MAX_CPUS], len: 1, skipped: 0 },
+        None => acpi::CpuList {
+            ids: [bsp_apic; kernel::MAX_CPUS],
+            len: 1,
+            skipped: 0,
+        },
     };
     let acpi_done = sys::rdtsc();
     // The APs boot (emulated, under PVM) while the BSP reports and calibrates its clocks.
@@ -114,7 +118,11 @@ fn bsp_main(start_info: u64) -> ! {
         println!("baton-test-guest: initramfs {size} bytes at {addr:#x}");
     }
     if cpus.skipped > 0 {
-        println!("baton-test-guest: {} CPUs not started (limit {})", cpus.skipped, kernel::MAX_CPUS);
+        println!(
+            "baton-test-guest: {} CPUs not started (limit {})",
+            cpus.skipped,
+            kernel::MAX_CPUS
+        );
     }
 
     tests::run(&machine);

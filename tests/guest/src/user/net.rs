@@ -119,7 +119,11 @@ impl Net {
     pub fn new(pci: Function, want_pairs: usize, poll: bool) -> Result<Net, VirtioError> {
         let mut dev = VirtioPci::new(pci)?;
         dev.reset();
-        let want = if want_pairs > 1 { F_MAC | F_CTRL_VQ | F_MQ } else { F_MAC };
+        let want = if want_pairs > 1 {
+            F_MAC | F_CTRL_VQ | F_MQ
+        } else {
+            F_MAC
+        };
         let f = dev.negotiate(want)?;
         let mut mac = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
         if f & F_MAC != 0 {
@@ -127,7 +131,11 @@ impl Net {
                 *b = dev.config(i as u64);
             }
         }
-        let max_pairs = if f & F_MQ != 0 { dev.config::<u16>(8).max(1) } else { 1 };
+        let max_pairs = if f & F_MQ != 0 {
+            dev.config::<u16>(8).max(1)
+        } else {
+            1
+        };
         let npairs = want_pairs.clamp(1, MAX_PAIRS).min(usize::from(max_pairs));
         let mut pairs = [const { None }; MAX_PAIRS];
         for (i, slot) in pairs.iter_mut().enumerate().take(npairs) {
@@ -136,9 +144,16 @@ impl Net {
             let mut tx = dev.setup_queue(2 * i + 1, QSIZE, false, false)?;
             rx.set_interrupts(!poll);
             tx.set_interrupts(false);
-            let rx_bufs = dma::alloc(u64::from(BUF) * u64::from(rx.size), 4096).ok_or(VirtioError::NoMemory)?;
-            let tx_bufs = dma::alloc(u64::from(BUF) * u64::from(tx.size), 4096).ok_or(VirtioError::NoMemory)?;
-            *slot = Some(Pair { rx, tx, rx_bufs, tx_bufs });
+            let rx_bufs = dma::alloc(u64::from(BUF) * u64::from(rx.size), 4096)
+                .ok_or(VirtioError::NoMemory)?;
+            let tx_bufs = dma::alloc(u64::from(BUF) * u64::from(tx.size), 4096)
+                .ok_or(VirtioError::NoMemory)?;
+            *slot = Some(Pair {
+                rx,
+                tx,
+                rx_bufs,
+                tx_bufs,
+            });
         }
         let mut ctrl = if f & F_CTRL_VQ != 0 {
             Some(dev.setup_queue(2 * max_pairs, 16, false, false)?)
@@ -194,11 +209,13 @@ impl Net {
                 let mut frame = [0u8; 1600];
                 let n = len.saturating_sub(HDR).min(frame.len());
                 // SAFETY: RX buffer `id`, just returned by the device with `len` bytes.
-                let src = unsafe { core::slice::from_raw_parts((addr + HDR as u64) as *const u8, n) };
+                let src =
+                    unsafe { core::slice::from_raw_parts((addr + HDR as u64) as *const u8, n) };
                 frame[..n].copy_from_slice(src);
                 // Give a buffer back at once (the one just freed).
                 let nid = p.rx.peek_free_head();
-                let _ = p.rx.push(&[(p.rx_bufs + u64::from(BUF) * u64::from(nid), BUF, true)]);
+                let _ =
+                    p.rx.push(&[(p.rx_bufs + u64::from(BUF) * u64::from(nid), BUF, true)]);
                 refill = true;
                 self.stats.rx_packets += 1;
                 handled += 1;
@@ -217,9 +234,13 @@ impl Net {
 
     /// Sends one frame (Ethernet header included) on pair `q`.
     pub fn send(&mut self, q: usize, frame: &[u8]) -> bool {
-        let Some(p) = self.pairs.get_mut(q).and_then(Option::as_mut) else { return false };
+        let Some(p) = self.pairs.get_mut(q).and_then(Option::as_mut) else {
+            return false;
+        };
         while p.tx.pop().is_some() {}
-        let Ok(total) = u32::try_from(HDR + frame.len()) else { return false };
+        let Ok(total) = u32::try_from(HDR + frame.len()) else {
+            return false;
+        };
         if p.tx.num_free() == 0 || total > BUF {
             self.stats.tx_dropped += 1;
             return false;
@@ -296,7 +317,9 @@ impl Net {
 
     /// Sends an ICMP echo request to the peer (needs its MAC).
     pub fn ping(&mut self, seq: u16) -> bool {
-        let Some(dst) = self.peer_mac else { return false };
+        let Some(dst) = self.peer_mac else {
+            return false;
+        };
         let mut r = [0u8; 14 + 20 + 8 + 32];
         self.eth_header(&mut r, dst, 0x0800);
         let peer = self.peer;
@@ -414,7 +437,9 @@ impl Net {
 
 /// VIRTIO_NET_CTRL_MQ / VQ_PAIRS_SET on the control queue; true if the device said OK.
 fn set_pairs(cq: &mut Virtq, pairs: usize) -> bool {
-    let Some(buf) = dma::alloc(64, 64) else { return false };
+    let Some(buf) = dma::alloc(64, 64) else {
+        return false;
+    };
     let n = u16::try_from(pairs).unwrap_or(1);
     // SAFETY: `buf` is 64 fresh bytes: class, command, u16 argument, ack byte at 8.
     unsafe {
@@ -423,7 +448,10 @@ fn set_pairs(cq: &mut Virtq, pairs: usize) -> bool {
         core::ptr::write_volatile((buf + 2) as *mut u16, n);
         core::ptr::write_volatile((buf + 8) as *mut u8, 0xff);
     }
-    if cq.push(&[(buf, 2, false), (buf + 2, 2, false), (buf + 8, 1, true)]).is_none() {
+    if cq
+        .push(&[(buf, 2, false), (buf + 2, 2, false), (buf + 8, 1, true)])
+        .is_none()
+    {
         return false;
     }
     cq.kick();

@@ -84,7 +84,11 @@ pub fn mac_str(mac: [u8; 6]) -> impl core::fmt::Display {
     impl core::fmt::Display for Mac {
         fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
             let m = self.0;
-            write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+            write!(
+                f,
+                "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                m[0], m[1], m[2], m[3], m[4], m[5]
+            )
         }
     }
     Mac(mac)
@@ -140,7 +144,11 @@ pub fn test_net(m: &Machine) {
             s.icmp_replied,
             s.udp_echoed,
             if poll { "poll" } else { "irq" },
-            if until_ping && s.ping_replies > 0 { "ping" } else { stop.reason },
+            if until_ping && s.ping_replies > 0 {
+                "ping"
+            } else {
+                stop.reason
+            },
             time::tsc_to_us(sys::rdtsc() - t0) / 1000,
         ),
     );
@@ -168,7 +176,11 @@ pub fn test_net_cont(m: &Machine) {
     report(
         m,
         "net-cont",
-        if s.tx_dropped == 0 { Ok(()) } else { Err("TX ring full: replies dropped") },
+        if s.tx_dropped == 0 {
+            Ok(())
+        } else {
+            Err("TX ring full: replies dropped")
+        },
         format_args!(
             ",\"udp_echoed\":{},\"rx_dropped\":{},\"rx_packets\":{},\"tx_packets\":{},\"tx_dropped\":{},\"arp_replied\":{},\"icmp_replied\":{},\"max_rx_gap_us\":{max_gap},\"port\":{},\"stopped_by\":\"{}\",\"elapsed_ms\":{}",
             s.udp_echoed,

@@ -62,7 +62,11 @@ impl Function {
         let old = self.read32(off);
         let new = (old & !(0xffff << shift)) | (u32::from(value) << shift);
         // The command/status dword: do not write back status bits (they are RW1C).
-        let new = if off & 0xfc == 4 && shift == 0 { new & 0xffff } else { new };
+        let new = if off & 0xfc == 4 && shift == 0 {
+            new & 0xffff
+        } else {
+            new
+        };
         self.write32(off & 0xfc, new);
     }
 
@@ -136,7 +140,12 @@ pub fn enumerate() -> ([Option<Function>; 32], usize) {
     let mut n = 0;
     for dev in 0..32u8 {
         for func in 0..8u8 {
-            let probe = Function { dev, func, vendor: 0, device: 0 };
+            let probe = Function {
+                dev,
+                func,
+                vendor: 0,
+                device: 0,
+            };
             let id = probe.read32(0);
             let [v0, v1, d0, d1] = id.to_le_bytes();
             let vendor = u16::from_le_bytes([v0, v1]);
@@ -147,7 +156,12 @@ pub fn enumerate() -> ([Option<Function>; 32], usize) {
                 continue;
             }
             if n < out.len() {
-                out[n] = Some(Function { dev, func, vendor, device: u16::from_le_bytes([d0, d1]) });
+                out[n] = Some(Function {
+                    dev,
+                    func,
+                    vendor,
+                    device: u16::from_le_bytes([d0, d1]),
+                });
                 n += 1;
             }
             // Single-function device: skip functions 1..7.

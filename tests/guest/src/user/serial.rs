@@ -39,7 +39,9 @@ impl Serial {
         {
             core::hint::spin_loop();
         }
-        Serial { pending: FIFO_DEPTH }
+        Serial {
+            pending: FIFO_DEPTH,
+        }
     }
 
     fn write_byte(&mut self, b: u8) {
@@ -87,7 +89,9 @@ pub fn print_line(args: fmt::Arguments) {
 
 /// Prints a panic message without taking the lock (the panicking CPU may hold it).
 pub fn panic_print(info: &core::panic::PanicInfo) {
-    let mut serial = Serial { pending: FIFO_DEPTH };
+    let mut serial = Serial {
+        pending: FIFO_DEPTH,
+    };
     let _ = write!(serial, "\n!! panic: {info}\n");
     core::mem::forget(serial);
 }

@@ -56,13 +56,19 @@ pub struct Startup {
 /// 3 GHz).
 pub fn start_aps(cpus: &CpuList, bsp_apic: u32) -> Startup {
     ONLINE[0].store(bsp_apic + 1, Ordering::Release);
-    let mut startup = Startup { apic: [bsp_apic; MAX_CPUS], count: 1 };
+    let mut startup = Startup {
+        apic: [bsp_apic; MAX_CPUS],
+        count: 1,
+    };
     for &apic in cpus.ids[..cpus.len].iter().filter(|&&id| id != bsp_apic) {
         if startup.count < MAX_CPUS && apic < 0xff {
             startup.apic[startup.count] = apic;
             // Both fit: apic < 0xff and count < MAX_CPUS (16).
             let index = u8::try_from(startup.count).unwrap_or(0);
-            if let Some(slot) = usize::try_from(apic).ok().and_then(|a| CPU_INDEX_BY_APIC.get(a)) {
+            if let Some(slot) = usize::try_from(apic)
+                .ok()
+                .and_then(|a| CPU_INDEX_BY_APIC.get(a))
+            {
                 slot.store(index, Ordering::Relaxed);
             }
             startup.count += 1;

@@ -41,7 +41,12 @@ pub fn run(m: &Machine) {
             // SAFETY: deliberately not safe: the read page-faults and the kernel's exception
             // handler stops the VM, so no value is ever produced.
             let value = unsafe { core::ptr::read_volatile(UNMAPPED as *const u64) };
-            report(m, name, Err("read of an unmapped address returned"), format_args!(",\"value\":{value}"));
+            report(
+                m,
+                name,
+                Err("read of an unmapped address returned"),
+                format_args!(",\"value\":{value}"),
+            );
         }
         _ => report(m, name, Err("unknown test"), format_args!("")),
     }
@@ -100,8 +105,12 @@ fn test_smp(m: &Machine) {
 }
 
 fn test_ticks(m: &Machine) {
-    let n: u64 = cmdline_value(m.cmdline, "n").and_then(|v| v.parse().ok()).unwrap_or(5);
-    let ms: u64 = cmdline_value(m.cmdline, "ms").and_then(|v| v.parse().ok()).unwrap_or(100);
+    let n: u64 = cmdline_value(m.cmdline, "n")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let ms: u64 = cmdline_value(m.cmdline, "ms")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
     let start = sys::rdtsc();
     let period = time::us_to_tsc(ms * 1000);
     let mut next = start;
@@ -119,5 +128,10 @@ fn test_ticks(m: &Machine) {
         k += 1;
     }
     let elapsed_us = time::tsc_to_us(sys::rdtsc() - start);
-    report(m, "ticks", Ok(()), format_args!(",\"n\":{n},\"ms\":{ms},\"elapsed_us\":{elapsed_us}"));
+    report(
+        m,
+        "ticks",
+        Ok(()),
+        format_args!(",\"n\":{n},\"ms\":{ms},\"elapsed_us\":{elapsed_us}"),
+    );
 }

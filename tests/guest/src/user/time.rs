@@ -98,7 +98,11 @@ pub fn calibrate() -> ClockSource {
             return ClockSource::Cpuid;
         }
     }
-    if measure() { ClockSource::Pit } else { ClockSource::Guess }
+    if measure() {
+        ClockSource::Pit
+    } else {
+        ClockSource::Guess
+    }
 }
 
 /// Measures the TSC against the PIT and the APIC timer against the TSC; false if the PIT
@@ -110,7 +114,9 @@ fn measure() -> bool {
     // Up to four windows; keep the most precise, stop once it is within 2%.
     let mut window: Option<(u64, u64)> = None;
     for _ in 0..4 {
-        let Some((ticks, slack)) = pit_window() else { break };
+        let Some((ticks, slack)) = pit_window() else {
+            break;
+        };
         if window.is_none_or(|(_, best)| slack < best) {
             window = Some((ticks, slack));
         }
@@ -136,8 +142,9 @@ fn measure() -> bool {
     let lapic_ticks = u64::from(u32::MAX - left);
     let tsc_span = (b0 + b1) / 2 - (a0 + a1) / 2;
     if left != 0 && lapic_ticks > 0 && tsc_span > 0 {
-        let hz = u64::try_from(u128::from(lapic_ticks) * u128::from(tsc_hz()) / u128::from(tsc_span))
-            .unwrap_or(0);
+        let hz =
+            u64::try_from(u128::from(lapic_ticks) * u128::from(tsc_hz()) / u128::from(tsc_span))
+                .unwrap_or(0);
         if (1_000_000..10_000_000_000).contains(&hz) {
             LAPIC_HZ.store(hz, Ordering::Relaxed);
         }
@@ -154,7 +161,8 @@ pub fn sleep_until(deadline: u64) {
             return;
         }
         // Aim 1/16 short, so a calibration error costs an extra wake-up, not an overslept tick.
-        let ticks = u128::from(deadline - now) * u128::from(lapic_hz()) * 15 / 16 / u128::from(tsc_hz());
+        let ticks =
+            u128::from(deadline - now) * u128::from(lapic_hz()) * 15 / 16 / u128::from(tsc_hz());
         sys::idle(u32::try_from(ticks.max(1)).unwrap_or(u32::MAX), None);
     }
 }

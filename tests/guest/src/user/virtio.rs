@@ -49,7 +49,10 @@ mod common {
 /// Low and high 32 bits of a 64-bit register value.
 fn halves(v: u64) -> [u32; 2] {
     let b = v.to_le_bytes();
-    [u32::from_le_bytes([b[0], b[1], b[2], b[3]]), u32::from_le_bytes([b[4], b[5], b[6], b[7]])]
+    [
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+        u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+    ]
 }
 
 /// Next free device vector (each queue of each device gets its own).
@@ -106,7 +109,9 @@ impl VirtioPci {
             let cfg_type = pci.read8(cap + 3);
             let bar = pci.read8(cap + 4);
             let offset = u64::from(pci.read32(cap + 8));
-            let Some(base) = (bar < 6).then(|| pci.bar(bar)).flatten() else { continue };
+            let Some(base) = (bar < 6).then(|| pci.bar(bar)).flatten() else {
+                continue;
+            };
             match cfg_type {
                 1 if common.is_none() => common = Some(base + offset),
                 2 if notify.is_none() => notify = Some((base + offset, pci.read32(cap + 16))),
@@ -123,7 +128,9 @@ impl VirtioPci {
         let msix_cap = msix[0];
         let control = pci.read16(msix_cap + 2);
         let table = pci.read32(msix_cap + 4);
-        let table_bar = pci.bar((table & 7) as u8).ok_or(VirtioError::NoCapability("msi-x bar"))?;
+        let table_bar = pci
+            .bar((table & 7) as u8)
+            .ok_or(VirtioError::NoCapability("msi-x bar"))?;
         // BARs may have moved while sizing: enable decoding again.
         pci.enable();
         Ok(VirtioPci {
@@ -205,7 +212,8 @@ impl VirtioPci {
         self.features = f;
         // MSI-X on, function not masked; configuration changes get no vector.
         let control = self.pci.read16(self.msix_cap + 2);
-        self.pci.write16(self.msix_cap + 2, (control | 0x8000) & !0x4000);
+        self.pci
+            .write16(self.msix_cap + 2, (control | 0x8000) & !0x4000);
         self.wr(common::CONFIG_MSIX_VECTOR, NO_VECTOR);
         Ok(f)
     }
@@ -226,7 +234,13 @@ impl VirtioPci {
     /// writes exactly `size`, even if invalid, for the bad-driver test) and its own MSI-X
     /// vector (`interrupts`; otherwise no vector at all: back-ends built on virtio-queue
     /// signal every completion without EVENT_IDX, whatever the avail flags say); enables it.
-    pub fn setup_queue(&mut self, index: u16, size: u16, raw: bool, interrupts: bool) -> Result<Virtq, VirtioError> {
+    pub fn setup_queue(
+        &mut self,
+        index: u16,
+        size: u16,
+        raw: bool,
+        interrupts: bool,
+    ) -> Result<Virtq, VirtioError> {
         if index >= self.num_queues() {
             return Err(VirtioError::NoQueue(index));
         }
@@ -253,7 +267,11 @@ impl VirtioPci {
             self.wr(common::QUEUE_MSIX_VECTOR, NO_VECTOR);
         }
         // 64-bit fields as two 32-bit writes (the spec allows it; some devices need it).
-        for (off, addr) in [(common::QUEUE_DESC, q.desc), (common::QUEUE_DRIVER, q.avail), (common::QUEUE_DEVICE, q.used)] {
+        for (off, addr) in [
+            (common::QUEUE_DESC, q.desc),
+            (common::QUEUE_DRIVER, q.avail),
+            (common::QUEUE_DEVICE, q.used),
+        ] {
             let [lo, hi] = halves(addr);
             self.wr(off, lo);
             self.wr(off + 4, hi);
@@ -274,7 +292,9 @@ impl VirtioPci {
 
     /// Sets DRIVER_OK and checks the device accepted it.
     pub fn driver_ok(&self) -> Result<(), VirtioError> {
-        self.set_status(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        self.set_status(
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
         let s = self.status();
         if s & (status::NEEDS_RESET | status::FAILED) != 0 || s & status::DRIVER_OK == 0 {
             return Err(VirtioError::NeedsReset(s));

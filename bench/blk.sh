@@ -12,7 +12,7 @@ T=${CARGO_TARGET_DIR:-target}/release
 BLK=$T/baton-blk
 BENCH=$T/baton-vu-bench
 if [[ ! -x $BLK || ! -x $BENCH ]]; then
-    cargo build --release --quiet -p baton-blk -p baton-tests --bin baton-blk --bin baton-vu-bench
+    cargo build --release --quiet -p baton-blk -p baton-tools --bin baton-blk --bin baton-vu-bench
 fi
 command -v qemu-storage-daemon >/dev/null || { echo "bench/blk.sh: qemu-storage-daemon is not installed" >&2; exit 1; }
 SECS=${BATON_BENCH_SECONDS:-2}

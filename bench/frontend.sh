@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 T=${CARGO_TARGET_DIR:-target}/release
 G=tests/guest/target/x86_64-unknown-none/release/baton-test-guest
 if [[ ! -x $T/baton-vmm || ! -x $T/baton-blk || ! -x $T/baton-frontend-bench ]]; then
-    cargo build --release --quiet -p baton-vmm -p baton-blk -p baton-tests --bin baton-vmm \
+    cargo build --release --quiet -p baton-vmm -p baton-blk -p baton-tools --bin baton-vmm \
         --bin baton-blk --bin baton-frontend-bench
 fi
 if [[ ! -f $G ]]; then

@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 T=${CARGO_TARGET_DIR:-target}/release
 G=tests/guest/target/x86_64-unknown-none/release/baton-test-guest
 if [[ ! -x $T/baton-vmm || ! -x $T/baton-blk || ! -x $T/baton-net-tap || ! -x $T/batonctl || ! -x $T/baton-lu-bench ]]; then
-    cargo build --release --quiet -p baton-vmm -p baton-blk -p baton-net-tap -p baton-tests
+    cargo build --release --quiet -p baton-vmm -p baton-blk -p baton-net-tap -p baton-tools
 fi
 if [[ ! -f $G ]]; then
     (cd tests/guest && cargo build --release --quiet)

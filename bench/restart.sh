@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 T=${CARGO_TARGET_DIR:-target}/release
 G=tests/guest/target/x86_64-unknown-none/release/baton-test-guest
 if [[ ! -x $T/baton-vmm || ! -x $T/baton-blk || ! -x $T/batonctl || ! -x $T/baton-restart-bench ]]; then
-    cargo build --release --quiet -p baton-vmm -p baton-blk -p baton-tests
+    cargo build --release --quiet -p baton-vmm -p baton-blk -p baton-tools
 fi
 if [[ ! -f $G ]]; then
     (cd tests/guest && cargo build --release --quiet)

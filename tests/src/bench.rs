@@ -1,5 +1,5 @@
-//! Small pieces every benchmark binary uses: options, rounding, where scratch files go, and
-//! the checks before a run.
+//! Small pieces every benchmark binary (`tools/src/bin/*-bench.rs`) uses: options, rounding, where
+//! scratch files go, and the checks before a run.
 
 use std::path::Path;
 

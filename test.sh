@@ -27,6 +27,10 @@ log=target/test-output.txt
 status=0
 cargo test --workspace --release --no-fail-fast -- --test-threads=2 "$@" 2>&1 | tee "$log" || status=$?
 
+echo "== fuzz smoke: every fuzz target over its seeds, findings replayed (./fuzz.sh --smoke)"
+fuzz_status=0
+./fuzz.sh --smoke || fuzz_status=$?
+
 # The totals: passed counts tests that returned early because a skip was allowed.
 read -r passed failed < <(awk '/^test result:/ { p += $4; f += $6 } END { print p + 0, f + 0 }' "$log")
 skipped=0
@@ -36,6 +40,13 @@ echo "== summary: $((passed - skipped)) ran and passed, $skipped skipped, $faile
 if ((skipped)); then
     echo "skipped (allowed by BATON_ALLOW_SKIP=$BATON_ALLOW_SKIP):"
     sed 's/^/  /' "$BATON_SKIP_LOG"
+fi
+if ((status != 0 && failed == 0)); then
+    echo "cargo test failed outside any test (a build error, or a test binary that crashed): see above"
+fi
+if ((fuzz_status != 0)); then
+    echo "the fuzz smoke run failed (exit $fuzz_status): see above"
+    ((status)) || status=$fuzz_status
 fi
 echo "tests: $((passed - skipped)) passed, $failed failed, $skipped skipped"
 exit "$status"

@@ -11,22 +11,32 @@ use baton_blk::{cli, device, seccomp, server};
 use std::sync::Arc;
 
 use baton_service::access::{AllowList, SocketPolicy};
+use baton_service::privilege;
 use baton_service::sandbox::Sandbox;
 use clap::Parser;
 
 fn run() -> anyhow::Result<()> {
     let args = cli::Args::parse();
     args.validate().map_err(anyhow::Error::msg)?;
+    privilege::check_can_drop(args.user)?;
     let sig = server::signals()?;
     let dev = Arc::new(device::Device::new(&args)?);
     let peers = SocketPolicy {
-        allow: AllowList::new(&args.allow_uid),
+        allow: AllowList::for_user(&args.allow_uid, args.user),
         socket: args
             .socket
             .clone()
             .unwrap_or_else(|| "the activation socket".into()),
     };
-    let (listener, _bound) = baton_service::listener(args.socket.as_deref(), &peers.allow)?;
+    let (listener, bound) = baton_service::listener(args.socket.as_deref(), &peers.allow)?;
+    if let Some(user) = args.user {
+        // The image is open, the socket bound: nothing left that needs root. No thread runs
+        // yet, and no filter is installed.
+        if let Some(path) = args.socket.as_deref().filter(|_| bound) {
+            privilege::chown_socket(path, user)?;
+        }
+        privilege::drop_to(user)?;
+    }
     let sandbox = Arc::new(Sandbox::new("baton-blk", &args.sandbox)?);
     // No file system access at all from here: the image is open, the socket bound (and left in
     // place at exit: the next instance replaces it).

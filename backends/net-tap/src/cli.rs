@@ -31,6 +31,11 @@ pub struct Args {
     /// Every connection's SO_PEERCRED is checked; others are closed at once.
     #[arg(long = "allow-uid", value_name = "UID")]
     pub allow_uid: Vec<u32>,
+    /// Started as root: once the TAP queues are open and the socket bound (and given to this
+    /// uid), drop to UID[:GID] (numbers; GID defaults to UID) with no capability, before the
+    /// sandbox.
+    #[arg(long, value_name = "UID[:GID]")]
+    pub user: Option<baton_service::privilege::User>,
     /// The sandbox: --seccomp true|false|log, --landlock true|false.
     #[command(flatten)]
     pub sandbox: baton_service::sandbox::SandboxArgs,

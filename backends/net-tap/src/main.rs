@@ -13,6 +13,7 @@ use clap::Parser;
 
 fn run(args: Args) -> anyhow::Result<()> {
     // What the service manager passed: the listening socket, the TAP queues it kept for us.
+    baton_service::privilege::check_can_drop(args.user)?;
     let mut passed = baton_service::ListenFds::from_env();
     let taps = if args.tap_fd.is_empty() {
         let name = args.tap.as_deref().unwrap_or_default();
@@ -40,10 +41,18 @@ fn run(args: Args) -> anyhow::Result<()> {
         mtu: args.mtu,
         pairs,
     };
-    let allow = AllowList::new(&args.allow_uid);
+    let allow = AllowList::for_user(&args.allow_uid, args.user);
     let (listener, bound) =
         baton_service::listener_from(&mut passed, args.socket.as_deref(), &allow)?;
     drop(passed);
+    if let Some(user) = args.user {
+        // TAP queues open (and stored), socket bound: nothing left that needs root. No thread
+        // runs yet, and no filter is installed.
+        if let Some(path) = args.socket.as_deref().filter(|_| bound) {
+            baton_service::privilege::chown_socket(path, user)?;
+        }
+        baton_service::privilege::drop_to(user)?;
+    }
     let dev = Device::new(cfg, taps).context("creating the device")?;
     let peers = SocketPolicy {
         allow,

@@ -87,6 +87,19 @@ impl AllowList {
         Self::exactly(uids)
     }
 
+    /// `extra` plus the uid the service runs as once set up: `user`'s when it drops to one
+    /// (`--user`), else its own.
+    pub fn for_user(extra: &[u32], user: Option<crate::privilege::User>) -> Self {
+        match user {
+            Some(u) => {
+                let mut uids = extra.to_vec();
+                uids.push(u.uid);
+                Self::exactly(uids)
+            }
+            None => Self::new(extra),
+        }
+    }
+
     /// Exactly `uids` (tests: an allowlist without our own uid).
     pub fn exactly(mut uids: Vec<u32>) -> Self {
         uids.sort_unstable();

@@ -15,6 +15,7 @@
 pub mod access;
 pub mod conn;
 pub mod memory;
+pub mod privilege;
 pub mod ratelimit;
 pub mod ring;
 pub mod sandbox;

@@ -1,0 +1,256 @@
+//! Least privilege: `--user UID[:GID]` makes baton-blk and baton-net-tap, started as root,
+//! drop to that uid and gid with no capability once the image or TAP is open and the socket
+//! bound, before the sandbox; they still serve. And the systemd units' model: baton-net-tap
+//! started unprivileged attaches to a persistent TAP created for its uid.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cast_possible_truncation
+)]
+
+use std::io::{Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+use std::time::Duration;
+
+use baton_tests::blk::*;
+use baton_tests::harness::{Need, TempDir, can_run_with};
+use baton_tests::local_users::NOBODY;
+use baton_tests::net::*;
+use baton_tests::netns::{Netns, unique_tap};
+use baton_tests::services::start_service;
+use baton_tests::vhost_user::blk::*;
+
+const MIB: u64 = 1 << 20;
+const WAIT: Duration = Duration::from_secs(10);
+
+/// The `Name:` line of /proc/PID/status, its fields.
+fn status_field(pid: u32, name: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"));
+    line.split_whitespace().map(str::to_string).collect()
+}
+
+/// Every uid and gid (real, effective, saved, fs) is `id`, no supplementary group, no
+/// capability left.
+fn assert_unprivileged(pid: u32, id: u32) {
+    let id = id.to_string();
+    assert_eq!(status_field(pid, "Uid"), [id.as_str(); 4]);
+    assert_eq!(status_field(pid, "Gid"), [id.as_str(); 4]);
+    assert_eq!(status_field(pid, "Groups"), Vec::<String>::new());
+    for set in ["CapPrm", "CapEff", "CapAmb"] {
+        assert_eq!(status_field(pid, set), ["0000000000000000"], "{set}");
+    }
+    assert_eq!(status_field(pid, "NoNewPrivs"), ["1"]);
+}
+
+/// VHOST_USER_GET_FEATURES over a fresh connection.
+fn get_features(sock: &std::path::Path) -> u64 {
+    let mut s = UnixStream::connect(sock).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.write_all(&[1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]).unwrap();
+    let mut reply = [0u8; 20];
+    s.read_exact(&mut reply).unwrap();
+    u64::from_le_bytes(reply[12..20].try_into().unwrap())
+}
+
+#[test]
+fn blk_user_drops_to_nobody_and_serves() {
+    if !can_run_with("blk_user_drops_to_nobody_and_serves", &[Need::Root]) {
+        return;
+    }
+    let dir = tmpdir("least-privilege");
+    let img = dir.join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    let log = dir.join("blk.log");
+    // The driver connects as root (us): it has to be allowed, the service's own uid is 65534.
+    let user = NOBODY.to_string();
+    let mut b = Blk::start_with_log(
+        dir,
+        img,
+        &["--queues", "2", "--user", &user, "--allow-uid", "0"],
+        Some(&log),
+    );
+    let pid = b.proc.child.id();
+    let mut d = BlkDriver::connect(
+        &b.sock,
+        BlkOptions {
+            queues: 2,
+            mem_size: 32 * MIB,
+            slots: 32,
+            ..BlkOptions::default()
+        },
+    )
+    .unwrap();
+    for q in 0..2 {
+        let data = pattern(q as u64 + 7, 8192);
+        assert_eq!(d.queue(q).write(q as u64 * 64, &data).unwrap(), S_OK);
+        assert_eq!(d.queue(q).read(q as u64 * 64, 8192).unwrap(), (S_OK, data));
+        assert_eq!(d.queue(q).flush().unwrap(), S_OK);
+    }
+    assert_unprivileged(pid, NOBODY);
+    let meta = std::fs::metadata(&b.sock).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (NOBODY, NOBODY), "socket owner");
+    drop(d);
+    let st = b.signal_and_wait(libc::SIGTERM);
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(st.code(), Some(0), "{text}");
+    assert!(text.contains("dropped privileges"), "{text}");
+    // The drop comes before the filters, which all went in (2 workers + control).
+    assert!(
+        text.contains("seccomp: 3 filters installed (worker, worker, control)"),
+        "{text}"
+    );
+    assert!(!text.contains("made a forbidden"), "{text}");
+}
+
+#[test]
+fn blk_user_is_refused_clearly_unless_root_and_never_root() {
+    if !can_run_with("blk_user_is_refused_clearly_unless_root", &[Need::Root]) {
+        return;
+    }
+    let dir = tmpdir("least-privilege-refused");
+    let img = dir.join("disk.img");
+    std::fs::File::create(&img).unwrap().set_len(MIB).unwrap();
+    let sock = dir.join("blk.sock");
+    let args = [
+        os("--image".as_ref()),
+        os(&img),
+        os("--socket".as_ref()),
+        os(&sock),
+        os("--user".as_ref()),
+        os("65533".as_ref()),
+    ];
+    let (code, err) = run_failing(&args, true);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("--user 65533:65533 needs the process to be started as root")
+            && err.contains("it runs as uid 65534"),
+        "{err}"
+    );
+    assert!(!sock.exists(), "refused before binding");
+    for (bad, why) in [("0", "would keep root"), ("nobody", "not a numeric uid")] {
+        let (code, err) = run_failing(
+            &[
+                os("--image".as_ref()),
+                os(&img),
+                os("--user".as_ref()),
+                os(bad.as_ref()),
+            ],
+            false,
+        );
+        assert_eq!(code, Some(2), "{err}");
+        assert!(err.contains(why), "{err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn net_tap_user_drops_to_nobody_and_serves() {
+    if !can_run_with("net_tap_user_drops_to_nobody_and_serves", &[Need::Net]) {
+        return;
+    }
+    let ns = Netns::new("lp1").unwrap();
+    let dir = TempDir::new("least-privilege-net");
+    let name = unique_tap("lp");
+    let user = format!("{NOBODY}:{NOBODY}");
+    let mut tap = NetTap::start(
+        &ns,
+        &dir,
+        &[
+            "--tap",
+            &name,
+            "--queues",
+            "2",
+            "--user",
+            &user,
+            "--allow-uid",
+            "0",
+        ],
+    );
+    assert!(
+        tap.wait_log(
+            "seccomp: 4 filters installed (signals, worker, worker, control)",
+            WAIT
+        ),
+        "{}",
+        tap.log_text()
+    );
+    assert!(tap.log_text().contains("dropped privileges"));
+    assert_unprivileged(tap.proc.child.id(), NOBODY);
+    assert_ne!(get_features(&tap.socket), 0);
+    assert!(tap.wait_log("front-end gone", WAIT), "{}", tap.log_text());
+    assert_ne!(get_features(&tap.socket), 0, "a second front-end");
+    assert_eq!(tap.terminate(), Some(0), "{}", tap.log_text());
+    assert!(!tap.log_text().contains("made a forbidden"));
+}
+
+/// What the systemd unit does: the TAP is created persistent, owned by the service's uid
+/// (`ExecStartPre=+ip tuntap add ... user`), and the service runs as that uid from the start.
+#[test]
+fn net_tap_unprivileged_attaches_to_a_tap_made_for_its_uid() {
+    if !can_run_with(
+        "net_tap_unprivileged_attaches_to_a_tap_made_for_its_uid",
+        &[Need::Net, Need::Program("setpriv")],
+    ) {
+        return;
+    }
+    let ns = Netns::new("lp2").unwrap();
+    let dir = TempDir::new("least-privilege-unit");
+    // The service binds its socket and removes it at exit: its directory is its own.
+    std::os::unix::fs::chown(&dir.0, Some(NOBODY), Some(NOBODY)).unwrap();
+    let name = unique_tap("lu");
+    ns.exec(&format!(
+        "ip tuntap add dev {name} mode tap multi_queue vnet_hdr user {NOBODY} group {NOBODY}"
+    ))
+    .unwrap();
+    let socket = dir.join("net.sock");
+    let log = dir.join("net-tap.log");
+    // /dev/net/tun is 0666 on a distribution (udev), but may be 0600 on a test machine: a
+    // private mount namespace gets a 0666 node of its own.
+    let program = baton_tests::harness::bin("baton-net-tap");
+    let script = format!(
+        "mount -t tmpfs tun /dev/net && mknod -m 666 /dev/net/tun c 10 200 && \
+         exec setpriv --reuid {NOBODY} --regid {NOBODY} --clear-groups --inh-caps=-all \
+         --bounding-set=-all -- {} --socket {} --tap {name} --queues 2 --allow-uid 0",
+        program.display(),
+        socket.display()
+    );
+    let mut c = Command::new("ip");
+    c.args([
+        "netns",
+        "exec",
+        &ns.0,
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+    ])
+    .args(["sh", "-c", &script])
+    .env("RUST_LOG", "info");
+    let proc = start_service(c, &socket, Some(&log)).unwrap_or_else(|e| {
+        panic!(
+            "baton-net-tap did not come up: {e}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
+    let mut tap = NetTap { proc, socket, log };
+    assert!(
+        tap.wait_log("seccomp: 4 filters installed", WAIT),
+        "{}",
+        tap.log_text()
+    );
+    assert_unprivileged(tap.proc.child.id(), NOBODY);
+    assert_ne!(get_features(&tap.socket), 0);
+    assert_eq!(tap.terminate(), Some(0), "{}", tap.log_text());
+    assert!(!tap.socket.exists(), "socket left behind");
+    // Its own TAP, persistent: still there for the next start.
+    assert!(ns.exec(&format!("ip link show {name}")).is_ok());
+}

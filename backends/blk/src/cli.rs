@@ -47,7 +47,8 @@ pub struct Args {
     #[arg(long = "allow-uid", value_name = "UID")]
     pub allow_uid: Vec<u32>,
     /// Started as root: once the image is open and the socket bound (and given to this uid),
-    /// drop to UID[:GID] (numbers; GID defaults to UID) with no capability, before the sandbox.
+    /// drop to UID or UID:GID (numbers; GID defaults to UID) with no capability, before the
+    /// sandbox.
     #[arg(long, value_name = "UID[:GID]")]
     pub user: Option<baton_service::privilege::User>,
     /// The sandbox: --seccomp true|false|log, --landlock true|false.

@@ -32,7 +32,7 @@ pub struct Args {
     #[arg(long = "allow-uid", value_name = "UID")]
     pub allow_uid: Vec<u32>,
     /// Started as root: once the TAP queues are open and the socket bound (and given to this
-    /// uid), drop to UID[:GID] (numbers; GID defaults to UID) with no capability, before the
+    /// uid), drop to UID or UID:GID (numbers; GID defaults to UID) with no capability, before the
     /// sandbox.
     #[arg(long, value_name = "UID[:GID]")]
     pub user: Option<baton_service::privilege::User>,

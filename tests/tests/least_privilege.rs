@@ -1,7 +1,8 @@
 //! Least privilege: `--user UID[:GID]` makes baton-blk and baton-net-tap, started as root,
 //! drop to that uid and gid with no capability once the image or TAP is open and the socket
 //! bound, before the sandbox; they still serve. And the systemd units' model: baton-net-tap
-//! started unprivileged attaches to a persistent TAP created for its uid.
+//! started unprivileged attaches to a persistent TAP created for its uid. And baton-vmm with
+//! `--user`: /dev/kvm, the kernel and the RAM file opened as root, the guest run as 65534.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -15,7 +16,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use baton_tests::blk::*;
-use baton_tests::harness::{Need, TempDir, can_run_with};
+use baton_tests::boot::baton_cmd;
+use baton_tests::harness::{Need, Proc, TempDir, bin, can_run_with, run_to_end};
 use baton_tests::local_users::NOBODY;
 use baton_tests::net::*;
 use baton_tests::netns::{Netns, unique_tap};
@@ -253,4 +255,105 @@ fn net_tap_unprivileged_attaches_to_a_tap_made_for_its_uid() {
     assert!(!tap.socket.exists(), "socket left behind");
     // Its own TAP, persistent: still there for the next start.
     assert!(ns.exec(&format!("ip link show {name}")).is_ok());
+}
+
+#[test]
+fn vmm_user_drops_to_nobody_after_opening_kvm_and_runs_the_guest() {
+    if !can_run_with(
+        "vmm_user_drops_to_nobody",
+        &[Need::Kvm, Need::Guest, Need::Root],
+    ) {
+        return;
+    }
+    let dir = tmpdir("vmm-user");
+    let sock = dir.join("api.sock");
+    let log = dir.join("vmm.log");
+    let name = format!("t{}-vmm-user", std::process::id());
+    let ram_dir = std::path::PathBuf::from(format!("/dev/shm/baton-{NOBODY}"));
+    let ram = ram_dir.join(format!("{name}.ram"));
+    let user = NOBODY.to_string();
+    let mut cmd = baton_cmd(1, "128M", "test=ticks n=0 ms=20");
+    cmd.args(["--name", &name, "--user", &user, "--allow-uid", "0"])
+        .arg("--api-socket")
+        .arg(&sock)
+        .env("BATON_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut p = Proc::spawn(cmd).unwrap();
+    let pid = p.child.id();
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        p.wait_line(WAIT * 3, |l| l.contains("ready")).is_some(),
+        "{}\n{}",
+        p.transcript(),
+        text()
+    );
+    assert!(
+        p.wait_line(WAIT, |l| l.contains("tick 3")).is_some(),
+        "the vCPU runs after the drop:\n{}\n{}",
+        p.transcript(),
+        text()
+    );
+    assert_unprivileged(pid, NOBODY);
+    // The RAM file and its directory are nobody's (a live update's incoming VMM running as
+    // nobody opens it); the API socket too.
+    for (path, mode) in [(&ram_dir, 0o700), (&ram, 0o600)] {
+        let m = std::fs::symlink_metadata(path).unwrap();
+        assert_eq!((m.uid(), m.gid()), (NOBODY, NOBODY), "{}", path.display());
+        assert_eq!(m.mode() & 0o7777, mode, "{}", path.display());
+    }
+    let m = std::fs::metadata(&sock).unwrap();
+    assert_eq!((m.uid(), m.gid()), (NOBODY, NOBODY), "socket owner");
+    // The API answers root, allowed with --allow-uid 0.
+    let info = run_to_end(
+        {
+            let mut c = Command::new(bin("batonctl"));
+            c.arg("--api-socket").arg(&sock).arg("info");
+            c
+        },
+        WAIT,
+    )
+    .unwrap();
+    assert_eq!(info.code, Some(0), "{info:?}");
+    assert!(info.stdout.contains("\"running\""), "{info:?}");
+    let shutdown = run_to_end(
+        {
+            let mut c = Command::new(bin("batonctl"));
+            c.arg("--api-socket").arg(&sock).arg("shutdown");
+            c
+        },
+        WAIT,
+    )
+    .unwrap();
+    assert_eq!(shutdown.code, Some(0), "{shutdown:?}");
+    assert_eq!(p.wait_exit(WAIT), Some(0), "{}", text());
+    let text = text();
+    assert!(text.contains("dropped privileges"), "{text}");
+    assert!(!text.contains("made a forbidden"), "{text}");
+    assert!(!ram.exists(), "RAM file removed at exit by nobody");
+    let _ = std::fs::remove_dir(&ram_dir);
+    // The API socket stays: nobody cannot remove it from root's directory.
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn vmm_user_is_refused_with_incoming_and_without_root() {
+    let mut c = Command::new(bin("baton-vmm"));
+    c.args([
+        "--incoming",
+        "/nonexistent/baton-vmm-user.sock",
+        "--user",
+        "65534",
+    ]);
+    let f = run_to_end(c, WAIT).unwrap();
+    assert_eq!(f.code, Some(1), "{f:?}");
+    assert!(
+        f.stderr
+            .contains("--user 65534:65534 cannot be used with --incoming"),
+        "{f:?}"
+    );
+    let mut c = Command::new(bin("baton-vmm"));
+    c.args(["--kernel", "/nonexistent", "--user", "0"]);
+    let f = run_to_end(c, WAIT).unwrap();
+    assert_ne!(f.code, Some(0), "{f:?}");
+    assert!(f.stderr.contains("would keep root"), "{f:?}");
 }

@@ -102,7 +102,7 @@ pub fn load(
     kernel_path: &Path,
     mut kernel: File,
     cmdline: &str,
-    initramfs: Option<&Path>,
+    initramfs: Option<(&Path, File)>,
     rsdp: u64,
 ) -> Result<BootInfo, BootError> {
     let loaded = Elf::load(
@@ -129,7 +129,7 @@ pub fn load(
 
     let low_end = ram_size.min(layout::MMIO_HOLE_START);
     let module = match initramfs {
-        Some(p) => Some(load_initramfs(mem, p, loaded.kernel_end, low_end)?),
+        Some((p, f)) => Some(load_initramfs(mem, p, f, loaded.kernel_end, low_end)?),
         None => None,
     };
 
@@ -159,9 +159,18 @@ pub fn load(
     })
 }
 
+/// Opens the initramfs (before anything is created, and before `--user` drops privileges).
+pub fn open_initramfs(path: &Path) -> Result<File, BootError> {
+    File::open(path).map_err(|source| BootError::Initramfs {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
 fn load_initramfs(
     mem: &GuestMemoryMmap,
     path: &Path,
+    mut f: File,
     kernel_end: u64,
     low_end: u64,
 ) -> Result<hvm_modlist_entry, BootError> {
@@ -169,7 +178,6 @@ fn load_initramfs(
         path: path.to_path_buf(),
         source,
     };
-    let mut f = File::open(path).map_err(err)?;
     let size = f.metadata().map_err(err)?.len();
     // Top of low RAM, page aligned, and above the kernel.
     let addr = low_end

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use baton_service::access::AllowList;
+use baton_service::privilege::{self, User};
 use baton_vmm::api::ApiSocket;
 use baton_vmm::config::{MemoryConfig, SerialConfig, parse_device};
 use baton_vmm::control::ExitReason;
@@ -58,6 +59,13 @@ struct Args {
     /// reconnect_ms=N]. Repeatable.
     #[arg(long)]
     net: Vec<String>,
+    /// Started as root: open /dev/kvm, the kernel and initramfs, create the RAM file (as
+    /// UID's: /dev/shm/baton-UID/) and bind the API socket (chowned to UID:GID), then drop to
+    /// UID:GID for good with no capability, before any thread starts and before the sandbox.
+    /// Numbers; GID defaults to UID. UID is then the VMM's own uid in the --allow-uid check.
+    /// Not with --incoming.
+    #[arg(long, value_name = "UID[:GID]")]
+    user: Option<User>,
     /// VM name (names the default RAM file /dev/shm/baton-UID/NAME.ram).
     #[arg(long)]
     name: Option<String>,
@@ -114,6 +122,15 @@ fn block_exit_signals() -> std::io::Result<libc::sigset_t> {
 }
 
 fn run(mut args: Args) -> anyhow::Result<ExitReason> {
+    if let (Some(user), Some(_)) = (args.user, &args.incoming) {
+        anyhow::bail!(
+            "--user {user} cannot be used with --incoming: the incoming VMM of a live update \
+             opens /dev/kvm and the RAM file while it takes the VM over, after its threads \
+             started; start it as the uid the running VMM dropped to instead (it can open \
+             /dev/kvm and owns the RAM file)"
+        );
+    }
+    privilege::check_can_drop(args.user)?;
     let mut devices = Vec::new();
     for d in &args.disk {
         devices.push(parse_device(d, false, 0).map_err(|e| anyhow::anyhow!("--disk {d}: {e}"))?);
@@ -135,23 +152,26 @@ fn run(mut args: Args) -> anyhow::Result<ExitReason> {
         sandbox::plan_violation(kind, what);
     }
     let sandbox = Arc::new(Sandbox::bare(sandbox::SERVICE, &args.sandbox)?);
-    baton_vmm::vhost_user::deadline::start(&sandbox)?;
     let keep = Removable {
         api_socket: args.api_socket.clone(),
         incoming: args.incoming.clone(),
     };
-    let allow = AllowList::new(&args.allow_uid);
+    let allow = AllowList::for_user(&args.allow_uid, args.user);
     // Bind the API socket first: an address in use must leave nothing behind.
     let mut api = args
         .api_socket
         .as_deref()
         .map(|p| ApiSocket::bind(p, &allow))
         .transpose()?;
+    if let (Some(path), Some(user)) = (&args.api_socket, args.user) {
+        privilege::chown_socket(path, user)?;
+    }
     let name = args
         .name
         .unwrap_or_else(|| format!("pid{}", std::process::id()));
     let vm = match (&args.incoming, args.kernel) {
         (Some(path), _) => {
+            baton_vmm::vhost_user::deadline::start(&sandbox)?;
             let incoming = Incoming::bind(path, &allow)?;
             eprintln!("baton-vmm: waiting for a VM on {}", path.display());
             // The migration-in thread builds the VM; this thread starts its threads.
@@ -162,7 +182,7 @@ fn run(mut args: Args) -> anyhow::Result<ExitReason> {
             })?
         }
         (None, Some(kernel)) => {
-            let vm = Vm::load(VmConfig {
+            let config = VmConfig {
                 name,
                 kernel,
                 cmdline: args.cmdline,
@@ -171,7 +191,20 @@ fn run(mut args: Args) -> anyhow::Result<ExitReason> {
                 memory: args.memory,
                 serial: args.serial.unwrap_or(SerialConfig::Stdio),
                 devices,
-            })?;
+            };
+            if let Some(user) = args.user {
+                baton_vmm::ram_file::set_owner(user.uid, user.gid);
+            }
+            // What needs privilege: /dev/kvm, the kernel and initramfs, the RAM file.
+            let opened = Vm::open(&config)?;
+            // No thread has started yet (the watchdog is next): glibc applies the drop to
+            // this one thread, and none is left with root.
+            if let Some(user) = args.user {
+                privilege::drop_to(user)?;
+            }
+            // The back-ends' handshake deadlines, before the first connect.
+            baton_vmm::vhost_user::deadline::start(&sandbox)?;
+            let vm = Vm::load_opened(config, opened)?;
             sandbox::restrict_fs(&sandbox, &keep, &vm)?;
             vm.start_vcpus(&sandbox)?;
             vm

@@ -10,6 +10,9 @@
 //! - **`path=` given**: opened with O_NOFOLLOW, and created (O_EXCL, mode 0600) if missing. An
 //!   existing file must be owned by us. This is how the incoming VMM of a live update maps the
 //!   RAM of the VM it takes over: same uid, by the path the old VMM reports.
+//! - **`--user UID[:GID]`** ([`set_owner`]): root creates the file before it drops to UID, as
+//!   UID's: `baton-UID` is the directory, the directory and the file are given to UID:GID
+//!   (fchown) when created, and every ownership check above is against UID.
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
@@ -95,8 +98,33 @@ pub struct RamFile {
     pub created: bool,
 }
 
+/// The uid:gid RAM files are created for, when not our own (`--user`).
+static OWNER: std::sync::OnceLock<(u32, u32)> = std::sync::OnceLock::new();
+
+/// Creates and checks RAM files for `uid`:`gid` rather than for our effective uid: a VMM
+/// started as root with `--user` calls this before it creates the file and drops to `uid`,
+/// so that the file, its directory and a live update's incoming VMM (running as `uid`) agree.
+/// Once per process; a second call is ignored.
+pub fn set_owner(uid: u32, gid: u32) {
+    let _ = OWNER.set((uid, gid));
+}
+
 fn our_uid() -> u32 {
-    nix::unistd::geteuid().as_raw()
+    OWNER
+        .get()
+        .map_or_else(|| nix::unistd::geteuid().as_raw(), |o| o.0)
+}
+
+/// Gives what we just created to the [`set_owner`] uid:gid, if there is one.
+fn give_to_owner(fd: &impl std::os::fd::AsFd) -> Result<(), Errno> {
+    match OWNER.get() {
+        Some(&(uid, gid)) => nix::unistd::fchown(
+            fd.as_fd(),
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(gid)),
+        ),
+        None => Ok(()),
+    }
 }
 
 /// Creates the file at the default path for `vm_name`, or opens or creates `given`.
@@ -162,7 +190,7 @@ fn rw_owner() -> Mode {
 /// A file we just created: mode 0600 whatever the umask.
 fn created(fd: OwnedFd, path: PathBuf) -> Result<RamFile, RamFileError> {
     let file = File::from(fd);
-    if let Err(e) = nix::sys::stat::fchmod(&file, rw_owner()) {
+    if let Err(e) = nix::sys::stat::fchmod(&file, rw_owner()).and_then(|()| give_to_owner(&file)) {
         let _ = std::fs::remove_file(&path);
         return Err(RamFileError::Open {
             path,
@@ -212,6 +240,7 @@ fn private_dir(dir: &Path) -> Result<OwnedFd, RamFileError> {
     if made {
         // mkdir's mode went through the umask: make it exactly 0700.
         nix::sys::stat::fchmod(&fd, Mode::S_IRWXU).map_err(io_err)?;
+        give_to_owner(&fd).map_err(io_err)?;
     }
     let st = nix::sys::stat::fstat(&fd).map_err(io_err)?;
     if st.st_uid != ours {

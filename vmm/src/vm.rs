@@ -128,13 +128,74 @@ pub(crate) enum Devices<'a> {
     HandedOver(&'a [baton_protocol::state::DeviceState]),
 }
 
+/// What [`Vm::open`] opened, for [`Vm::load_opened`].
+#[derive(Debug)]
+pub struct Opened {
+    kvm: Kvm,
+    ram: GuestRam,
+    kernel: std::fs::File,
+    initramfs: Option<std::fs::File>,
+}
+
+/// Checks the devices and the vCPU count, opens /dev/kvm, creates (or opens) and maps guest
+/// RAM: what building a VM needs before the KVM VM exists.
+fn open_kvm_and_ram(config: &VmConfig) -> Result<(Kvm, GuestRam), VmError> {
+    for (i, d) in config.devices.iter().enumerate() {
+        if config.devices[..i].iter().any(|o| o.socket == d.socket) {
+            return Err(VmError::SharedSocket(d.socket.clone()));
+        }
+    }
+    let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+    let max = u32::try_from(kvm.get_max_vcpus())
+        .unwrap_or(1)
+        .min(MAX_VCPUS);
+    if config.cpus == 0 || config.cpus > max {
+        return Err(VmError::Cpus(config.cpus, max));
+    }
+    let mut steps = StepTimer::new();
+    let ram = GuestRam::new(&config.memory, &config.name)?;
+    steps.done("map guest RAM");
+    Ok((kvm, ram))
+}
+
 impl Vm {
     /// Builds the VM and loads the guest; nothing runs until [`Vm::start_vcpus`] (the caller
     /// enters Landlock in between: every file is open by then). Checks that need nothing
     /// created come first, so a bad kernel or an unusable /dev/kvm leaves nothing behind.
     pub fn load(config: VmConfig) -> Result<Arc<Vm>, VmError> {
+        let opened = Vm::open(&config)?;
+        Vm::load_opened(config, opened)
+    }
+
+    /// The first half of [`Vm::load`]: opens what is named by path and may need privilege
+    /// (the kernel, the initramfs, /dev/kvm) and creates and maps the RAM file; creates no
+    /// KVM VM, connects to no back-end, starts no thread. `--user` drops privileges between
+    /// this and [`Vm::load_opened`].
+    pub fn open(config: &VmConfig) -> Result<Opened, VmError> {
         let kernel = boot::check_kernel(&config.kernel)?;
-        let vm = Vm::build(config, Devices::Connect)?;
+        let initramfs = config
+            .initramfs
+            .as_deref()
+            .map(boot::open_initramfs)
+            .transpose()?;
+        let (kvm, ram) = open_kvm_and_ram(config)?;
+        Ok(Opened {
+            kvm,
+            ram,
+            kernel,
+            initramfs,
+        })
+    }
+
+    /// The second half of [`Vm::load`], with what [`Vm::open`] opened for `config`.
+    pub fn load_opened(config: VmConfig, opened: Opened) -> Result<Arc<Vm>, VmError> {
+        let Opened {
+            kvm,
+            ram,
+            kernel,
+            initramfs,
+        } = opened;
+        let vm = Vm::build_with(config, kvm, ram, Devices::Connect)?;
         let rsdp = acpi::create_tables(&vm.ram.mem, vm.cpus)?;
         let boot = boot::load(
             &vm.ram.mem,
@@ -142,7 +203,7 @@ impl Vm {
             &vm.config.kernel,
             kernel,
             &vm.config.cmdline,
-            vm.config.initramfs.as_deref(),
+            vm.config.initramfs.as_deref().zip(initramfs),
             rsdp,
         )?;
         if let Some(bsp) = vm.vcpus.first() {
@@ -153,21 +214,17 @@ impl Vm {
 
     /// Creates the KVM VM, maps RAM, creates vCPUs and devices; runs nothing.
     pub(crate) fn build(config: VmConfig, devices: Devices<'_>) -> Result<Vm, VmError> {
-        for (i, d) in config.devices.iter().enumerate() {
-            if config.devices[..i].iter().any(|o| o.socket == d.socket) {
-                return Err(VmError::SharedSocket(d.socket.clone()));
-            }
-        }
-        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
-        let max = u32::try_from(kvm.get_max_vcpus())
-            .unwrap_or(1)
-            .min(MAX_VCPUS);
-        if config.cpus == 0 || config.cpus > max {
-            return Err(VmError::Cpus(config.cpus, max));
-        }
+        let (kvm, ram) = open_kvm_and_ram(&config)?;
+        Vm::build_with(config, kvm, ram, devices)
+    }
+
+    fn build_with(
+        config: VmConfig,
+        kvm: Kvm,
+        ram: GuestRam,
+        devices: Devices<'_>,
+    ) -> Result<Vm, VmError> {
         let mut steps = StepTimer::new();
-        let ram = GuestRam::new(&config.memory, &config.name)?;
-        steps.done("map guest RAM");
         let vm = Arc::new(
             kvm.create_vm()
                 .map_err(|e| VmError::Kvm("KVM_CREATE_VM", e))?,

@@ -11,39 +11,20 @@
 //!   synchronous fallbacks and inline reads (preadv2/pwritev2), flush, discard and write-zeroes
 //!   (fallocate), notifications (eventfd writes).
 
+use baton_service::sandbox::seccomp::vhost_user_connection;
 use baton_service::sandbox::{Syscall, ThreadKind};
-
-const F_DUPFD_CLOEXEC: u64 = libc::F_DUPFD_CLOEXEC as u64;
 
 /// The main thread after set-up.
 pub fn control() -> ThreadKind {
-    ThreadKind::new(
-        "control",
-        vec![
-            Syscall::any(libc::SYS_poll),
-            Syscall::any(libc::SYS_ppoll),
-            Syscall::any(libc::SYS_accept4),
-            Syscall::any(libc::SYS_read),
-            Syscall::any(libc::SYS_recvfrom),
-            Syscall::any(libc::SYS_recvmsg),
-            Syscall::any(libc::SYS_sendmsg),
-            Syscall::any(libc::SYS_sendto),
-            Syscall::args_eq(
-                libc::SYS_getsockopt,
-                &[(1, libc::SOL_SOCKET as u64), (2, libc::SO_PEERCRED as u64)],
-            ),
-            Syscall::arg_in(libc::SYS_ioctl, 1, &[libc::FIONREAD]),
-            // UnixStream::try_clone.
-            Syscall::arg_in(libc::SYS_fcntl, 1, &[F_DUPFD_CLOEXEC]),
-            Syscall::any(libc::SYS_fstat),
-            Syscall::any(libc::SYS_newfstatat),
-            Syscall::any(libc::SYS_statx),
-            Syscall::any(libc::SYS_fstatfs),
-            Syscall::any(libc::SYS_memfd_create),
-            Syscall::any(libc::SYS_ftruncate),
-            Syscall::any(libc::SYS_fdatasync),
-        ],
-    )
+    let mut syscalls = vhost_user_connection(&[]);
+    syscalls.extend([
+        Syscall::any(libc::SYS_accept4),
+        // A new inflight region (GET_INFLIGHT_FD), and the final flush.
+        Syscall::any(libc::SYS_memfd_create),
+        Syscall::any(libc::SYS_ftruncate),
+        Syscall::any(libc::SYS_fdatasync),
+    ]);
+    ThreadKind::new("control", syscalls)
 }
 
 /// A queue worker after its engine is set up.

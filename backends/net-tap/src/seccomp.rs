@@ -15,51 +15,27 @@
 //! - `signals`: the thread that waits for SIGTERM/SIGINT/SIGUSR1: logs counters, stops the
 //!   rings, removes the socket file it bound, exits.
 
+use baton_service::sandbox::seccomp::vhost_user_connection;
 use baton_service::sandbox::{Syscall, ThreadKind};
 
 use crate::tap::{TUNSETOFFLOAD, TUNSETQUEUE, TUNSETVNETHDRSZ};
 
-const F_DUPFD_CLOEXEC: u64 = libc::F_DUPFD_CLOEXEC as u64;
-
 /// The main thread after set-up, and the connection threads it spawns.
 pub fn control() -> ThreadKind {
-    ThreadKind::new(
-        "control",
-        vec![
-            Syscall::any(libc::SYS_accept4),
-            // Spawning a connection thread, and that thread's own start.
-            Syscall::any(libc::SYS_clone3),
-            Syscall::any(libc::SYS_clone),
-            Syscall::any(libc::SYS_set_robust_list),
-            Syscall::any(libc::SYS_rseq),
-            Syscall::arg_in(libc::SYS_prctl, 0, &[libc::PR_SET_NAME as u64]),
-            // std's stack guard: pthread_getattr_np.
-            Syscall::any(libc::SYS_gettid),
-            Syscall::any(libc::SYS_sched_getaffinity),
-            Syscall::any(libc::SYS_poll),
-            Syscall::any(libc::SYS_ppoll),
-            Syscall::any(libc::SYS_read),
-            Syscall::any(libc::SYS_recvfrom),
-            Syscall::any(libc::SYS_recvmsg),
-            Syscall::any(libc::SYS_sendmsg),
-            Syscall::any(libc::SYS_sendto),
-            Syscall::args_eq(
-                libc::SYS_getsockopt,
-                &[(1, libc::SOL_SOCKET as u64), (2, libc::SO_PEERCRED as u64)],
-            ),
-            Syscall::arg_in(
-                libc::SYS_ioctl,
-                1,
-                &[libc::FIONREAD, TUNSETOFFLOAD, TUNSETVNETHDRSZ],
-            ),
-            // UnixStream::try_clone.
-            Syscall::arg_in(libc::SYS_fcntl, 1, &[F_DUPFD_CLOEXEC]),
-            Syscall::any(libc::SYS_fstat),
-            Syscall::any(libc::SYS_newfstatat),
-            Syscall::any(libc::SYS_statx),
-            Syscall::any(libc::SYS_fstatfs),
-        ],
-    )
+    let mut syscalls = vhost_user_connection(&[TUNSETOFFLOAD, TUNSETVNETHDRSZ]);
+    syscalls.extend([
+        Syscall::any(libc::SYS_accept4),
+        // Spawning a connection thread, and that thread's own start.
+        Syscall::any(libc::SYS_clone3),
+        Syscall::any(libc::SYS_clone),
+        Syscall::any(libc::SYS_set_robust_list),
+        Syscall::any(libc::SYS_rseq),
+        Syscall::arg_in(libc::SYS_prctl, 0, &[libc::PR_SET_NAME as u64]),
+        // std's stack guard: pthread_getattr_np.
+        Syscall::any(libc::SYS_gettid),
+        Syscall::any(libc::SYS_sched_getaffinity),
+    ]);
+    ThreadKind::new("control", syscalls)
 }
 
 /// A queue-pair worker after its epoll set is built.

@@ -134,6 +134,36 @@ pub fn base() -> Vec<Syscall> {
     ]
 }
 
+/// What a thread serving a vhost-user front-end through [`crate::vhost::serve_connection`]
+/// needs: waiting for and reading messages (the deadline's FIONREAD and peek), fds received
+/// with SCM_RIGHTS, replies, the peer check, duplicating the connection, inspecting the memory
+/// and inflight fds before mapping them ([`crate::memory::map_file`]: fstat, fstatfs).
+/// `ioctls`: the device's own ioctl requests besides FIONREAD (one rule per syscall).
+pub fn vhost_user_connection(ioctls: &[u64]) -> Vec<Syscall> {
+    let mut ioctl = vec![libc::FIONREAD];
+    ioctl.extend_from_slice(ioctls);
+    vec![
+        Syscall::any(libc::SYS_poll),
+        Syscall::any(libc::SYS_ppoll),
+        Syscall::any(libc::SYS_read),
+        Syscall::any(libc::SYS_recvfrom),
+        Syscall::any(libc::SYS_recvmsg),
+        Syscall::any(libc::SYS_sendmsg),
+        Syscall::any(libc::SYS_sendto),
+        Syscall::args_eq(
+            libc::SYS_getsockopt,
+            &[(1, libc::SOL_SOCKET as u64), (2, libc::SO_PEERCRED as u64)],
+        ),
+        Syscall::arg_in(libc::SYS_ioctl, 1, &ioctl),
+        // UnixStream::try_clone.
+        Syscall::arg_in(libc::SYS_fcntl, 1, &[libc::F_DUPFD_CLOEXEC as u64]),
+        Syscall::any(libc::SYS_fstat),
+        Syscall::any(libc::SYS_newfstatat),
+        Syscall::any(libc::SYS_statx),
+        Syscall::any(libc::SYS_fstatfs),
+    ]
+}
+
 /// A kind of thread and its allowlist (on top of [`base`]).
 #[derive(Clone, Debug)]
 pub struct ThreadKind {

@@ -92,6 +92,23 @@ fn blk_vm(
     (dir, img, sock, blk, vm, api)
 }
 
+/// Stops the guest's blk-cont run ('q'), expects exit 0 and a passing report with no I/O
+/// error and nothing outstanding; returns the report.
+fn stop_blk_cont(vm: &mut Proc) -> serde_json::Value {
+    vm.send(b"q").unwrap();
+    assert_eq!(
+        vm.wait_exit(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        vm.transcript()
+    );
+    let r = result_json(&vm.seen).unwrap_or_else(|| panic!("{}", vm.transcript()));
+    assert_eq!(r["result"], "pass", "{r}");
+    assert_eq!(r["io_errors"], 0, "{r}");
+    assert_eq!(r["outstanding"], 0, "{r}");
+    r
+}
+
 fn blk_restarts(sig: i32, restarts: u64) {
     let (_dir, img, sock, mut blk, mut vm, api) = blk_vm(
         "restart-blk",
@@ -116,18 +133,8 @@ fn blk_restarts(sig: i32, restarts: u64) {
         }
         back.push(wait_reconnects(&api, i));
     }
-    vm.send(b"q").unwrap();
-    assert_eq!(
-        vm.wait_exit(Duration::from_secs(60)),
-        Some(0),
-        "{}",
-        vm.transcript()
-    );
-    let r = result_json(&vm.seen).unwrap_or_else(|| panic!("{}", vm.transcript()));
-    assert_eq!(r["result"], "pass", "{r}");
-    assert_eq!(r["io_errors"], 0, "{r}");
+    let r = stop_blk_cont(&mut vm);
     assert_eq!(r["verify_errors"], 0, "{r}");
-    assert_eq!(r["outstanding"], 0, "{r}");
     assert!(r["writes"].as_u64().unwrap() > restarts * 10, "{r}");
     drop(blk);
     let written = verify_blk_cont_image(&img, 1024).unwrap();
@@ -166,17 +173,7 @@ fn blk_backend_away_when_the_guest_starts_the_device() {
     wait_reconnects(&api, 1);
     // Some writes after the back-end came back (the final report counts them).
     std::thread::sleep(Duration::from_millis(300));
-    vm.send(b"q").unwrap();
-    assert_eq!(
-        vm.wait_exit(Duration::from_secs(60)),
-        Some(0),
-        "{}",
-        vm.transcript()
-    );
-    let r = result_json(&vm.seen).unwrap_or_else(|| panic!("{}", vm.transcript()));
-    assert_eq!(r["result"], "pass", "{r}");
-    assert_eq!(r["io_errors"], 0, "{r}");
-    assert_eq!(r["outstanding"], 0, "{r}");
+    let r = stop_blk_cont(&mut vm);
     assert!(r["writes"].as_u64().unwrap() > 0, "{r}");
     drop(blk);
     assert!(verify_blk_cont_image(&img, 1024).unwrap() > 0);

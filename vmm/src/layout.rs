@@ -1,21 +1,28 @@
 //! The guest physical address map that baton-vmm builds for a VM.
 //!
 //! ```text
-//! 0x0000_0000  RAM (low)            start info 0x6000, memory map 0x7000, cmdline 0x20000
+//! 0x0000_0000  RAM (low)            boot GDT 0x500; PVH: start info 0x6000, memory map 0x7000;
+//!                                   bzImage: zero page 0x8000, page tables 0x9000; cmdline 0x20000
 //! 0x0009_fc00  reserved             EBDA, legacy VGA and ROM area
 //! 0x000e_0000  ACPI tables          RSDP first, then XSDT, FADT, MADT, DSDT
-//! 0x0010_0000  RAM                  kernel (ELF load address), initramfs at the top of low RAM
+//! 0x0010_0000  RAM                  kernel (ELF load address, or a bzImage at 1 MiB), initramfs at the top of low RAM
 //! 0xc000_0000  MMIO hole            PCI BARs up to 0xe000_0000, ECAM at 0xe000_0000,
 //!                                   IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
 //! 0x1_0000_0000 RAM (high)          whatever does not fit below the hole
 //! ```
 
+/// The boot GDT for a bzImage's 64-bit entry (five descriptors).
+pub const BOOT_GDT: u64 = 0x500;
 /// Where the PVH `hvm_start_info` structure goes.
 pub const START_INFO: u64 = 0x6000;
 /// Where the PVH memory map (e820-style entries) goes.
 pub const MEMMAP: u64 = 0x7000;
 /// Where the PVH module list (the initramfs) goes.
 pub const MODLIST: u64 = 0x7800;
+/// A bzImage's zero page (`struct boot_params`).
+pub const ZERO_PAGE: u64 = 0x8000;
+/// A bzImage's boot page tables: PML4, PDPT, then four page directories (to 0xf000).
+pub const BOOT_PML4: u64 = 0x9000;
 /// Where the kernel command line goes.
 pub const CMDLINE: u64 = 0x2_0000;
 /// Longest command line accepted (including the terminating NUL).

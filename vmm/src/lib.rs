@@ -1,7 +1,7 @@
 //! baton-vmm: a KVM VMM front-end. Guest RAM is a shared file mapping so that a second VMM
 //! process (live update) and vhost-user back-ends can map it by path.
 //!
-//! Module map: [`config`] parses options, [`memory`] maps RAM, [`boot`] loads a PVH kernel,
+//! Module map: [`config`] parses options, [`memory`] maps RAM, [`boot`] loads a PVH ELF or bzImage kernel,
 //! [`acpi`] writes the firmware tables, [`cpuid`] and [`vcpu`] set up and run vCPUs,
 //! [`devices`] emulates the serial console and ACPI registers, [`control`] coordinates
 //! pause/resume/exit, [`vm`] ties them together, and [`api`] serves the HTTP API

@@ -19,7 +19,8 @@ use clap::Parser;
 #[derive(Parser, Debug)]
 #[command(name = "baton-vmm", version)]
 struct Args {
-    /// PVH ELF kernel to boot.
+    /// Kernel to boot: a bzImage as distributions ship it (`/boot/vmlinuz-*`, entered through
+    /// the 64-bit boot protocol) or a PVH ELF (`vmlinux`); told apart by content.
     #[arg(long, required_unless_present = "incoming")]
     kernel: Option<PathBuf>,
     /// Take over a running VM from another baton-vmm (live update): listen on this socket
@@ -30,7 +31,7 @@ struct Args {
     /// Kernel command line.
     #[arg(long, default_value = "")]
     cmdline: String,
-    /// Initramfs, passed to the kernel as a PVH module.
+    /// Initramfs (for a bzImage in the zero page, for a PVH kernel as a module).
     #[arg(long)]
     initramfs: Option<PathBuf>,
     /// Number of vCPUs.

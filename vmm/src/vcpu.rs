@@ -1,18 +1,19 @@
-//! vCPUs: initial state (PVH entry for the boot vCPU; the others wait for INIT-SIPI in the
+//! vCPUs: initial state (PVH or 64-bit Linux entry for the boot vCPU; the others wait for INIT-SIPI in the
 //! in-kernel LAPIC), and the per-vCPU thread that runs KVM_RUN and dispatches exits.
 
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{
-    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN, Msrs, kvm_fpu,
-    kvm_msr_entry, kvm_regs, kvm_segment,
+    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, Msrs, KVM_SYSTEM_EVENT_CRASH,
+    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::boot::BootInfo;
+use crate::boot::{BootInfo, Entry};
 use crate::control::{ExitReason, VmControl};
 use crate::devices::PioBus;
+use crate::layout;
 
 /// Errors configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -82,52 +83,86 @@ fn set_lvt_mode(regs: &mut [libc::c_char], reg: usize, mode: u32) {
     }
 }
 
-/// The PVH entry state: 32-bit protected mode, paging off, EBX = start info.
-pub fn set_pvh_entry(vcpu: &VcpuFd, boot: &BootInfo) -> Result<(), VcpuError> {
+/// The boot vCPU's entry state for the loaded kernel's format.
+pub fn set_boot_entry(vcpu: &VcpuFd, boot: &BootInfo) -> Result<(), VcpuError> {
     let mut sregs = vcpu
         .get_sregs()
         .map_err(|e| VcpuError::Kvm("KVM_GET_SREGS", e))?;
-    let seg = |selector: u16, type_: u8| kvm_segment {
+    let seg = |selector: u16, type_: u8, long: bool| kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
         selector,
         type_,
         present: 1,
         dpl: 0,
-        db: 1,
+        db: u8::from(!long),
         s: 1,
-        l: 0,
+        l: u8::from(long),
         g: 1,
         avl: 0,
         unusable: 0,
         padding: 0,
     };
-    sregs.cs = seg(0x10, 0xb);
-    let data = seg(0x18, 0x3);
+    let (long, regs) = match boot.entry {
+        // 32-bit protected mode, paging off, EBX = start info.
+        Entry::Pvh { rip, start_info } => (
+            false,
+            kvm_regs {
+                rip,
+                rbx: start_info,
+                rflags: 0x2,
+                ..Default::default()
+            },
+        ),
+        // Long mode on the identity map, RSI = zero page.
+        Entry::Linux64 { rip, zero_page } => (
+            true,
+            kvm_regs {
+                rip,
+                rsi: zero_page,
+                rflags: 0x2,
+                ..Default::default()
+            },
+        ),
+    };
+    sregs.cs = seg(0x10, 0xb, long);
+    let data = seg(0x18, 0x3, false);
     (sregs.ds, sregs.es, sregs.fs, sregs.gs, sregs.ss) = (data, data, data, data, data);
     sregs.tr = kvm_segment {
+        selector: if long { 0x20 } else { sregs.cs.selector },
         limit: 0x67,
         s: 0,
         type_: 0xb,
         db: 0,
+        l: 0,
         g: 0,
         ..sregs.cs
     };
-    sregs.cr0 = 0x11; // PE | ET
-    sregs.cr4 = 0;
-    sregs.efer = 0;
+    if long {
+        sregs.gdt.base = layout::BOOT_GDT;
+        sregs.gdt.limit = crate::boot::GDT_LIMIT;
+        sregs.cr3 = layout::BOOT_PML4;
+        sregs.cr4 = CR4_PAE;
+        sregs.cr0 = CR0_PE | CR0_ET | CR0_PG;
+        sregs.efer = EFER_LME | EFER_LMA;
+    } else {
+        sregs.cr0 = CR0_PE | CR0_ET;
+        sregs.cr4 = 0;
+        sregs.efer = 0;
+    }
     vcpu.set_sregs(&sregs)
         .map_err(|e| VcpuError::Kvm("KVM_SET_SREGS", e))?;
-    let regs = kvm_regs {
-        rip: boot.entry,
-        rbx: boot.start_info,
-        rflags: 0x2,
-        ..Default::default()
-    };
     vcpu.set_regs(&regs)
         .map_err(|e| VcpuError::Kvm("KVM_SET_REGS", e))?;
     Ok(())
 }
+
+const CR0_PE: u64 = 1;
+const CR0_ET: u64 = 1 << 4;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
 
 /// Runs one vCPU until the VM stops. Exits are handled here; a fatal one stops the VM.
 pub fn run(

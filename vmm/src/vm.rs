@@ -35,7 +35,7 @@ pub struct VmConfig {
     pub kernel: PathBuf,
     /// Kernel command line.
     pub cmdline: String,
-    /// Optional initramfs, passed as a PVH module.
+    /// Optional initramfs.
     pub initramfs: Option<PathBuf>,
     /// vCPU count.
     pub cpus: u32,
@@ -133,7 +133,7 @@ pub(crate) enum Devices<'a> {
 pub struct Opened {
     kvm: Kvm,
     ram: GuestRam,
-    kernel: std::fs::File,
+    kernel: boot::Kernel,
     initramfs: Option<std::fs::File>,
 }
 
@@ -202,12 +202,14 @@ impl Vm {
             vm.config.memory.size,
             &vm.config.kernel,
             kernel,
-            &vm.config.cmdline,
-            vm.config.initramfs.as_deref().zip(initramfs),
-            rsdp,
+            boot::BootData {
+                cmdline: &vm.config.cmdline,
+                initramfs: vm.config.initramfs.as_deref().zip(initramfs),
+                rsdp,
+            },
         )?;
         if let Some(bsp) = vm.vcpus.first() {
-            vcpu::set_pvh_entry(&bsp.lock().unwrap_or_else(|e| e.into_inner()), &boot)?;
+            vcpu::set_boot_entry(&bsp.lock().unwrap_or_else(|e| e.into_inner()), &boot)?;
         }
         Ok(Arc::new(vm))
     }

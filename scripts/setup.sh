@@ -12,6 +12,8 @@ setup_packages() {
     command -v ip >/dev/null || need+=(iproute2)
     command -v curl >/dev/null || need+=(curl)
     command -v gzip >/dev/null || need+=(gzip)
+    command -v xz >/dev/null || need+=(xz-utils)      # the nested rig (tests/nested/build.sh)
+    command -v objcopy >/dev/null || need+=(binutils) # the rig: modules' .modinfo, strip
     ((${#need[@]})) || return 0
     echo "== installing Debian packages: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -23,7 +25,7 @@ setup_packages() {
     local bp=()
     grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/ && bp=(-t bookworm-backports)
     apt-get install -y -qq "${bp[@]}" qemu-system-x86 qemu-system-common qemu-utils >/dev/null
-    apt-get install -y -qq acpica-tools busybox-static cpio iproute2 curl gzip >/dev/null
+    apt-get install -y -qq acpica-tools busybox-static cpio iproute2 curl gzip xz-utils binutils >/dev/null
 }
 
 setup_rust() {

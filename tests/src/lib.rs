@@ -7,6 +7,7 @@ pub mod boot;
 pub mod harness;
 pub mod hostile;
 pub mod linux_guest;
+pub mod nested;
 pub mod local_users;
 pub mod net;
 pub mod netns;

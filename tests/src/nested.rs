@@ -1,0 +1,167 @@
+//! The nested KVM rig (`tests/nested/`): QEMU/TCG runs L1, Debian's generic kernel with a real
+//! `/dev/kvm` (kvm-amd on TCG's emulated SVM), where baton's binaries run an L2 Linux guest.
+//! Here: running one of its scenarios (`tests/nested/scenarios/NAME.sh`, in L1) with
+//! `tests/nested/run.sh`, on the binaries [`bin`] finds, and reading what it printed.
+//!
+//! Everything in the rig runs under TCG: use it for correctness with a real Linux guest, never
+//! for timings. Runs are serialized within a test process (each is a single-CPU QEMU).
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::harness::{Need, bin, can_run_with, repo_root, run_to_end, target_dir};
+
+/// What the rig needs on the host (`scripts/setup.sh` installs it; kind `qemu`). No KVM and no
+/// root: L0 is TCG, and baton runs as root inside L1.
+pub const NEEDS: &[Need] = &[
+    Need::Program("qemu-system-x86_64"),
+    Need::Program("busybox"),
+    Need::Program("cpio"),
+    Need::Program("xz"),
+    Need::Program("objcopy"),
+    Need::Program("apt-get"),
+    Need::Program("dpkg-deb"),
+    Need::Program("flock"),
+];
+
+/// The wall-time limit of one L0 run (QEMU is killed after it; run.sh then exits 124).
+pub const RIG_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// Why a scenario gave no result.
+#[derive(Debug, thiserror::Error)]
+pub enum RigError {
+    /// A prerequisite is missing and `BATON_ALLOW_SKIP` allows it (otherwise the test failed).
+    #[error("the nested rig cannot run here: {0}")]
+    CannotRun(String),
+    /// A baton binary the rig copies into L1 has not been built.
+    #[error("{0} is missing (cargo build --release)")]
+    MissingBinary(PathBuf),
+    /// run.sh could not be started or did not end.
+    #[error("running tests/nested/run.sh")]
+    Run(#[source] std::io::Error),
+}
+
+/// What one L0 run printed.
+#[derive(Debug)]
+pub struct RigOutput {
+    /// run.sh's status: the scenario's, 124 at the time limit, 125 if the rig died without a
+    /// result (`None`: killed).
+    pub status: Option<i32>,
+    /// L0's console: L1's kernel and /init, the scenario's output, each L2's console prefixed
+    /// with its name (`boot-2| ...`).
+    pub console: String,
+    /// run.sh's own messages (the build, the log's path, the status).
+    pub stderr: String,
+    /// The console log, kept after the run.
+    pub log: PathBuf,
+    /// Wall time of the whole run (build, L0, L1, L2).
+    pub wall: Duration,
+}
+
+impl RigOutput {
+    /// Console lines with CRs removed.
+    pub fn lines(&self) -> impl Iterator<Item = &str> {
+        self.console.lines().map(|l| l.trim_end_matches('\r'))
+    }
+
+    /// The scenario's checks (`check` in lib.sh): lines starting `ok: ` or `FAIL: `.
+    pub fn checks(&self) -> Vec<&str> {
+        self.lines()
+            .filter(|l| l.starts_with("ok: ") || l.starts_with("FAIL: "))
+            .collect()
+    }
+
+    /// What L2's kernels logged at warning level or worse, as scenarios print it
+    /// (`NAME| dmesg: [...] ...`).
+    pub fn l2_complaints(&self) -> Vec<&str> {
+        self.lines().filter(|l| l.contains("| dmesg: ")).collect()
+    }
+
+    /// What L1's kernel logged at warning level or worse (`l1-dmesg| ...`, printed by /init).
+    pub fn l1_complaints(&self) -> Vec<&str> {
+        self.lines()
+            .filter_map(|l| l.trim_start().strip_prefix("l1-dmesg| "))
+            .collect()
+    }
+
+    /// A summary for assertion messages: status, checks, complaints, the log's path.
+    pub fn summary(&self) -> String {
+        format!(
+            "status {:?} after {:.0?}\nchecks:\n  {}\nL2 complaints:\n  {}\nL1 complaints:\n  {}\nconsole log: {}",
+            self.status,
+            self.wall,
+            self.checks().join("\n  "),
+            self.l2_complaints().join("\n  "),
+            self.l1_complaints().join("\n  "),
+            self.log.display()
+        )
+    }
+}
+
+static RIG: Mutex<()> = Mutex::new(());
+
+/// Runs scenario `name` with `args` (`tests/nested/run.sh NAME ARGS...`) on the binaries in
+/// [`target_dir`]; the console log goes to `target/<profile>/nested/NAME.log`. Fails through
+/// [`can_run_with`] (kind `qemu`) only when the host lacks what the rig needs; then returns
+/// [`RigError::CannotRun`] if that skip is allowed.
+pub fn run_scenario(name: &str, args: &[&str]) -> Result<RigOutput, RigError> {
+    if !can_run_with(&format!("nested rig ({name})"), NEEDS) {
+        return Err(RigError::CannotRun(
+            "a program the rig needs is missing".into(),
+        ));
+    }
+    for b in ["baton-vmm", "baton-blk", "baton-net-tap", "batonctl"] {
+        if !bin(b).exists() {
+            return Err(RigError::MissingBinary(bin(b)));
+        }
+    }
+    let _one_at_a_time = RIG
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let logs = target_dir().join("nested");
+    std::fs::create_dir_all(&logs).map_err(RigError::Run)?;
+    let log = logs.join(format!("{name}.log"));
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo_root().join("tests/nested/run.sh"))
+        .arg(name)
+        .args(args)
+        .env("BATON_BIN_DIR", target_dir())
+        .env("BATON_RIG_LOG", &log)
+        .env("BATON_RIG_TIMEOUT", RIG_TIMEOUT.as_secs().to_string());
+    let start = Instant::now();
+    // run.sh builds the rig first (cached; the first build downloads the kernel package).
+    let done = run_to_end(cmd, RIG_TIMEOUT + Duration::from_secs(120)).map_err(RigError::Run)?;
+    Ok(RigOutput {
+        status: done.code,
+        console: done.stdout,
+        stderr: done.stderr,
+        log,
+        wall: start.elapsed(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_is_read_by_its_prefixes() {
+        let out = RigOutput {
+            status: Some(0),
+            console: "boot-1| dmesg: [ 0.1] acpi: odd\r\nok: boot-1: nproc is 1\r\n\
+                      FAIL: boot-1: CPUs 0 online\n  l1-dmesg| [ 5.6] kvm: WRMSR\nBATON-RIG-EXIT 0\n"
+                .into(),
+            stderr: String::new(),
+            log: PathBuf::from("x.log"),
+            wall: Duration::ZERO,
+        };
+        assert_eq!(
+            out.checks(),
+            ["ok: boot-1: nproc is 1", "FAIL: boot-1: CPUs 0 online"]
+        );
+        assert_eq!(out.l2_complaints(), ["boot-1| dmesg: [ 0.1] acpi: odd"]);
+        assert_eq!(out.l1_complaints(), ["[ 5.6] kvm: WRMSR"]);
+    }
+}

@@ -76,6 +76,7 @@ fn dsdt(cpus: u8) -> Sdt {
     aml::Scope::new("_SB_".into(), cpu_refs).to_aml_bytes(&mut dsdt);
 
     dsdt.append_slice(&pci_root());
+    dsdt.append_slice(&motherboard_resources());
 
     let com_hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501"));
     let com_uid = aml::Name::new("_UID".into(), &aml::ZERO);
@@ -111,6 +112,22 @@ fn pci_root() -> Vec<u8> {
     let crs = aml::Name::new("_CRS".into(), &crs_tpl);
     let dev = aml::Device::new("_SB_.PCI0".into(), vec![&hid, &cid, &seg, &bbn, &uid, &crs]);
     bytes(&dev)
+}
+
+/// Motherboard resources (PNP0C02) claiming the ECAM window: Linux uses the MCFG's window
+/// only when it is reserved here (otherwise "not reserved in ACPI motherboard resources",
+/// and no extended configuration space).
+fn motherboard_resources() -> Vec<u8> {
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02"));
+    let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+    let ecam = aml::Memory32Fixed::new(
+        false,
+        u32::try_from(layout::PCI_ECAM).unwrap_or(0),
+        u32::try_from(layout::PCI_ECAM_SIZE).unwrap_or(0),
+    );
+    let crs_tpl = aml::ResourceTemplate::new(vec![&ecam]);
+    let crs = aml::Name::new("_CRS".into(), &crs_tpl);
+    bytes(&aml::Device::new("_SB_.MRES".into(), vec![&hid, &uid, &crs]))
 }
 
 fn mcfg() -> MCFG {

@@ -45,6 +45,8 @@ pub const PCI_MMIO_START: u64 = MMIO_HOLE_START;
 pub const PCI_MMIO_END: u64 = 0xe000_0000;
 /// PCI Express enhanced configuration (ECAM) for bus 0.
 pub const PCI_ECAM: u64 = 0xe000_0000;
+/// Size of the ECAM window: bus 0, 32 devices × 8 functions × 4 KiB.
+pub const PCI_ECAM_SIZE: u64 = 1 << 20;
 /// Local APIC base (default, per vCPU).
 pub const LAPIC_BASE: u32 = 0xfee0_0000;
 /// IOAPIC base.

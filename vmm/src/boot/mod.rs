@@ -323,7 +323,8 @@ pub struct MapEntry {
     pub kind: u32,
 }
 
-/// The e820-style map the guest sees: RAM, the legacy hole, and RAM above 4 GiB.
+/// The e820-style map the guest sees: RAM, the legacy hole, RAM above 4 GiB, and the PCI
+/// ECAM window reserved (as firmware does, so that Linux trusts the MCFG).
 pub fn memory_map(ram_size: u64) -> Vec<MapEntry> {
     let entry = |addr, size, kind| MapEntry { addr, size, kind };
     let mut map = vec![
@@ -344,6 +345,8 @@ pub fn memory_map(ram_size: u64) -> Vec<MapEntry> {
             map.push(entry(start, len, E820_RAM));
         }
     }
+    map.push(entry(layout::PCI_ECAM, layout::PCI_ECAM_SIZE, E820_RESERVED));
+    map.sort_by_key(|e| e.addr);
     map
 }
 
@@ -354,10 +357,14 @@ mod tests {
     #[test]
     fn memory_map_covers_ram_and_reserves_legacy() {
         let m = memory_map(256 << 20);
-        assert_eq!(m.len(), 3);
+        assert_eq!(m.len(), 4);
         assert_eq!((m[0].addr, m[0].size, m[0].kind), (0, 0x9_fc00, E820_RAM));
         assert_eq!(m[1].kind, E820_RESERVED);
         assert_eq!(m[2].addr + m[2].size, 256 << 20);
+        assert_eq!((m[3].addr, m[3].kind), (layout::PCI_ECAM, E820_RESERVED));
+        // Above 3 GiB of RAM the high part follows the hole, after the ECAM window.
+        let m = memory_map(4 << 30);
+        assert_eq!(m.last().map(|e| e.addr), Some(layout::RAM_ABOVE_4G));
     }
 
     #[test]

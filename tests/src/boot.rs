@@ -33,14 +33,16 @@ pub fn baton_cmd(cpus: u32, memory: &str, cmdline: &str) -> Command {
     c
 }
 
-/// The QEMU command for the same guest (`accel` is "kvm" or "tcg").
-pub fn qemu_cmd(accel: &str, cpus: u32, mem_mib: u32, cmdline: &str) -> Command {
+/// QEMU booting the same test guest by PVH direct boot (`-kernel` with the guest's PVH ELF):
+/// `machine` is `pc` (SeaBIOS, then the PVH option ROM) or `microvm` (qboot, QEMU's fast-boot
+/// machine), `accel` `kvm` or `tcg`.
+pub fn qemu_cmd(accel: &str, machine: &str, cpus: u32, mem_mib: u32, cmdline: &str) -> Command {
     let mut c = Command::new("qemu-system-x86_64");
     c.args([
         "-accel",
         accel,
         "-M",
-        "pc",
+        machine,
         "-nodefaults",
         "-display",
         "none",

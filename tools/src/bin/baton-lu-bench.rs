@@ -1,28 +1,25 @@
 //! `./bench.sh live-update`: the blackout of a baton-vmm live update under load, against QEMU 10
-//! `migrate` in mode cpr-transfer on the same test guest, in the same run.
+//! `migrate` in mode cpr-transfer, on the same test guest and the same workload, in the same run.
 //!
-//! baton: the test guest (2 vCPUs, 256 MiB) runs `io-cont` (verified disk writes on baton-blk
-//! and a UDP echo server on baton-net-tap; `blk-cont` if the guest binary predates `io-cont`)
-//! while a thread in a network namespace sends it one sequence-numbered datagram per ms for the
-//! whole run and keeps when each echo came back. The VMM is swapped N times (default 20). Per
-//! swap: the blackout the old VMM measures (vCPUs paused → ack from the new VMM), the new VMM's
-//! own part (state received → vCPUs resumed, from the report's `incoming` phases; it leaves out
-//! the ready → commit round trip), and two pauses seen from outside the guest that overlap the
-//! live-update call: between two echoes, and between two new completed writes in the disk
-//! image (the host polls it every 0.2 ms). The same two are measured over a quiet 0.2 s before
-//! each swap (the noise floor of a shared machine). Then p50/p99/max of each, lost/duplicated
-//! datagrams, the guest's I/O errors, and the median of every named phase of both VMMs.
+//! The comparison (same workload, same number of swaps, default 100 each): the test guest (2
+//! vCPUs, 256 MiB) runs `blk-cont` (verified disk writes, one after another) — on baton-blk under
+//! baton-vmm, on QEMU's own virtio-blk-pci (iothread, `aio=io_uring`, `cache=none`: QEMU cannot
+//! keep vhost-user devices across cpr-transfer) under QEMU `-accel kvm`. The one span measured
+//! the same way for both: the largest pause between two new completed writes in the disk image
+//! (the host polls it every 0.2 ms) that overlaps the swap, beside the same measure over 0.2 s
+//! without a swap just before it (the floor of a shared machine). Each side's own view of its
+//! blackout is printed too — baton's old VMM pause → ack, QEMU's `query-migrate` `downtime`
+//! (stop → state sent) — without a ratio: the spans differ.
 //!
-//! QEMU: `qemu-system-x86_64 -accel kvm` with the same guest running `blk-cont` on its own
-//! virtio-blk-pci (raw file; QEMU cannot keep vhost-user devices across cpr-transfer), RAM in a
-//! `memory-backend-file,share=on` on /dev/shm; a new QEMU started with the same command line
-//! plus `-incoming` main and cpr channels; the old one told over QMP to `migrate` in mode
-//! cpr-transfer; per swap `query-migrate`'s `downtime` and the disk-image pause measured as for
-//! baton (default 10 swaps).
+//! Then baton alone (default 100 swaps): `io-cont` (disk writes and a UDP echo server on
+//! baton-net-tap) while a thread in a network namespace sends one sequence-numbered datagram per
+//! ms and keeps when each echo came back: the echo gap across a swap, lost and duplicated
+//! datagrams, and the median of every named phase of both VMMs.
 //!
+//! p99 is printed only over ≥ 100 swaps (below that the column is the maximum).
 //! One JSON line per figure, `{"bench":...,"unit":...,"ours":N,"peer":NAME,"peer_value":N,
-//! "ratio":N}` (ratio = peer / ours: > 1 means baton's blackout is shorter).
-//! Usage: baton-lu-bench [--swaps N] [--qemu-swaps N]
+//! "ratio":N}` (ratio = peer / ours: > 1 means baton's pause is shorter).
+//! Usage: baton-lu-bench [--swaps N] [--qemu-swaps N] [--echo-swaps N]
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -50,16 +47,6 @@ fn round(x: f64) -> f64 {
     bench::round(x, 3)
 }
 
-/// p50, p99, max of a sample.
-fn stats(v: &[f64]) -> [f64; 3] {
-    let mut v = v.to_vec();
-    [
-        percentile(&mut v, 50.0),
-        percentile(&mut v, 99.0),
-        percentile(&mut v, 100.0),
-    ]
-}
-
 /// What baton's run measured.
 #[derive(Default)]
 struct Ours {
@@ -78,7 +65,6 @@ struct Ours {
     guest_errors: u64,
     guest: Value,
     workload: String,
-    net: bool,
 }
 
 /// What QEMU's run measured, or why it could not run.
@@ -94,11 +80,20 @@ struct Peer {
 }
 
 fn main() -> anyhow::Result<()> {
-    let swaps = arg("--swaps", 20);
+    let swaps = arg("--swaps", 100);
+    let qemu_swaps = arg("--qemu-swaps", 100);
+    let echo_swaps = arg("--echo-swaps", 100);
     bench::prefer_tmpfs();
-    let qemu_swaps = arg("--qemu-swaps", 10);
     bench::require_kvm_and_guest()?;
-    let ours = run_baton(swaps)?;
+    let ours = run_baton(swaps, false)?;
+    let echo = match netns::unavailable() {
+        None if echo_swaps > 0 => Some(run_baton(echo_swaps, true)?),
+        None => None,
+        Some(why) => {
+            eprintln!("no UDP echo run: {why}");
+            None
+        }
+    };
     let peer = if Path::new("/usr/bin/qemu-system-x86_64").exists() {
         run_qemu(qemu_swaps)
     } else {
@@ -110,20 +105,20 @@ fn main() -> anyhow::Result<()> {
     if let Some(f) = &peer.failure {
         eprintln!("QEMU cpr-transfer: {f}");
     }
-    emit(&ours, &peer, swaps);
-    anyhow::ensure!(
-        ours.guest_errors == 0 && ours.guest["result"] == "pass",
-        "the guest workload did not pass: {}",
-        ours.guest
-    );
+    emit(&ours, echo.as_ref(), &peer);
+    for o in std::iter::once(&ours).chain(echo.as_ref()) {
+        anyhow::ensure!(
+            o.guest_errors == 0 && o.guest["result"] == "pass",
+            "the guest workload did not pass: {}",
+            o.guest
+        );
+    }
     Ok(())
 }
 
-fn guest_has(test: &str) -> bool {
-    std::fs::read(guest()).is_ok_and(|g| g.windows(test.len()).any(|w| w == test.as_bytes()))
-}
-
-fn run_baton(swaps: usize) -> anyhow::Result<Ours> {
+/// `swaps` live updates of baton-vmm under `blk-cont`, or (`echo`) under `io-cont` with the
+/// UDP echo stream from a network namespace.
+fn run_baton(swaps: usize, echo: bool) -> anyhow::Result<Ours> {
     let mut o = Ours::default();
     let dir = TempDir::new("lu-bench");
     let img = dir.join("disk.img");
@@ -131,14 +126,7 @@ fn run_baton(swaps: usize) -> anyhow::Result<Ours> {
     let blk_sock = dir.join("blk.sock");
     let net_sock = dir.join("net.sock");
     let _blk = start_blk(&img, &blk_sock, &[])?;
-    let why_no_net = netns::unavailable();
-    if let Some(w) = &why_no_net {
-        eprintln!("no UDP echo stream: {w}");
-    }
-    let ns = match why_no_net {
-        None => Some(Netns::new("lub")?),
-        Some(_) => None,
-    };
+    let ns = if echo { Some(Netns::new("lub")?) } else { None };
     let tap = format!("btlu{}", std::process::id() % 10_000);
     let _net = match &ns {
         Some(ns) => {
@@ -147,17 +135,11 @@ fn run_baton(swaps: usize) -> anyhow::Result<Ours> {
         }
         None => None,
     };
-    o.net = ns.is_some();
-    let io_cont = guest_has("io-cont");
-    o.workload = match (io_cont, o.net) {
-        (true, true) => format!("test=io-cont ip={GUEST_IP}/24 seconds=0"),
-        (false, true) => {
-            eprintln!("the test guest has no io-cont: running blk-cont, without the echo stream");
-            "test=blk-cont seconds=0".into()
-        }
-        _ => "test=blk-cont seconds=0".into(),
+    o.workload = if echo {
+        format!("test=io-cont ip={GUEST_IP}/24 seconds=0")
+    } else {
+        "test=blk-cont seconds=0".into()
     };
-    let echo = io_cont && o.net;
     let mut c = Command::new(bin("baton-vmm"));
     c.arg("--kernel")
         .arg(guest())
@@ -532,12 +514,16 @@ fn qemu_cmd(dir: &TempDir, ram: &Path, n: usize) -> Command {
     .arg("-kernel")
     .arg(guest())
     .args(["-append", "test=blk-cont seconds=0"])
+    .args(["-object", "iothread,id=io0"])
     .arg("-drive")
     .arg(format!(
-        "file={},if=none,id=d0,format=raw,cache=none,aio=threads",
+        "file={},if=none,id=d0,format=raw,cache=none,aio=io_uring",
         dir.join("qdisk.img").display()
     ))
-    .args(["-device", "virtio-blk-pci,drive=d0,disable-legacy=on"])
+    .args([
+        "-device",
+        "virtio-blk-pci,drive=d0,iothread=io0,disable-legacy=on",
+    ])
     .arg("-qmp")
     .arg(format!(
         "unix:{},server=on,wait=off",
@@ -671,103 +657,117 @@ fn slowest(o: &Ours) -> Vec<(String, f64)> {
     v
 }
 
-fn emit(o: &Ours, p: &Peer, swaps: usize) {
-    let old = stats(&o.old_ms);
-    let new = stats(&o.new_ms);
-    let gap = stats(&o.gap_ms);
-    let disk = stats(&o.disk_gap_ms);
-    let qdisk = (!p.disk_gap_ms.is_empty()).then(|| stats(&p.disk_gap_ms));
-    let dctl = stats(&o.disk_gap_control_ms);
-    let qctl = (!p.disk_gap_control_ms.is_empty()).then(|| stats(&p.disk_gap_control_ms));
-    let ectl = stats(&o.gap_control_ms);
-    let qd = (!p.downtime_ms.is_empty()).then(|| stats(&p.downtime_ms));
-    let note = match &p.failure {
-        Some(f) => format!("QEMU cpr-transfer could not be measured: {f}"),
-        None => format!(
-            "QEMU 10 cpr-transfer, -accel kvm, same test guest running blk-cont on QEMU's own \
-             virtio-blk-pci (raw file): QEMU cannot keep vhost-user devices across cpr-transfer \
-             (not supported yet; the new QEMU would have to reconnect), so no vhost-user back-end \
-             and no NIC on the QEMU side; guest RAM shared through memory-backend-file \
-             share=on + aux-ram-share=on; peer_value = query-migrate 'downtime' (old QEMU's \
-             view: stop to state sent; the new QEMU's load and resume are not in it, unlike \
-             baton's pause-to-ack; live-update-disk-gap-* measures both the same way) over {} swaps (total-time median {:.0} ms); QEMU guest errors: {}",
-            p.downtime_ms.len(),
-            median(&mut p.total_ms.clone()),
-            p.guest_errors
-                .map_or("unknown (no result line)".into(), |e| e.to_string())
-        ),
+/// The columns a sample of `n` supports: p99 needs at least 100 values.
+fn columns(n: usize) -> Vec<(&'static str, f64)> {
+    if n >= 100 {
+        vec![("p50", 50.0), ("p99", 99.0), ("max", 100.0)]
+    } else {
+        vec![("p50", 50.0), ("max", 100.0)]
+    }
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    percentile(&mut v.to_vec(), p)
+}
+
+const QEMU_CONFIG: &str = "QEMU 10 cpr-transfer, -accel kvm -M pc, 2 vCPUs, 256 MiB in \
+    memory-backend-file share=on + aux-ram-share=on on /dev/shm; the guest's disk on QEMU's own \
+    virtio-blk-pci with -object iothread, aio=io_uring, cache=none (QEMU cannot keep vhost-user \
+    devices across cpr-transfer)";
+
+fn emit(o: &Ours, echo: Option<&Ours>, p: &Peer) {
+    let failure = p.failure.as_deref();
+    // The one span both sides measure the same way: ratio.
+    let both = match p.disk_gap_ms.len() {
+        0 => o.disk_gap_ms.len(),
+        n => n.min(o.disk_gap_ms.len()),
     };
-    for (i, stat) in ["p50", "p99", "max"].iter().enumerate() {
-        let peer_v = qd.map(|q| q[i]);
-        let ratio = peer_v.filter(|_| old[i] > 0.0).map(|q| round(q / old[i]));
-        let mut line = json!({
-            "bench": format!("live-update-blackout-{stat}"), "unit": "ms",
-            "ours": round(old[i]), "peer": PEER, "peer_value": peer_v.map(round), "ratio": ratio,
-            "measured_by": "old VMM: vCPUs paused -> ack of the new VMM (report blackout_us)",
-            "swaps": swaps, "peer_swaps": p.downtime_ms.len(), "workload": o.workload,
-            "goal_ms": if i == 0 { 5 } else { 10 },
-        });
-        if i == 0 {
-            line["note"] = json!(note);
+    for (stat, q) in columns(both) {
+        let ours = pct(&o.disk_gap_ms, q);
+        let peer_v = (!p.disk_gap_ms.is_empty()).then(|| pct(&p.disk_gap_ms, q));
+        println!(
+            "{}",
+            json!({"bench": format!("live-update-disk-gap-{stat}"), "unit": "ms",
+                   "ours": round(ours), "peer": PEER, "peer_value": peer_v.map(round),
+                   "ratio": peer_v.filter(|_| ours > 0.0).map(|v| round(v / ours)),
+                   "swaps": o.disk_gap_ms.len(), "peer_swaps": p.disk_gap_ms.len(),
+                   "workload": o.workload, "peer_config": QEMU_CONFIG, "peer_failure": failure,
+                   "control_p50": round(pct(&o.disk_gap_control_ms, 50.0)),
+                   "control_max": round(pct(&o.disk_gap_control_ms, 100.0)),
+                   "peer_control_p50": (!p.disk_gap_control_ms.is_empty()).then(|| round(pct(&p.disk_gap_control_ms, 50.0))),
+                   "peer_control_max": (!p.disk_gap_control_ms.is_empty()).then(|| round(pct(&p.disk_gap_control_ms, 100.0))),
+                   "measured_by": "host polls the guest's blk-cont image every 0.2 ms; largest pause between two new completed writes that overlaps the swap (baton: the live-update call, prepare included; QEMU: migrate command to query-migrate 'completed'), counted to its end; control: the same over 0.2 s without a swap just before each"})
+        );
+    }
+    // Each side's own view of its blackout: different spans, no ratio.
+    for (stat, q) in columns(o.old_ms.len()) {
+        let mut line = json!({"bench": format!("live-update-blackout-{stat}"), "unit": "ms",
+               "ours": round(pct(&o.old_ms, q)), "peer": null, "peer_value": null, "ratio": null,
+               "swaps": o.old_ms.len(), "workload": o.workload,
+               "measured_by": "old VMM: vCPUs paused -> ack of the new VMM (report blackout_us)"});
+        if stat == "p50" {
             line["slowest_phases_us"] = json!(slowest(o));
         }
         println!("{line}");
     }
-    for (i, stat) in ["p50", "p99", "max"].iter().enumerate() {
-        let peer_v = qdisk.map(|q| q[i]);
-        let ratio = peer_v.filter(|_| disk[i] > 0.0).map(|q| round(q / disk[i]));
-        println!(
-            "{}",
-            json!({"bench": format!("live-update-disk-gap-{stat}"), "unit": "ms",
-                   "ours": round(disk[i]), "peer": PEER, "peer_value": peer_v.map(round), "ratio": ratio,
-                   "measured_by": "host polls the guest's blk-cont image every 0.2 ms; largest pause between two new completed writes that overlaps the swap (baton: the live-update call, prepare included; QEMU: migrate command to query-migrate 'completed'), counted to its end (both VMMs, same method; baton's disk is on baton-blk, QEMU's on its own virtio-blk)",
-                   "control_p50": round(dctl[0]), "control_max": round(dctl[2]),
-                   "peer_control_p50": qctl.map(|q| round(q[0])),
-                   "control": "the same measure over 0.2 s just before each swap, without one (noise floor of the shared machine)"})
-        );
-    }
-    for (i, stat) in ["p50", "p99", "max"].iter().enumerate() {
+    for (stat, q) in columns(o.new_ms.len()) {
         println!(
             "{}",
             json!({"bench": format!("live-update-blackout-new-vmm-{stat}"), "unit": "ms",
-                   "ours": round(new[i]), "peer": null, "peer_value": null, "ratio": null,
+                   "ours": round(pct(&o.new_ms, q)), "peer": null, "peer_value": null, "ratio": null,
                    "measured_by": "new VMM: sum of its phases from the state received to vCPUs resumed (without the ready -> commit round trip)"})
         );
     }
-    if o.gap_ms.is_empty() {
+    for (stat, q) in columns(p.downtime_ms.len()) {
         println!(
+            "{}",
+            json!({"bench": format!("live-update-peer-downtime-{stat}"), "unit": "ms",
+                   "ours": null, "peer": PEER, "peer_value": round(pct(&p.downtime_ms, q)), "ratio": null,
+                   "peer_swaps": p.downtime_ms.len(),
+                   "total_time_p50": round(pct(&p.total_ms, 50.0)),
+                   "measured_by": "QEMU's query-migrate 'downtime': the old QEMU's view, stop -> state sent (the new QEMU's load and resume are not in it): not the span of baton's blackout, so no ratio"})
+        );
+    }
+    match echo {
+        None => println!(
             "{}",
             json!({"bench": "live-update-echo-gap-p50", "unit": "ms", "ours": null,
                    "peer": null, "peer_value": null, "ratio": null,
-                   "note": "no UDP echo stream (no network namespace or no io-cont in the guest)"})
-        );
-    } else {
-        for (i, stat) in ["p50", "p99", "max"].iter().enumerate() {
+                   "note": "no UDP echo run (no network namespace, or --echo-swaps 0)"})
+        ),
+        Some(e) => {
+            for (stat, q) in columns(e.gap_ms.len()) {
+                println!(
+                    "{}",
+                    json!({"bench": format!("live-update-echo-gap-{stat}"), "unit": "ms",
+                           "ours": round(pct(&e.gap_ms, q)), "peer": null, "peer_value": null, "ratio": null,
+                           "swaps": e.gap_ms.len(), "workload": e.workload,
+                           "blackout_p50": round(pct(&e.old_ms, 50.0)),
+                           "measured_by": "largest pause between two echoes seen from the namespace (1 datagram/ms, one stream for the whole run) that overlaps the live-update call, counted to its end",
+                           "control_p50": round(pct(&e.gap_control_ms, 50.0)),
+                           "control_max": round(pct(&e.gap_control_ms, 100.0))})
+                );
+            }
             println!(
                 "{}",
-                json!({"bench": format!("live-update-echo-gap-{stat}"), "unit": "ms",
-                       "ours": round(gap[i]), "peer": null, "peer_value": null, "ratio": null,
-                       "measured_by": "largest pause between two echoes seen from the namespace (1 datagram/ms, one stream for the whole run) that overlaps the live-update call, counted to its end",
-                       "control_p50": round(ectl[0]), "control_max": round(ectl[2]),
-                       "control": "the same measure over 0.2 s just before each swap, without one"})
+                json!({"bench": "live-update-lost-datagrams", "unit": "datagrams", "ours": e.lost,
+                       "sent": e.sent, "duplicates": e.duplicates, "peer": null, "peer_value": null,
+                       "ratio": null, "goal": 0})
             );
         }
     }
-    println!(
-        "{}",
-        json!({"bench": "live-update-lost-datagrams", "unit": "datagrams", "ours": o.lost,
-               "sent": o.sent, "duplicates": o.duplicates, "peer": null, "peer_value": null,
-               "ratio": null, "goal": 0})
-    );
-    println!(
-        "{}",
-        json!({"bench": "live-update-guest-io-errors", "unit": "errors", "ours": o.guest_errors,
-               "guest_result": o.guest["result"], "writes_verified": o.guest["writes"],
-               "udp_echoed": o.guest["udp_echoed"],
-               "peer": PEER, "peer_value": p.guest_errors, "ratio": null,
-               "counted": "io_errors + verify_errors + outstanding of the guest's result line", "goal": 0})
-    );
-    for (side, name, v) in &o.phases {
+    for run in std::iter::once(o).chain(echo) {
+        println!(
+            "{}",
+            json!({"bench": "live-update-guest-io-errors", "unit": "errors", "ours": run.guest_errors,
+                   "workload": run.workload, "guest_result": run.guest["result"],
+                   "writes_verified": run.guest["writes"], "udp_echoed": run.guest["udp_echoed"],
+                   "peer": PEER, "peer_value": p.guest_errors, "ratio": null,
+                   "counted": "io_errors + verify_errors + outstanding of the guest's result line", "goal": 0})
+        );
+    }
+    let phases_of = echo.unwrap_or(o);
+    for (side, name, v) in &phases_of.phases {
         let mut v = v.clone();
         let med = median(&mut v);
         let max = percentile(&mut v, 100.0);
@@ -775,6 +775,7 @@ fn emit(o: &Ours, p: &Peer, swaps: usize) {
             "{}",
             json!({"bench": "live-update-phase", "side": side, "phase": name, "unit": "us",
                    "ours": med, "max": max, "peer": null, "peer_value": null, "ratio": null,
+                   "workload": phases_of.workload,
                    "in_blackout": !(name.starts_with("prepare") || name.starts_with("build_vm"))})
         );
     }

@@ -15,6 +15,7 @@ pub mod acpi;
 pub mod api;
 pub mod boot;
 pub mod config;
+pub mod console;
 pub mod control;
 pub mod cpuid;
 pub mod devices;

@@ -123,6 +123,23 @@ pub fn stdin() -> ThreadKind {
     ThreadKind::new("stdin", vec![Syscall::any(libc::SYS_read)])
 }
 
+/// The serial console's thread (`--serial socket=PATH` or `pty`): accepts clients from allowed
+/// peers (SO_PEERCRED), reads what they type, writes queued output (read/write/poll are in
+/// every kind's base list).
+pub fn console() -> ThreadKind {
+    let sol = libc::SOL_SOCKET as u64;
+    ThreadKind::new(
+        "console",
+        vec![
+            Syscall::any(libc::SYS_accept4),
+            Syscall::args_eq(
+                libc::SYS_getsockopt,
+                &[(1, sol), (2, libc::SO_PEERCRED as u64)],
+            ),
+        ],
+    )
+}
+
 /// The thread that ends a back-end handshake past its deadline (`shutdown` of the socket).
 pub fn watchdog() -> ThreadKind {
     ThreadKind::new("watchdog", vec![Syscall::any(libc::SYS_shutdown)])
@@ -243,6 +260,10 @@ pub fn migration_in() -> ThreadKind {
         // The --incoming sockets, removed once the VM runs here.
         Syscall::any(libc::SYS_unlink),
         Syscall::any(libc::SYS_unlinkat),
+        // The console socket, moved over the old VMM's path when the VM runs here.
+        Syscall::any(libc::SYS_rename),
+        Syscall::any(libc::SYS_renameat),
+        Syscall::any(libc::SYS_renameat2),
     ];
     l.extend(unix_connect());
     l.extend(vhost_user());
@@ -259,6 +280,7 @@ pub fn all() -> Vec<ThreadKind> {
         control(),
         signals(),
         stdin(),
+        console(),
         watchdog(),
         backend_watch(),
         migration_out(),

@@ -27,10 +27,14 @@
 //! pick a new magic, start at version 1, implement [`frame::Validate`], and add a row above.
 //! To change a format incompatibly, bump its version; to stay readable by an older peer, add
 //! fields only with `#[serde(default)]` and keep the version.
+//!
+//! Beside the formats, [`mac`] parses the text form of the MAC address a net device carries,
+//! for every process that takes one on its command line.
 #![deny(missing_docs)]
 
 pub mod api;
 pub mod cpr;
 pub mod frame;
 pub mod handshake;
+pub mod mac;
 pub mod state;

@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use baton_protocol::mac::{MacError, parse_mac};
+
 /// Errors in option values; each names the option and what was wrong.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -31,9 +33,9 @@ pub enum ConfigError {
     /// A boolean that is neither on nor off.
     #[error("'{0}' must be on or off")]
     BadBool(String),
-    /// A MAC address that does not parse.
-    #[error("invalid MAC address '{0}' (expected six hex bytes like 52:54:00:12:34:56)")]
-    BadMac(String),
+    /// A MAC address that does not parse, or that a guest NIC cannot have.
+    #[error("invalid MAC address '{0}' (expected six hex bytes like 52:54:00:12:34:56): {1}")]
+    BadMac(String, #[source] MacError),
     /// A number that does not parse or is out of range.
     #[error("invalid {0} '{1}'")]
     BadNumber(&'static str, String),
@@ -180,25 +182,6 @@ impl std::str::FromStr for SerialConfig {
     }
 }
 
-fn parse_mac(s: &str) -> Result<[u8; 6], ConfigError> {
-    let bad = || ConfigError::BadMac(s.to_string());
-    let parts: Vec<&str> = s.split(':').collect();
-    if parts.len() != 6 {
-        return Err(bad());
-    }
-    let mut mac = [0u8; 6];
-    for (m, p) in mac.iter_mut().zip(parts) {
-        if p.len() != 2 {
-            return Err(bad());
-        }
-        *m = u8::from_str_radix(p, 16).map_err(|_| bad())?;
-    }
-    if mac[0] & 1 != 0 {
-        return Err(bad()); // multicast
-    }
-    Ok(mac)
-}
-
 fn parse_u16(what: &'static str, v: &str, min: u16) -> Result<u16, ConfigError> {
     v.parse::<u16>()
         .ok()
@@ -241,7 +224,9 @@ pub fn parse_device(s: &str, net: bool, seed: u32) -> Result<DeviceConfig, Confi
                     .map_err(|_| ConfigError::BadNumber("reconnect_ms", v.into()))?;
                 reconnect_limit = Some(std::time::Duration::from_millis(ms));
             }
-            "mac" if net => mac = Some(parse_mac(v)?),
+            "mac" if net => {
+                mac = Some(parse_mac(v).map_err(|e| ConfigError::BadMac(v.to_string(), e))?);
+            }
             "mtu" if net => mtu = Some(parse_u16("mtu", v, 68)?),
             _ => {
                 return Err(ConfigError::UnknownKey {
@@ -318,16 +303,23 @@ mod tests {
         );
         assert!(matches!(
             parse_device("socket=/s,mac=52:54:00:ab:cd", true, 1),
-            Err(ConfigError::BadMac(_))
+            Err(ConfigError::BadMac(..))
         ));
         assert!(matches!(
             parse_device("socket=/s,mac=zz:54:00:ab:cd:ef", true, 1),
-            Err(ConfigError::BadMac(_))
+            Err(ConfigError::BadMac(..))
         ));
         assert!(matches!(
             parse_device("socket=/s,mac=01:54:00:ab:cd:ef", true, 1),
-            Err(ConfigError::BadMac(_))
+            Err(ConfigError::BadMac(..))
         ));
+        assert_eq!(
+            parse_device("socket=/s,mac=00:00:00:00:00:00", true, 1),
+            Err(ConfigError::BadMac(
+                "00:00:00:00:00:00".into(),
+                MacError::Zero
+            ))
+        );
         let r = parse_device("socket=/s,reconnect_ms=250", false, 1).unwrap();
         assert_eq!(
             r.reconnect_limit,

@@ -3,6 +3,7 @@
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
+use baton_protocol::mac::parse_mac;
 use clap::Parser;
 
 /// vhost-user-net back-end over a TAP device that outlives its front-ends.
@@ -41,31 +42,6 @@ pub struct Args {
     pub sandbox: baton_service::sandbox::SandboxArgs,
 }
 
-/// Parses `aa:bb:cc:dd:ee:ff`, refusing multicast and all-zero addresses.
-pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let mut mac = [0u8; 6];
-    let mut parts = s.split(':');
-    for b in mac.iter_mut() {
-        let p = parts
-            .next()
-            .ok_or("a MAC address has six ':'-separated bytes")?;
-        if p.len() != 2 {
-            return Err(format!("'{p}' is not a two-digit hex byte"));
-        }
-        *b = u8::from_str_radix(p, 16).map_err(|_| format!("'{p}' is not a hex byte"))?;
-    }
-    if parts.next().is_some() {
-        return Err("a MAC address has six ':'-separated bytes".into());
-    }
-    if mac[0] & 1 != 0 {
-        return Err("multicast MAC addresses cannot be used".into());
-    }
-    if mac == [0; 6] {
-        return Err("the all-zero MAC address cannot be used".into());
-    }
-    Ok(mac)
-}
-
 /// A locally administered MAC derived from `seed` (FNV-1a), stable across restarts.
 pub fn default_mac(seed: &str) -> [u8; 6] {
     let mut h: u32 = 0x811c_9dc5;
@@ -82,15 +58,14 @@ mod tests {
 
     #[test]
     fn macs() {
+        let mac = |v: &str| Args::try_parse_from(["baton-net-tap", "--tap", "t0", "--mac", v]);
         assert_eq!(
-            parse_mac("52:54:00:12:34:56"),
-            Ok([0x52, 0x54, 0, 0x12, 0x34, 0x56])
+            mac("52:54:00:12:34:56").unwrap().mac,
+            Some([0x52, 0x54, 0, 0x12, 0x34, 0x56])
         );
-        assert!(parse_mac("01:00:00:00:00:01").is_err());
-        assert!(parse_mac("00:00:00:00:00:00").is_err());
-        assert!(parse_mac("52:54:00:12:34").is_err());
-        assert!(parse_mac("52:54:00:12:34:56:78").is_err());
-        assert!(parse_mac("52:54:00:12:34:zz").is_err());
+        let err = mac("01:00:00:00:00:01").unwrap_err().to_string();
+        assert!(err.contains("multicast"), "{err}");
+        assert!(mac("52:54:00:12:34").is_err());
         assert_eq!(default_mac("tap0"), default_mac("tap0"));
         assert_eq!(default_mac("tap0")[0] & 1, 0);
     }

@@ -126,12 +126,11 @@ pub(super) fn vcpu_snapshot(s: &VcpuState) -> Result<VcpuSnapshot, LiveUpdateErr
     let mut xsave = kvm_bindings::kvm_xsave::default();
     let bytes = s.xsave.as_bytes();
     if bytes.len() != xsave.region.len() * 4 {
-        return Err(LiveUpdateError::State(format!(
-            "vCPU {}: xsave area of {} bytes, expected {}",
-            s.id,
-            bytes.len(),
-            xsave.region.len() * 4
-        )));
+        return Err(LiveUpdateError::XsaveSize {
+            vcpu: s.id,
+            len: bytes.len(),
+            expected: xsave.region.len() * 4,
+        });
     }
     for (w, b) in xsave.region.iter_mut().zip(bytes.chunks_exact(4)) {
         *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
@@ -238,11 +237,10 @@ pub(super) fn device_states(vm: &Vm, bases: &[Vec<RingBase>]) -> Vec<DeviceState
 
 pub(super) fn restore_kvm(vm: &Vm, state: &VmState) -> Result<(), LiveUpdateError> {
     if state.vcpus.len() != vm.vcpus.len() {
-        return Err(LiveUpdateError::State(format!(
-            "{} vCPUs in the state, {} here",
-            state.vcpus.len(),
-            vm.vcpus.len()
-        )));
+        return Err(LiveUpdateError::VcpuCount {
+            saved: state.vcpus.len(),
+            here: vm.vcpus.len(),
+        });
     }
     for (fd, s) in vm.vcpus.iter().zip(&state.vcpus) {
         let fd = fd.lock().unwrap_or_else(|e| e.into_inner());

@@ -130,7 +130,7 @@ impl Incoming {
                 let saved = state
                     .devices
                     .get(i)
-                    .ok_or_else(|| LiveUpdateError::State(format!("no state for device {i}")))?;
+                    .ok_or(LiveUpdateError::NoDeviceState(i))?;
                 let inflight = saved
                     .vhost_user
                     .inflight

@@ -119,9 +119,27 @@ pub enum LiveUpdateError {
     /// The saved UART state cannot be loaded.
     #[error("state does not fit: serial: {0}")]
     Serial(#[from] crate::devices::serial::RestoreError),
-    /// The state does not fit this VMM.
-    #[error("state does not fit: {0}")]
-    State(String),
+    /// The state has another number of vCPUs than this VM.
+    #[error("state does not fit: {saved} vCPUs in the state, {here} here")]
+    VcpuCount {
+        /// vCPUs in the state.
+        saved: usize,
+        /// vCPUs of this VM.
+        here: usize,
+    },
+    /// A vCPU's saved xsave area has another size than this host's.
+    #[error("state does not fit: vCPU {vcpu}: xsave area of {len} bytes, expected {expected}")]
+    XsaveSize {
+        /// The vCPU.
+        vcpu: u32,
+        /// Bytes in the state.
+        len: usize,
+        /// Bytes KVM uses here.
+        expected: usize,
+    },
+    /// The state has no entry for one of this VM's devices.
+    #[error("state does not fit: no state for device {0}")]
+    NoDeviceState(usize),
     /// The update failed and the guest runs on here again.
     #[error("live update failed, rolled back (the guest runs on this VMM): {0}")]
     RolledBack(Box<LiveUpdateError>),

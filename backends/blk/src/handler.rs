@@ -13,8 +13,8 @@ use virtio_queue::QueueT;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use crate::device::{Device, feat};
-use crate::inflight::{InflightRegion, queue_region_size};
 use crate::vring::VringCtl;
+use baton_service::inflight::{InflightRegion, queue_region_size};
 
 /// Protocol features baton-blk offers.
 pub fn protocol_features() -> VhostUserProtocolFeatures {

@@ -8,8 +8,10 @@ pub mod device;
 pub mod disk;
 pub mod engine;
 pub mod handler;
-pub mod inflight;
 pub mod request;
 pub mod seccomp;
 pub mod server;
 pub mod vring;
+
+/// The inflight region (INFLIGHT_SHMFD), the framework's: re-exported for the fuzz targets.
+pub use baton_service::inflight;

@@ -1,10 +1,11 @@
 //! baton-blk: vhost-user-blk back-end over a raw image that outlives its front-ends.
 //!
 //! Structure: `device` (virtio-blk state, config space) + `request` (chain parsing) +
-//! `engine`/`disk` (io_uring or sync I/O) + `vring` (queue workers) + `inflight` (the
-//! INFLIGHT_SHMFD region) + `handler` (the device core as a `baton_service::vhost` device; the
-//! request handler and connection loop are the framework's) + `server` (accept loop, signals)
-//! + `seccomp` (each thread kind's allowlist; the sandbox itself is `baton_service::sandbox`).
+//! `engine`/`disk` (io_uring or sync I/O) + `vring` (queue workers, tracked in the framework's
+//! `baton_service::inflight` region) + `handler` (the device core as a `baton_service::vhost`
+//! device; the request handler, connection and accept loops are the framework's) + `server`
+//! (shutdown on SIGTERM) + `seccomp` (each thread kind's allowlist; the sandbox itself is
+//! `baton_service::sandbox`).
 
 use baton_blk::{cli, device, seccomp, server};
 
@@ -21,22 +22,14 @@ fn run() -> anyhow::Result<()> {
     privilege::check_can_drop(args.user)?;
     let sig = server::signals()?;
     let dev = Arc::new(device::Device::new(&args)?);
-    let peers = SocketPolicy {
-        allow: AllowList::for_user(&args.allow_uid, args.user),
-        socket: args
-            .socket
-            .clone()
-            .unwrap_or_else(|| "the activation socket".into()),
-    };
+    let peers = SocketPolicy::new(
+        AllowList::for_user(&args.allow_uid, args.user),
+        args.socket.as_deref(),
+    );
     let (listener, bound) = baton_service::listener(args.socket.as_deref(), &peers.allow)?;
-    if let Some(user) = args.user {
-        // The image is open, the socket bound: nothing left that needs root. No thread runs
-        // yet, and no filter is installed.
-        if let Some(path) = args.socket.as_deref().filter(|_| bound) {
-            privilege::chown_socket(path, user)?;
-        }
-        privilege::drop_to(user)?;
-    }
+    // The image is open, the socket bound: nothing left that needs root. No thread runs yet,
+    // and no filter is installed.
+    privilege::drop_after_setup(args.user, args.socket.as_deref().filter(|_| bound))?;
     let sandbox = Arc::new(Sandbox::new("baton-blk", &args.sandbox)?);
     // No file system access at all from here: the image is open, the socket bound (and left in
     // place at exit: the next instance replaces it).

@@ -21,8 +21,8 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::device::Device;
 use crate::engine::Engine;
-use crate::inflight::InflightQueue;
 use crate::request::{self, Request};
+use baton_service::inflight::InflightQueue;
 
 /// Mutable state of one virtqueue.
 #[derive(Debug)]

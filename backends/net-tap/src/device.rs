@@ -21,7 +21,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use crate::datapath::{self, Scratch};
-use crate::ratelimit::Stats;
+use crate::stats::Stats;
 use crate::tap::{IFF_ATTACH_QUEUE, IFF_DETACH_QUEUE, TUNSETQUEUE, Tap};
 use crate::virtio::{Negotiated, config_space, ctrl};
 
@@ -96,7 +96,11 @@ impl Vring {
 
     /// Whether the ring is sane (layout and avail index, see [`baton_service::ring::check`]);
     /// if not, it is marked broken (and the reason counted) so that no worker loops on it.
-    pub fn check_avail(&mut self, mem: &GuestMem, stats: &crate::ratelimit::ErrorSite) -> bool {
+    pub fn check_avail(
+        &mut self,
+        mem: &GuestMem,
+        stats: &baton_service::ratelimit::ErrorSite,
+    ) -> bool {
         match baton_service::ring::check(&self.queue, mem) {
             Ok(()) => true,
             Err(e) => {
@@ -113,7 +117,7 @@ impl Vring {
         &mut self,
         what: &str,
         e: &virtio_queue::Error,
-        stats: &crate::ratelimit::ErrorSite,
+        stats: &baton_service::ratelimit::ErrorSite,
     ) {
         stats.hit(what, e);
         self.broken = true;

@@ -45,22 +45,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     let (listener, bound) =
         baton_service::listener_from(&mut passed, args.socket.as_deref(), &allow)?;
     drop(passed);
-    if let Some(user) = args.user {
-        // TAP queues open (and stored), socket bound: nothing left that needs root. No thread
-        // runs yet, and no filter is installed.
-        if let Some(path) = args.socket.as_deref().filter(|_| bound) {
-            baton_service::privilege::chown_socket(path, user)?;
-        }
-        baton_service::privilege::drop_to(user)?;
-    }
+    // TAP queues open (and stored), socket bound: nothing left that needs root. No thread runs
+    // yet, and no filter is installed.
+    baton_service::privilege::drop_after_setup(
+        args.user,
+        args.socket.as_deref().filter(|_| bound),
+    )?;
     let dev = Device::new(cfg, taps).context("creating the device")?;
-    let peers = SocketPolicy {
-        allow,
-        socket: args
-            .socket
-            .clone()
-            .unwrap_or_else(|| "the activation socket".into()),
-    };
+    let peers = SocketPolicy::new(allow, args.socket.as_deref());
     let socket = args.socket.filter(|_| bound);
     let sandbox = Arc::new(Sandbox::new("baton-net-tap", &args.sandbox)?);
     // TAP queues open, socket bound: the only file system access left is removing our socket.

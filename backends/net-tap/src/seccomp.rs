@@ -3,13 +3,10 @@
 //! test suites with `--seccomp log` (the kernel's audit records, type 1326) and under
 //! `strace -f`.
 //!
-//! - `control`: the main thread once set up (the accept loop) and the connection thread it
-//!   spawns per front-end, which inherits this filter: spawning that thread (clone/clone3 and
-//!   what a new thread does before its closure runs), and every vhost-user message — fds
-//!   (SCM_RIGHTS), guest memory mapped from them, the TAP's header size and offloads
-//!   (TUNSETVNETHDRSZ, TUNSETOFFLOAD) when features are set. clone3's flags are in memory that
-//!   seccomp cannot read, so they are not checked; a process forked here would inherit this
-//!   filter and the Landlock domain, and gain nothing.
+//! - `control`: the main thread once set up: the accept loop and every vhost-user message of
+//!   the connected front-end — fds (SCM_RIGHTS), guest memory mapped from them, the TAP's
+//!   header size and offloads (TUNSETVNETHDRSZ, TUNSETOFFLOAD) when features are set. It
+//!   spawns no thread after set-up.
 //! - `worker`: a queue-pair thread once its epoll set exists: epoll, `readv`/`writev` on the TAP,
 //!   eventfd reads and writes, attaching and detaching its TAP queue (TUNSETQUEUE).
 //! - `signals`: the thread that waits for SIGTERM/SIGINT/SIGUSR1: logs counters, stops the
@@ -20,21 +17,10 @@ use baton_service::sandbox::{Syscall, ThreadKind};
 
 use crate::tap::{TUNSETOFFLOAD, TUNSETQUEUE, TUNSETVNETHDRSZ};
 
-/// The main thread after set-up, and the connection threads it spawns.
+/// The main thread after set-up.
 pub fn control() -> ThreadKind {
     let mut syscalls = vhost_user_connection(&[TUNSETOFFLOAD, TUNSETVNETHDRSZ]);
-    syscalls.extend([
-        Syscall::any(libc::SYS_accept4),
-        // Spawning a connection thread, and that thread's own start.
-        Syscall::any(libc::SYS_clone3),
-        Syscall::any(libc::SYS_clone),
-        Syscall::any(libc::SYS_set_robust_list),
-        Syscall::any(libc::SYS_rseq),
-        Syscall::arg_in(libc::SYS_prctl, 0, &[libc::PR_SET_NAME as u64]),
-        // std's stack guard: pthread_getattr_np.
-        Syscall::any(libc::SYS_gettid),
-        Syscall::any(libc::SYS_sched_getaffinity),
-    ]);
+    syscalls.push(Syscall::any(libc::SYS_accept4));
     ThreadKind::new("control", syscalls)
 }
 
@@ -87,7 +73,13 @@ mod tests {
             }
             assert!(!k.allows_any_args(libc::SYS_ioctl), "{}", k.name);
         }
-        assert!(!worker().allows(libc::SYS_clone3) && !signals().allows(libc::SYS_clone3));
+        for k in [control(), worker(), signals()] {
+            assert!(
+                !k.allows(libc::SYS_clone3) && !k.allows(libc::SYS_clone),
+                "{}",
+                k.name
+            );
+        }
         assert!(!worker().allows(libc::SYS_accept4) && !worker().allows(libc::SYS_unlink));
         assert!(!control().allows(libc::SYS_unlink) && !control().allows(libc::SYS_readv));
     }

@@ -1,16 +1,18 @@
-//! Accepting front-ends: one at a time, in a loop, on the same socket (bound from `--socket` or
-//! inherited through systemd socket activation), plus readiness notification and SIGTERM.
+//! Serving front-ends: the framework's accept loop (`baton_service::vhost::serve_frontends`:
+//! one front-end at a time, in a loop, on the same socket, bound from `--socket` or inherited
+//! through socket activation), plus baton-net-tap's signal thread (counters on SIGUSR1; on
+//! SIGTERM, stop and remove the socket file).
 
 use baton_service::access::SocketPolicy;
 use baton_service::sandbox::Sandbox;
-use baton_service::vhost::serve_connection;
+use baton_service::vhost::{AcceptError, block_stop_signals, serve_connection, serve_frontends};
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 
-use nix::sys::signal::{SigSet, Signal};
+use nix::sys::signal::Signal;
 
 use crate::device::Device;
 
@@ -23,11 +25,7 @@ pub fn handle_signals(
     socket: Option<PathBuf>,
     sandbox: &Arc<Sandbox>,
 ) -> io::Result<()> {
-    let mut set = SigSet::empty();
-    set.add(Signal::SIGTERM);
-    set.add(Signal::SIGINT);
-    set.add(Signal::SIGUSR1);
-    set.thread_block().map_err(io::Error::from)?;
+    let set = block_stop_signals(&[Signal::SIGUSR1]).map_err(io::Error::other)?;
     let kind = crate::seccomp::signals();
     sandbox
         .spawn("signals".into(), None, kind, move |gate| {
@@ -52,52 +50,14 @@ pub fn handle_signals(
         .map_err(io::Error::other)
 }
 
-/// Accepts front-ends forever, one at a time; a second one while one is connected is closed
-/// at once without touching the first.
-pub fn serve(dev: Arc<Device>, listener: UnixListener, peers: SocketPolicy) -> io::Result<()> {
-    let busy = Arc::new(AtomicBool::new(false));
-    loop {
-        let stream = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EBADF | libc::ENOTSOCK | libc::EINVAL | libc::EOPNOTSUPP)
-                ) =>
-            {
-                return Err(e);
-            }
-            Err(e) => {
-                tracing::warn!("accept failed: {e}");
-                std::thread::sleep(std::time::Duration::from_millis(100));
-                continue;
-            }
-        };
-        if !peers.admit(&stream) {
-            continue;
-        }
-        if busy.swap(true, Ordering::AcqRel) {
-            tracing::warn!("refusing a second front-end while one is connected");
-            drop(stream);
-            continue;
-        }
-        tracing::info!("front-end connected");
-        let dev = Arc::clone(&dev);
-        let busy = Arc::clone(&busy);
-        std::thread::Builder::new()
-            .name("vhost-user".into())
-            .spawn(move || {
-                // This thread runs under the control filter it inherited from this one.
-                baton_service::sandbox::inherit("control");
-                serve_connection(&dev, stream, None, None);
-                // Free for the next front-end before saying so.
-                busy.store(false, Ordering::Release);
-                tracing::info!(
-                    "front-end gone; rings stopped, TAP kept open, waiting for the next one"
-                );
-            })?;
-    }
+/// Accepts front-ends forever, one at a time (the signal thread ends the process); a second one
+/// while one is connected is closed at once without touching the first.
+pub fn serve(
+    dev: Arc<Device>,
+    listener: UnixListener,
+    peers: SocketPolicy,
+) -> Result<(), AcceptError> {
+    serve_frontends(&dev, &listener, &peers, None)
 }
 
 /// Serves one front-end until it goes away (public for the fuzz targets): the framework's

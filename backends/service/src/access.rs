@@ -128,6 +128,15 @@ pub struct SocketPolicy {
 }
 
 impl SocketPolicy {
+    /// The policy of a listening socket bound at `socket`, or passed by the service manager
+    /// (`None`: named "the activation socket" in the log).
+    pub fn new(allow: AllowList, socket: Option<&Path>) -> Self {
+        Self {
+            allow,
+            socket: socket.map_or_else(|| "the activation socket".into(), Path::to_path_buf),
+        }
+    }
+
     /// Whether an accepted connection's peer may stay (a refusal is logged).
     pub fn admit(&self, stream: &UnixStream) -> bool {
         admit(stream, &self.allow, &self.socket).is_some()

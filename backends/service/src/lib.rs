@@ -5,15 +5,18 @@
 //! lines written by hand rather than a systemd crate). And what both share as vhost-user devices
 //! facing untrusted peers: shared memory mapped so that a truncated file cannot kill them
 //! ([`memory`]), the checks a guest-controlled ring needs before a worker loops on it
-//! ([`ring`]), a deadline on each front-end message ([`conn`]), and the sandbox each back-end
+//! ([`ring`]), a deadline on each front-end message ([`conn`]), the inflight region
+//! (INFLIGHT_SHMFD) that lets a restarted back-end resubmit what its predecessor left
+//! ([`inflight`]), and the sandbox each back-end
 //! enters once set up: seccomp filters per thread kind and Landlock ([`sandbox`]), which
 //! baton-vmm enters too. [`supervise`] is baton-supervise, the fd store and restart loop for
 //! hosts where systemd is not the service manager. [`vhost`] is the back-end framework: one
-//! vhost-user request handler and connection loop over each back-end's device core, with
-//! rate-limited logging of peer-triggered errors ([`ratelimit`]).
+//! vhost-user request handler, connection loop and accept loop over each back-end's device
+//! core, with rate-limited logging of peer-triggered errors ([`ratelimit`]).
 
 pub mod access;
 pub mod conn;
+pub mod inflight;
 pub mod memory;
 pub mod privilege;
 pub mod ratelimit;

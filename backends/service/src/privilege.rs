@@ -80,6 +80,19 @@ pub fn chown_socket(path: &Path, user: User) -> Result<(), DropError> {
         .map_err(|e| DropError::Call(user, "chown of the socket", e))
 }
 
+/// A back-end's drop once set up (what needs root is open, the socket bound): with `--user`,
+/// gives the socket file this process bound (`bound_socket`; none under socket activation) to
+/// the user, then drops to it ([`drop_to`], whose conditions apply); without, does nothing.
+pub fn drop_after_setup(user: Option<User>, bound_socket: Option<&Path>) -> Result<(), DropError> {
+    let Some(user) = user else {
+        return Ok(());
+    };
+    if let Some(path) = bound_socket {
+        chown_socket(path, user)?;
+    }
+    drop_to(user)
+}
+
 fn check(user: User, what: &'static str, r: libc::c_int) -> Result<(), DropError> {
     if r == 0 {
         Ok(())

@@ -10,8 +10,7 @@
 //!   needs (memory, futexes, logging, exit); each binary declares its thread kinds' lists in
 //!   its own crate (`seccomp.rs` of baton-blk and of baton-net-tap, `vmm/src/sandbox/`). A
 //!   thread spawned *after* its parent installed a filter inherits it: a parent that spawns
-//!   later threads must allow what they need (baton-net-tap's connection threads inherit its
-//!   control filter).
+//!   later threads must allow what they need (and name their kind with [`inherit`]).
 //! - **Landlock** (`fs.rs`, `landlock`): after set-up the process gives up file system access
 //!   (every right of Landlock ABI 7) except the few rules it asks for (baton-net-tap:
 //!   removing its socket file at exit), TCP bind/connect and, as asked ([`Scopes`]), signals or

@@ -7,8 +7,8 @@
 //! features and protocol features, config space, queue count and size, and the ring
 //! operations: [`VhostUserDevice::start_queue`] when the kick fd arrives,
 //! [`VhostUserDevice::stop_queue`] at GET_VRING_BASE, [`VhostUserDevice::disconnect`] when the
-//! front-end goes), accepts front-ends one at a time (peer checked with
-//! [`crate::access::SocketPolicy`]) and hands each connection to [`serve_connection`].
+//! front-end goes) and runs [`serve_frontends`], which accepts front-ends one at a time (peer
+//! checked with [`crate::access::SocketPolicy`]) and serves each with [`serve_connection`].
 //!
 //! Why not vhost-user-backend's `VhostUserDaemon`: its handler keeps an `owned` flag that a
 //! disconnect never clears (a second front-end's SET_OWNER is refused), it does not implement
@@ -23,6 +23,7 @@
 //! [`VhostUserDevice::set_inflight_fd`]), and the message-order quirk of QEMU 10 (see
 //! [`serve_connection`]).
 
+mod accept;
 mod handler;
 mod serve;
 
@@ -32,6 +33,7 @@ use std::io;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
+pub use accept::{ACCEPT_BACKOFF, AcceptError, block_stop_signals, serve_frontends, stop_signals};
 pub use handler::Frontend;
 pub use serve::{End, serve_connection};
 

@@ -1,9 +1,9 @@
-//! The device's error counters, each a rate-limited log site
-//! ([`baton_service::ratelimit::ErrorSite`]), and its frame counters.
+//! The device's counters (logged on SIGUSR1): its frame counters, and its error counters, each
+//! a rate-limited log site of the framework's ([`baton_service::ratelimit::ErrorSite`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use baton_service::ratelimit::ErrorSite;
+use baton_service::ratelimit::ErrorSite;
 
 /// The error counters of the device.
 #[derive(Debug, Default)]

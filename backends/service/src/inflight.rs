@@ -7,6 +7,10 @@
 //! Per request: `begin(head)` (counter, inflight = 1) when the head is popped, before any I/O;
 //! `pre_put(head)` (last_batch_head) before the used-ring update; `post_put(head, used_idx)`
 //! (inflight = 0, used_idx) after it.
+//!
+//! Nothing here depends on the device: a back-end that offers INFLIGHT_SHMFD keeps the region
+//! alive as its [`crate::vhost::VhostUserDevice::Inflight`] and tracks each ring with an
+//! [`InflightQueue`].
 
 use std::fs::File;
 use std::sync::Arc;
@@ -23,7 +27,7 @@ pub enum InflightError {
     Create(#[source] std::io::Error),
     /// mmap failed, or the file does not cover the region.
     #[error("cannot map the inflight region: {0}")]
-    Map(#[source] baton_service::memory::MapError),
+    Map(#[source] crate::memory::MapError),
     /// The region the front-end gave is too small for its queues.
     #[error("inflight region too small: {size} bytes for {queues} queues of {queue_size}")]
     TooSmall {
@@ -58,7 +62,7 @@ impl InflightRegion {
     pub fn create(queues: u16, queue_size: u16) -> Result<(Self, File, u64), InflightError> {
         let size = queue_region_size(queue_size) * u64::from(queues);
         let fd = nix::sys::memfd::memfd_create(
-            c"baton-blk-inflight",
+            c"baton-inflight",
             nix::sys::memfd::MFdFlags::MFD_CLOEXEC,
         )
         .map_err(|e| InflightError::Create(e.into()))?;
@@ -92,8 +96,8 @@ impl InflightRegion {
                 queue_size,
             });
         }
-        let map = baton_service::memory::map_file("inflight", file, offset, size)
-            .map_err(InflightError::Map)?;
+        let map =
+            crate::memory::map_file("inflight", file, offset, size).map_err(InflightError::Map)?;
         Ok(Self {
             map: Arc::new(map),
             queues,

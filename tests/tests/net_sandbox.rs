@@ -19,8 +19,8 @@ use baton_tests::netns::{Netns, unique_tap};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// VHOST_USER_GET_FEATURES over a fresh connection: served by a connection thread, which runs
-/// under the control filter it inherits.
+/// VHOST_USER_GET_FEATURES over a fresh connection: served by the main thread, under the
+/// control filter.
 fn get_features(sock: &std::path::Path) -> u64 {
     let mut s = UnixStream::connect(sock).unwrap();
     s.set_read_timeout(Some(WAIT)).unwrap();
@@ -57,9 +57,9 @@ fn net_sandbox_is_on_by_default_and_reported() {
         "{text}"
     );
     assert_ne!(get_features(&tap.socket), 0);
-    // One front-end at a time: the next is served once the first one's thread is done.
+    // One front-end at a time: the next is served once the first one is gone.
     assert!(tap.wait_log("front-end gone", WAIT), "{}", tap.log_text());
-    assert_ne!(get_features(&tap.socket), 0, "a second connection thread");
+    assert_ne!(get_features(&tap.socket), 0, "a second connection");
     // SIGUSR1 (the signal thread logs the counters), then SIGTERM: stop, remove the socket (the
     // one Landlock right kept), exit 0.
     // SAFETY: kill(2) on our own child.

@@ -127,7 +127,10 @@ fn motherboard_resources() -> Vec<u8> {
     );
     let crs_tpl = aml::ResourceTemplate::new(vec![&ecam]);
     let crs = aml::Name::new("_CRS".into(), &crs_tpl);
-    bytes(&aml::Device::new("_SB_.MRES".into(), vec![&hid, &uid, &crs]))
+    bytes(&aml::Device::new(
+        "_SB_.MRES".into(),
+        vec![&hid, &uid, &crs],
+    ))
 }
 
 fn mcfg() -> MCFG {

@@ -10,9 +10,9 @@ use std::path::Path;
 
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
+use linux_loader::loader::KernelLoader;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::bzimage::BzImage;
-use linux_loader::loader::KernelLoader;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 use super::{BootData, BootError, BootInfo, Entry};

@@ -85,7 +85,9 @@ pub enum BootError {
         source: linux_loader::loader::Error,
     },
     /// The decompressed kernel would not fit in low RAM.
-    #[error("kernel {path} needs {needed} bytes of RAM above 1 MiB to decompress; the VM has {available}")]
+    #[error(
+        "kernel {path} needs {needed} bytes of RAM above 1 MiB to decompress; the VM has {available}"
+    )]
     KernelTooBig {
         /// The path given.
         path: PathBuf,
@@ -104,7 +106,9 @@ pub enum BootError {
         source: std::io::Error,
     },
     /// The initramfs does not fit in low RAM above the kernel.
-    #[error("initramfs {path} ({size} bytes) does not fit in guest RAM between the kernel and {limit:#x}")]
+    #[error(
+        "initramfs {path} ({size} bytes) does not fit in guest RAM between the kernel and {limit:#x}"
+    )]
     InitramfsTooBig {
         /// The path given.
         path: PathBuf,
@@ -345,7 +349,11 @@ pub fn memory_map(ram_size: u64) -> Vec<MapEntry> {
             map.push(entry(start, len, E820_RAM));
         }
     }
-    map.push(entry(layout::PCI_ECAM, layout::PCI_ECAM_SIZE, E820_RESERVED));
+    map.push(entry(
+        layout::PCI_ECAM,
+        layout::PCI_ECAM_SIZE,
+        E820_RESERVED,
+    ));
     map.sort_by_key(|e| e.addr);
     map
 }

@@ -25,7 +25,7 @@ pub enum VmState {
 /// use baton_protocol::api::{VmInfo, VmState};
 /// let info = VmInfo { state: VmState::Running, cpus: 2, memory_bytes: 256 << 20,
 ///     memory_path: "/dev/shm/baton-vm".into(), kernel: "/k".into(), cmdline: String::new(),
-///     pid: 1, uptime_ms: 5, devices: vec![] };
+///     pid: 1, uptime_ms: 5, devices: vec![], console: Some("/run/vm.console".into()) };
 /// let json = serde_json::to_string(&info).unwrap();
 /// assert_eq!(serde_json::from_str::<VmInfo>(&json).unwrap(), info);
 /// ```
@@ -50,6 +50,9 @@ pub struct VmInfo {
     /// The vhost-user devices.
     #[serde(default)]
     pub devices: Vec<DeviceInfo>,
+    /// Where to attach to the console: the socket (`--serial socket=PATH`) or the pty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub console: Option<String>,
 }
 
 /// Connection state of a vhost-user device's back-end.

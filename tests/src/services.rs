@@ -199,10 +199,16 @@ impl Vmm {
 
     /// A `baton-vmm --incoming` in `dir`, numbered `n`; returns it and its incoming socket.
     pub fn incoming(dir: &Path, n: usize) -> anyhow::Result<(Vmm, PathBuf)> {
+        Self::incoming_with(dir, n, &[])
+    }
+
+    /// [`Vmm::incoming`] with `extra` options (e.g. `--serial`).
+    pub fn incoming_with(dir: &Path, n: usize, extra: &[&str]) -> anyhow::Result<(Vmm, PathBuf)> {
         let sock = dir.join(format!("incoming{n}.sock"));
         let api = dir.join(format!("vmm{n}.api"));
         let mut c = Command::new(bin("baton-vmm"));
         c.arg("--incoming").arg(&sock).arg("--api-socket").arg(&api);
+        c.args(extra);
         c.stderr(log_file(&api)?);
         let vmm = Vmm {
             proc: Proc::spawn_with_stdin(c)?,

@@ -39,8 +39,8 @@ pub enum ConfigError {
     /// A number that does not parse or is out of range.
     #[error("invalid {0} '{1}'")]
     BadNumber(&'static str, String),
-    /// A serial spec that is not stdio, off or file=PATH.
-    #[error("invalid serial '{0}' (expected stdio, off or file=PATH)")]
+    /// A serial spec that is not stdio, off, file=PATH, socket=PATH or pty.
+    #[error("invalid serial '{0}' (expected stdio, off, file=PATH, socket=PATH or pty)")]
     BadSerial(String),
 }
 
@@ -93,6 +93,10 @@ pub enum SerialConfig {
     File(PathBuf),
     /// Discarded.
     Off,
+    /// A UNIX socket that clients attach to and detach from; it outlives a live update.
+    Socket(PathBuf),
+    /// A new pseudo-terminal (its path is logged and in `vm.info`).
+    Pty,
 }
 
 /// Parses a size with an optional K/M/G/T suffix (binary units).
@@ -174,8 +178,10 @@ impl std::str::FromStr for SerialConfig {
         match s {
             "stdio" => Ok(SerialConfig::Stdio),
             "off" => Ok(SerialConfig::Off),
-            _ => match s.strip_prefix("file=") {
-                Some(p) if !p.is_empty() => Ok(SerialConfig::File(PathBuf::from(p))),
+            "pty" => Ok(SerialConfig::Pty),
+            _ => match s.split_once('=') {
+                Some(("file", p)) if !p.is_empty() => Ok(SerialConfig::File(PathBuf::from(p))),
+                Some(("socket", p)) if !p.is_empty() => Ok(SerialConfig::Socket(PathBuf::from(p))),
                 _ => Err(ConfigError::BadSerial(s.to_string())),
             },
         }
@@ -343,6 +349,12 @@ mod tests {
             Ok(SerialConfig::File("/tmp/s".into()))
         );
         assert!("file=".parse::<SerialConfig>().is_err());
+        assert_eq!("pty".parse(), Ok(SerialConfig::Pty));
+        assert_eq!(
+            "socket=/run/c.sock".parse(),
+            Ok(SerialConfig::Socket("/run/c.sock".into()))
+        );
+        assert!("socket=".parse::<SerialConfig>().is_err());
         assert!("tty".parse::<SerialConfig>().is_err());
     }
 }

@@ -24,6 +24,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::SockFlag;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::config::SerialConfig;
 use crate::devices::serial::{ConsoleOut, ConsoleSerial};
 
 /// Output kept while no client is attached.
@@ -54,6 +55,46 @@ pub enum ConsoleError {
     /// An eventfd or a socket option.
     #[error("console set-up: {0}")]
     Io(#[source] std::io::Error),
+}
+
+/// The `--serial` a VMM was started with, and the far end of a socket or pty console, opened
+/// by the main thread before the sandbox (binding a socket and opening /dev/ptmx are not
+/// allowed later).
+#[derive(Debug, Clone, Default)]
+pub struct ConsoleChoice {
+    /// `--serial`, if given (an incoming VMM otherwise takes the old VMM's).
+    pub serial: Option<SerialConfig>,
+    /// The console's far end for `socket=PATH` and `pty`.
+    pub hub: Option<Arc<ConsoleHub>>,
+}
+
+impl ConsoleChoice {
+    /// Opens the far end of `serial` if it needs one. `incoming`: a new VMM in a live update,
+    /// whose socket is bound beside the old VMM's (`PATH.incoming-PID`) until it takes over.
+    pub fn open(
+        serial: Option<SerialConfig>,
+        incoming: bool,
+        allow: &AllowList,
+    ) -> Result<Self, ConsoleError> {
+        let hub = match &serial {
+            Some(SerialConfig::Socket(path)) if incoming => {
+                let mut beside = path.clone().into_os_string();
+                beside.push(format!(".incoming-{}", std::process::id()));
+                Some(ConsoleHub::socket(
+                    path,
+                    Some(Path::new(&beside)),
+                    b"",
+                    allow.clone(),
+                )?)
+            }
+            Some(SerialConfig::Socket(path)) => {
+                Some(ConsoleHub::socket(path, None, b"", allow.clone())?)
+            }
+            Some(SerialConfig::Pty) => Some(ConsoleHub::pty(b"")?),
+            _ => None,
+        };
+        Ok(Self { serial, hub })
+    }
 }
 
 /// A connected client, or the pty's master.
@@ -171,13 +212,22 @@ pub struct ConsoleHub {
     /// Wakes the console thread when output is queued for a slow client.
     wake: EventFd,
     listener: Option<UnixListener>,
-    /// Where clients connect (`socket=PATH`), and where the socket was bound if elsewhere
-    /// (a new VMM during a live update binds beside the old one's socket).
-    path: Option<(PathBuf, PathBuf)>,
+    /// Where clients connect (`socket=PATH`), and where this VMM's socket is now (beside the
+    /// old VMM's during a live update, until [`ConsoleHub::take_over`]).
+    path: Option<(PathBuf, Mutex<PathBuf>)>,
     /// The pty's slave, held open so that output to the master never fails while no terminal
     /// is attached; and its path.
     pty: Option<(OwnedFd, PathBuf)>,
     allow: AllowList,
+}
+
+impl std::fmt::Debug for ConsoleHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsoleHub")
+            .field("socket", &self.socket_path())
+            .field("pty", &self.pty_path())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ConsoleHub {
@@ -210,9 +260,10 @@ impl ConsoleHub {
         let mut hub = Self::new(unread, allow)?;
         let at = bind_at.unwrap_or(path);
         let listener = access::bind_private(at, &hub.allow)?;
+        tracing::info!("serial console on {}", at.display());
         listener.set_nonblocking(true).map_err(ConsoleError::Io)?;
         hub.listener = Some(listener);
-        hub.path = Some((path.to_path_buf(), at.to_path_buf()));
+        hub.path = Some((path.to_path_buf(), Mutex::new(at.to_path_buf())));
         Ok(Arc::new(hub))
     }
 
@@ -250,8 +301,9 @@ impl ConsoleHub {
         Box::new(HubWriter(self.clone()))
     }
 
-    /// What the guest wrote that no client has received: the unread output and the most any
-    /// attached client has queued (the guest is paused: nothing is added meanwhile).
+    /// What the guest wrote that no client has received (its newest [`UNREAD_MAX`] bytes):
+    /// the unread output and the most any attached client has queued (the guest is paused:
+    /// nothing is added meanwhile).
     pub fn undelivered(&self) -> Vec<u8> {
         let hub = self.lock();
         let behind = hub
@@ -274,20 +326,40 @@ impl ConsoleHub {
         let Some((path, at)) = &self.path else {
             return Ok(());
         };
-        if path == at {
+        let mut at = at.lock().unwrap_or_else(|e| e.into_inner());
+        if *at == *path {
             return Ok(());
         }
-        std::fs::rename(at, path).map_err(|source| ConsoleError::Rename {
+        std::fs::rename(&*at, path).map_err(|source| ConsoleError::Rename {
             from: at.clone(),
             to: path.clone(),
             source,
-        })
+        })?;
+        *at = path.clone();
+        Ok(())
     }
 
-    /// The socket file this VMM bound, if it is still its own to remove at exit (not after a
-    /// live update moved the console to another VMM).
-    pub fn bound_socket(&self) -> Option<&Path> {
-        self.path.as_ref().map(|(_, at)| at.as_path())
+    /// The socket file this VMM bound (where it is now), to remove when the VMM stops —
+    /// unless a live update moved the VM, and the console's path, to another VMM.
+    pub fn bound_socket(&self) -> Option<PathBuf> {
+        self.path
+            .as_ref()
+            .map(|(_, at)| at.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// Output an old VMM had not delivered: given to the next client before anything new.
+    pub fn carry_over(&self, unread: &[u8]) {
+        let mut hub = self.lock();
+        let newer: Vec<u8> = hub.unread.drain(..).collect();
+        hub.keep_unread(unread);
+        hub.keep_unread(&newer);
+        // A pty's master is attached from the start: it gets the output now.
+        if !hub.clients.is_empty() {
+            let unread: Vec<u8> = std::mem::take(&mut hub.unread).into();
+            if let Some(c) = hub.clients.first_mut() {
+                c.send(&unread);
+            }
+        }
     }
 
     /// Runs the console thread: accepts clients, feeds their input to `serial`, flushes

@@ -9,6 +9,7 @@ use baton_service::access::AllowList;
 use baton_service::privilege::{self, User};
 use baton_vmm::api::ApiSocket;
 use baton_vmm::config::{MemoryConfig, SerialConfig, parse_device};
+use baton_vmm::console::ConsoleChoice;
 use baton_vmm::control::ExitReason;
 use baton_vmm::migration::{self, Incoming, Outgoing};
 use baton_vmm::sandbox::{self, Removable, Sandbox, SandboxArgs, kinds};
@@ -40,7 +41,10 @@ struct Args {
     /// Guest RAM: size=SIZE[,path=FILE][,hugepages=on]. The file is mapped MAP_SHARED.
     #[arg(long, default_value = "size=256M")]
     memory: MemoryConfig,
-    /// Serial console: stdio, file=PATH or off.
+    /// Serial console: stdio, file=PATH, off, socket=PATH (clients attach and detach, e.g.
+    /// `socat - UNIX-CONNECT:PATH`; mode 0600, --allow-uid peers; output written while nobody
+    /// is attached is kept, 64 KiB; a live update keeps it when the new VMM gets the same
+    /// --serial socket=PATH) or pty (a new pseudo-terminal, its path printed and in vm.info).
     #[arg(long)]
     serial: Option<SerialConfig>,
     /// HTTP API socket path. Created mode 0600; only --allow-uid peers get through.
@@ -153,9 +157,10 @@ fn run(mut args: Args) -> anyhow::Result<ExitReason> {
         sandbox::plan_violation(kind, what);
     }
     let sandbox = Arc::new(Sandbox::bare(sandbox::SERVICE, &args.sandbox)?);
-    let keep = Removable {
+    let mut keep = Removable {
         api_socket: args.api_socket.clone(),
         incoming: args.incoming.clone(),
+        console_socket: None,
     };
     let allow = AllowList::for_user(&args.allow_uid, args.user);
     // Bind the API socket first: an address in use must leave nothing behind.
@@ -167,6 +172,20 @@ fn run(mut args: Args) -> anyhow::Result<ExitReason> {
     if let (Some(path), Some(user)) = (&args.api_socket, args.user) {
         privilege::chown_socket(path, user)?;
     }
+    // A socket or pty console is opened now, before any thread and the sandbox.
+    let console = ConsoleChoice::open(args.serial.clone(), args.incoming.is_some(), &allow)?;
+    let console_socket = console.hub.as_ref().and_then(|h| h.bound_socket());
+    if let (Some(path), Some(user)) = (&console_socket, args.user) {
+        privilege::chown_socket(path, user)?;
+    }
+    if let Some(pty) = console.hub.as_ref().and_then(|h| h.pty_path()) {
+        eprintln!("baton-vmm: serial console on {}", pty.display());
+    }
+    keep.console_socket = console
+        .hub
+        .as_ref()
+        .and_then(|h| h.socket_path())
+        .map(Into::into);
     let name = args
         .name
         .unwrap_or_else(|| format!("pid{}", std::process::id()));
@@ -176,7 +195,7 @@ fn run(mut args: Args) -> anyhow::Result<ExitReason> {
             let incoming = Incoming::bind(path, &allow)?;
             eprintln!("baton-vmm: waiting for a VM on {}", path.display());
             // The migration-in thread builds the VM; this thread starts its threads.
-            migration::take_over(incoming, args.serial, &sandbox, keep.clone(), |vm| {
+            migration::take_over(incoming, console, &sandbox, keep.clone(), |vm| {
                 sandbox::restrict_fs(&sandbox, &keep, vm)?;
                 vm.start_vcpus_parked(&sandbox)?;
                 Ok(())
@@ -190,7 +209,8 @@ fn run(mut args: Args) -> anyhow::Result<ExitReason> {
                 initramfs: args.initramfs,
                 cpus: args.cpus,
                 memory: args.memory,
-                serial: args.serial.unwrap_or(SerialConfig::Stdio),
+                serial: console.serial.unwrap_or(SerialConfig::Stdio),
+                console: console.hub,
                 devices,
             };
             if let Some(user) = args.user {
@@ -236,5 +256,6 @@ fn run(mut args: Args) -> anyhow::Result<ExitReason> {
     drop(api);
     // Other threads (API, vCPUs) may still hold the VM: remove its files explicitly.
     vm.cleanup();
+    vm.remove_console_socket(&reason);
     Ok(reason)
 }

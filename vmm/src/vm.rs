@@ -15,6 +15,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{DeviceConfig, MemoryConfig, SerialConfig};
+use crate::console::ConsoleHub;
 use crate::control::{ExitReason, VmControl};
 use crate::devices::PioBus;
 use crate::devices::serial::{ConsoleOut, ConsoleSerial, IrqTrigger};
@@ -43,6 +44,8 @@ pub struct VmConfig {
     pub memory: MemoryConfig,
     /// Console.
     pub serial: SerialConfig,
+    /// The console's far end for `socket=PATH` and `pty`, opened before the sandbox.
+    pub console: Option<Arc<ConsoleHub>>,
     /// vhost-user devices, in PCI slot order.
     pub devices: Vec<DeviceConfig>,
 }
@@ -71,6 +74,11 @@ pub enum VmError {
     /// vCPU setup.
     #[error(transparent)]
     Vcpu(#[from] vcpu::VcpuError),
+    /// A socket or pty console that was not opened (an incoming VMM without `--serial`).
+    #[error(
+        "the console is {0}: start the new VMM with --serial {0} (or another console) to take it over"
+    )]
+    ConsoleNotOpen(String),
     /// The serial output file.
     #[error("cannot open serial output {0}: {1}")]
     SerialFile(PathBuf, #[source] std::io::Error),
@@ -261,7 +269,7 @@ impl Vm {
 
         steps.done("KVM memory slots");
         let control = Arc::new(VmControl::default());
-        let serial = Arc::new(Mutex::new(console(&config.serial, &vm)?));
+        let serial = Arc::new(Mutex::new(console(&config, &vm)?));
         let (pci, devs) = create_pci(&config, &kvm, &vm, &ram, devices)?;
         steps.done("create devices");
         let bus = Arc::new(PioBus::new(serial.clone(), control.clone(), Arc::new(pci)));
@@ -322,6 +330,14 @@ impl Vm {
         }
         if self.config.serial == SerialConfig::Stdio {
             forward_stdin(self.serial.clone(), sandbox)?;
+        }
+        if let Some(hub) = &self.config.console {
+            let (hub, serial) = (hub.clone(), self.serial.clone());
+            sandbox.spawn("console".into(), None, kinds::console(), move |gate| {
+                if gate.enter() {
+                    hub.serve(&serial);
+                }
+            })?;
         }
         let mut threads = self.vcpu_threads.lock().unwrap_or_else(|e| e.into_inner());
         for (id, fd) in (0u32..).zip(&self.vcpus) {
@@ -423,6 +439,17 @@ impl Vm {
         self.ram.remove_file();
     }
 
+    /// Removes the console socket this VMM bound, unless the VM moved to a new VMM (which
+    /// renamed its own socket over the console's path).
+    pub fn remove_console_socket(&self, reason: &ExitReason) {
+        if matches!(reason, ExitReason::LiveUpdated) {
+            return;
+        }
+        if let Some(p) = self.config.console.as_ref().and_then(|h| h.bound_socket()) {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
     /// What `vm.info` reports.
     pub fn info(&self) -> VmInfo {
         let state = if self.control.exit_reason().is_some() {
@@ -446,6 +473,11 @@ impl Vm {
                 .iter()
                 .map(|(_, d)| d.lock().unwrap_or_else(|e| e.into_inner()).info())
                 .collect(),
+            console: self.config.console.as_ref().and_then(|c| {
+                c.pty_path()
+                    .or(c.socket_path())
+                    .map(|p| p.display().to_string())
+            }),
         }
     }
 }
@@ -536,8 +568,8 @@ fn create_pci(
     Ok((bus, devices))
 }
 
-fn console(cfg: &SerialConfig, vm: &VmFd) -> Result<ConsoleSerial, VmError> {
-    let out: ConsoleOut = match cfg {
+fn console(config: &VmConfig, vm: &VmFd) -> Result<ConsoleSerial, VmError> {
+    let out: ConsoleOut = match &config.serial {
         SerialConfig::Stdio => Box::new(std::io::stdout()),
         SerialConfig::File(p) => Box::new(
             OpenOptions::new()
@@ -547,6 +579,14 @@ fn console(cfg: &SerialConfig, vm: &VmFd) -> Result<ConsoleSerial, VmError> {
                 .map_err(|e| VmError::SerialFile(p.clone(), e))?,
         ),
         SerialConfig::Off => Box::new(std::io::sink()),
+        SerialConfig::Socket(p) => match &config.console {
+            Some(hub) => hub.writer(),
+            None => return Err(VmError::ConsoleNotOpen(format!("socket={}", p.display()))),
+        },
+        SerialConfig::Pty => match &config.console {
+            Some(hub) => hub.writer(),
+            None => return Err(VmError::ConsoleNotOpen("pty".into())),
+        },
     };
     let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| VmError::Os("eventfd", e))?;
     vm.register_irqfd(&evt, layout::COM1_GSI)

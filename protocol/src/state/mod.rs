@@ -50,8 +50,9 @@ pub use device::{
 };
 pub use raw::{Blob, FpuState, Raw};
 pub use validate::{
-    MAX_DEVICES, MAX_MSIX_VECTORS, MAX_MSRS, MAX_QUEUE_SIZE, MAX_SERIAL_BUFFER, MAX_VCPUS,
-    MAX_XSAVE_LEN, MIN_XSAVE_LEN, NO_VECTOR, PCI_CONFIG_LEN, StateError, validate_devices,
+    MAX_CONSOLE_UNREAD, MAX_DEVICES, MAX_MSIX_VECTORS, MAX_MSRS, MAX_QUEUE_SIZE, MAX_SERIAL_BUFFER,
+    MAX_VCPUS, MAX_XSAVE_LEN, MIN_XSAVE_LEN, NO_VECTOR, PCI_CONFIG_LEN, StateError,
+    validate_devices,
 };
 
 use crate::frame::FrameKind;
@@ -131,6 +132,10 @@ pub enum SerialConfigState {
     File(PathBuf),
     /// Discarded.
     Off,
+    /// A UNIX socket clients attach to.
+    Socket(PathBuf),
+    /// A pseudo-terminal.
+    Pty,
 }
 
 /// Options of one vhost-user device.
@@ -281,6 +286,10 @@ pub struct SerialState {
     pub scratch: u8,
     /// Bytes received and not yet read by the guest.
     pub in_buffer: Vec<u8>,
+    /// What the guest wrote to a socket or pty console that no client has received yet
+    /// (oldest first; the new VMM gives it to the next client).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub console_unread: Vec<u8>,
 }
 
 impl VmState {
@@ -601,6 +610,21 @@ mod tests {
         let mut s = VmState::example(1);
         s.serial.in_buffer = vec![0; MAX_SERIAL_BUFFER + 1];
         assert!(matches!(invalid(&s), StateError::SerialBuffer(_)));
+        let mut s = VmState::example(1);
+        s.serial.console_unread = vec![0; MAX_CONSOLE_UNREAD + 1];
+        assert!(matches!(invalid(&s), StateError::ConsoleUnread(_)));
+    }
+
+    #[test]
+    fn a_state_without_console_output_reads_as_empty() {
+        // Written by a VMM that predates console_unread.
+        let mut v = serde_json::to_value(VmState::example(1)).unwrap();
+        v["serial"]
+            .as_object_mut()
+            .unwrap()
+            .remove("console_unread");
+        let s: VmState = serde_json::from_value(v).unwrap();
+        assert!(s.serial.console_unread.is_empty());
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub const MAX_MSIX_VECTORS: usize = 2048;
 pub const MAX_DEVICES: usize = 32;
 /// Most bytes waiting in the serial receive buffer.
 pub const MAX_SERIAL_BUFFER: usize = 64 << 10;
+/// Most console output carried over for the next client.
+pub const MAX_CONSOLE_UNREAD: usize = 64 << 10;
 /// Size of PCI configuration space.
 pub const PCI_CONFIG_LEN: usize = 256;
 /// "No vector" in virtio-pci MSI-X vector registers.
@@ -241,6 +243,9 @@ pub enum StateError {
     /// Serial receive buffer too large.
     #[error("serial receive buffer of {0} bytes (at most {MAX_SERIAL_BUFFER})")]
     SerialBuffer(usize),
+    /// Too much console output carried over.
+    #[error("{0} bytes of undelivered console output (at most {MAX_CONSOLE_UNREAD})")]
+    ConsoleUnread(usize),
 }
 
 fn pow2_within(size: u16, max: u16) -> bool {
@@ -517,6 +522,9 @@ impl Validate for VmState {
         validate_devices(c, &self.devices)?;
         if self.serial.in_buffer.len() > MAX_SERIAL_BUFFER {
             return Err(StateError::SerialBuffer(self.serial.in_buffer.len()));
+        }
+        if self.serial.console_unread.len() > MAX_CONSOLE_UNREAD {
+            return Err(StateError::ConsoleUnread(self.serial.console_unread.len()));
         }
         Ok(())
     }

@@ -11,6 +11,7 @@ use kvm_bindings::{kvm_irqchip, kvm_mp_state, kvm_msr_entry};
 use super::LiveUpdateError;
 use crate::config::{DeviceConfig, DeviceKind};
 use crate::config::{MemoryConfig, SerialConfig};
+use crate::console::ConsoleChoice;
 use crate::snapshot::{self, VcpuSnapshot, VmSnapshot};
 use crate::vhost_user::RingBase;
 use crate::vm::{Vm, VmConfig};
@@ -37,6 +38,8 @@ pub(super) fn config_state(vm: &Vm) -> VmConfigState {
             SerialConfig::Stdio => SerialConfigState::Stdio,
             SerialConfig::File(p) => SerialConfigState::File(p.clone()),
             SerialConfig::Off => SerialConfigState::Off,
+            SerialConfig::Socket(p) => SerialConfigState::Socket(p.clone()),
+            SerialConfig::Pty => SerialConfigState::Pty,
         },
         api_socket: None,
         devices: c
@@ -58,7 +61,7 @@ pub(super) fn config_state(vm: &Vm) -> VmConfigState {
     }
 }
 
-pub(super) fn vm_config(s: &VmConfigState, serial: Option<SerialConfig>) -> VmConfig {
+pub(super) fn vm_config(s: &VmConfigState, console: ConsoleChoice) -> VmConfig {
     VmConfig {
         name: s.name.clone(),
         kernel: s.kernel.clone(),
@@ -70,10 +73,13 @@ pub(super) fn vm_config(s: &VmConfigState, serial: Option<SerialConfig>) -> VmCo
             path: Some(s.memory.path.clone()),
             hugepages: s.memory.hugepages,
         },
-        serial: serial.unwrap_or(match &s.serial {
+        console: console.hub,
+        serial: console.serial.unwrap_or(match &s.serial {
             SerialConfigState::Stdio => SerialConfig::Stdio,
             SerialConfigState::File(p) => SerialConfig::File(p.clone()),
             SerialConfigState::Off => SerialConfig::Off,
+            SerialConfigState::Socket(p) => SerialConfig::Socket(p.clone()),
+            SerialConfigState::Pty => SerialConfig::Pty,
         }),
         devices: s
             .devices
@@ -169,6 +175,7 @@ pub(super) fn serial_state(s: &vm_superio::serial::SerialState) -> SerialState {
         modem_status: s.modem_status,
         scratch: s.scratch,
         in_buffer: s.in_buffer.clone(),
+        console_unread: Vec::new(),
     }
 }
 
@@ -262,6 +269,9 @@ pub(super) fn restore_kvm(vm: &Vm, state: &VmState) -> Result<(), LiveUpdateErro
     let mut serial = vm.serial.lock().unwrap_or_else(|e| e.into_inner());
     crate::devices::serial::restore(&mut serial, &superio_state(&state.serial))
         .map_err(LiveUpdateError::Serial)?;
+    if let Some(hub) = &vm.config.console {
+        hub.carry_over(&state.serial.console_unread);
+    }
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use baton_protocol::handshake::{self, Ack, Phase, Ready, Role};
 
 use super::convert::{restore_kvm, vm_config};
 use super::{LiveUpdateError, STEP_TIMEOUT, Timer, cpr_path, io, our_hello};
-use crate::config::SerialConfig;
+use crate::console::ConsoleChoice;
 use crate::vhost_user::RingBase;
 use crate::vm::{Devices, Vm};
 use baton_service::access::{self, AllowList};
@@ -58,7 +58,7 @@ impl Incoming {
     /// starts the VM's threads, parked ([`Vm::start_vcpus_parked`]).
     pub fn accept(
         &self,
-        serial: Option<SerialConfig>,
+        console: ConsoleChoice,
         built: &mut dyn FnMut(&Arc<Vm>) -> Result<(), LiveUpdateError>,
     ) -> Result<Arc<Vm>, LiveUpdateError> {
         let [state_p, cpr_p] = &self.paths;
@@ -88,7 +88,7 @@ impl Incoming {
         }
         let mut t = Timer::new();
         let vm = match Vm::build(
-            vm_config(&prepare.config, serial),
+            vm_config(&prepare.config, console),
             Devices::HandedOver(&prepare.devices),
         ) {
             Ok(vm) => Arc::new(vm),
@@ -210,6 +210,12 @@ impl Incoming {
         }
         vm.take_ownership();
         t.lap("resume_vcpus");
+        if let Some(hub) = &vm.config.console {
+            // Clients attach here from now on; the old VMM's see it close.
+            if let Err(e) = hub.take_over() {
+                tracing::error!("{e}");
+            }
+        }
         if let Err(e) = handshake::send_ack(&mut s, &Ack::ok(t.phases)) {
             tracing::warn!("could not acknowledge the switch (the guest runs here): {e}");
         }

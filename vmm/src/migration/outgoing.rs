@@ -109,7 +109,10 @@ pub fn outgoing(vm: &Arc<Vm>, dest: &Path, timeout: Duration) -> Result<Report, 
             }
         }
     }
-    let serial = serial_state(&vm.serial.lock().unwrap_or_else(|e| e.into_inner()).state());
+    let mut serial = serial_state(&vm.serial.lock().unwrap_or_else(|e| e.into_inner()).state());
+    if let Some(hub) = &vm.config.console {
+        serial.console_unread = hub.undelivered();
+    }
     let state = VmState {
         config: config_state(vm),
         vcpus,

@@ -12,7 +12,7 @@ use std::sync::mpsc::{Sender, SyncSender, channel, sync_channel};
 use std::time::Duration;
 
 use super::{Incoming, LiveUpdateError, Report};
-use crate::config::SerialConfig;
+use crate::console::ConsoleChoice;
 use crate::sandbox::{self, Removable, Sandbox, kinds};
 use crate::vm::Vm;
 
@@ -74,7 +74,7 @@ impl Outgoing {
 /// here, or the error; the `--incoming` sockets are removed either way.
 pub fn take_over<H>(
     incoming: Incoming,
-    serial: Option<SerialConfig>,
+    console: ConsoleChoice,
     sandbox: &Arc<Sandbox>,
     keep: Removable,
     host: H,
@@ -106,7 +106,7 @@ where
                     .map_err(|_| LiveUpdateError::Worker)?
                     .map_err(|e| LiveUpdateError::Start(Box::new(e)))
             };
-            let r = incoming.accept(serial, &mut built);
+            let r = incoming.accept(console, &mut built);
             drop(incoming);
             let _ = done_tx.send(r);
         },

@@ -79,12 +79,12 @@ fn stream_io() -> Vec<Syscall> {
 const DEVICE_MODEL_IOCTLS: [u64; 3] = [KVM_SET_GSI_ROUTING, KVM_IRQFD, KVM_IOEVENTFD];
 
 /// A vCPU thread: KVM_RUN and its exits — port I/O and MMIO emulation (the serial console's
-/// output, PCI configuration, virtio-pci registers, which start and reset devices: vhost-user
+/// output, to a socket console's clients with `send`, PCI configuration, virtio-pci registers, which start and reset devices: vhost-user
 /// messages to the back-end), registers for a crash report.
 pub fn vcpu() -> ThreadKind {
     let mut ioctl = vec![KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS];
     ioctl.extend(DEVICE_MODEL_IOCTLS);
-    let mut l = vec![ioctls(&ioctl)];
+    let mut l = vec![ioctls(&ioctl), Syscall::any(libc::SYS_sendto)];
     l.extend(vhost_user());
     ThreadKind::new("vcpu", l)
 }
@@ -123,14 +123,19 @@ pub fn stdin() -> ThreadKind {
     ThreadKind::new("stdin", vec![Syscall::any(libc::SYS_read)])
 }
 
-/// The serial console's thread (`--serial socket=PATH` or `pty`): accepts clients from allowed
-/// peers (SO_PEERCRED), reads what they type, writes queued output (read/write/poll are in
-/// every kind's base list).
+/// The serial console's thread (`--serial socket=PATH` or `pty`): polls the listener and the
+/// clients (each poll on duplicates of their fds: `fcntl(F_DUPFD_CLOEXEC)`), accepts clients
+/// from allowed peers (SO_PEERCRED), reads what they type, writes queued output.
 pub fn console() -> ThreadKind {
     let sol = libc::SOL_SOCKET as u64;
     ThreadKind::new(
         "console",
         vec![
+            Syscall::any(libc::SYS_poll),
+            Syscall::any(libc::SYS_ppoll),
+            Syscall::arg_in(libc::SYS_fcntl, 1, &[F_DUPFD_CLOEXEC]),
+            Syscall::any(libc::SYS_read),
+            Syscall::any(libc::SYS_sendto),
             Syscall::any(libc::SYS_accept4),
             Syscall::args_eq(
                 libc::SYS_getsockopt,

@@ -52,6 +52,9 @@ pub struct Removable {
     pub api_socket: Option<PathBuf>,
     /// The `--incoming` state socket (the cpr socket sits beside it).
     pub incoming: Option<PathBuf>,
+    /// The console socket (`--serial socket=PATH`): removed at exit, or renamed over the old
+    /// VMM's in a live update.
+    pub console_socket: Option<PathBuf>,
 }
 
 /// The Landlock rules of a VMM running `ram_file` with the sockets of `keep`.
@@ -67,6 +70,9 @@ pub fn fs_rules(keep: &Removable, ram_file: &Path) -> Vec<FsRule> {
         if !rules.contains(&r) {
             rules.push(r);
         }
+    }
+    if let Some(p) = &keep.console_socket {
+        rules.push(FsRule::replace_socket(p));
     }
     rules
 }
@@ -111,6 +117,7 @@ mod tests {
         let keep = Removable {
             api_socket: Some("/run/baton/vm.sock".into()),
             incoming: Some("/run/baton/vm.incoming".into()),
+            console_socket: Some("/run/baton/console/vm.sock".into()),
         };
         let rules = fs_rules(&keep, Path::new("/dev/shm/baton-0/vm.ram"));
         assert_eq!(
@@ -118,6 +125,7 @@ mod tests {
             vec![
                 FsRule::RemoveFileIn("/run/baton".into()),
                 FsRule::RemoveFileIn("/dev/shm/baton-0".into()),
+                FsRule::ReplaceSocketIn("/run/baton/console".into()),
             ]
         );
         let rel = fs_rules(&Removable::default(), Path::new("vm.ram"));

@@ -32,6 +32,9 @@ pub enum FsRule {
     /// Removing files in this directory (and below: Landlock rules cover a hierarchy): a
     /// back-end that bound its socket removes the socket file when it stops.
     RemoveFileIn(PathBuf),
+    /// Removing files and making sockets in this directory: renaming a socket bound beside
+    /// another over it (baton-vmm's console socket in a live update).
+    ReplaceSocketIn(PathBuf),
 }
 
 impl FsRule {
@@ -44,12 +47,22 @@ impl FsRule {
             .unwrap_or(Path::new("."));
         Self::RemoveFileIn(dir.to_path_buf())
     }
+
+    /// Renaming a socket over `file` (and removing it): the rule covers its directory.
+    pub fn replace_socket(file: &Path) -> Self {
+        match Self::remove_file(file) {
+            Self::RemoveFileIn(dir) | Self::ReplaceSocketIn(dir) => Self::ReplaceSocketIn(dir),
+        }
+    }
 }
 
 impl std::fmt::Display for FsRule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             FsRule::RemoveFileIn(d) => write!(f, "remove files in {}", d.display()),
+            FsRule::ReplaceSocketIn(d) => {
+                write!(f, "remove files and make sockets in {}", d.display())
+            }
         }
     }
 }
@@ -81,6 +94,14 @@ pub(super) fn restrict(rules: &[FsRule], scopes: Scopes, log: bool) -> Result<()
                     source,
                 })?;
                 ruleset = ruleset.add_rule(PathBeneath::new(fd, AccessFs::RemoveFile))?;
+            }
+            FsRule::ReplaceSocketIn(dir) => {
+                let fd = PathFd::new(dir).map_err(|source| SandboxError::RulePath {
+                    path: dir.clone(),
+                    source,
+                })?;
+                let access = AccessFs::RemoveFile | AccessFs::MakeSock;
+                ruleset = ruleset.add_rule(PathBeneath::new(fd, access))?;
             }
         }
     }

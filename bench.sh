@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/setup.sh
 setup_packages
+setup_bench_packages
 setup_rust
 build_guest
 cargo build --release --workspace --quiet

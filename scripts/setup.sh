@@ -28,6 +28,13 @@ setup_packages() {
     apt-get install -y -qq acpica-tools busybox-static cpio iproute2 curl gzip xz-utils binutils >/dev/null
 }
 
+# What only the benchmarks need: DPDK's testpmd, the net benchmark's peer (in dpdk-dev).
+setup_bench_packages() {
+    command -v dpdk-testpmd >/dev/null && return 0
+    echo "== installing Debian packages: dpdk-dev"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpdk-dev >/dev/null
+}
+
 setup_rust() {
     rustup target list --installed | grep -qx x86_64-unknown-none ||
         rustup target add x86_64-unknown-none

@@ -4,11 +4,12 @@
 pub mod bench;
 pub mod blk;
 pub mod boot;
+pub mod dpdk;
 pub mod harness;
 pub mod hostile;
 pub mod linux_guest;
-pub mod nested;
 pub mod local_users;
+pub mod nested;
 pub mod net;
 pub mod netns;
 pub mod services;

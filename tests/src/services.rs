@@ -125,13 +125,30 @@ pub fn start_supervised_net_tap(
     socket: &Path,
     extra: &[&str],
 ) -> anyhow::Result<Proc> {
+    start_supervised_net_tap_as(ns, tap, socket, extra, None)
+}
+
+/// [`start_supervised_net_tap`] with baton-net-tap dropping to `user` (`--user`) once its TAP
+/// queue is open; baton-supervise lets that uid reach the socket and the notify socket.
+pub fn start_supervised_net_tap_as(
+    ns: &Netns,
+    tap: &str,
+    socket: &Path,
+    extra: &[&str],
+    user: Option<u32>,
+) -> anyhow::Result<Proc> {
     let mut c = ns.command(&bin("baton-supervise"));
-    c.arg("--socket")
-        .arg(socket)
-        .arg("--")
+    c.arg("--socket").arg(socket);
+    if let Some(uid) = user {
+        c.args(["--allow-uid", &uid.to_string()]);
+    }
+    c.arg("--")
         .arg(bin("baton-net-tap"))
         .args(["--tap", tap])
         .args(extra);
+    if let Some(uid) = user {
+        c.args(["--user", &uid.to_string()]);
+    }
     let p = start_service(c, socket, None)?;
     let sys = format!("/sys/class/net/{tap}");
     wait_until(STEP, || {
@@ -204,11 +221,26 @@ impl Vmm {
 
     /// [`Vmm::incoming`] with `extra` options (e.g. `--serial`).
     pub fn incoming_with(dir: &Path, n: usize, extra: &[&str]) -> anyhow::Result<(Vmm, PathBuf)> {
+        Self::incoming_as(dir, n, extra, None)
+    }
+
+    /// [`Vmm::incoming_with`], run as `user` (uid, gid) when given: a new VMM takes `--user`
+    /// only when it boots, so an unprivileged one is started as its user.
+    pub fn incoming_as(
+        dir: &Path,
+        n: usize,
+        extra: &[&str],
+        user: Option<(u32, u32)>,
+    ) -> anyhow::Result<(Vmm, PathBuf)> {
         let sock = dir.join(format!("incoming{n}.sock"));
         let api = dir.join(format!("vmm{n}.api"));
         let mut c = Command::new(bin("baton-vmm"));
         c.arg("--incoming").arg(&sock).arg("--api-socket").arg(&api);
         c.args(extra);
+        if let Some((uid, gid)) = user {
+            use std::os::unix::process::CommandExt;
+            c.uid(uid).gid(gid);
+        }
         c.stderr(log_file(&api)?);
         let vmm = Vmm {
             proc: Proc::spawn_with_stdin(c)?,

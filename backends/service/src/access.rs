@@ -222,6 +222,16 @@ fn clear_stale(path: &Path) -> Result<(), BindError> {
     }
 }
 
+/// Lets every uid of `allow` other than ours reach the socket at `path` (bound by us, mode
+/// 0600): a POSIX ACL entry each. Nothing to do when `allow` holds only our uid.
+pub fn grant_allowed(path: &Path, allow: &AllowList) -> std::io::Result<()> {
+    let ours = nix::unistd::geteuid().as_raw();
+    if allow.uids().iter().any(|u| *u != ours) {
+        grant(path, ours, allow.uids())?;
+    }
+    Ok(())
+}
+
 /// Sets the access ACL of the socket at `path` to: owner rw, each uid of `uids` other than
 /// `owner` rw, group and others nothing (mask rw, so `ls -l` shows 0660).
 fn grant(path: &Path, owner: u32, uids: &[u32]) -> std::io::Result<()> {

@@ -8,6 +8,14 @@
 //! hand, baton-net-tap by its supervisor). Prints a summary; the last line is one JSON object
 //! with the figures.
 //!
+//! Nothing that touches the guest runs as root: baton-blk and baton-net-tap open their image
+//! and TAP and bind their sockets, then drop to `nobody` (`--user`); the first baton-vmm opens
+//! /dev/kvm and creates the RAM file and drops to `nobody` with the `kvm` group (`--user`),
+//! and every new VMM of a live update is started as `nobody:kvm` (it reaches /dev/kvm through
+//! the group). Only baton-supervise (the service manager's stand-in, which keeps the TAP
+//! queue) and this program, the operator, stay root. `unprivileged` is measured: the uid of
+//! every VMM and back-end process, read from /proc.
+//!
 //! Every figure is measured: `guest_ready` from the guest's `ready` line, `backend_restarts`
 //! from the last VMM's per-device reconnect counts (`vm.info`), the blackouts from the
 //! live-update reports, the disk from the host once everything stopped. A figure that could
@@ -17,6 +25,7 @@
 //! that did not reconnect exactly once) makes `"ok": false` with the `"reason"`, and the exit
 //! status 1.
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -27,7 +36,7 @@ use baton_tests::boot::percentile;
 use baton_tests::harness::{TempDir, result_json};
 use baton_tests::netns::{self, Netns};
 use baton_tests::services::{
-    Vmm, blk_cont_seq, kill, service_pid, start_blk, start_supervised_net_tap,
+    Vmm, blk_cont_seq, kill, service_pid, start_blk, start_supervised_net_tap_as,
     verify_blk_cont_image,
 };
 use baton_tests::udp::EchoStream;
@@ -61,7 +70,18 @@ const FIELDS: &[&str] = &[
     "blackout_ms_p99",
     "blackout_ms_max",
     "backend_restarts",
+    "unprivileged",
 ];
+
+/// The uid the services and the VMMs run as: `nobody`.
+const DEMO_UID: u32 = 65534;
+
+/// The real uid of process `pid` (from /proc/PID/status).
+fn uid_of(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
 
 fn step(what: &str) {
     println!("== {what}");
@@ -130,6 +150,15 @@ fn run(report: &mut Report) -> anyhow::Result<()> {
         anyhow::bail!("the demo {why}");
     }
     let dir = TempDir::new("demo");
+    // /dev/kvm through its group; the directory of the sockets writable by the VMMs' user.
+    let kvm_gid = nix::unistd::Group::from_name("kvm")?
+        .map(|g| g.gid.as_raw())
+        .ok_or_else(|| anyhow::anyhow!("no kvm group: /dev/kvm cannot be reached unprivileged"))?;
+    let vmm_user = format!("{DEMO_UID}:{kvm_gid}");
+    let service_user = DEMO_UID.to_string();
+    std::os::unix::fs::chown(&dir.0, Some(DEMO_UID), Some(kvm_gid))?;
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o700))?;
+    let mut uids: Vec<(String, Option<u32>)> = Vec::new();
     let img = dir.join("disk.img");
     std::fs::File::create(&img)?.set_len(64 << 20)?;
     let blk_sock = dir.join("blk.sock");
@@ -139,10 +168,10 @@ fn run(report: &mut Report) -> anyhow::Result<()> {
     step(
         "starting baton-blk (64 MiB image) and baton-net-tap (TAP in a private namespace, under baton-supervise)",
     );
-    let mut blk = start_blk(&img, &blk_sock, &[])?;
+    let mut blk = start_blk(&img, &blk_sock, &["--user", &service_user])?;
     let ns = Netns::new("demo")?;
     ns.persistent_tap(&tap, &format!("{HOST_IP}/24"))?;
-    let net = start_supervised_net_tap(&ns, &tap, &net_sock, &[])?;
+    let net = start_supervised_net_tap_as(&ns, &tap, &net_sock, &[], Some(DEMO_UID))?;
 
     step("booting the test guest on baton-vmm: 2 vCPUs, 256 MiB, one disk, one NIC");
     let mut c = baton_cmd(
@@ -153,7 +182,10 @@ fn run(report: &mut Report) -> anyhow::Result<()> {
     c.arg("--disk")
         .arg(format!("socket={}", blk_sock.display()))
         .arg("--net")
-        .arg(format!("socket={}", net_sock.display()));
+        .arg(format!("socket={}", net_sock.display()))
+        // Drops to nobody:kvm once /dev/kvm, the kernel and the RAM file are open; this
+        // program (root) keeps the API (batonctl) through --allow-uid 0.
+        .args(["--user", &vmm_user, "--allow-uid", "0"]);
     c.stderr(baton_tests::services::log_file(&dir.join("vmm.api"))?);
     let t0 = Instant::now();
     let mut vmm = Vmm::boot(c, dir.join("vmm.api"))?;
@@ -169,6 +201,12 @@ fn run(report: &mut Report) -> anyhow::Result<()> {
     report.set("boot_ms", round(boot_ms, 2));
     println!("   guest | {ready}");
     println!("   ready {boot_ms:.1} ms after exec of baton-vmm");
+    uids.push(("baton-vmm".into(), uid_of(vmm.proc.child.id())));
+    uids.push(("baton-blk".into(), uid_of(blk.child.id())));
+    uids.push((
+        "baton-net-tap".into(),
+        service_pid(&net).and_then(|p| uid_of(p.unsigned_abs())),
+    ));
     // The echo stream starts once the guest's NIC is up (an unanswered first ARP would make
     // the namespace drop datagrams for seconds).
     vmm.proc
@@ -184,7 +222,8 @@ fn run(report: &mut Report) -> anyhow::Result<()> {
     let mut blackouts = Vec::new();
     let updates_from = echo.mark();
     for n in 0..LIVE_UPDATES {
-        let (new, sock) = Vmm::incoming(&dir.0, n)?;
+        let (new, sock) =
+            Vmm::incoming_as(&dir.0, n, &["--allow-uid", "0"], Some((DEMO_UID, kvm_gid)))?;
         let lu = vmm
             .live_update(&sock)
             .map_err(|e| anyhow::anyhow!("live update {}: {e:#}", n + 1))?;
@@ -206,6 +245,10 @@ fn run(report: &mut Report) -> anyhow::Result<()> {
             )
         });
         vmm = new;
+        uids.push((
+            format!("baton-vmm after live update {}", n + 1),
+            uid_of(vmm.proc.child.id()),
+        ));
         std::thread::sleep(Duration::from_millis(700));
     }
     let mut b = blackouts.clone();
@@ -220,7 +263,8 @@ fn run(report: &mut Report) -> anyhow::Result<()> {
     let updates_to = echo.mark();
     step("restarting baton-blk (SIGKILL, then start again on the same socket)");
     kill(&mut blk, libc::SIGKILL);
-    blk = start_blk(&img, &blk_sock, &[])?;
+    blk = start_blk(&img, &blk_sock, &["--user", &service_user])?;
+    uids.push(("baton-blk after its restart".into(), uid_of(blk.child.id())));
     let t = vmm.wait_reconnects(0, 1)?;
     println!(
         "   disk reconnected {:.1} ms after baton-blk was started again",
@@ -241,6 +285,16 @@ fn run(report: &mut Report) -> anyhow::Result<()> {
         t.as_secs_f64() * 1000.0
     );
     std::thread::sleep(Duration::from_millis(1000));
+    uids.push((
+        "baton-net-tap after its restart".into(),
+        service_pid(&net).and_then(|p| uid_of(p.unsigned_abs())),
+    ));
+    println!("   running as: {uids:?}");
+    let unprivileged = uids.iter().all(|(_, u)| matches!(u, Some(u) if *u != 0));
+    report.check(unprivileged, || {
+        format!("a process ran as root or its uid could not be read: {uids:?}")
+    });
+    report.set("unprivileged", unprivileged);
 
     // The back-end restarts as the VMM counted them: each device's reconnects in vm.info.
     let info = vmm.info()?;

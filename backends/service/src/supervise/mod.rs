@@ -171,6 +171,17 @@ pub fn run(args: Args) -> Result<i32, SuperviseError> {
         path: notify_path.clone(),
         source,
     })?;
+    // A service that drops to an --allow-uid user must still reach its notify socket (as
+    // systemd's is reachable from any uid); a notification counts only from the service's
+    // main process anyway (its pid, from SCM_CREDENTIALS).
+    crate::access::grant_allowed(
+        &notify_path,
+        &crate::access::AllowList::new(&args.allow_uid),
+    )
+    .map_err(|source| SuperviseError::Notify {
+        path: notify_path.clone(),
+        source,
+    })?;
     let program = args.command.first().cloned().unwrap_or_default();
     spawn::resolve(&program)
         .map_err(|e| SuperviseError::Spawn(program.to_string_lossy().into_owned(), e))?;

@@ -21,8 +21,10 @@
 #   including /rig/bin; the scenario's output goes to the console (ttyS0);
 # - prints "BATON-RIG-EXIT <status>" and powers off (`poweroff -f`).
 # L2 contract (as tests/linux-guest): /init loads the virtio modules, mounts proc, sysfs,
-# devtmpfs on /dev, tmpfs on /tmp; runs the shell script passed base64-encoded on the kernel
-# command line as `baton.script=BASE64`; prints "BATON-GUEST-EXIT <status>"; `poweroff -f`.
+# devtmpfs on /dev, tmpfs on /tmp; runs /baton/script.sh (lib.sh's l2_boot puts it in a cpio of its
+# own in front of the initramfs) or else the shell script passed base64-encoded on the kernel
+# command line as `baton.script=BASE64`; prints its kernel's messages of level 0-4 (warning
+# and worse; `dmesg -r`) as "dmesg: ...", then "BATON-GUEST-EXIT <status>"; `poweroff -f`.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-${XDG_CACHE_HOME:-$HOME/.cache}/baton/nested}
@@ -164,10 +166,16 @@ make_tree l2 $l2_mods
 {
     init_head "$modules"
     cat <<'EOS'
-s=$(sed -n 's/.*baton\.script=\([^ ]*\).*/\1/p' /proc/cmdline)
-echo "$s" | base64 -d >/tmp/script.sh
+if [ -f /baton/script.sh ]; then
+    cp /baton/script.sh /tmp/script.sh
+else
+    s=$(sed -n 's/.*baton\.script=\([^ ]*\).*/\1/p' /proc/cmdline)
+    echo "$s" | base64 -d >/tmp/script.sh
+fi
 sh /tmp/script.sh
-echo "BATON-GUEST-EXIT $?"
+status=$?
+dmesg -r | sed -n 's/^<[0-4]>/dmesg: /p'
+echo "BATON-GUEST-EXIT $status"
 sync
 poweroff -f
 EOS

@@ -73,10 +73,29 @@ impl RigOutput {
             .collect()
     }
 
-    /// What L2's kernels logged at warning level or worse, as scenarios print it
-    /// (`NAME| dmesg: [...] ...`).
+    /// The checks that failed (`FAIL: ...`).
+    pub fn failed_checks(&self) -> Vec<&str> {
+        self.lines().filter(|l| l.starts_with("FAIL: ")).collect()
+    }
+
+    /// Whether the scenario's check `text` passed (`ok: TEXT` was printed).
+    pub fn passed(&self, text: &str) -> bool {
+        self.lines()
+            .any(|l| l.strip_prefix("ok: ").is_some_and(|t| t == text))
+    }
+
+    /// Where Linux in L2 complained: console lines of an L2 (`NAME| ...`) that are a kernel
+    /// message of level 0-4 (`NAME| dmesg: ...`, printed by L2's /init after its script) or
+    /// carry a call trace, a `BUG:`, a `WARNING:`, an oops, an I/O error, a hung task, a soft
+    /// lockup or an RCU stall (see [`is_l2_complaint`]).
     pub fn l2_complaints(&self) -> Vec<&str> {
-        self.lines().filter(|l| l.contains("| dmesg: ")).collect()
+        self.lines()
+            .filter(|l| {
+                l2_console_line(l).is_some_and(is_l2_complaint)
+                    || l.contains(": L2 complains: ")
+                    || l.contains("L2 did not finish its script")
+            })
+            .collect()
     }
 
     /// What L1's kernel logged at warning level or worse (`l1-dmesg| ...`, printed by /init).
@@ -98,6 +117,48 @@ impl RigOutput {
             self.log.display()
         )
     }
+}
+
+/// The text of an L2 console line (`NAME| TEXT`, NAME without spaces, as lib.sh's `l2_wait`
+/// prints it), or `None`.
+fn l2_console_line(line: &str) -> Option<&str> {
+    let (name, text) = line.split_once("| ")?;
+    (!name.is_empty() && name != "l1-dmesg" && !name.contains(char::is_whitespace)).then_some(text)
+}
+
+/// Lines Linux prints at warning level that are timing symptoms of TCG (or of a VM pause, as a
+/// live update's blackout), not errors: lib.sh's `L2_TOLERATED`.
+pub const L2_TOLERATED: &[&str] = &["hrtimer: interrupt took "];
+
+/// Whether a line of L2's console is Linux complaining (lib.sh's `L2_COMPLAINT`, the same
+/// patterns, minus [`L2_TOLERATED`]): a kernel message of level 0-4 as L2's /init prints them
+/// (`dmesg: ...`), a call trace, `BUG:`, `WARNING:`, an oops, an I/O error, a hung task, a soft
+/// lockup, an RCU stall.
+pub fn is_l2_complaint(text: &str) -> bool {
+    if L2_TOLERATED.iter().any(|t| text.contains(t)) {
+        return false;
+    }
+    const ANYWHERE: &[&str] = &[
+        "Call Trace",
+        "WARNING:",
+        "Oops",
+        "I/O error",
+        "blk_update_request",
+        "end_request",
+        "hung_task",
+        "soft lockup",
+    ];
+    let bug = text.match_indices("BUG").any(|(i, _)| {
+        let before = text[..i].chars().next_back();
+        let after = text[i + 3..].chars().next();
+        !before.is_some_and(|c| c.is_ascii_alphabetic()) && matches!(after, Some(':' | ' '))
+    });
+    text.starts_with("dmesg: ")
+        || bug
+        || ANYWHERE.iter().any(|p| text.contains(p))
+        || text
+            .find("rcu")
+            .is_some_and(|i| text[i..].contains("stall"))
 }
 
 static RIG: Mutex<()> = Mutex::new(());
@@ -162,6 +223,44 @@ mod tests {
             ["ok: boot-1: nproc is 1", "FAIL: boot-1: CPUs 0 online"]
         );
         assert_eq!(out.l2_complaints(), ["boot-1| dmesg: [ 0.1] acpi: odd"]);
+        assert_eq!(out.failed_checks(), ["FAIL: boot-1: CPUs 0 online"]);
+        assert!(out.passed("boot-1: nproc is 1"));
+        assert!(!out.passed("boot-1: CPUs 0 online"));
         assert_eq!(out.l1_complaints(), ["[ 5.6] kvm: WRMSR"]);
+    }
+
+    #[test]
+    fn complaints_anywhere_on_an_l2_console() {
+        for c in [
+            "[   3.2] Call Trace:",
+            "[   3.2] BUG: kernel NULL pointer dereference",
+            "[   3.2] WARNING: CPU: 1 PID: 7 at kernel/x.c:1",
+            "[   9.1] I/O error, dev vda, sector 8 op 0x1:(WRITE)",
+            "[  60.0] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:",
+            "dmesg: [    0.5] ACPI: odd table",
+        ] {
+            assert!(is_l2_complaint(c), "{c}");
+        }
+        for c in [
+            "writer: 20 so far",
+            "DEBUG: x",
+            "BUGS none",
+            "ping: 3 packets",
+        ] {
+            assert!(!is_l2_complaint(c), "{c}");
+        }
+        let out = RigOutput {
+            status: Some(0),
+            console: "lu| [ 1.0] WARNING: at x\n  l1-dmesg| [ 2.0] WARNING: l1\nok: x\n\
+                      lu: L2 complains: dmesg: y\n"
+                .into(),
+            stderr: String::new(),
+            log: PathBuf::from("x.log"),
+            wall: Duration::ZERO,
+        };
+        assert_eq!(
+            out.l2_complaints(),
+            ["lu| [ 1.0] WARNING: at x", "lu: L2 complains: dmesg: y"]
+        );
     }
 }

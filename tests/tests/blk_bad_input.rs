@@ -785,3 +785,49 @@ fn other_users_are_kept_out_unless_allowed() {
     std::fs::set_permissions(&b.sock, std::fs::Permissions::from_mode(0o666)).unwrap();
     assert_eq!(vhost_user_attempt_as(NOBODY, &b.sock), Attempt::Served);
 }
+
+/// A front-end that sends requests and never reads the replies: the vhost crate would retry a
+/// reply that cannot be sent for ever (a busy loop holding the connection); the back-end drops
+/// such a front-end instead, and serves the next one.
+#[test]
+fn a_front_end_that_does_not_read_its_replies_is_dropped() {
+    use std::io::{Read, Write};
+    let b = Blk::start(MIB, &[]);
+    let mut s = std::os::unix::net::UnixStream::connect(&b.sock).unwrap();
+    s.set_nonblocking(true).unwrap();
+    // GET_FEATURES (1), version 1, no body: each asks for a 20-byte reply.
+    const REQUESTS: usize = 20_000;
+    let mut sent = 0;
+    for _ in 0..REQUESTS {
+        if s.write_all(&[1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    // Long enough for the back-end to fill its send buffer (or to give up on us).
+    std::thread::sleep(Duration::from_secs(1));
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut replies = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let ended = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break true,
+            Ok(n) => replies += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+    };
+    assert!(
+        ended && replies / 20 < sent,
+        "the back-end answered {} of {sent} requests and {}",
+        replies / 20,
+        if ended {
+            "hung up"
+        } else {
+            "kept the connection"
+        }
+    );
+    let mut d = connect(&b, 16);
+    still_serving(&mut d, 29);
+}

@@ -7,6 +7,12 @@
 //! between messages is unlimited, but once a message's first byte has arrived, all of it
 //! (header, and the body the header announces) must be queued within the deadline, or the
 //! connection is dropped. Written by hand: no crate offers it.
+//!
+//! Writing has the same trap: the vhost crate retries a reply whose send would block (EAGAIN)
+//! for ever, so a front-end that sends requests and never reads the replies would, once its
+//! receive queue is full, hold the connection thread in a busy loop. [`unread_replies`] lets
+//! the caller drop such a front-end before that: on a UNIX stream socket, what we sent and the
+//! peer has not read yet stays charged to our send buffer (SIOCOUTQ).
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -72,6 +78,52 @@ pub fn await_message(sock: &UnixStream, limit: Duration) -> Result<(), Incomplet
     }
 }
 
+/// A front-end that leaves too many replies unread.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the front-end left {unread} bytes of replies unread (send buffer {sndbuf}): it does not read them; dropping it"
+)]
+pub struct NotReading {
+    /// Bytes sent and not read by the peer (with the kernel's per-message overhead).
+    pub unread: usize,
+    /// Our send buffer.
+    pub sndbuf: usize,
+}
+
+/// Checks, before serving the next message, that the front-end reads our replies: fails when
+/// what it left unread fills half of our send buffer (a front-end waits for each reply it asks
+/// for; replies are a few hundred bytes).
+pub fn unread_replies(sock: &UnixStream) -> Result<(), NotReading> {
+    let mut outq: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int to the pointer we pass.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::TIOCOUTQ, &raw mut outq) } != 0 {
+        return Ok(());
+    }
+    let mut sndbuf: libc::c_int = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
+    // SAFETY: getsockopt writes at most `len` bytes to the int we pass, and its length to len.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&raw mut sndbuf).cast(),
+            &raw mut len,
+        )
+    };
+    if r != 0 {
+        return Ok(());
+    }
+    let (unread, sndbuf) = (
+        usize::try_from(outq).unwrap_or(0),
+        usize::try_from(sndbuf).unwrap_or(usize::MAX),
+    );
+    if unread > sndbuf / 2 {
+        return Err(NotReading { unread, sndbuf });
+    }
+    Ok(())
+}
+
 /// Bytes queued on the socket (all of them, across sends: FIONREAD on a UNIX stream socket).
 fn queued(sock: &UnixStream) -> usize {
     let mut n: libc::c_int = 0;
@@ -135,5 +187,29 @@ mod tests {
         a.write_all(&header(40)).unwrap();
         drop(a);
         assert!(await_message(&b, Duration::from_millis(50)).is_ok());
+    }
+
+    #[test]
+    fn a_peer_that_does_not_read_is_noticed_before_our_sends_block() {
+        let (mut ours, theirs) = UnixStream::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let reply = [0u8; 256];
+        let mut sent = 0;
+        let err = loop {
+            if let Err(e) = unread_replies(&ours) {
+                break e;
+            }
+            // A send that would block means the check came too late.
+            ours.write_all(&reply)
+                .expect("the check fires before the buffer is full");
+            sent += reply.len();
+        };
+        assert!(err.unread > err.sndbuf / 2 && sent > 0, "{err}");
+        // Once the peer reads, it passes again.
+        let mut theirs = theirs;
+        theirs.set_nonblocking(true).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        while std::io::Read::read(&mut theirs, &mut buf).is_ok() {}
+        assert!(unread_replies(&ours).is_ok());
     }
 }

@@ -16,7 +16,7 @@
 //!
 //! Arguments are checked where that is cheap and closes something real: `mmap`/`mprotect`
 //! never get PROT_EXEC (no new executable memory), `ioctl` only with the request numbers a
-//! thread uses, `getsockopt` only SO_PEERCRED, `fcntl` only F_DUPFD_CLOEXEC, `prctl` only
+//! thread uses, `getsockopt` only SO_PEERCRED and SO_SNDBUF, `fcntl` only F_DUPFD_CLOEXEC, `prctl` only
 //! PR_SET_NAME, `rt_sigaction` only SIGBUS (the SIGBUS guard's reset). Pointer arguments (paths,
 //! iovecs, clone3's struct) cannot be checked: seccomp sees only the pointer. Descriptor
 //! arguments are not checked either: which fd is the TAP or the image is only known at run
@@ -136,11 +136,12 @@ pub fn base() -> Vec<Syscall> {
 
 /// What a thread serving a vhost-user front-end through [`crate::vhost::serve_connection`]
 /// needs: waiting for and reading messages (the deadline's FIONREAD and peek), fds received
-/// with SCM_RIGHTS, replies, the peer check, duplicating the connection, inspecting the memory
+/// with SCM_RIGHTS, replies and the check that the front-end reads them (TIOCOUTQ,
+/// SO_SNDBUF), the peer check, duplicating the connection, inspecting the memory
 /// and inflight fds before mapping them ([`crate::memory::map_file`]: fstat, fstatfs).
-/// `ioctls`: the device's own ioctl requests besides FIONREAD (one rule per syscall).
+/// `ioctls`: the device's own ioctl requests besides FIONREAD and TIOCOUTQ.
 pub fn vhost_user_connection(ioctls: &[u64]) -> Vec<Syscall> {
-    let mut ioctl = vec![libc::FIONREAD];
+    let mut ioctl = vec![libc::FIONREAD, libc::TIOCOUTQ];
     ioctl.extend_from_slice(ioctls);
     vec![
         Syscall::any(libc::SYS_poll),
@@ -153,6 +154,10 @@ pub fn vhost_user_connection(ioctls: &[u64]) -> Vec<Syscall> {
         Syscall::args_eq(
             libc::SYS_getsockopt,
             &[(1, libc::SOL_SOCKET as u64), (2, libc::SO_PEERCRED as u64)],
+        ),
+        Syscall::args_eq(
+            libc::SYS_getsockopt,
+            &[(1, libc::SOL_SOCKET as u64), (2, libc::SO_SNDBUF as u64)],
         ),
         Syscall::arg_in(libc::SYS_ioctl, 1, &ioctl),
         // UnixStream::try_clone.

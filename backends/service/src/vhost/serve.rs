@@ -10,7 +10,7 @@ use nix::sys::socket::{MsgFlags, recv};
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
 use super::{Frontend, VhostUserDevice};
-use crate::conn::{MESSAGE_DEADLINE, await_message};
+use crate::conn::{MESSAGE_DEADLINE, await_message, unread_replies};
 
 /// How serving one front-end ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,8 +30,8 @@ fn readable(f: &PollFd<'_>) -> bool {
 /// Serves one connected front-end until it goes away, then stops the device's rings
 /// ([`Frontend::disconnect`]).
 ///
-/// - Each message must arrive whole within [`MESSAGE_DEADLINE`] once it has started
-///   ([`crate::conn`]).
+/// - Each message must arrive whole within [`MESSAGE_DEADLINE`] once it has started, and the
+///   front-end must read our replies ([`crate::conn`]): otherwise it is dropped.
 /// - QEMU 10 sends SET_VRING_ENABLE before SET_FEATURES; the vhost crate's dispatcher rejects
 ///   that (PROTOCOL_FEATURES not acked yet) without the reply QEMU waits for. So each header is
 ///   peeked at first, and such a message is served here (answered when it asks for a reply);
@@ -89,6 +89,10 @@ pub fn serve_connection<D: VhostUserDevice>(
             continue;
         }
         if let Err(e) = await_message(&peek, MESSAGE_DEADLINE) {
+            tracing::warn!("{e}");
+            break End::Disconnected;
+        }
+        if let Err(e) = unread_replies(&peek) {
             tracing::warn!("{e}");
             break End::Disconnected;
         }

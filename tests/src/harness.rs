@@ -48,6 +48,24 @@ pub fn default_ram_file(name: &str) -> PathBuf {
     default_ram_dir().join(format!("{name}.ram"))
 }
 
+/// Runs a baton-vmm command (with `--name name`) expecting it to be refused: a non-zero exit
+/// whose stderr contains every needle, and no RAM file left behind.
+pub fn assert_refused(cmd: Command, name: &str, needles: &[&str]) {
+    let f = run_to_end(cmd, Duration::from_secs(20)).expect("running baton-vmm");
+    assert!(matches!(f.code, Some(c) if c != 0), "must fail: {f:?}");
+    for n in needles {
+        assert!(
+            f.stderr.contains(n),
+            "stderr must mention {n:?}: {}",
+            f.stderr
+        );
+    }
+    assert!(
+        !default_ram_file(name).exists(),
+        "a refused start leaves no RAM file"
+    );
+}
+
 /// The per-user directory of default RAM files, `/dev/shm/baton-UID`.
 pub fn default_ram_dir() -> PathBuf {
     PathBuf::from(format!("/dev/shm/baton-{}", nix::unistd::geteuid()))

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use baton_tests::boot::baton_cmd;
 use baton_tests::harness::{
-    Proc, TempDir, bin, can_run, default_ram_file, guest, kvm_available, result_json, run_to_end,
+    Proc, TempDir, assert_refused, bin, can_run, default_ram_file, guest, kvm_available,
+    result_json, run_to_end,
 };
 
 const BOOT: Duration = Duration::from_secs(30);
@@ -176,23 +177,10 @@ fn elf_without_pvh_note(path: &Path) {
     std::fs::write(path, e).unwrap();
 }
 
-/// Runs baton-vmm expecting a failure whose message contains every needle, and checks that no
-/// RAM file was left behind.
+/// Runs baton-vmm as `name`, expecting it to be refused with every needle in its message.
 fn refused(mut cmd: Command, name: &str, needles: &[&str]) {
     cmd.args(["--name", name]);
-    let f = run_to_end(cmd, Duration::from_secs(20)).unwrap();
-    assert!(matches!(f.code, Some(c) if c != 0), "must fail: {f:?}");
-    for n in needles {
-        assert!(
-            f.stderr.contains(n),
-            "stderr must mention {n:?}: {}",
-            f.stderr
-        );
-    }
-    assert!(
-        !default_ram_file(name).exists(),
-        "a refused start leaves no RAM file"
-    );
+    assert_refused(cmd, name, needles);
 }
 
 fn vmm_with_kernel(kernel: &Path, memory: &str) -> Command {

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use baton_tests::harness::{bin, can_run_with, default_ram_file, run_to_end, Need, TempDir};
+use baton_tests::harness::{Need, TempDir, assert_refused, bin, can_run_with, run_to_end};
 
 /// The 64-bit entry's code (assembled from, GNU as syntax):
 /// ```text
@@ -93,31 +93,13 @@ fn a_bzimage_is_entered_in_long_mode_with_the_zero_page() {
     assert!(f.stdout.contains("LZ"), "the entry code's output: {f:?}");
 }
 
-/// Runs baton-vmm expecting a failure whose message contains every needle, and no RAM file
-/// left behind.
-fn refused(cmd: Command, name: &str, needles: &[&str]) {
-    let f = run_to_end(cmd, Duration::from_secs(20)).unwrap();
-    assert!(matches!(f.code, Some(c) if c != 0), "must fail: {f:?}");
-    for n in needles {
-        assert!(
-            f.stderr.contains(n),
-            "stderr must mention {n:?}: {}",
-            f.stderr
-        );
-    }
-    assert!(
-        !default_ram_file(name).exists(),
-        "a refused start leaves no RAM file"
-    );
-}
-
 #[test]
 fn bad_bzimages_are_named_in_the_error() {
     let dir = TempDir::new("badbz");
     let old = dir.join("old");
     std::fs::write(&old, bzimage(0x0204, 0)).unwrap();
     let name = unique("old");
-    refused(
+    assert_refused(
         vmm(&old, &name, ""),
         &name,
         &[old.to_str().unwrap(), "2.04", "64-bit"],
@@ -126,7 +108,7 @@ fn bad_bzimages_are_named_in_the_error() {
     let cut = dir.join("cut");
     std::fs::write(&cut, &bzimage(0x020f, 2047)[..0x800]).unwrap();
     let name = unique("cut");
-    refused(
+    assert_refused(
         vmm(&cut, &name, ""),
         &name,
         &[cut.to_str().unwrap(), "truncated"],
@@ -139,7 +121,7 @@ fn bad_bzimages_are_named_in_the_error() {
     let good = dir.join("good");
     std::fs::write(&good, bzimage(0x020f, 16)).unwrap();
     let name = unique("long");
-    refused(
+    assert_refused(
         vmm(&good, &name, "a command line longer than sixteen bytes"),
         &name,
         &["command line", "at most 16"],
@@ -152,5 +134,5 @@ fn bad_bzimages_are_named_in_the_error() {
     let name = unique("initrd");
     let mut c = vmm(&good, &name, "");
     c.arg("--initramfs").arg(&big);
-    refused(c, &name, &[big.to_str().unwrap(), "does not fit"]);
+    assert_refused(c, &name, &[big.to_str().unwrap(), "does not fit"]);
 }

@@ -4,7 +4,8 @@
 //! 0x0000_0000  RAM (low)            boot GDT 0x500; PVH: start info 0x6000, memory map 0x7000;
 //!                                   bzImage: zero page 0x8000, page tables 0x9000; cmdline 0x20000
 //! 0x0009_fc00  reserved             EBDA, legacy VGA and ROM area
-//! 0x000e_0000  ACPI tables          RSDP first, then XSDT, FADT, MADT, DSDT
+//! 0x000e_0000  ACPI tables          RSDP first, then XSDT, FADT, MADT, DSDT (64 KiB at most)
+//! 0x000f_fff0  reset vector         a stub that writes the ACPI reset register
 //! 0x0010_0000  RAM                  kernel (ELF load address, or a bzImage at 1 MiB), initramfs at the top of low RAM
 //! 0xc000_0000  MMIO hole            PCI BARs up to 0xe000_0000, ECAM at 0xe000_0000,
 //!                                   IOAPIC 0xfec0_0000, LAPIC 0xfee0_0000
@@ -32,7 +33,9 @@ pub const EBDA_START: u64 = 0x9_fc00;
 /// Start of the ACPI tables; the RSDP sits here, inside the BIOS area Linux scans.
 pub const ACPI_START: u64 = 0xe_0000;
 /// Size reserved for the ACPI tables.
-pub const ACPI_SIZE: u64 = 0x2_0000;
+pub const ACPI_SIZE: u64 = 0x1_0000;
+/// The x86 reset vector (F000:FFF0), where a guest that restarts through its "BIOS" jumps.
+pub const RESET_VECTOR: u64 = 0xf_fff0;
 /// Where RAM resumes above the legacy area.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO hole; low RAM never reaches past it.

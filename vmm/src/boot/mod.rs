@@ -235,11 +235,21 @@ pub fn load(
     kernel: Kernel,
     data: BootData<'_>,
 ) -> Result<BootInfo, BootError> {
+    write_obj(mem, "the reset vector", RESET_STUB, layout::RESET_VECTOR)?;
     match kernel.format {
         Format::PvhElf => pvh::load(mem, ram_size, kernel_path, kernel.file, data),
         Format::BzImage => bzimage::load(mem, ram_size, kernel_path, kernel.file, data),
     }
 }
+
+/// What sits at the reset vector: real-mode code that writes the ACPI reset register, as a
+/// firmware's reset would. With HW-reduced ACPI and no EFI, Linux restarts by jumping there
+/// (`reboot_type` becomes EFI, then BIOS: `machine_real_restart`); with nothing there it would
+/// run off into zeroed memory and never reset.
+/// ```text
+/// mov dx, 0x601 ; mov al, 1 ; out dx, al ; hlt ; jmp $-1
+/// ```
+const RESET_STUB: [u8; 10] = [0xba, 0x01, 0x06, 0xb0, 0x01, 0xee, 0xf4, 0xeb, 0xfd, 0x90];
 
 /// Writes the command line at [`layout::CMDLINE`]; returns its length without the NUL.
 fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str, max: usize) -> Result<usize, BootError> {

@@ -357,3 +357,80 @@ fn vmm_user_is_refused_with_incoming_and_without_root() {
     assert_ne!(f.code, Some(0), "{f:?}");
     assert!(f.stderr.contains("would keep root"), "{f:?}");
 }
+
+/// The whole job with nothing as root: baton-blk drops to nobody, the VMM to nobody:kvm (it
+/// reaches /dev/kvm through the group), live updates to new VMMs started as nobody:kvm, a
+/// back-end restart, and the guest's verified writes lose nothing.
+#[test]
+fn an_unprivileged_vm_live_updates_and_survives_a_backend_restart() {
+    use baton_tests::services::{Vmm, kill, start_blk, verify_blk_cont_image};
+    use std::os::unix::fs::PermissionsExt;
+    if !can_run_with(
+        "an_unprivileged_vm_live_updates_and_survives_a_backend_restart",
+        &[Need::Kvm, Need::Guest, Need::Root],
+    ) {
+        return;
+    }
+    let kvm_gid = nix::unistd::Group::from_name("kvm")
+        .unwrap()
+        .map(|g| g.gid.as_raw())
+        .expect("a kvm group that owns /dev/kvm");
+    let dir = TempDir::new("unprivileged-lu");
+    std::os::unix::fs::chown(&dir.0, Some(NOBODY), Some(kvm_gid)).unwrap();
+    std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let img = dir.join("disk.img");
+    std::fs::File::create(&img)
+        .unwrap()
+        .set_len(16 * MIB)
+        .unwrap();
+    let blk_sock = dir.join("blk.sock");
+    let nobody = NOBODY.to_string();
+    let mut blk = start_blk(&img, &blk_sock, &["--user", &nobody]).unwrap();
+    let user = format!("{NOBODY}:{kvm_gid}");
+    let mut c = baton_cmd(2, "128M", "test=blk-cont seconds=0 blocks=1024");
+    c.arg("--disk")
+        .arg(format!("socket={}", blk_sock.display()))
+        .args(["--user", &user, "--allow-uid", "0"]);
+    let mut vmm = Vmm::boot(c, dir.join("vmm.api")).unwrap();
+    assert!(
+        vmm.proc
+            .wait_line(WAIT * 3, |l| l.contains("ready"))
+            .is_some(),
+        "{}",
+        vmm.proc.transcript()
+    );
+    let uid = |pid: u32| status_field(pid, "Uid")[0].parse::<u32>().unwrap();
+    assert_eq!(uid(blk.child.id()), NOBODY);
+    assert_eq!(uid(vmm.proc.child.id()), NOBODY);
+    for n in 0..2 {
+        let (new, sock) =
+            Vmm::incoming_as(&dir.0, n, &["--allow-uid", "0"], Some((NOBODY, kvm_gid))).unwrap();
+        vmm.live_update(&sock).unwrap();
+        assert_eq!(
+            vmm.proc.wait_exit(WAIT),
+            Some(0),
+            "{}",
+            vmm.proc.transcript()
+        );
+        vmm = new;
+        assert_eq!(uid(vmm.proc.child.id()), NOBODY, "the new VMM");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    kill(&mut blk, libc::SIGKILL);
+    blk = start_blk(&img, &blk_sock, &["--user", &nobody]).unwrap();
+    vmm.wait_reconnects(0, 1).unwrap();
+    assert_eq!(uid(blk.child.id()), NOBODY, "the restarted back-end");
+    std::thread::sleep(Duration::from_millis(300));
+    vmm.proc.send(b"q").unwrap();
+    assert_eq!(vmm.proc.wait_exit(WAIT * 3), Some(0));
+    let r = baton_tests::harness::result_json(&vmm.proc.seen).unwrap_or_default();
+    assert_eq!(r["result"], "pass", "{r}");
+    for k in ["io_errors", "verify_errors", "outstanding"] {
+        assert_eq!(r[k], 0, "{k}: {r}");
+    }
+    drop(blk);
+    assert!(
+        verify_blk_cont_image(&img, 1024).unwrap() > 0,
+        "the image holds the writes"
+    );
+}

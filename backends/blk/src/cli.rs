@@ -42,15 +42,9 @@ pub struct Args {
     /// I/O engine; io_uring falls back to sync when it cannot be set up.
     #[arg(long, value_enum, default_value_t = IoEngineKind::IoUring)]
     pub io_engine: IoEngineKind,
-    /// A uid allowed to connect as a front-end (repeatable; default: this service's own uid).
-    /// Every connection's SO_PEERCRED is checked; others are closed at once.
-    #[arg(long = "allow-uid", value_name = "UID")]
-    pub allow_uid: Vec<u32>,
-    /// Started as root: once the image is open and the socket bound (and given to this uid),
-    /// drop to UID or UID:GID (numbers; GID defaults to UID) with no capability, before the
-    /// sandbox.
-    #[arg(long, value_name = "UID[:GID]")]
-    pub user: Option<baton_service::privilege::User>,
+    /// --allow-uid and --user.
+    #[command(flatten)]
+    pub service: baton_service::privilege::ServiceArgs,
     /// The sandbox: --seccomp true|false|log, --landlock true|false.
     #[command(flatten)]
     pub sandbox: baton_service::sandbox::SandboxArgs,

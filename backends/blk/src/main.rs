@@ -19,17 +19,17 @@ use clap::Parser;
 fn run() -> anyhow::Result<()> {
     let args = cli::Args::parse();
     args.validate().map_err(anyhow::Error::msg)?;
-    privilege::check_can_drop(args.user)?;
+    privilege::check_can_drop(args.service.user)?;
     let sig = server::signals()?;
     let dev = Arc::new(device::Device::new(&args)?);
     let peers = SocketPolicy::new(
-        AllowList::for_user(&args.allow_uid, args.user),
+        AllowList::for_user(&args.service.allow_uid, args.service.user),
         args.socket.as_deref(),
     );
     let (listener, bound) = baton_service::listener(args.socket.as_deref(), &peers.allow)?;
     // The image is open, the socket bound: nothing left that needs root. No thread runs yet,
     // and no filter is installed.
-    privilege::drop_after_setup(args.user, args.socket.as_deref().filter(|_| bound))?;
+    privilege::drop_after_setup(args.service.user, args.socket.as_deref().filter(|_| bound))?;
     let sandbox = Arc::new(Sandbox::new("baton-blk", &args.sandbox)?);
     // No file system access at all from here: the image is open, the socket bound (and left in
     // place at exit: the next instance replaces it).

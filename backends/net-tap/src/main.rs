@@ -13,7 +13,7 @@ use clap::Parser;
 
 fn run(args: Args) -> anyhow::Result<()> {
     // What the service manager passed: the listening socket, the TAP queues it kept for us.
-    baton_service::privilege::check_can_drop(args.user)?;
+    baton_service::privilege::check_can_drop(args.service.user)?;
     let mut passed = baton_service::ListenFds::from_env();
     let taps = if args.tap_fd.is_empty() {
         let name = args.tap.as_deref().unwrap_or_default();
@@ -41,14 +41,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         mtu: args.mtu,
         pairs,
     };
-    let allow = AllowList::for_user(&args.allow_uid, args.user);
+    let allow = AllowList::for_user(&args.service.allow_uid, args.service.user);
     let (listener, bound) =
         baton_service::listener_from(&mut passed, args.socket.as_deref(), &allow)?;
     drop(passed);
     // TAP queues open (and stored), socket bound: nothing left that needs root. No thread runs
     // yet, and no filter is installed.
     baton_service::privilege::drop_after_setup(
-        args.user,
+        args.service.user,
         args.socket.as_deref().filter(|_| bound),
     )?;
     let dev = Device::new(cfg, taps).context("creating the device")?;

@@ -202,3 +202,18 @@ mod tests {
         }
     }
 }
+
+/// Who may connect and who the service becomes: the options every back-end takes
+/// (`#[command(flatten)]`).
+#[derive(Clone, Debug, clap::Args)]
+pub struct ServiceArgs {
+    /// A uid allowed to connect as a front-end (repeatable; default: this service's own uid).
+    /// Every connection's SO_PEERCRED is checked; others are closed at once.
+    #[arg(long = "allow-uid", value_name = "UID")]
+    pub allow_uid: Vec<u32>,
+    /// Started as root: once the device's files (image, TAP queues) are open and the socket
+    /// bound (and given to this uid), drop to UID or UID:GID (numbers; GID defaults to UID)
+    /// with no capability, before the sandbox.
+    #[arg(long, value_name = "UID[:GID]")]
+    pub user: Option<User>,
+}

@@ -10,7 +10,7 @@
 //!
 //! Nothing that touches the guest runs as root: baton-blk and baton-net-tap open their image
 //! and TAP and bind their sockets, then drop to `nobody` (`--user`); the first baton-vmm opens
-//! /dev/kvm and creates the RAM file and drops to `nobody` with the `kvm` group (`--user`),
+//! /dev/kvm and creates the RAM file and drops to `nobody` (`--user`),
 //! and every new VMM of a live update is started as `nobody:kvm` (it reaches /dev/kvm through
 //! the group). Only baton-supervise (the service manager's stand-in, which keeps the TAP
 //! queue) and this program, the operator, stay root. `unprivileged` is measured: the uid of
@@ -154,7 +154,9 @@ fn run(report: &mut Report) -> anyhow::Result<()> {
     let kvm_gid = nix::unistd::Group::from_name("kvm")?
         .map(|g| g.gid.as_raw())
         .ok_or_else(|| anyhow::anyhow!("no kvm group: /dev/kvm cannot be reached unprivileged"))?;
-    let vmm_user = format!("{DEMO_UID}:{kvm_gid}");
+    // The first VMM opens /dev/kvm as root before it drops; the new ones of the live updates
+    // are started as nobody:kvm and reach it through the group.
+    let vmm_user = DEMO_UID.to_string();
     let service_user = DEMO_UID.to_string();
     std::os::unix::fs::chown(&dir.0, Some(DEMO_UID), Some(kvm_gid))?;
     std::fs::set_permissions(&dir.0, std::fs::Permissions::from_mode(0o700))?;
@@ -183,7 +185,7 @@ fn run(report: &mut Report) -> anyhow::Result<()> {
         .arg(format!("socket={}", blk_sock.display()))
         .arg("--net")
         .arg(format!("socket={}", net_sock.display()))
-        // Drops to nobody:kvm once /dev/kvm, the kernel and the RAM file are open; this
+        // Drops to nobody once /dev/kvm, the kernel and the RAM file are open; this
         // program (root) keeps the API (batonctl) through --allow-uid 0.
         .args(["--user", &vmm_user, "--allow-uid", "0"]);
     c.stderr(baton_tests::services::log_file(&dir.join("vmm.api"))?);

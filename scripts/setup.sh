@@ -3,6 +3,12 @@
 # Debian packages the tests and benchmarks use. QEMU 10 comes from bookworm-backports
 # (qemu-storage-daemon is in qemu-system-common).
 setup_packages() {
+    # The Linux guests (tests/linux-guest, tests/nested) download Debian's kernel packages:
+    # apt must know them even when every tool below is installed already.
+    if ! apt-cache show linux-image-amd64 linux-image-cloud-amd64 >/dev/null 2>&1; then
+        echo "== apt-get update (the package lists do not know Debian's kernel packages)"
+        apt-get update -qq
+    fi
     local need=()
     command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
     command -v qemu-storage-daemon >/dev/null || need+=(qemu-system-common)
@@ -14,6 +20,8 @@ setup_packages() {
     command -v gzip >/dev/null || need+=(gzip)
     command -v xz >/dev/null || need+=(xz-utils)      # the nested rig (tests/nested/build.sh)
     command -v objcopy >/dev/null || need+=(binutils) # the rig: modules' .modinfo, strip
+    command -v mmdebstrap >/dev/null || need+=(mmdebstrap) # the rig's Debian root file system
+    command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)  # (tests/nested/build-rootfs.sh)
     ((${#need[@]})) || return 0
     echo "== installing Debian packages: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -25,7 +33,8 @@ setup_packages() {
     local bp=()
     grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/ && bp=(-t bookworm-backports)
     apt-get install -y -qq "${bp[@]}" qemu-system-x86 qemu-system-common qemu-utils >/dev/null
-    apt-get install -y -qq acpica-tools busybox-static cpio iproute2 curl gzip xz-utils binutils >/dev/null
+    apt-get install -y -qq acpica-tools busybox-static cpio iproute2 curl gzip xz-utils binutils \
+        mmdebstrap e2fsprogs >/dev/null
 }
 
 # What only the benchmarks need: DPDK's testpmd, the net benchmark's peer (in dpdk-dev).

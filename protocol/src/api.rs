@@ -25,7 +25,8 @@ pub enum VmState {
 /// use baton_protocol::api::{VmInfo, VmState};
 /// let info = VmInfo { state: VmState::Running, cpus: 2, memory_bytes: 256 << 20,
 ///     memory_path: "/dev/shm/baton-vm".into(), kernel: "/k".into(), cmdline: String::new(),
-///     pid: 1, uptime_ms: 5, devices: vec![], console: Some("/run/vm.console".into()) };
+///     pid: 1, uptime_ms: 5, devices: vec![], console: Some("/run/vm.console".into()),
+///     passthrough: vec![] };
 /// let json = serde_json::to_string(&info).unwrap();
 /// assert_eq!(serde_json::from_str::<VmInfo>(&json).unwrap(), info);
 /// ```
@@ -53,6 +54,29 @@ pub struct VmInfo {
     /// Where to attach to the console: the socket (`--serial socket=PATH`) or the pty.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub console: Option<String>,
+    /// The host PCI functions passed through with VFIO (`--device`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub passthrough: Vec<PassthroughInfo>,
+}
+
+/// One passed-through PCI function in `vm.info`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PassthroughInfo {
+    /// Device name (`vfio0`, ...).
+    pub name: String,
+    /// The host device's sysfs path.
+    pub path: String,
+    /// Where the guest sees it (`0000:00:SS.0`).
+    pub guest_address: String,
+    /// MSI-X vectors.
+    pub vectors: u16,
+    /// Whether the guest's driver enabled MSI-X.
+    pub msix_enabled: bool,
+    /// Memory BARs mapped into the guest (KVM memory slots over the device's regions).
+    pub mapped_bars: u32,
+    /// Memory BARs whose accesses baton forwards (those with the MSI-X table or pending bits,
+    /// and regions VFIO does not let it map).
+    pub trapped_bars: u32,
 }
 
 /// Connection state of a vhost-user device's back-end.

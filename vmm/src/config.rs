@@ -84,6 +84,36 @@ pub struct DeviceConfig {
     pub reconnect_limit: Option<std::time::Duration>,
 }
 
+/// A host PCI function passed through with VFIO (`--device path=...`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PassthroughConfig {
+    /// Its sysfs directory, `/sys/bus/pci/devices/DDDD:BB:DD.F`.
+    pub path: PathBuf,
+}
+
+impl std::str::FromStr for PassthroughConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let mut path = None;
+        for (k, v) in key_values(s)? {
+            match k {
+                "path" if !v.is_empty() => path = Some(PathBuf::from(v)),
+                "path" => return Err(ConfigError::Missing("path")),
+                _ => {
+                    return Err(ConfigError::UnknownKey {
+                        key: k.to_string(),
+                        expected: "path",
+                    });
+                }
+            }
+        }
+        Ok(PassthroughConfig {
+            path: path.ok_or(ConfigError::Missing("path"))?,
+        })
+    }
+}
+
 /// Where the serial console goes (`--serial`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SerialConfig {
@@ -338,6 +368,26 @@ mod tests {
         assert!(parse_device("queues=2", false, 1).is_err());
         assert!(parse_device("socket=/s,queue_size=100", false, 1).is_err());
         assert!(parse_device("socket=/s,mac=52:54:00:ab:cd:ef", false, 1).is_err());
+    }
+
+    #[test]
+    fn passthrough_options() {
+        let d: PassthroughConfig = "path=/sys/bus/pci/devices/0000:00:03.0".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("/sys/bus/pci/devices/0000:00:03.0"));
+        assert_eq!(
+            "".parse::<PassthroughConfig>(),
+            Err(ConfigError::Missing("path"))
+        );
+        assert_eq!(
+            "path=".parse::<PassthroughConfig>(),
+            Err(ConfigError::Missing("path"))
+        );
+        assert!("path=/x,iommu=on".parse::<PassthroughConfig>().is_err());
+        assert!(
+            "/sys/bus/pci/devices/x"
+                .parse::<PassthroughConfig>()
+                .is_err()
+        );
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! opens the guest RAM file so that no other user can reach it; [`sandbox`] holds each
 //! thread kind's seccomp allowlist and the Landlock rules. [`vhost_user`] talks to each
 //! device's back-end; [`virtio`] is the transport in front of it; [`reconnect`] brings a
-//! back-end back after a restart and [`migration`] moves the VM to a new VMM.
+//! back-end back after a restart and [`migration`] moves the VM to a new VMM. [`vfio`] passes
+//! host PCI functions through to the guest.
 
 pub mod acpi;
 pub mod api;
@@ -30,6 +31,7 @@ pub mod reconnect;
 pub mod sandbox;
 pub mod snapshot;
 pub mod vcpu;
+pub mod vfio;
 pub mod vhost_user;
 pub mod virtio;
 pub mod vm;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use baton_service::access::AllowList;
 use baton_service::privilege::{self, User};
 use baton_vmm::api::ApiSocket;
-use baton_vmm::config::{MemoryConfig, SerialConfig, parse_device};
+use baton_vmm::config::{MemoryConfig, PassthroughConfig, SerialConfig, parse_device};
 use baton_vmm::console::ConsoleChoice;
 use baton_vmm::control::ExitReason;
 use baton_vmm::migration::{self, Incoming, Outgoing};
@@ -27,7 +27,7 @@ struct Args {
     /// Take over a running VM from another baton-vmm (live update): listen on this socket
     /// (and PATH.cpr for the cpr channel). The configuration arrives with the VM; --serial
     /// and --api-socket may override.
-    #[arg(long, conflicts_with_all = ["kernel", "initramfs", "disk", "net"])]
+    #[arg(long, conflicts_with_all = ["kernel", "initramfs", "disk", "net", "device"])]
     incoming: Option<PathBuf>,
     /// Kernel command line.
     #[arg(long, default_value = "")]
@@ -64,6 +64,11 @@ struct Args {
     /// reconnect_ms=N]. Repeatable.
     #[arg(long)]
     net: Vec<String>,
+    /// A host PCI function passed through with VFIO: path=/sys/bus/pci/devices/DDDD:BB:DD.F,
+    /// bound to vfio-pci, with MSI-X (INTx and MSI are not supported). Repeatable. Guest RAM
+    /// is mapped for the device's DMA; a VM with one cannot be live-updated yet.
+    #[arg(long)]
+    device: Vec<PassthroughConfig>,
     /// Started as root: open /dev/kvm, the kernel and initramfs, create the RAM file (as
     /// UID's: /dev/shm/baton-UID/) and bind the API socket (chowned to UID:GID), then drop to
     /// UID:GID for good with no capability, before any thread starts and before the sandbox.
@@ -217,7 +222,7 @@ fn run(mut args: Args) -> anyhow::Result<ExitReason> {
                 baton_vmm::ram_file::set_owner(user.uid, user.gid);
             }
             // What needs privilege: /dev/kvm, the kernel and initramfs, the RAM file.
-            let opened = Vm::open(&config)?;
+            let opened = Vm::open_with(&config, &args.device)?;
             // No thread has started yet (the watchdog is next): glibc applies the drop to
             // this one thread, and none is left with root.
             if let Some(user) = args.user {

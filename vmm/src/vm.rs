@@ -14,7 +14,7 @@ use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::{DeviceConfig, MemoryConfig, SerialConfig};
+use crate::config::{DeviceConfig, MemoryConfig, PassthroughConfig, SerialConfig};
 use crate::console::ConsoleHub;
 use crate::control::{ExitReason, VmControl};
 use crate::devices::PioBus;
@@ -23,6 +23,7 @@ use crate::interrupts::IrqRouting;
 use crate::memory::GuestRam;
 use crate::pci::PciBus;
 use crate::sandbox::{Sandbox, SandboxError, kinds};
+use crate::vfio::{VfioError, VfioPciDevice};
 use crate::vhost_user::{TYPE_NET, VhostUserDevice, VhostUserError};
 use crate::virtio::pci::{VirtioPciDevice, VirtioPciError, layout as vp_layout};
 use crate::{acpi, boot, cpuid, layout, vcpu};
@@ -103,6 +104,15 @@ pub enum VmError {
     /// A thread could not be started inside the sandbox.
     #[error(transparent)]
     Sandbox(#[from] SandboxError),
+    /// A device cannot be passed through (`--device`).
+    #[error("--device path={}: {source}", .path.display())]
+    Vfio {
+        /// The device as given.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: VfioError,
+    },
 }
 
 /// A VM, shared by the main thread, the API and (during a live update) the migration code.
@@ -115,6 +125,9 @@ pub struct Vm {
     pub(crate) serial: Arc<Mutex<ConsoleSerial>>,
     /// (PCI slot, device) of every vhost-user device.
     pub(crate) devices: Vec<(u8, Arc<Mutex<VirtioPciDevice>>)>,
+    /// (PCI slot, device) of every passed-through device; dropped before guest RAM, whose
+    /// DMA mappings their container holds.
+    pub(crate) passthrough: Vec<(u8, Arc<Mutex<VfioPciDevice>>)>,
     pub(crate) cpus: u32,
     pub(crate) config: VmConfig,
     pub(crate) ram: GuestRam,
@@ -143,6 +156,7 @@ pub struct Opened {
     ram: GuestRam,
     kernel: boot::Kernel,
     initramfs: Option<std::fs::File>,
+    passthrough: Vec<PathBuf>,
 }
 
 /// Checks the devices and the vCPU count, opens /dev/kvm, creates (or opens) and maps guest
@@ -180,6 +194,17 @@ impl Vm {
     /// KVM VM, connects to no back-end, starts no thread. `--user` drops privileges between
     /// this and [`Vm::load_opened`].
     pub fn open(config: &VmConfig) -> Result<Opened, VmError> {
+        Vm::open_with(config, &[])
+    }
+
+    /// [`Vm::open`] with host PCI functions to pass through: each is checked (bound to
+    /// vfio-pci, a viable IOMMU group, not given twice) before anything is created.
+    pub fn open_with(
+        config: &VmConfig,
+        passthrough: &[PassthroughConfig],
+    ) -> Result<Opened, VmError> {
+        let passthrough = crate::vfio::check(passthrough)
+            .map_err(|(path, e)| VmError::Vfio { path, source: e })?;
         let kernel = boot::check_kernel(&config.kernel)?;
         let initramfs = config
             .initramfs
@@ -192,6 +217,7 @@ impl Vm {
             ram,
             kernel,
             initramfs,
+            passthrough,
         })
     }
 
@@ -202,8 +228,9 @@ impl Vm {
             ram,
             kernel,
             initramfs,
+            passthrough,
         } = opened;
-        let vm = Vm::build_with(config, kvm, ram, Devices::Connect)?;
+        let vm = Vm::build_with(config, kvm, ram, Devices::Connect, &passthrough)?;
         let rsdp = acpi::create_tables(&vm.ram.mem, vm.cpus)?;
         let boot = boot::load(
             &vm.ram.mem,
@@ -225,7 +252,7 @@ impl Vm {
     /// Creates the KVM VM, maps RAM, creates vCPUs and devices; runs nothing.
     pub(crate) fn build(config: VmConfig, devices: Devices<'_>) -> Result<Vm, VmError> {
         let (kvm, ram) = open_kvm_and_ram(&config)?;
-        Vm::build_with(config, kvm, ram, devices)
+        Vm::build_with(config, kvm, ram, devices, &[])
     }
 
     fn build_with(
@@ -233,6 +260,7 @@ impl Vm {
         kvm: Kvm,
         ram: GuestRam,
         devices: Devices<'_>,
+        passthrough: &[PathBuf],
     ) -> Result<Vm, VmError> {
         let mut steps = StepTimer::new();
         let vm = Arc::new(
@@ -270,7 +298,7 @@ impl Vm {
         steps.done("KVM memory slots");
         let control = Arc::new(VmControl::default());
         let serial = Arc::new(Mutex::new(console(&config, &vm)?));
-        let (pci, devs) = create_pci(&config, &kvm, &vm, &ram, devices)?;
+        let (pci, devs, passthrough) = create_pci(&config, &kvm, &vm, &ram, devices, passthrough)?;
         steps.done("create devices");
         let bus = Arc::new(PioBus::new(serial.clone(), control.clone(), Arc::new(pci)));
 
@@ -299,6 +327,7 @@ impl Vm {
             bus,
             serial,
             devices: devs,
+            passthrough,
             cpus: config.cpus,
             config,
             ram,
@@ -419,6 +448,12 @@ impl Vm {
         dest: &std::path::Path,
         timeout: Duration,
     ) -> Result<crate::migration::Report, crate::migration::LiveUpdateError> {
+        if !self.passthrough.is_empty() {
+            return Err(crate::migration::LiveUpdateError::Io(
+                "live update with a passed-through (--device) device is not supported yet",
+                std::io::Error::from(std::io::ErrorKind::Unsupported),
+            ));
+        }
         let report = crate::migration::outgoing(self, dest, timeout)?;
         tracing::info!(blackout_us = report.blackout_us, "live update done");
         Ok(report)
@@ -437,6 +472,10 @@ impl Vm {
     /// Releases what outlives the process unless removed: the RAM file this VMM created.
     pub fn cleanup(&self) {
         self.ram.remove_file();
+        // The guest is stopped: leave passed-through devices as the next user expects them.
+        for (_, d) in &self.passthrough {
+            d.lock().unwrap_or_else(|e| e.into_inner()).reset();
+        }
     }
 
     /// Removes the console socket this VMM bound, unless the VM moved to a new VMM (which
@@ -478,6 +517,11 @@ impl Vm {
                     .or(c.socket_path())
                     .map(|p| p.display().to_string())
             }),
+            passthrough: self
+                .passthrough
+                .iter()
+                .map(|(slot, d)| d.lock().unwrap_or_else(|e| e.into_inner()).info(*slot))
+                .collect(),
         }
     }
 }
@@ -500,8 +544,16 @@ impl StepTimer {
     }
 }
 
-/// One virtio-pci device per vhost-user back-end, on a new PCI bus.
-type PciDevices = (PciBus, Vec<(u8, Arc<Mutex<VirtioPciDevice>>)>);
+/// The PCI bus with its virtio-pci devices (one per vhost-user back-end) and its
+/// passed-through devices.
+type PciDevices = (
+    PciBus,
+    Vec<(u8, Arc<Mutex<VirtioPciDevice>>)>,
+    PassedThrough,
+);
+
+/// (PCI slot, device) of each passed-through device.
+type PassedThrough = crate::vfio::OnBus;
 
 /// The PCI bus with one virtio-pci device per vhost-user back-end.
 fn create_pci(
@@ -510,11 +562,12 @@ fn create_pci(
     vm: &Arc<VmFd>,
     ram: &GuestRam,
     how: Devices<'_>,
+    passthrough: &[PathBuf],
 ) -> Result<PciDevices, VmError> {
     let mut bus = PciBus::new(layout::PCI_ECAM);
     let mut devices = Vec::new();
-    if config.devices.is_empty() {
-        return Ok((bus, devices));
+    if config.devices.is_empty() && passthrough.is_empty() {
+        return Ok((bus, devices, Vec::new()));
     }
     let max_gsi =
         u32::try_from(kvm.check_extension_int(kvm_ioctls::Cap::IrqRouting)).unwrap_or(1024);
@@ -565,7 +618,9 @@ fn create_pci(
         let slot = bus.add(dev.clone()).ok_or_else(full)?;
         devices.push((u8::try_from(slot).map_err(|_| full())?, dev));
     }
-    Ok((bus, devices))
+    let vfio = crate::vfio::add_to_bus(&mut bus, vm, &ram.mem, &irq, &mut bars, passthrough)
+        .map_err(|(path, source)| VmError::Vfio { path, source })?;
+    Ok((bus, devices, vfio))
 }
 
 fn console(config: &VmConfig, vm: &VmFd) -> Result<ConsoleSerial, VmError> {

@@ -195,6 +195,13 @@ impl ConfigSpace {
         }
     }
 
+    /// Sets the write mask of the bytes at `off` (for registers a device model virtualises).
+    pub fn set_wmask(&mut self, off: usize, mask: &[u8]) {
+        if let Some(dst) = self.wmask.get_mut(off..off + mask.len()) {
+            dst.copy_from_slice(mask);
+        }
+    }
+
     /// Raw bytes at `off`.
     pub fn bytes(&self, off: usize, len: usize) -> &[u8] {
         self.bytes.get(off..off + len).unwrap_or(&[])

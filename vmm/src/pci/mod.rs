@@ -31,6 +31,11 @@ pub(crate) fn hi32(x: u64) -> u32 {
 pub trait PciDevice: Send {
     /// The configuration space (for reads).
     fn config(&self) -> &ConfigSpace;
+    /// Handles a configuration read; the default reads [`PciDevice::config`]. A passed-through
+    /// device reads what it does not virtualise from the hardware.
+    fn read_config(&self, off: usize, data: &mut [u8]) {
+        self.config().read(off, data);
+    }
     /// Handles a configuration write (after the bus checked the offset).
     fn write_config(&mut self, off: usize, data: &[u8]) -> Option<BarMove>;
     /// Handles a read from BAR `bar` at `offset`.
@@ -139,8 +144,7 @@ impl PciBus {
         if let Some(d) = self.device(slot) {
             d.lock()
                 .unwrap_or_else(|e| e.into_inner())
-                .config()
-                .read(off, data);
+                .read_config(off, data);
         }
     }
 

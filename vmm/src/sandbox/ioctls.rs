@@ -33,6 +33,20 @@ const fn iowr<T>(nr: u32) -> u64 {
     ioctl_expr(_IOC_READ | _IOC_WRITE, KVMIO, nr, size::<T>())
 }
 
+/// VFIO's ioctl type (`;`) and first number (linux/vfio.h).
+const VFIO_TYPE: u32 = b';' as u32;
+const VFIO_BASE: u32 = 100;
+
+const fn vfio(nr: u32) -> u64 {
+    ioctl_expr(_IOC_NONE, VFIO_TYPE, VFIO_BASE + nr, 0)
+}
+
+// A VFIO device fd.
+/// VFIO_DEVICE_SET_IRQS (MSI-X eventfds when the guest enables or disables MSI-X).
+pub const VFIO_DEVICE_SET_IRQS: u64 = vfio(10);
+/// VFIO_DEVICE_RESET.
+pub const VFIO_DEVICE_RESET: u64 = vfio(11);
+
 // /dev/kvm.
 /// KVM_GET_API_VERSION.
 pub const KVM_GET_API_VERSION: u64 = io(0x00);
@@ -138,5 +152,7 @@ mod tests {
         assert_eq!(KVM_GET_SUPPORTED_CPUID, 0xc008_ae05);
         assert_eq!(KVM_GET_XSAVE, 0x9000_aea4);
         assert_eq!(KVM_SET_IRQCHIP, 0x8208_ae63);
+        assert_eq!(VFIO_DEVICE_SET_IRQS, 0x3b6e);
+        assert_eq!(VFIO_DEVICE_RESET, 0x3b6f);
     }
 }

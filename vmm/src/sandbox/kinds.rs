@@ -80,11 +80,24 @@ const DEVICE_MODEL_IOCTLS: [u64; 3] = [KVM_SET_GSI_ROUTING, KVM_IRQFD, KVM_IOEVE
 
 /// A vCPU thread: KVM_RUN and its exits — port I/O and MMIO emulation (the serial console's
 /// output, to a socket console's clients with `send`, PCI configuration, virtio-pci registers, which start and reset devices: vhost-user
-/// messages to the back-end), registers for a crash report.
+/// messages to the back-end), registers for a crash report. For a passed-through device:
+/// configuration and trapped BAR accesses (`pread64`/`pwrite64` on the VFIO device fd), its
+/// MSI-X eventfds (VFIO_DEVICE_SET_IRQS) and moving a mapped BAR's memory slot.
 pub fn vcpu() -> ThreadKind {
-    let mut ioctl = vec![KVM_RUN, KVM_GET_REGS, KVM_GET_SREGS];
+    let mut ioctl = vec![
+        KVM_RUN,
+        KVM_GET_REGS,
+        KVM_GET_SREGS,
+        KVM_SET_USER_MEMORY_REGION,
+        VFIO_DEVICE_SET_IRQS,
+    ];
     ioctl.extend(DEVICE_MODEL_IOCTLS);
-    let mut l = vec![ioctls(&ioctl), Syscall::any(libc::SYS_sendto)];
+    let mut l = vec![
+        ioctls(&ioctl),
+        Syscall::any(libc::SYS_sendto),
+        Syscall::any(libc::SYS_pread64),
+        Syscall::any(libc::SYS_pwrite64),
+    ];
     l.extend(vhost_user());
     ThreadKind::new("vcpu", l)
 }
@@ -101,11 +114,13 @@ pub fn api() -> ThreadKind {
 }
 
 /// The main thread once the VM runs: waits for the VM to stop, kicks the vCPUs out, removes
-/// the API socket, the `--incoming` sockets and the RAM file it owns, exits.
+/// the API socket, the `--incoming` sockets and the RAM file it owns, resets passed-through
+/// devices (VFIO_DEVICE_RESET), exits.
 pub fn control() -> ThreadKind {
     let mut l = vec![
         Syscall::any(libc::SYS_unlink),
         Syscall::any(libc::SYS_unlinkat),
+        ioctls(&[VFIO_DEVICE_RESET]),
     ];
     l.extend(kick());
     ThreadKind::new("control", l)

@@ -23,7 +23,9 @@
 # L2 contract (as tests/linux-guest): /init loads the virtio modules, mounts proc, sysfs,
 # devtmpfs on /dev, tmpfs on /tmp; runs /baton/script.sh (lib.sh's l2_boot puts it in a cpio of its
 # own in front of the initramfs) or else the shell script passed base64-encoded on the kernel
-# command line as `baton.script=BASE64`; prints its kernel's messages of level 0-4 (warning
+# command line as `baton.script=BASE64`; if the script exits 0 having written a mount point to
+# /tmp/switch-root, moves /dev, /proc, /sys there and `switch_root`s to its /sbin/init (the
+# system there prints the lines below: build-rootfs.sh); otherwise prints its kernel's messages of level 0-4 (warning
 # and worse; `dmesg -r`) as "dmesg: ...", then "BATON-GUEST-EXIT <status>"; `poweroff -f`.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -161,7 +163,8 @@ EOS
 } >l1/init
 
 # L2: virtio (disk and NIC from baton's back-ends), ext4 for a root file system on the disk.
-l2_mods="virtio_pci virtio_blk virtio_net ext4 crc32c_generic"
+# nvme (and nvme_core) for a device passed through with VFIO (scenarios/vfio-nvme.sh).
+l2_mods="virtio_pci virtio_blk virtio_net ext4 crc32c_generic nvme"
 make_tree l2 $l2_mods
 {
     init_head "$modules"
@@ -174,6 +177,14 @@ else
 fi
 sh /tmp/script.sh
 status=$?
+# A script that mounted a root file system and wrote its mount point to /tmp/switch-root
+# hands L2 over to that system's /sbin/init (which then owns the contract's last lines).
+if [ $status = 0 ] && [ -s /tmp/switch-root ]; then
+    r=$(cat /tmp/switch-root)
+    umount /tmp
+    for d in dev proc sys; do mount --move /$d $r/$d; done
+    exec switch_root $r /sbin/init
+fi
 dmesg -r | sed -n 's/^<[0-4]>/dmesg: /p'
 echo "BATON-GUEST-EXIT $status"
 sync

@@ -12,6 +12,8 @@
 #   net_start NAME TAP [baton-net-tap options...] serve TAP on /tmp/NAME.sock
 #   service_stop NAME                             SIGTERM a back-end, wait for it
 #   check CONDITION-TEXT COMMAND...               run COMMAND, print ok/FAIL, count failures
+#   device_is API SOCKET N                        the device is connected after N reconnects
+#   kill_service NAME                             SIGKILL a back-end, keep its log
 # Everything a helper starts logs to /tmp/NAME.log; L2's console is /tmp/NAME.console.
 
 L2_KERNEL=/rig/l2/kernel
@@ -361,4 +363,21 @@ load_checks() {
         grep -q '^writer: [0-9]* writes, 0 write errors, 0 verify errors' "/tmp/$1.console"
     check "$1: L2's clocks never went back" sh -c "! grep 'went back' /tmp/$1.console"
     check "$1: L2's clock watcher ran to the end" grep -q '^clock: [0-9]* samples' "/tmp/$1.console"
+}
+
+# device_is API SOCKET N: vm.info (through the API socket API) shows the device on SOCKET
+# connected after N reconnects.
+device_is() {
+    batonctl --api-socket "$1" info | tr -d ' \n' |
+        grep -o "{[^{}]*\"socket\":\"$2\"[^{}]*}" >/tmp/device.json || return 1
+    grep -q '"backend":"connected"' /tmp/device.json && grep -q "\"reconnects\":$3[,}]" /tmp/device.json
+}
+
+# kill_service NAME: SIGKILLs a back-end started by blk_start or net_start; keeps its log.
+kill_service() {
+    _pid=$(cat /tmp/$1.pid)
+    kill -KILL "$_pid"
+    wait "$_pid"
+    cat /tmp/$1.log >>/tmp/$1.all.log
+    echo "--- SIGKILLed" >>/tmp/$1.all.log
 }

@@ -168,6 +168,52 @@ static RIG: Mutex<()> = Mutex::new(());
 /// [`can_run_with`] (kind `qemu`) only when the host lacks what the rig needs; then returns
 /// [`RigError::CannotRun`] if that skip is allowed.
 pub fn run_scenario(name: &str, args: &[&str]) -> Result<RigOutput, RigError> {
+    run_scenario_with(name, &[], args)
+}
+
+/// What the Debian root file system image needs on the host besides [`NEEDS`]
+/// (`tests/nested/build-rootfs.sh`; building it also needs root, once: it is cached).
+pub const ROOTFS_NEEDS: &[Need] = &[
+    Need::Program("mmdebstrap"),
+    Need::Program("mkfs.ext4"),
+    Need::Program("e2fsck"),
+];
+
+/// A fresh copy of the rig's Debian root file system image (`tests/nested/build-rootfs.sh`:
+/// built once into the rig's cache, then copied) at `target/<profile>/nested/NAME.ext4`, for
+/// `run.sh --disk` (a run writes to it). [`RigError::CannotRun`] as [`run_scenario`] does.
+pub fn rootfs_copy(name: &str) -> Result<PathBuf, RigError> {
+    if !can_run_with(
+        &format!("nested rig ({name}): root file system"),
+        ROOTFS_NEEDS,
+    ) {
+        return Err(RigError::CannotRun(
+            "a program the root file system image needs is missing".into(),
+        ));
+    }
+    let dir = target_dir().join("nested");
+    std::fs::create_dir_all(&dir).map_err(RigError::Run)?;
+    let copy = dir.join(format!("{name}.ext4"));
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo_root().join("tests/nested/build-rootfs.sh"))
+        .arg(&copy);
+    let done = run_to_end(cmd, Duration::from_secs(900)).map_err(RigError::Run)?;
+    if done.code != Some(0) {
+        return Err(RigError::Run(std::io::Error::other(format!(
+            "tests/nested/build-rootfs.sh exited {:?}: {}",
+            done.code, done.stderr
+        ))));
+    }
+    Ok(copy)
+}
+
+/// [`run_scenario`] with options for run.sh before the scenario's name (`--disk IMAGE`,
+/// `--file PATH`).
+pub fn run_scenario_with(
+    name: &str,
+    run_options: &[&std::ffi::OsStr],
+    args: &[&str],
+) -> Result<RigOutput, RigError> {
     if !can_run_with(&format!("nested rig ({name})"), NEEDS) {
         return Err(RigError::CannotRun(
             "a program the rig needs is missing".into(),
@@ -186,6 +232,7 @@ pub fn run_scenario(name: &str, args: &[&str]) -> Result<RigOutput, RigError> {
     let log = logs.join(format!("{name}.log"));
     let mut cmd = Command::new("bash");
     cmd.arg(repo_root().join("tests/nested/run.sh"))
+        .args(run_options)
         .arg(name)
         .args(args)
         .env("BATON_BIN_DIR", target_dir())

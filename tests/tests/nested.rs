@@ -9,7 +9,7 @@
 //! ([`RigOutput::l2_complaints`]; the scenarios check the same in L1 with lib.sh's
 //! `check_l2`).
 
-use baton_tests::nested::{RigError, RigOutput, run_scenario};
+use baton_tests::nested::{RigError, RigOutput, rootfs_copy, run_scenario, run_scenario_with};
 
 /// Runs a scenario; `None` when the rig cannot run here and that skip is allowed.
 fn run(name: &str, args: &[&str]) -> Option<RigOutput> {
@@ -164,4 +164,151 @@ fn linux_under_disk_load_and_pings_through_backend_restarts() {
         .map(String::from),
     );
     assert_passes(&out, &checks.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+#[test]
+fn linux_boots_a_debian_root_fs_on_baton_blk() {
+    // A Debian bookworm image (mmdebstrap minbase + systemd, tests/nested/build-rootfs.sh),
+    // L1's /dev/vda, served by baton-blk as L2's root: systemd to multi-user.target, then a
+    // unit powers it off; the file system must be clean afterwards.
+    let image = match rootfs_copy("rootfs") {
+        Ok(image) => image,
+        Err(RigError::CannotRun(_)) => return,
+        Err(e) => panic!("rootfs: {e}"),
+    };
+    let out = match run_scenario_with("rootfs", &["--disk".as_ref(), image.as_os_str()], &[]) {
+        Ok(out) => {
+            eprintln!("rootfs: {}", out.summary());
+            out
+        }
+        Err(RigError::CannotRun(_)) => return,
+        Err(e) => panic!("rootfs: {e}"),
+    };
+    assert_passes(
+        &out,
+        &[
+            "baton-vmm exits 0",
+            "rootfs: L2's script exits 0",
+            "rootfs: L2's kernel logs no warning, error or call trace",
+            "systemd reached multi-user.target",
+            "the unit after multi-user.target ran",
+            "no systemd unit failed",
+            "L2 powered off through systemd (poweroff.target, then the kernel's power-off)",
+            "the file system's journal needs no recovery (clean unmount)",
+            "the file system's state is valid, without errors",
+            "L1 mounts it without a journal recovery",
+            "the boot's writes are in the image (/var/lib/baton-rig/done)",
+        ],
+    );
+    // And on the host, after L0 exited: a forced read-only check finds nothing to fix.
+    let fsck = std::process::Command::new("e2fsck")
+        .args(["-fn"])
+        .arg(&image)
+        .output()
+        .expect("running e2fsck");
+    assert!(
+        fsck.status.success(),
+        "e2fsck -fn {}: {}\n{}{}",
+        image.display(),
+        fsck.status,
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    let _ = std::fs::remove_file(&image);
+}
+
+#[test]
+fn linux_uses_a_passed_through_nvme() {
+    // L0 gets an IOMMU and an NVMe controller backed by a file here; L1 boots with the IOMMU on,
+    // binds the controller to vfio-pci and passes it to L2 (`baton-vmm --device path=...`),
+    // whose nvme driver writes two patterns and reads them back (scenarios/vfio-nvme.sh). Then
+    // the patterns must be in the file, where the device's DMA put them. Twice: with the MSI-X
+    // table in BAR0 (QEMU's default: BAR0 trapped, doorbells forwarded by baton), and in a BAR
+    // of its own (BAR0 mapped into the guest through a KVM memory slot).
+    for exclusive_msix_bar in [false, true] {
+        if !nvme_passthrough_run(exclusive_msix_bar) {
+            return;
+        }
+    }
+}
+
+/// One L0 run of scenarios/vfio-nvme.sh; false if the rig cannot run here.
+fn nvme_passthrough_run(exclusive_msix_bar: bool) -> bool {
+    let what = if exclusive_msix_bar {
+        "vfio-nvme, MSI-X in BAR4"
+    } else {
+        "vfio-nvme, MSI-X in BAR0"
+    };
+    let dir = baton_tests::harness::target_dir().join("nested");
+    std::fs::create_dir_all(&dir).expect("creating target/.../nested");
+    let image = dir.join("vfio-nvme.img");
+    let _ = std::fs::remove_file(&image);
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(64 << 20))
+        .expect("creating the NVMe image");
+    let drive = format!("if=none,id=nv0,file={},format=raw", image.display());
+    let nvme = format!("nvme,serial=baton,drive=nv0,msix-exclusive-bar={exclusive_msix_bar}");
+    let options = [
+        "--qemu",
+        "-device",
+        "--qemu",
+        "intel-iommu,intremap=on",
+        "--qemu",
+        "-drive",
+        "--qemu",
+        &drive,
+        "--qemu",
+        "-device",
+        "--qemu",
+        &nvme,
+        "--append",
+        "intel_iommu=on",
+    ];
+    let options: Vec<&std::ffi::OsStr> = options.iter().map(|s| s.as_ref()).collect();
+    let mapped = if exclusive_msix_bar { "1" } else { "0" };
+    let out = match run_scenario_with("vfio-nvme", &options, &[mapped]) {
+        Ok(out) => {
+            eprintln!("{what}: {}", out.summary());
+            out
+        }
+        Err(RigError::CannotRun(_)) => return false,
+        Err(e) => panic!("{what}: {e}"),
+    };
+    let mapped_check = format!("vm.info: {mapped} BAR(s) mapped into the guest, 1 trapped");
+    assert_passes(
+        &out,
+        &[
+            "L0 gave L1 an NVMe controller",
+            "the NVMe controller has an IOMMU group (intel_iommu=on)",
+            "bad input: a device not bound to vfio-pci is refused, named",
+            "the NVMe controller is bound to vfio-pci",
+            "bad input: a missing device is refused, named",
+            "bad input: the same device twice is refused, named",
+            "vm.info lists the passed-through device with MSI-X on",
+            &mapped_check,
+            "baton-vmm exits 0",
+            "vfio-l2: L2's script exits 0",
+            "vfio-l2: L2's kernel logs no warning, error or call trace",
+            "L2 read both patterns back from the NVMe",
+            "the NVMe controller is still bound to vfio-pci",
+            "no RAM file is left behind",
+        ],
+    );
+    // On the host, after L0 exited: A = `seq 1 100000` at 64 KiB, B = `seq 200001 300000` at
+    // 32 MiB, as L2 wrote them.
+    let data = std::fs::read(&image).expect("reading the NVMe image");
+    for (name, range, at) in [
+        ("A", 1..=100_000, 16 * 4096),
+        ("B", 200_001..=300_000, 8192 * 4096),
+    ] {
+        let want: String = range.map(|n| format!("{n}\n")).collect();
+        let got = data.get(at..at + want.len());
+        assert!(
+            got == Some(want.as_bytes()),
+            "{what}: pattern {name} is not at {at:#x} of {}",
+            image.display()
+        );
+    }
+    let _ = std::fs::remove_file(&image);
+    true
 }

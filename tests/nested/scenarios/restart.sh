@@ -24,12 +24,6 @@ if ! load_running $name; then
     exit $FAILURES
 fi
 
-# device_is SOCKET N: vm.info shows the device on SOCKET connected after N reconnects.
-device_is() {
-    batonctl --api-socket /tmp/$name.api info | tr -d ' \n' |
-        grep -o "{[^{}]*\"socket\":\"$1\"[^{}]*}" >/tmp/device.json || return 1
-    grep -q '"backend":"connected"' /tmp/device.json && grep -q "\"reconnects\":$2[,}]" /tmp/device.json
-}
 # echo_requests: ICMP echo requests L1 has received so far.
 echo_requests() {
     awk '/^Icmp:/ { if (h) { for (i = 1; i <= NF; i++) if (n[i] == "InEchos") print $i } else { h = 1; for (i = 1; i <= NF; i++) n[i] = $i } }' /proc/net/snmp
@@ -37,14 +31,6 @@ echo_requests() {
 pings_above() { [ "$(echo_requests)" -gt "$1" ]; }
 # pings_grow SECONDS: L1 receives an echo request within SECONDS.
 pings_grow() { wait_for "$1" pings_above "$(echo_requests)"; }
-# kill_service NAME: SIGKILLs a back-end started by blk_start or net_start; keeps its log.
-kill_service() {
-    _pid=$(cat /tmp/$1.pid)
-    kill -KILL "$_pid"
-    wait "$_pid"
-    cat /tmp/$1.log >>/tmp/$1.all.log
-    echo "--- SIGKILLed" >>/tmp/$1.all.log
-}
 
 check "L2's pings reach L1" pings_grow 60
 for i in $(seq 1 "$rounds"); do
@@ -53,13 +39,13 @@ for i in $(seq 1 "$rounds"); do
     kill_service blk0
     echo "round $i: baton-blk SIGKILLed"
     blk_start blk0 /tmp/disk.img
-    check "round $i: baton-vmm reconnects baton-blk" wait_for 60 device_is /tmp/blk0.sock $i
+    check "round $i: baton-vmm reconnects baton-blk" wait_for 60 device_is /tmp/$name.api /tmp/blk0.sock $i
     check "round $i: L2's writer goes on" writer_grows /tmp/$name.serial.0 60
     kill_service net0
     echo "round $i: baton-net-tap SIGKILLed"
     net_start net0 tap0
     tap_up
-    check "round $i: baton-vmm reconnects baton-net-tap" wait_for 60 device_is /tmp/net0.sock $i
+    check "round $i: baton-vmm reconnects baton-net-tap" wait_for 60 device_is /tmp/$name.api /tmp/net0.sock $i
     check "round $i: L2's pings reach L1 again" pings_grow 60
 done
 check "L2 is told to stop" load_stop

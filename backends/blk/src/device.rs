@@ -55,6 +55,7 @@ pub struct Device {
     engine: IoEngineKind,
     writeback: AtomicBool,
     seg_max: u32,
+    poll: std::time::Duration,
     test_delay: Option<std::time::Duration>,
 }
 
@@ -82,6 +83,7 @@ impl Device {
             engine: args.io_engine,
             writeback: AtomicBool::new(true),
             seg_max: u32::from(args.queue_size).saturating_sub(2).clamp(1, 1024),
+            poll: std::time::Duration::from_micros(args.poll_us),
             test_delay: (args.test_delay_ms > 0)
                 .then(|| std::time::Duration::from_millis(args.test_delay_ms)),
         })
@@ -120,6 +122,11 @@ impl Device {
     /// Maximum queue size.
     pub fn queue_size(&self) -> u16 {
         self.queue_size
+    }
+
+    /// How long a worker looks for the next request before sleeping (`--poll-us`).
+    pub fn poll(&self) -> std::time::Duration {
+        self.poll
     }
 
     /// Test-only delay before executing a batch (`--test-delay-ms`).

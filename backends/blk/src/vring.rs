@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use baton_service::sandbox::Gate;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use std::time::Instant;
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
@@ -199,7 +200,54 @@ pub fn worker(ctl: Arc<VringCtl>, dev: Arc<Device>, index: u16, gate: Gate) {
             process(&mut st, &dev, &mut engine);
         }
         drop(st);
+        poll_ring(&ctl, &dev, &mut engine);
         baton_service::memory::report_faults();
+    }
+}
+
+/// After the ring ran dry: watches its avail index for up to [`Device::poll`], with the
+/// guest's notifications off (with EVENT_IDX), and processes what comes; turns them back on
+/// before the worker sleeps. The ring lock is taken only for each look, so the control path
+/// (stopping the ring) is never held up for long.
+fn poll_ring(ctl: &VringCtl, dev: &Device, engine: &mut Engine) {
+    let budget = dev.poll();
+    if budget.is_zero() {
+        return;
+    }
+    let mut deadline = Instant::now() + budget;
+    let mut quiet = false;
+    loop {
+        if ctl.quit.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut st = ctl.lock();
+        if !st.runnable() || !st.queue.event_idx_enabled() {
+            return;
+        }
+        let Some(mem) = st.mem.clone() else { return };
+        if !quiet {
+            let _ = st.queue.disable_notification(&*mem);
+            quiet = true;
+        }
+        let next = st.queue.next_avail();
+        let pending = st
+            .queue
+            .avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)
+            .is_ok_and(|i| i.0 != next);
+        if pending {
+            // process() turns notifications back on when it is done.
+            process(&mut st, dev, engine);
+            quiet = false;
+            deadline = Instant::now() + budget;
+        } else if Instant::now() >= deadline {
+            // Back on; a request that came meanwhile is processed now, not after a kick.
+            if matches!(st.queue.enable_notification(&*mem), Ok(true)) {
+                process(&mut st, dev, engine);
+            }
+            return;
+        }
+        drop(st);
+        std::hint::spin_loop();
     }
 }
 

@@ -28,6 +28,11 @@ pub struct Args {
     /// MTU offered to the guest.
     #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u16).range(68..=65521))]
     pub mtu: u16,
+    /// An idle queue worker looks for the guest's next frame for up to this many
+    /// microseconds before sleeping (0: sleep at once); a frame that comes meanwhile needs no
+    /// wake-up. QEMU's iothreads poll the same way, 32 µs by default.
+    #[arg(long, default_value_t = crate::device::DEFAULT_POLL_US, value_name = "MICROSECONDS")]
+    pub poll_us: u64,
     /// --allow-uid and --user.
     #[command(flatten)]
     pub service: baton_service::privilege::ServiceArgs,

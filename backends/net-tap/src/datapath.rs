@@ -362,6 +362,19 @@ pub fn process_tx(dev: &Device, pair: &QueuePair, s: &mut Scratch) -> bool {
     }
 }
 
+/// Whether the TX ring holds chains not taken yet (a look at its avail index; for polling).
+pub fn tx_pending(dev: &Device, pair: &QueuePair) -> bool {
+    let vr = lock(&pair.tx);
+    if !vr.active() {
+        return false;
+    }
+    let mem = dev.mem.memory();
+    let next = vr.queue.next_avail();
+    vr.queue
+        .avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)
+        .is_ok_and(|i| i.0 != next)
+}
+
 /// What the RX ring can offer for the next frame.
 enum Gathered {
     /// Enough chains are pending in `Scratch::chains`.

@@ -169,7 +169,12 @@ pub struct Device {
     pub stats: Stats,
     /// Set on SIGTERM: workers exit.
     pub shutdown: AtomicBool,
+    /// How long an idle worker looks for work before it sleeps (`--poll-us`).
+    poll: std::sync::atomic::AtomicU64,
 }
+
+/// `--poll-us`'s default (QEMU's iothreads poll 32 µs by default too).
+pub const DEFAULT_POLL_US: u64 = 32;
 
 /// Locks a mutex, recovering from poisoning (a panicked worker must not take the service down).
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -177,6 +182,17 @@ pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Device {
+    /// How long an idle worker looks for the guest's next TX frame (and the TAP's next RX
+    /// frame) before it sleeps: 0 sleeps at once.
+    pub fn set_poll(&self, poll: std::time::Duration) {
+        let us = u64::try_from(poll.as_micros()).unwrap_or(u64::MAX);
+        self.poll.store(us, Ordering::Relaxed);
+    }
+
+    fn poll(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.poll.load(Ordering::Relaxed))
+    }
+
     /// Builds the device over already opened TAP queues (one per pair).
     pub fn new(cfg: NetConfig, taps: Vec<Tap>) -> io::Result<Arc<Device>> {
         let mut pairs = Vec::with_capacity(taps.len());
@@ -198,6 +214,7 @@ impl Device {
             active_pairs: AtomicUsize::new(n),
             stats: Stats::default(),
             shutdown: AtomicBool::new(false),
+            poll: std::sync::atomic::AtomicU64::new(DEFAULT_POLL_US),
         }))
     }
 
@@ -551,6 +568,10 @@ impl<'a> Worker<'a> {
         let mut events = [EpollEvent::default(); 8];
         self.resync()?;
         let (mut do_rx, mut do_tx, mut do_ctrl) = (true, true, self.index == 0);
+        // Idle, the worker first polls (the TX ring's avail index, and epoll without waiting)
+        // until this deadline, then sleeps: a frame that comes meanwhile costs no wake-up.
+        let budget = self.dev.poll();
+        let mut poll_until = std::time::Instant::now() + budget;
         loop {
             if self.dev.shutdown.load(Ordering::Acquire) {
                 return Ok(());
@@ -566,7 +587,17 @@ impl<'a> Worker<'a> {
                 do_ctrl = false;
             }
             baton_service::memory::report_faults();
-            let timeout = if do_rx || do_tx { 0 } else { -1 };
+            let busy = do_rx || do_tx;
+            if busy {
+                poll_until = std::time::Instant::now() + budget;
+            } else if std::time::Instant::now() < poll_until {
+                do_tx = datapath::tx_pending(self.dev, self.pair);
+            }
+            let timeout = if do_rx || do_tx || std::time::Instant::now() < poll_until {
+                0
+            } else {
+                -1
+            };
             let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => 0,

@@ -52,6 +52,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         args.socket.as_deref().filter(|_| bound),
     )?;
     let dev = Device::new(cfg, taps).context("creating the device")?;
+    dev.set_poll(std::time::Duration::from_micros(args.poll_us));
     let peers = SocketPolicy::new(allow, args.socket.as_deref());
     let socket = args.socket.filter(|_| bound);
     let sandbox = Arc::new(Sandbox::new("baton-net-tap", &args.sandbox)?);

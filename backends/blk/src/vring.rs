@@ -15,8 +15,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use baton_service::sandbox::Gate;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use std::time::Instant;
 use nix::sys::eventfd::{EfdFlags, EventFd};
+use std::time::Instant;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 

@@ -2,7 +2,7 @@
 //! structures, all written into guest RAM before the first vCPU runs.
 //!
 //! Two kernel formats, told apart by content: a PVH ELF (a `vmlinux` carrying the Xen PVH entry
-//! note; [`pvh`]) and a bzImage as distributions ship it in `/boot/vmlinuz-*` ([`bzimage`]: the
+//! note; `pvh`) and a bzImage as distributions ship it in `/boot/vmlinuz-*` (`bzimage`: the
 //! Linux x86 boot protocol's 64-bit entry with a zero page).
 
 mod bzimage;

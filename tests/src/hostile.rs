@@ -2,6 +2,9 @@
 //! that it answers a request in time (a watchdog kills it otherwise, so that a livelocked
 //! back-end fails the test instead of hanging it).
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -117,8 +120,7 @@ pub fn vhost_user_attempt_as(uid: u32, path: &std::path::Path) -> Attempt {
                 (&raw const tv).cast(),
                 tv_len,
             );
-            // GET_FEATURES, version 1, no body.
-            let msg: [u8; 12] = [1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
+            let msg = GET_FEATURES;
             if libc::write(fd, msg.as_ptr().cast(), msg.len()) != 12 {
                 libc::_exit(1);
             }
@@ -140,4 +142,27 @@ pub fn vhost_user_attempt_as(uid: u32, path: &std::path::Path) -> Attempt {
         Some(2) => Attempt::NoConnect,
         _ => Attempt::Other,
     }
+}
+
+/// VHOST_USER_GET_FEATURES, version 1, no body: the smallest request that asks for a reply
+/// (12 header bytes; the reply is 20).
+pub const GET_FEATURES: [u8; 12] = [1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0];
+
+/// Sends GET_FEATURES on `s` and returns the features of the reply (panics on failure).
+pub fn get_features_on(s: &mut UnixStream) -> u64 {
+    s.write_all(&GET_FEATURES).expect("sending GET_FEATURES");
+    let mut reply = [0u8; 20];
+    s.read_exact(&mut reply)
+        .expect("reading the GET_FEATURES reply");
+    let mut f = [0u8; 8];
+    f.copy_from_slice(&reply[12..20]);
+    u64::from_le_bytes(f)
+}
+
+/// [`get_features_on`] over a fresh connection to `sock`, waiting at most 10 s for the reply.
+pub fn get_features(sock: &Path) -> u64 {
+    let mut s = UnixStream::connect(sock).expect("connecting to the back-end");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    get_features_on(&mut s)
 }

@@ -799,7 +799,7 @@ fn a_front_end_that_does_not_read_its_replies_is_dropped() {
     const REQUESTS: usize = 20_000;
     let mut sent = 0;
     for _ in 0..REQUESTS {
-        if s.write_all(&[1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]).is_err() {
+        if s.write_all(&baton_tests::hostile::GET_FEATURES).is_err() {
             break;
         }
         sent += 1;

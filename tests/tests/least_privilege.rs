@@ -9,15 +9,14 @@
     clippy::cast_possible_truncation
 )]
 
-use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
 use baton_tests::blk::*;
 use baton_tests::boot::baton_cmd;
 use baton_tests::harness::{Need, Proc, TempDir, bin, can_run_with, run_to_end};
+use baton_tests::hostile::get_features;
 use baton_tests::local_users::NOBODY;
 use baton_tests::net::*;
 use baton_tests::netns::{Netns, unique_tap};
@@ -48,16 +47,6 @@ fn assert_unprivileged(pid: u32, id: u32) {
         assert_eq!(status_field(pid, set), ["0000000000000000"], "{set}");
     }
     assert_eq!(status_field(pid, "NoNewPrivs"), ["1"]);
-}
-
-/// VHOST_USER_GET_FEATURES over a fresh connection.
-fn get_features(sock: &std::path::Path) -> u64 {
-    let mut s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(&[1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]).unwrap();
-    let mut reply = [0u8; 20];
-    s.read_exact(&mut reply).unwrap();
-    u64::from_le_bytes(reply[12..20].try_into().unwrap())
 }
 
 #[test]

@@ -16,6 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use baton_tests::harness::{Need, TempDir, bin, can_run_with, run_to_end, wait_until};
+use baton_tests::hostile::get_features_on;
 use baton_tests::net::*;
 use baton_tests::netns::{Netns, sh, unique_tap};
 
@@ -204,17 +205,6 @@ fn net_cli_no_permission_to_create_a_tap() {
     assert!(!f.stderr.contains("panicked"), "{}", f.stderr);
 }
 
-fn get_features(s: &mut UnixStream) -> u64 {
-    // VHOST_USER_GET_FEATURES, version 1, no payload.
-    let mut msg = [0u8; 12];
-    msg[0] = 1;
-    msg[4] = 1;
-    s.write_all(&msg).unwrap();
-    let mut reply = [0u8; 20];
-    s.read_exact(&mut reply).unwrap();
-    u64::from_le_bytes(reply[12..20].try_into().unwrap())
-}
-
 #[test]
 fn net_second_frontend_is_refused_without_disturbing_the_first() {
     if !can_run_with(
@@ -230,7 +220,7 @@ fn net_second_frontend_is_refused_without_disturbing_the_first() {
     first
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    let f = get_features(&mut first);
+    let f = get_features_on(&mut first);
     assert_ne!(f & (1 << 32), 0, "VERSION_1 offered");
     let mut second = UnixStream::connect(&tap.socket).unwrap();
     second
@@ -242,7 +232,11 @@ fn net_second_frontend_is_refused_without_disturbing_the_first() {
         0,
         "second front-end must be closed"
     );
-    assert_eq!(get_features(&mut first), f, "first front-end still served");
+    assert_eq!(
+        get_features_on(&mut first),
+        f,
+        "first front-end still served"
+    );
     assert!(
         tap.wait_log("refusing a second front-end", Duration::from_secs(5)),
         "{}",
@@ -259,7 +253,7 @@ fn net_second_frontend_is_refused_without_disturbing_the_first() {
     third
         .set_read_timeout(Some(Duration::from_secs(10)))
         .unwrap();
-    assert_eq!(get_features(&mut third), f);
+    assert_eq!(get_features_on(&mut third), f);
 }
 
 #[test]
@@ -280,7 +274,7 @@ fn net_sigterm_exits_0_and_leaves_a_persistent_tap() {
     let mut tap = NetTap::start(&ns, &dir, &["--tap", &name, "--queues", "2"]);
     let mut fe = UnixStream::connect(&tap.socket).unwrap();
     fe.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    get_features(&mut fe);
+    get_features_on(&mut fe);
     assert_eq!(tap.terminate(), Some(0), "{}", tap.log_text());
     ns.exec(&format!("ip link show {name} >/dev/null")).unwrap();
 
@@ -359,7 +353,7 @@ fn net_socket_activation_and_sd_notify() {
     assert_eq!(&buf[..n], b"READY=1");
     let mut fe = UnixStream::connect(dir.join("act.sock")).unwrap();
     fe.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    assert_ne!(get_features(&mut fe), 0);
+    assert_ne!(get_features_on(&mut fe), 0);
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
     let st = wait_until(Duration::from_secs(10), || {
@@ -404,7 +398,7 @@ fn net_garbage_from_a_front_end_ends_only_that_connection() {
         let mut good = UnixStream::connect(&tap.socket).unwrap();
         good.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
-        assert_ne!(get_features(&mut good), 0, "{}", tap.log_text());
+        assert_ne!(get_features_on(&mut good), 0, "{}", tap.log_text());
         drop(good);
         let seen = wait_until(Duration::from_secs(10), || {
             (tap.log_text().matches("front-end gone").count() > gone).then_some(())

@@ -8,27 +8,15 @@
     clippy::cast_possible_truncation
 )]
 
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::process::Command;
 use std::time::Duration;
 
 use baton_tests::harness::{Need, TempDir, bin, can_run_with, run_to_end, wait_until};
+use baton_tests::hostile::get_features;
 use baton_tests::net::*;
 use baton_tests::netns::{Netns, unique_tap};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-/// VHOST_USER_GET_FEATURES over a fresh connection: served by the main thread, under the
-/// control filter.
-fn get_features(sock: &std::path::Path) -> u64 {
-    let mut s = UnixStream::connect(sock).unwrap();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.write_all(&[1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]).unwrap();
-    let mut reply = [0u8; 20];
-    s.read_exact(&mut reply).unwrap();
-    u64::from_le_bytes(reply[12..20].try_into().unwrap())
-}
 
 #[test]
 fn net_sandbox_is_on_by_default_and_reported() {

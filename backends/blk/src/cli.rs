@@ -7,7 +7,7 @@ use clap::{Parser, ValueEnum};
 /// Which I/O engine executes disk requests.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum IoEngineKind {
-    /// io_uring with one ring per queue, one submission batch per kick.
+    /// io_uring with one ring per queue, up to a queue's worth of requests in flight.
     #[value(name = "io_uring")]
     IoUring,
     /// Synchronous preadv/pwritev on the queue's thread.

@@ -210,6 +210,13 @@ impl Device {
         }
     }
 
+    /// The same device on another disk (tests).
+    #[cfg(test)]
+    pub(crate) fn with_disk(mut self, disk: Disk) -> Self {
+        self.disk = disk;
+        self
+    }
+
     /// Stops every ring (waiting for in-flight requests), then fdatasync.
     pub fn quiesce(&self) -> std::io::Result<()> {
         for q in &self.queues {

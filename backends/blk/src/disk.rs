@@ -316,6 +316,21 @@ impl Drop for AlignedZeroes {
 }
 
 #[cfg(test)]
+impl Disk {
+    /// A disk of `size` bytes on `file`, say a pipe whose reads wait until the test writes:
+    /// requests that complete when the test says so. Everything goes to the ring.
+    pub(crate) fn on(file: File, size: u64) -> Self {
+        Self {
+            file,
+            size,
+            readonly: false,
+            is_block_device: false,
+            inline: Inline::Never,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -1,16 +1,25 @@
 //! Per-queue state and the queue worker thread.
 //!
 //! Each queue has a `Mutex<Vring>` and a thread. The thread waits for a kick (or a wake-up from
-//! the control path), then, holding the lock, pops every available chain, marks it inflight,
-//! runs the batch through its I/O engine, writes statuses and used entries, and notifies once.
-//! Because a batch runs under the lock, the control path (GET_VRING_BASE, disconnect, SIGTERM)
-//! taking the lock waits for in-flight requests to complete; after it clears `started`, the
-//! worker writes no guest memory and sends no notification.
+//! the control path), then, holding the lock, runs the ring as a pipeline ([`process`]): it pops
+//! what is available (marking each head inflight), starts it on its I/O engine, completes to the
+//! used ring whatever has finished (in completion order, as virtio allows), signals the guest
+//! per EVENT_IDX, and pops again; it sleeps, still holding the lock, only when nothing can
+//! progress, until a request finishes or the guest kicks. Up to a queue's worth of requests are
+//! in flight, so a slow request holds up only itself.
+//!
+//! The lock is never released with a request in flight: the pipeline returns only once the
+//! engine is empty. A control-path caller of [`VringCtl::lock`] (GET_VRING_BASE, a new memory
+//! table, disconnect, SIGTERM) announces itself first; the worker then stops popping, drains
+//! what is in flight (one disk latency), releases the lock and wakes itself to resume once the
+//! caller is done. So taking the lock waits for in-flight requests to complete, and not longer;
+//! after the caller clears `started`, the worker writes no guest memory and sends no
+//! notification.
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use baton_service::sandbox::Gate;
@@ -128,6 +137,8 @@ pub struct VringCtl {
     state: Mutex<Vring>,
     wake: EventFd,
     quit: AtomicBool,
+    /// Control-path callers waiting for the lock: the worker drains and lets go.
+    waiting: AtomicUsize,
 }
 
 impl VringCtl {
@@ -137,12 +148,27 @@ impl VringCtl {
             state: Mutex::new(Vring::new(max)?),
             wake: EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?,
             quit: AtomicBool::new(false),
+            waiting: AtomicUsize::new(0),
         })
     }
 
-    /// Locks the queue state (waits for a running batch to finish).
+    /// Locks the queue state for the control path: the worker finishes the requests in flight
+    /// and lets go.
     pub fn lock(&self) -> MutexGuard<'_, Vring> {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let st = self.state();
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        st
+    }
+
+    /// Locks the queue state for the worker.
+    fn state(&self) -> MutexGuard<'_, Vring> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the worker should drain and let go of the lock (someone waits for it, or quit).
+    fn contended(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) > 0 || self.quit.load(Ordering::Relaxed)
     }
 
     /// Wakes the worker (new kick fd, ring started or enabled).
@@ -167,7 +193,7 @@ pub fn worker(ctl: Arc<VringCtl>, dev: Arc<Device>, index: u16, gate: Gate) {
     }
     tracing::debug!(?engine, "worker started");
     loop {
-        let kick = ctl.lock().kick.clone();
+        let kick = ctl.state().kick.clone();
         let mut fds = vec![PollFd::new(ctl.wake.as_fd(), PollFlags::POLLIN)];
         if let Some(k) = &kick {
             fds.push(PollFd::new(k.as_fd(), PollFlags::POLLIN));
@@ -195,36 +221,40 @@ pub fn worker(ctl: Arc<VringCtl>, dev: Arc<Device>, index: u16, gate: Gate) {
         if ctl.quit.load(Ordering::SeqCst) {
             return;
         }
-        let mut st = ctl.lock();
-        if st.runnable() {
-            process(&mut st, &dev, &mut engine);
-        }
+        let mut st = ctl.state();
+        let cut_short = st.runnable() && run(&mut st, &dev, &mut engine, &|| ctl.contended());
         drop(st);
-        poll_ring(&ctl, &dev, &mut engine);
+        // Cut short, the ring may hold requests the guest will not kick for: look again once
+        // the control path is done.
+        if cut_short || poll_ring(&ctl, &dev, &mut engine) {
+            ctl.wake();
+        }
         baton_service::memory::report_faults();
     }
 }
 
 /// After the ring ran dry: watches its avail index for up to [`Device::poll`], with the
 /// guest's notifications off (with EVENT_IDX), and processes what comes; turns them back on
-/// before the worker sleeps. The ring lock is taken only for each look, so the control path
-/// (stopping the ring) is never held up for long.
-fn poll_ring(ctl: &VringCtl, dev: &Device, engine: &mut Engine) {
+/// before the worker sleeps. The ring lock is taken only for each look, and not at all once the
+/// control path waits for it. Returns true if cut short that way (the worker must look again).
+fn poll_ring(ctl: &VringCtl, dev: &Device, engine: &mut Engine) -> bool {
     let budget = dev.poll();
     if budget.is_zero() {
-        return;
+        return false;
     }
     let mut deadline = Instant::now() + budget;
     let mut quiet = false;
     loop {
-        if ctl.quit.load(Ordering::Relaxed) {
-            return;
+        if ctl.contended() {
+            return true;
         }
-        let mut st = ctl.lock();
+        let mut st = ctl.state();
         if !st.runnable() || !st.queue.event_idx_enabled() {
-            return;
+            return false;
         }
-        let Some(mem) = st.mem.clone() else { return };
+        let Some(mem) = st.mem.clone() else {
+            return false;
+        };
         if !quiet {
             let _ = st.queue.disable_notification(&*mem);
             quiet = true;
@@ -235,104 +265,139 @@ fn poll_ring(ctl: &VringCtl, dev: &Device, engine: &mut Engine) {
             .avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)
             .is_ok_and(|i| i.0 != next);
         if pending {
-            // process() turns notifications back on when it is done.
-            process(&mut st, dev, engine);
+            // run() turns notifications back on when it is done.
+            if run(&mut st, dev, engine, &|| ctl.contended()) {
+                return true;
+            }
             quiet = false;
             deadline = Instant::now() + budget;
         } else if Instant::now() >= deadline {
             // Back on; a request that came meanwhile is processed now, not after a kick.
-            if matches!(st.queue.enable_notification(&*mem), Ok(true)) {
-                process(&mut st, dev, engine);
-            }
-            return;
+            return matches!(st.queue.enable_notification(&*mem), Ok(true))
+                && run(&mut st, dev, engine, &|| ctl.contended());
         }
         drop(st);
         std::hint::spin_loop();
     }
 }
 
-/// Processes everything available on a started ring (public for the fuzz targets).
+/// Processes a started ring until nothing is available and nothing is in flight (public for
+/// the fuzz targets).
 pub fn process(st: &mut Vring, dev: &Device, engine: &mut Engine) {
-    let Some(mem) = st.mem.clone() else { return };
+    run(st, dev, engine, &|| false);
+}
+
+/// The pipeline (see the module doc). Once `cut_short` says so, it stops popping, finishes
+/// what is in flight and returns true: the ring may still hold requests.
+fn run(st: &mut Vring, dev: &Device, engine: &mut Engine, cut_short: &dyn Fn() -> bool) -> bool {
+    let Some(mem) = st.mem.clone() else {
+        return false;
+    };
     let m: &GuestMemoryMmap = &mem;
-    let info = dev.info();
     let event_idx = st.queue.event_idx_enabled();
+    let mut stopped = false;
     loop {
-        if event_idx {
-            let _ = st.queue.disable_notification(m);
+        stopped = stopped || cut_short();
+        let mut popped = 0;
+        if !stopped && !st.broken {
+            if event_idx {
+                let _ = st.queue.disable_notification(m);
+            }
+            let room = usize::from(st.queue.size()).saturating_sub(engine.in_flight());
+            let batch = pop(st, dev, m, room);
+            popped = batch.len();
+            if let Some(d) = dev.test_delay().filter(|_| popped > 0) {
+                let heads: Vec<u16> = batch.iter().map(|r| r.head).collect();
+                tracing::info!(?heads, "test delay: holding a batch marked inflight");
+                std::thread::sleep(d);
+            }
+            for r in batch {
+                engine.start(dev.disk(), r, &mem);
+            }
         }
-        if let Err(e) = baton_service::ring::check(&st.queue, m) {
-            tracing::warn!("{e}");
-            st.broken = true;
-            return;
+        let done = engine.take_done(dev.disk(), !dev.writeback());
+        complete(st, m, &done);
+        if popped > 0 || !done.is_empty() {
+            continue;
         }
-        let mut batch: Vec<Request> = Vec::new();
-        // Heads a previous back-end instance left inflight go first (already marked).
-        let table = GuestAddress(st.queue.desc_table());
-        for head in std::mem::take(&mut st.resubmit) {
+        // Nothing moved: sleep until something does, with the guest's notifications on if
+        // there is room for more requests.
+        let watch = !stopped && !st.broken && engine.in_flight() < usize::from(st.queue.size());
+        if watch && event_idx && matches!(st.queue.enable_notification(m), Ok(true)) {
+            continue;
+        }
+        if engine.in_flight() == 0 {
+            return stopped;
+        }
+        engine.wait(st.kick.as_deref().filter(|_| watch));
+    }
+}
+
+/// Pops up to `room` requests (after the heads a previous back-end instance left inflight,
+/// already marked), marks each inflight and parses it. A broken ring is marked and left alone.
+fn pop(st: &mut Vring, dev: &Device, m: &GuestMemoryMmap, room: usize) -> Vec<Request> {
+    if let Err(e) = baton_service::ring::check(&st.queue, m) {
+        tracing::warn!("{e}");
+        st.broken = true;
+        return Vec::new();
+    }
+    let info = dev.info();
+    let table = GuestAddress(st.queue.desc_table());
+    let mut batch: Vec<Request> = std::mem::take(&mut st.resubmit)
+        .into_iter()
+        .map(|head| {
             let descs = crate::chain::walk(m, table, st.queue.size(), head, dev.max_descs());
-            batch.push(request::parse(m, head, &descs, info));
-        }
-        let max = usize::from(st.queue.size());
-        while batch.len() < max {
-            // virtio-queue's refusal to iterate (not ready, bad index) does not change until the
-            // front-end restarts the ring: leave it alone rather than ask again forever.
-            let chain = match st.queue.iter(m) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    tracing::warn!("ring refused: {e}; ignored until restarted");
-                    st.broken = true;
-                    break;
-                }
-            };
-            let Some(chain) = chain else {
+            request::parse(m, head, &descs, info)
+        })
+        .collect();
+    while batch.len() < room {
+        // virtio-queue's refusal to iterate (not ready, bad index) does not change until the
+        // front-end restarts the ring: leave it alone rather than ask again forever.
+        let chain = match st.queue.iter(m) {
+            Ok(mut it) => it.next(),
+            Err(e) => {
+                tracing::warn!("ring refused: {e}; ignored until restarted");
+                st.broken = true;
                 break;
-            };
-            if let Some(inf) = st.inflight.as_mut() {
-                inf.begin(chain.head_index());
             }
-            let head = chain.head_index();
-            batch.push(request::parse(
-                m,
-                head,
-                &crate::chain::descs_of(chain, dev.max_descs()),
-                info,
-            ));
+        };
+        let Some(chain) = chain else {
+            break;
+        };
+        let head = chain.head_index();
+        if let Some(inf) = st.inflight.as_mut() {
+            inf.begin(head);
         }
-        if batch.is_empty() {
-            if !st.broken && event_idx && matches!(st.queue.enable_notification(m), Ok(true)) {
-                continue;
-            }
-            return;
+        let descs = crate::chain::descs_of(chain, dev.max_descs());
+        batch.push(request::parse(m, head, &descs, info));
+    }
+    batch
+}
+
+/// Writes the statuses and used entries of finished requests, and notifies the guest if it
+/// asked for it.
+fn complete(st: &mut Vring, m: &GuestMemoryMmap, done: &[Request]) {
+    if done.is_empty() {
+        return;
+    }
+    for r in done {
+        if !r.write_status(m) {
+            tracing::debug!(head = r.head, "no status byte for this request");
         }
-        if let Some(d) = dev.test_delay() {
-            let heads: Vec<u16> = batch.iter().map(|r| r.head).collect();
-            tracing::info!(?heads, "test delay: holding a batch marked inflight");
-            std::thread::sleep(d);
+        if let Some(inf) = &st.inflight {
+            inf.pre_put(r.head);
         }
-        engine.run(dev.disk(), &mut batch, !dev.writeback());
-        for r in &batch {
-            if !r.write_status(m) {
-                tracing::debug!(head = r.head, "no status byte for this request");
-            }
-            if let Some(inf) = &st.inflight {
-                inf.pre_put(r.head);
-            }
-            if st.queue.add_used(m, r.head, r.used_len()).is_err() {
-                tracing::debug!(head = r.head, "could not add to the used ring");
-            }
-            if let Some(inf) = &st.inflight {
-                inf.post_put(r.head, st.queue.next_used());
-            }
-            st.completed += 1;
+        if st.queue.add_used(m, r.head, r.used_len()).is_err() {
+            tracing::debug!(head = r.head, "could not add to the used ring");
         }
-        if st.queue.needs_notification(m).unwrap_or(true) {
-            if let Some(call) = &st.call {
-                let _ = (&*call).write(&1u64.to_ne_bytes());
-            }
+        if let Some(inf) = &st.inflight {
+            inf.post_put(r.head, st.queue.next_used());
         }
-        if st.broken {
-            return;
+        st.completed += 1;
+    }
+    if st.queue.needs_notification(m).unwrap_or(true) {
+        if let Some(call) = &st.call {
+            let _ = (&*call).write(&1u64.to_ne_bytes());
         }
     }
 }
@@ -346,6 +411,17 @@ mod tests {
     /// A device with one queue of 4 on a memfd disk, its ring at `desc`/`avail`/`used` in 64 KiB
     /// of guest memory whose avail index is 1 (one request, head 0: a flush), started.
     fn device(avail: u64, used: u64, event_idx: bool) -> Arc<Device> {
+        device_on(None, 4, avail, used, event_idx)
+    }
+
+    /// [`device`] with queues of `size`, on `image` if given (a 1 MiB memfd otherwise).
+    fn device_on(
+        image: Option<crate::disk::Disk>,
+        size: u16,
+        avail: u64,
+        used: u64,
+        event_idx: bool,
+    ) -> Arc<Device> {
         let fd =
             nix::sys::memfd::memfd_create(c"disk", nix::sys::memfd::MFdFlags::MFD_CLOEXEC).unwrap();
         let disk = File::from(fd);
@@ -356,12 +432,16 @@ mod tests {
             "--image",
             &path,
             "--queue-size",
-            "4",
+            &size.to_string(),
             "--io-engine",
             "sync",
         ])
         .unwrap();
-        let dev = Arc::new(Device::new(&args).unwrap());
+        let dev = Device::new(&args).unwrap();
+        let dev = Arc::new(match image {
+            Some(d) => dev.with_disk(d),
+            None => dev,
+        });
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1_0000)]).unwrap();
         let desc = 0x1000;
         // Descriptor 0: a flush header; descriptor 1: the status byte.
@@ -378,7 +458,7 @@ mod tests {
         mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
         {
             let mut st = dev.queues()[0].lock();
-            st.queue.try_set_size(4).unwrap();
+            st.queue.try_set_size(size).unwrap();
             st.queue
                 .try_set_desc_table_address(GuestAddress(desc))
                 .unwrap();
@@ -456,5 +536,89 @@ mod tests {
             st.mem = Some(Arc::new(small));
         }
         assert!(process_ends(dev));
+    }
+
+    /// Polls `f` for up to 5 s.
+    fn eventually(f: impl Fn() -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        false
+    }
+
+    /// The pipeline: a request that completes late (head 0, a read from a pipe the test writes
+    /// into last) holds up neither a request the guest posts while it is in flight (head 3,
+    /// GET_ID, with a kick) nor the ring's lock holder's return once it completes.
+    #[test]
+    fn a_late_request_does_not_hold_up_later_ones() {
+        let uring = || Engine::new(crate::cli::IoEngineKind::IoUring, 16);
+        if format!("{:?}", uring()) != "io_uring" {
+            eprintln!("SKIP a_late_request_does_not_hold_up_later_ones: no io_uring here");
+            return;
+        }
+        let (slow, feed) = nix::unistd::pipe().unwrap();
+        let disk = crate::disk::Disk::on(File::from(slow), 1 << 20);
+        let (avail, used) = (0x2000u64, 0x2400u64);
+        let dev = device_on(Some(disk), 8, avail, used, true);
+        let (kick_rx, kick_tx) = nix::unistd::pipe().unwrap();
+        let ctl = dev.queues()[0].clone();
+        let mem = {
+            let mut st = ctl.lock();
+            st.kick = Some(Arc::new(File::from(kick_rx)));
+            st.mem.clone().unwrap()
+        };
+        let put = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+            let a = GuestAddress(0x1000 + 16 * i);
+            mem.write_obj(addr, a).unwrap();
+            mem.write_obj(len, a.unchecked_add(8)).unwrap();
+            mem.write_obj(flags, a.unchecked_add(12)).unwrap();
+            mem.write_obj(next, a.unchecked_add(14)).unwrap();
+        };
+        // Head 0: read sector 0 (512 bytes at 0x4000), status at 0x3100.
+        mem.write_obj(request::T_IN, GuestAddress(0x3000)).unwrap();
+        put(0, 0x3000, 16, 1, 1);
+        put(1, 0x4000, 512, 3, 2);
+        put(2, 0x3100, 1, 2, 0);
+        // Head 3: GET_ID with no data, status at 0x3300.
+        mem.write_obj(request::T_GET_ID, GuestAddress(0x3200))
+            .unwrap();
+        put(3, 0x3200, 16, 1, 4);
+        put(4, 0x3300, 1, 2, 0);
+        mem.write_obj(0xffu8, GuestAddress(0x3100)).unwrap();
+        mem.write_obj(0xffu8, GuestAddress(0x3300)).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (d, c) = (dev.clone(), ctl.clone());
+        std::thread::spawn(move || {
+            process(&mut c.lock(), &d, &mut uring());
+            let _ = tx.send(());
+        });
+        let used_idx = || mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap();
+        // Head 0 is in flight once the worker asks to be kicked for avail entry 1.
+        let avail_event = GuestAddress(used + 4 + 8 * 8);
+        assert!(
+            eventually(|| mem.read_obj::<u16>(avail_event).unwrap() == 1),
+            "the worker did not go on while head 0 was in flight"
+        );
+        assert_eq!(used_idx(), 0);
+        mem.write_obj(3u16, GuestAddress(avail + 4 + 2)).unwrap();
+        mem.write_obj(2u16, GuestAddress(avail + 2)).unwrap();
+        nix::unistd::write(&kick_tx, &1u64.to_ne_bytes()).unwrap();
+        assert!(eventually(|| used_idx() == 1), "head 3 waited for head 0");
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(used + 4)).unwrap(), 3);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x3300)).unwrap(), 0);
+        nix::unistd::write(&feed, &[7u8; 512]).unwrap();
+        assert!(rx.recv_timeout(Duration::from_secs(5)).is_ok());
+        assert_eq!(used_idx(), 2);
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(used + 4 + 8)).unwrap(), 0);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x3100)).unwrap(), 0);
+        assert_eq!(
+            mem.read_obj::<[u8; 8]>(GuestAddress(0x4000)).unwrap(),
+            [7; 8]
+        );
+        assert_eq!(ctl.lock().completed, 2);
     }
 }

@@ -96,6 +96,7 @@ fn abort() -> Abort {
 fn manifest() -> Manifest {
     Manifest {
         names: vec!["inflight-blk0".into(), "vfio-container".into()],
+        more: false,
     }
 }
 
@@ -231,9 +232,13 @@ fn protocol() {
                 "inflight-blk1".into(),
                 "inflight-net0".into(),
             ],
+            more: false,
         }),
     );
-    cpr("none", 0, 0, payload(&Manifest { names: vec![] }));
+    cpr("none", 0, 0, payload(&Manifest {
+            names: vec![],
+            more: false,
+        }));
     cpr("count-mismatch", 0, 1, payload(&manifest()));
     cpr("hang-up", 2, 0, payload(&manifest()));
     cpr(

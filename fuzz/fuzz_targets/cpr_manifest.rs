@@ -18,7 +18,8 @@ use baton_fuzz::frames::frame;
 use baton_fuzz::input::Input;
 use baton_fuzz::open_fds;
 use baton_protocol::cpr::{
-    MANIFEST_KIND, MAX_FDS, Manifest, PeerCred, check_credentials, recv_fds, send_fds, take_fd,
+    MANIFEST_KIND, MAX_FDS, MAX_TOTAL_FDS, Manifest, PeerCred, check_credentials, recv_fds,
+    send_fds, take_fd,
 };
 use baton_protocol::frame::Validate;
 use libfuzzer_sys::fuzz_target;
@@ -72,15 +73,20 @@ fuzz_target!(|data: &[u8]| {
         let _ = tx.shutdown(std::net::Shutdown::Write);
         match recv_fds(&rx) {
             Ok(mut got) => {
-                assert!(got.len() <= MAX_FDS);
+                assert!(got.len() <= MAX_TOTAL_FDS);
                 let names: Vec<String> = got.iter().map(|(n, _)| n.clone()).collect();
-                assert!(
-                    Manifest {
-                        names: names.clone()
-                    }
-                    .validate()
-                    .is_ok()
-                );
+                let unique: std::collections::HashSet<&String> = names.iter().collect();
+                assert_eq!(unique.len(), names.len());
+                for batch in names.chunks(MAX_FDS) {
+                    assert!(
+                        Manifest {
+                            names: batch.to_vec(),
+                            more: false,
+                        }
+                        .validate()
+                        .is_ok()
+                    );
+                }
                 // Pass them on, as a third VMM would get them.
                 let (a, b) = UnixStream::pair().expect("socketpair");
                 let list: Vec<(&str, _)> =

@@ -5,14 +5,16 @@
 //! VMM must share. Guest RAM is re-mapped by path and back-ends are reconnected by socket
 //! path, so neither needs this channel.
 //!
-//! On a connected `UnixStream` the sender writes:
+//! On a connected `UnixStream` the sender writes, for each batch of at most [`MAX_FDS`] fds:
 //!
-//! 1. a [`Manifest`] frame (magic `BCPR`, version 1) naming the fds in order, then
-//! 2. one byte carrying all the fds as a single `SCM_RIGHTS` control message.
+//! 1. a [`Manifest`] frame (magic `BCPR`, version 1) naming the batch's fds in order, and
+//!    whether another batch follows (`more`), then
+//! 2. one byte carrying the batch's fds as a single `SCM_RIGHTS` control message.
 //!
-//! The receiver reads the manifest, then the byte, and pairs names with fds in order. At most
-//! [`MAX_FDS`] fds travel at once. If the number of fds that arrive differs from the number
-//! of names, every fd that did arrive is closed and [`CprError::CountMismatch`] is returned.
+//! The receiver reads batches until one says no more follows, and pairs names with fds in
+//! order; at most [`MAX_TOTAL_FDS`] fds in all, no name twice. If the number of fds that arrive
+//! differs from the number of names, every fd that did arrive is closed and
+//! [`CprError::CountMismatch`] is returned.
 //! Received fds are close-on-exec. Before trusting either side of the channel, call
 //! [`check_peer`]: only a peer with the same uid, or root, is accepted.
 //!
@@ -52,8 +54,10 @@ pub use peer::{PeerCred, check_credentials, check_peer, peer_cred};
 
 /// Frame kind of the fd manifest: magic `BCPR`, version 1.
 pub const MANIFEST_KIND: FrameKind = FrameKind::new("cpr fd manifest", *b"BCPR", 1);
-/// Most fds passed at once.
+/// Most fds in one batch (one `SCM_RIGHTS` message).
 pub const MAX_FDS: usize = 64;
+/// Most fds in all (a passed-through device brings one per MSI-X vector).
+pub const MAX_TOTAL_FDS: usize = 1024;
 /// Longest fd name in bytes.
 pub const MAX_NAME_LEN: usize = 255;
 /// Largest manifest frame a reader accepts.
@@ -69,6 +73,9 @@ const MARKER: u8 = b'F';
 pub struct Manifest {
     /// One name per fd, e.g. `vfio-container`, `inflight-disk0`.
     pub names: Vec<String>,
+    /// Another batch follows (absent: no).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
 }
 
 /// Why a manifest is malformed.
@@ -117,7 +124,7 @@ pub enum CprError {
     #[error("fd manifest: {0}")]
     Manifest(#[from] FrameError),
     /// The caller asked to send more fds than allowed.
-    #[error("{count} fds to send (at most {MAX_FDS})")]
+    #[error("{count} fds to send (at most {MAX_TOTAL_FDS})")]
     TooManyFds {
         /// Fds given.
         count: usize,
@@ -175,13 +182,30 @@ impl CprError {
     }
 }
 
-/// Sends `fds` with their names: a manifest frame, then one byte with `SCM_RIGHTS`.
+/// Sends `fds` with their names, in batches of at most [`MAX_FDS`]: each a manifest frame,
+/// then one byte with `SCM_RIGHTS`.
 pub fn send_fds(stream: &UnixStream, fds: &[(&str, BorrowedFd<'_>)]) -> Result<(), CprError> {
-    if fds.len() > MAX_FDS {
+    if fds.len() > MAX_TOTAL_FDS {
         return Err(CprError::TooManyFds { count: fds.len() });
     }
+    let mut batches = fds.chunks(MAX_FDS).peekable();
+    if batches.peek().is_none() {
+        return send_batch(stream, &[], false);
+    }
+    while let Some(batch) = batches.next() {
+        send_batch(stream, batch, batches.peek().is_some())?;
+    }
+    Ok(())
+}
+
+fn send_batch(
+    stream: &UnixStream,
+    fds: &[(&str, BorrowedFd<'_>)],
+    more: bool,
+) -> Result<(), CprError> {
     let manifest = Manifest {
         names: fds.iter().map(|(n, _)| (*n).to_string()).collect(),
+        more,
     };
     // Check locally what the receiver will check, so a bad name fails here.
     manifest.validate().map_err(|e| FrameError::Invalid {
@@ -216,8 +240,32 @@ pub fn send_fds(stream: &UnixStream, fds: &[(&str, BorrowedFd<'_>)]) -> Result<(
     }
 }
 
-/// Receives a manifest and its fds; returns them paired by name, in manifest order.
+/// Receives the batches [`send_fds`] sent; returns the fds paired with their names, in order.
 pub fn recv_fds(stream: &UnixStream) -> Result<Vec<(String, OwnedFd)>, CprError> {
+    let mut all: Vec<(String, OwnedFd)> = Vec::new();
+    loop {
+        let (batch, more) = recv_batch(stream)?;
+        all.extend(batch);
+        if all.len() > MAX_TOTAL_FDS {
+            // `all` is dropped here, closing every fd that arrived.
+            return Err(CprError::TooManyFds { count: all.len() });
+        }
+        let mut seen = HashSet::new();
+        if let Some((dup, _)) = all.iter().find(|(n, _)| !seen.insert(n.as_str())) {
+            let e = ManifestError::Duplicate(dup.clone());
+            return Err(CprError::Manifest(FrameError::Invalid {
+                kind: MANIFEST_KIND.name,
+                source: Box::new(e),
+            }));
+        }
+        if !more {
+            return Ok(all);
+        }
+    }
+}
+
+/// One batch: its fds with their names, and whether another follows.
+fn recv_batch(stream: &UnixStream) -> Result<(Vec<(String, OwnedFd)>, bool), CprError> {
     let mut r = stream;
     let manifest: Manifest = read_frame(&mut r, &MANIFEST_KIND, MAX_MANIFEST_LEN)?;
     let named = manifest.names.len();
@@ -264,7 +312,8 @@ pub fn recv_fds(stream: &UnixStream) -> Result<Vec<(String, OwnedFd)>, CprError>
             received: received.len(),
         });
     }
-    Ok(manifest.names.into_iter().zip(received).collect())
+    let more = manifest.more;
+    Ok((manifest.names.into_iter().zip(received).collect(), more))
 }
 
 /// Removes the fd called `name` from a received list.
@@ -293,6 +342,7 @@ mod tests {
     fn send_raw(s: &UnixStream, names: &[&str], fds: &[RawFd]) {
         let m = Manifest {
             names: names.iter().map(|n| n.to_string()).collect(),
+            more: false,
         };
         write_frame(&mut &*s, &MANIFEST_KIND, &m).unwrap();
         let rights = [ControlMessage::ScmRights(fds)];
@@ -433,11 +483,12 @@ mod tests {
     fn over_the_cap_rejected_on_both_sides() {
         let (old, new) = pair();
         let (_a, b) = pair();
-        let list = vec![("x", b.as_fd()); MAX_FDS + 1];
+        let list = vec![("x", b.as_fd()); MAX_TOTAL_FDS + 1];
         assert!(matches!(
             send_fds(&old, &list),
-            Err(CprError::TooManyFds { count: 65 })
+            Err(CprError::TooManyFds { count: 1025 })
         ));
+        // One batch over the per-message cap.
         let names: Vec<String> = (0..=MAX_FDS).map(|i| format!("fd{i}")).collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         send_raw(&old, &refs, &[b.as_raw_fd()]);
@@ -446,6 +497,42 @@ mod tests {
             matches!(&e, CprError::Manifest(FrameError::Invalid { .. })),
             "{e}"
         );
+    }
+
+    #[test]
+    fn many_fds_travel_in_batches_in_order() {
+        // A passed-through device with 65 MSI-X vectors, and more: four batches.
+        let (old, new) = pair();
+        let (_a, b) = pair();
+        let names: Vec<String> = (0..200).map(|i| format!("vector-{i}")).collect();
+        let list: Vec<(&str, BorrowedFd<'_>)> =
+            names.iter().map(|n| (n.as_str(), b.as_fd())).collect();
+        send_fds(&old, &list).unwrap();
+        let got = recv_fds(&new).unwrap();
+        let got_names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(got_names, names);
+    }
+
+    #[test]
+    fn a_name_repeated_in_a_later_batch_is_rejected() {
+        let (old, new) = pair();
+        let (_a, b) = pair();
+        let first = Manifest {
+            names: vec!["vfio-container".into()],
+            more: true,
+        };
+        write_frame(&mut &old, &MANIFEST_KIND, &first).unwrap();
+        sendmsg::<()>(
+            old.as_raw_fd(),
+            &[IoSlice::new(b"F")],
+            &[ControlMessage::ScmRights(&[b.as_raw_fd()])],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        send_raw(&old, &["vfio-container"], &[b.as_raw_fd()]);
+        let e = recv_fds(&new).unwrap_err();
+        assert!(e.to_string().contains("twice"), "{e}");
     }
 
     #[test]
@@ -469,6 +556,7 @@ mod tests {
         let (old, new) = pair();
         let m = Manifest {
             names: vec!["vfio-container".into()],
+            more: false,
         };
         write_frame(&mut &old, &MANIFEST_KIND, &m).unwrap();
         drop(old);
@@ -499,6 +587,7 @@ mod tests {
             &MANIFEST_KIND,
             &Manifest {
                 names: vec!["a".into()],
+                more: false,
             },
         )
         .unwrap();

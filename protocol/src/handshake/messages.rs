@@ -32,7 +32,17 @@ pub struct Hello {
     pub pid: u32,
     /// Sender's role.
     pub role: Role,
+    /// What the sender can take over beyond protocol version 1 (e.g. [`FEATURE_VFIO`]); an
+    /// old VMM sends none, and a VM that needs one is not handed to it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
 }
+
+/// [`Hello::features`]: passed-through PCI functions (their fds on the cpr channel right after
+/// the prepare, [`crate::state::PassthroughState`] in the state).
+pub const FEATURE_VFIO: &str = "vfio";
+/// Most entries in [`Hello::features`].
+pub const MAX_FEATURES: usize = 16;
 
 impl Hello {
     /// This process's hello in `role`.
@@ -42,6 +52,7 @@ impl Hello {
             vmm_version: env!("CARGO_PKG_VERSION").to_string(),
             pid: std::process::id(),
             role,
+            features: vec![FEATURE_VFIO.to_string()],
         }
     }
 }
@@ -136,6 +147,9 @@ pub enum MessageError {
     /// Too many phases.
     #[error("{0} phases (at most {MAX_PHASES})")]
     TooManyPhases(usize),
+    /// Too many features in a hello.
+    #[error("{0} features (at most {MAX_FEATURES})")]
+    TooManyFeatures(usize),
     /// Protocol version zero.
     #[error("protocol version 0 is not valid")]
     ZeroVersion,
@@ -176,6 +190,10 @@ impl Validate for Hello {
         if self.protocol_version == 0 {
             return Err(MessageError::ZeroVersion);
         }
+        if self.features.len() > MAX_FEATURES {
+            return Err(MessageError::TooManyFeatures(self.features.len()));
+        }
+        self.features.iter().try_for_each(|f| text("feature", f))?;
         text("vmm_version", &self.vmm_version)
     }
 }

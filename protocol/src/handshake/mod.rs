@@ -82,7 +82,8 @@ use crate::state::{MAX_STATE_LEN, STATE_KIND, VmState};
 mod messages;
 
 pub use messages::{
-    Abort, Ack, Commit, Hello, MAX_PHASES, MAX_TEXT_LEN, MessageError, Phase, Prepare, Ready, Role,
+    Abort, Ack, Commit, FEATURE_VFIO, Hello, MAX_FEATURES, MAX_PHASES, MAX_TEXT_LEN, MessageError,
+    Phase, Prepare, Ready, Role,
 };
 
 /// Frame kind of [`Prepare`]: magic `BLUP`, version 1 (capped at [`MAX_STATE_LEN`]).

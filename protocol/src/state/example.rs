@@ -142,6 +142,7 @@ pub(super) fn example(cpus: u32) -> VmState {
             serial: SerialConfigState::Stdio,
             api_socket: Some("/run/baton/api.sock".into()),
             devices: vec![blk, net],
+            passthrough: Vec::new(),
         },
         vcpus: (0..cpus).map(vcpu).collect(),
         irqchip: IrqchipState {
@@ -166,5 +167,6 @@ pub(super) fn example(cpus: u32) -> VmState {
         },
         paused_at_unix_ns: 1_700_000_000_000_000_000,
         user_paused: false,
+        passthrough: Vec::new(),
     }
 }

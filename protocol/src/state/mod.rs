@@ -33,6 +33,7 @@
 
 mod device;
 mod example;
+pub mod passthrough;
 mod raw;
 mod validate;
 
@@ -48,6 +49,7 @@ pub use device::{
     DeviceState, InflightState, MsixEntryState, MsixState, PciDeviceState, VhostUserState,
     VirtioPciState, VirtioQueueState, VringState,
 };
+pub use passthrough::{PassthroughConfigState, PassthroughState};
 pub use raw::{Blob, FpuState, Raw};
 pub use validate::{
     MAX_CONSOLE_UNREAD, MAX_DEVICES, MAX_MSIX_VECTORS, MAX_MSRS, MAX_QUEUE_SIZE, MAX_SERIAL_BUFFER,
@@ -86,6 +88,9 @@ pub struct VmState {
     /// The VM was paused through the API before the update: the new VMM keeps it paused.
     #[serde(default)]
     pub user_paused: bool,
+    /// One entry per passed-through function, in the order of `config.passthrough`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub passthrough: Vec<PassthroughState>,
 }
 
 /// The VM's configuration: what `baton-vmm` was started with.
@@ -109,6 +114,9 @@ pub struct VmConfigState {
     pub api_socket: Option<PathBuf>,
     /// vhost-user devices, in PCI slot order.
     pub devices: Vec<DeviceConfigState>,
+    /// Passed-through PCI functions (VFIO), after the vhost-user devices on the bus.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub passthrough: Vec<PassthroughConfigState>,
 }
 
 /// Guest RAM: a shared file that the new VMM maps again by path.
@@ -322,6 +330,70 @@ mod tests {
             s.validate().unwrap();
             assert_eq!(roundtrip(&s).unwrap(), s);
         }
+    }
+
+    fn with_passthrough() -> VmState {
+        let mut s = VmState::example(1);
+        s.config.passthrough = vec![PassthroughConfigState {
+            path: "/sys/bus/pci/devices/0000:00:04.0".into(),
+            group: 7,
+        }];
+        s.passthrough = vec![PassthroughState {
+            slot: 9,
+            config: Blob(vec![0; PCI_CONFIG_LEN]),
+            bars: vec![0xc000_0000, 0xc000_4000],
+            msix: MsixState {
+                table: vec![MsixEntryState::default(); 65],
+                pba: vec![0; 2],
+                control: 1 << 15,
+            },
+            msix_on_device: true,
+        }];
+        s
+    }
+
+    #[test]
+    fn passed_through_functions_round_trip_and_are_checked() {
+        let s = with_passthrough();
+        s.validate().unwrap();
+        assert_eq!(roundtrip(&s).unwrap(), s);
+        // A VM without one encodes as before: no new field on the wire.
+        let plain = encode_frame(&STATE_KIND, &VmState::example(1)).unwrap();
+        assert!(!String::from_utf8_lossy(&plain).contains("passthrough"));
+
+        let mut t = with_passthrough();
+        t.passthrough.clear();
+        assert!(matches!(
+            invalid(&t),
+            StateError::PassthroughCount {
+                config: 1,
+                state: 0
+            }
+        ));
+        let mut t = with_passthrough();
+        t.passthrough[0].slot = t.devices[0].pci.slot;
+        assert!(matches!(invalid(&t), StateError::DuplicateSlot(_)));
+        let mut t = with_passthrough();
+        t.passthrough[0].config = Blob(vec![0; 64]);
+        assert!(matches!(
+            invalid(&t),
+            StateError::Passthrough { index: 0, .. }
+        ));
+        let mut t = with_passthrough();
+        t.passthrough[0].msix.pba.pop();
+        assert!(matches!(
+            invalid(&t),
+            StateError::Passthrough { index: 0, .. }
+        ));
+        let mut t = with_passthrough();
+        t.passthrough[0].bars = vec![0; 7];
+        assert!(matches!(
+            invalid(&t),
+            StateError::Passthrough { index: 0, .. }
+        ));
+        let mut t = with_passthrough();
+        t.config.passthrough.push(t.config.passthrough[0].clone());
+        assert!(matches!(invalid(&t), StateError::DuplicatePassthrough(_)));
     }
 
     #[test]

@@ -3,7 +3,10 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 
-use super::{DeviceConfigState, DeviceKindState, DeviceState, VcpuState, VmConfigState, VmState};
+use super::{
+    DeviceConfigState, DeviceKindState, DeviceState, PassthroughState, VcpuState, VmConfigState,
+    VmState,
+};
 use crate::frame::Validate;
 
 /// Most vCPUs a state may carry (8-bit xAPIC ids, 255 is broadcast).
@@ -112,6 +115,25 @@ pub enum StateError {
     /// Two devices sit in the same PCI slot.
     #[error("two devices in PCI slot {0}")]
     DuplicateSlot(u8),
+    /// The same host function passed through twice.
+    #[error("{0:?} is passed through twice")]
+    DuplicatePassthrough(PathBuf),
+    /// Passed-through function state list does not match the configuration.
+    #[error("config has {config} passed-through functions but the state carries {state}")]
+    PassthroughCount {
+        /// `config.passthrough.len()`.
+        config: usize,
+        /// `passthrough.len()`.
+        state: usize,
+    },
+    /// A passed-through function's state is inconsistent.
+    #[error("passed-through function {index}: {what}")]
+    Passthrough {
+        /// Position in `config.passthrough`.
+        index: usize,
+        /// What is wrong.
+        what: String,
+    },
     /// Device state list does not match the configuration.
     #[error("config has {config} devices but the state carries {state}")]
     DeviceCount {
@@ -435,8 +457,15 @@ impl Validate for VmConfigState {
         if self.memory.path.as_os_str().is_empty() {
             return Err(StateError::NoMemoryPath);
         }
-        if self.devices.len() > MAX_DEVICES {
-            return Err(StateError::TooManyDevices(self.devices.len()));
+        let functions = self.devices.len() + self.passthrough.len();
+        if functions > MAX_DEVICES {
+            return Err(StateError::TooManyDevices(functions));
+        }
+        let mut paths = HashSet::new();
+        for p in &self.passthrough {
+            if !paths.insert(&p.path) {
+                return Err(StateError::DuplicatePassthrough(p.path.clone()));
+            }
         }
         let mut sockets = HashSet::new();
         for cfg in &self.devices {
@@ -520,6 +549,7 @@ impl Validate for VmState {
             }
         }
         validate_devices(c, &self.devices)?;
+        validate_passthrough(self)?;
         if self.serial.in_buffer.len() > MAX_SERIAL_BUFFER {
             return Err(StateError::SerialBuffer(self.serial.in_buffer.len()));
         }
@@ -528,4 +558,45 @@ impl Validate for VmState {
         }
         Ok(())
     }
+}
+
+/// Checks the passed-through functions' state against `state.config`: one per function, in
+/// slots no other device uses, each with a whole configuration space, at most six BARs and a
+/// well-formed MSI-X table.
+fn validate_passthrough(state: &VmState) -> Result<(), StateError> {
+    let (config, found) = (state.config.passthrough.len(), state.passthrough.len());
+    if config != found {
+        return Err(StateError::PassthroughCount {
+            config,
+            state: found,
+        });
+    }
+    let mut slots: HashSet<u8> = state.devices.iter().map(|d| d.pci.slot).collect();
+    for (index, p) in state.passthrough.iter().enumerate() {
+        if !slots.insert(p.slot) {
+            return Err(StateError::DuplicateSlot(p.slot));
+        }
+        check_passthrough(p).map_err(|what| StateError::Passthrough {
+            index,
+            what: what.into(),
+        })?;
+    }
+    Ok(())
+}
+
+fn check_passthrough(p: &PassthroughState) -> Result<(), &'static str> {
+    if p.config.len() != PCI_CONFIG_LEN {
+        return Err("configuration space is not 256 bytes");
+    }
+    if p.bars.len() > 6 {
+        return Err("more than six BARs");
+    }
+    let table = p.msix.table.len();
+    if !(1..=MAX_MSIX_VECTORS).contains(&table) {
+        return Err("MSI-X table size out of range");
+    }
+    if p.msix.pba.len() != table.div_ceil(64) {
+        return Err("MSI-X pending-bit array does not match the table");
+    }
+    Ok(())
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use baton_protocol::api::{VmInfo, VmState};
-use baton_protocol::state::MAX_VCPUS;
+use baton_protocol::state::{MAX_VCPUS, PassthroughConfigState};
 use kvm_bindings::{KVM_PIT_SPEAKER_DUMMY, kvm_pit_config, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
@@ -23,7 +23,7 @@ use crate::interrupts::IrqRouting;
 use crate::memory::GuestRam;
 use crate::pci::PciBus;
 use crate::sandbox::{Sandbox, SandboxError, kinds};
-use crate::vfio::{VfioError, VfioPciDevice};
+use crate::vfio::VfioError;
 use crate::vhost_user::{TYPE_NET, VhostUserDevice, VhostUserError};
 use crate::virtio::pci::{VirtioPciDevice, VirtioPciError, layout as vp_layout};
 use crate::{acpi, boot, cpuid, layout, vcpu};
@@ -127,7 +127,7 @@ pub struct Vm {
     pub(crate) devices: Vec<(u8, Arc<Mutex<VirtioPciDevice>>)>,
     /// (PCI slot, device) of every passed-through device; dropped before guest RAM, whose
     /// DMA mappings their container holds.
-    pub(crate) passthrough: Vec<(u8, Arc<Mutex<VfioPciDevice>>)>,
+    pub(crate) passthrough: crate::vfio::Passthrough,
     pub(crate) cpus: u32,
     pub(crate) config: VmConfig,
     pub(crate) ram: GuestRam,
@@ -156,7 +156,7 @@ pub struct Opened {
     ram: GuestRam,
     kernel: boot::Kernel,
     initramfs: Option<std::fs::File>,
-    passthrough: Vec<PathBuf>,
+    passthrough: Vec<PassthroughConfigState>,
 }
 
 /// Checks the devices and the vCPU count, opens /dev/kvm, creates (or opens) and maps guest
@@ -230,7 +230,13 @@ impl Vm {
             initramfs,
             passthrough,
         } = opened;
-        let vm = Vm::build_with(config, kvm, ram, Devices::Connect, &passthrough)?;
+        let vm = Vm::build_with(
+            config,
+            kvm,
+            ram,
+            Devices::Connect,
+            crate::vfio::Source::Open(&passthrough),
+        )?;
         let rsdp = acpi::create_tables(&vm.ram.mem, vm.cpus)?;
         let boot = boot::load(
             &vm.ram.mem,
@@ -250,9 +256,13 @@ impl Vm {
     }
 
     /// Creates the KVM VM, maps RAM, creates vCPUs and devices; runs nothing.
-    pub(crate) fn build(config: VmConfig, devices: Devices<'_>) -> Result<Vm, VmError> {
+    pub(crate) fn build(
+        config: VmConfig,
+        devices: Devices<'_>,
+        passthrough: crate::vfio::Source<'_>,
+    ) -> Result<Vm, VmError> {
         let (kvm, ram) = open_kvm_and_ram(&config)?;
-        Vm::build_with(config, kvm, ram, devices, &[])
+        Vm::build_with(config, kvm, ram, devices, passthrough)
     }
 
     fn build_with(
@@ -260,7 +270,7 @@ impl Vm {
         kvm: Kvm,
         ram: GuestRam,
         devices: Devices<'_>,
-        passthrough: &[PathBuf],
+        passthrough: crate::vfio::Source<'_>,
     ) -> Result<Vm, VmError> {
         let mut steps = StepTimer::new();
         let vm = Arc::new(
@@ -438,6 +448,7 @@ impl Vm {
     /// After a live update's commit: the RAM file now belongs to the new VMM.
     pub fn handed_over(&self) {
         self.ram.set_owned(false);
+        self.passthrough.set_owner(false);
     }
 
     /// Moves the VM to the new VMM on `dest` (see [`crate::migration`]). On success the
@@ -448,12 +459,6 @@ impl Vm {
         dest: &std::path::Path,
         timeout: Duration,
     ) -> Result<crate::migration::Report, crate::migration::LiveUpdateError> {
-        if !self.passthrough.is_empty() {
-            return Err(crate::migration::LiveUpdateError::Io(
-                "live update with a passed-through (--device) device is not supported yet",
-                std::io::Error::from(std::io::ErrorKind::Unsupported),
-            ));
-        }
         let report = crate::migration::outgoing(self, dest, timeout)?;
         tracing::info!(blackout_us = report.blackout_us, "live update done");
         Ok(report)
@@ -467,15 +472,14 @@ impl Vm {
     /// After taking a VM over: this VMM now owns (and will remove) the RAM file.
     pub fn take_ownership(&self) {
         self.ram.set_owned(true);
+        self.passthrough.set_owner(true);
     }
 
     /// Releases what outlives the process unless removed: the RAM file this VMM created.
     pub fn cleanup(&self) {
         self.ram.remove_file();
         // The guest is stopped: leave passed-through devices as the next user expects them.
-        for (_, d) in &self.passthrough {
-            d.lock().unwrap_or_else(|e| e.into_inner()).reset();
-        }
+        self.passthrough.reset_if_owner();
     }
 
     /// Removes the console socket this VMM bound, unless the VM moved to a new VMM (which
@@ -519,6 +523,7 @@ impl Vm {
             }),
             passthrough: self
                 .passthrough
+                .devices
                 .iter()
                 .map(|(slot, d)| d.lock().unwrap_or_else(|e| e.into_inner()).info(*slot))
                 .collect(),
@@ -553,7 +558,7 @@ type PciDevices = (
 );
 
 /// (PCI slot, device) of each passed-through device.
-type PassedThrough = crate::vfio::OnBus;
+type PassedThrough = crate::vfio::Passthrough;
 
 /// The PCI bus with one virtio-pci device per vhost-user back-end.
 fn create_pci(
@@ -562,12 +567,12 @@ fn create_pci(
     vm: &Arc<VmFd>,
     ram: &GuestRam,
     how: Devices<'_>,
-    passthrough: &[PathBuf],
+    passthrough: crate::vfio::Source<'_>,
 ) -> Result<PciDevices, VmError> {
     let mut bus = PciBus::new(layout::PCI_ECAM);
     let mut devices = Vec::new();
     if config.devices.is_empty() && passthrough.is_empty() {
-        return Ok((bus, devices, Vec::new()));
+        return Ok((bus, devices, crate::vfio::Passthrough::default()));
     }
     let max_gsi =
         u32::try_from(kvm.check_extension_int(kvm_ioctls::Cap::IrqRouting)).unwrap_or(1024);

@@ -58,6 +58,7 @@ pub(super) fn config_state(vm: &Vm) -> VmConfigState {
                     .map(|l| u64::try_from(l.as_millis()).unwrap_or(u64::MAX)),
             })
             .collect(),
+        passthrough: vm.passthrough.config.clone(),
     }
 }
 

@@ -11,6 +11,7 @@ use baton_protocol::handshake::{self, Ack, Phase, Ready, Role};
 use super::convert::{restore_kvm, vm_config};
 use super::{LiveUpdateError, STEP_TIMEOUT, Timer, cpr_path, io, our_hello};
 use crate::console::ConsoleChoice;
+use crate::vfio;
 use crate::vhost_user::RingBase;
 use crate::vm::{Devices, Vm};
 use baton_service::access::{self, AllowList};
@@ -87,9 +88,18 @@ impl Incoming {
             std::process::exit(3);
         }
         let mut t = Timer::new();
+        // Passed-through devices: their fds follow the prepare (crate::vfio::handover).
+        let passthrough = &prepare.config.passthrough;
+        let source = if passthrough.is_empty() {
+            vfio::Source::Open(&[])
+        } else {
+            let mut fds = cpr::recv_fds(&cprs)?;
+            vfio::Source::HandedOver(passthrough, vfio::Received::take(&mut fds, passthrough)?)
+        };
         let vm = match Vm::build(
             vm_config(&prepare.config, console),
             Devices::HandedOver(&prepare.devices),
+            source,
         ) {
             Ok(vm) => Arc::new(vm),
             Err(e) => {
@@ -123,6 +133,10 @@ impl Incoming {
         let restored = (|| -> Result<(), LiveUpdateError> {
             restore_kvm(&vm, &state)?;
             t.lap("restore_kvm_state");
+            if !vm.passthrough.is_empty() {
+                vm.passthrough.restore(&state.passthrough, &vm.ram.mem)?;
+                t.lap("restore_vfio");
+            }
             // Every back-end reconnects at once, each on a thread of its own: the switch
             // waits for the slowest, not for their sum.
             let mut jobs = Vec::new();

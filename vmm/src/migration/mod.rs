@@ -110,6 +110,19 @@ pub enum LiveUpdateError {
         /// The socket peer's pid (SO_PEERCRED).
         peer: i32,
     },
+    /// The new VMM cannot take over something this VM has (an older baton-vmm).
+    #[error(
+        "the new VMM does not support {0:?} (it is an older baton-vmm): not handing the VM over"
+    )]
+    PeerLacks(&'static str),
+    /// The kernel cannot move VFIO DMA mappings to another process.
+    #[error(
+        "this kernel's VFIO cannot move DMA mappings to another process (no VFIO_UPDATE_VADDR: the legacy Type1 container is needed, not iommufd's compatibility one): a VM with a passed-through device cannot be live-updated here"
+    )]
+    VfioNoVaddr,
+    /// A passed-through device could not be handed over or taken back.
+    #[error("passed-through device: {0}")]
+    Vfio(#[from] crate::vfio::VfioError),
     /// Failure injection (`abort-before-ready`): the new VMM aborts.
     #[error("the new VMM failed: aborted (injected)")]
     AbortInjected,

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use baton_protocol::cpr;
-use baton_protocol::handshake::{self, Commit, HandshakeError, Prepare, Ready, Role};
+use baton_protocol::handshake::{self, Commit, FEATURE_VFIO, HandshakeError, Prepare, Ready, Role};
 use baton_protocol::state::VmState;
 
 use super::convert::{config_state, device_states, inflight_name, save_kvm, serial_state};
@@ -53,6 +53,15 @@ pub fn outgoing(vm: &Arc<Vm>, dest: &Path, timeout: Duration) -> Result<Report, 
             peer: peer.pid,
         });
     }
+    let vfio = &vm.passthrough;
+    if !vfio.is_empty() {
+        if !hello.features.iter().any(|f| f == FEATURE_VFIO) {
+            return Err(LiveUpdateError::PeerLacks(FEATURE_VFIO));
+        }
+        if !vfio.can_hand_over() {
+            return Err(LiveUpdateError::VfioNoVaddr);
+        }
+    }
     handshake::send_prepare(
         &mut s,
         &Prepare {
@@ -60,6 +69,14 @@ pub fn outgoing(vm: &Arc<Vm>, dest: &Path, timeout: Duration) -> Result<Report, 
             devices: device_states(vm, &[]),
         },
     )?;
+    // The new VMM builds its models of passed-through devices over the same fds while the
+    // guest still runs here (see crate::vfio::handover).
+    if !vfio.is_empty() {
+        let fds = vfio.fds().map_err(io("duplicating VFIO fds"))?;
+        let named: Vec<(&str, std::os::fd::BorrowedFd<'_>)> =
+            fds.iter().map(|(n, fd)| (n.as_str(), fd.as_fd())).collect();
+        cpr::send_fds(&cprs, &named)?;
+    }
     // The guest keeps running while the new VMM builds the VM, so this step may take as long
     // as it takes (creating a KVM VM can stall for seconds on a loaded host); the steps of
     // the switch itself keep the short deadline.
@@ -109,6 +126,14 @@ pub fn outgoing(vm: &Arc<Vm>, dest: &Path, timeout: Duration) -> Result<Report, 
             }
         }
     }
+    if !vfio.is_empty() {
+        vfio.detach_interrupts();
+        t.lap("vfio_detach_interrupts");
+        if let Err(e) = vfio.release_ram(&vm.ram.mem) {
+            return Err(rollback(vm, &bases, user_paused, None, e.into()));
+        }
+        t.lap("vfio_release_dma_vaddr");
+    }
     let mut serial = serial_state(&vm.serial.lock().unwrap_or_else(|e| e.into_inner()).state());
     if let Some(hub) = &vm.config.console {
         serial.console_unread = hub.undelivered();
@@ -123,6 +148,7 @@ pub fn outgoing(vm: &Arc<Vm>, dest: &Path, timeout: Duration) -> Result<Report, 
         serial,
         paused_at_unix_ns: unix_ns(),
         user_paused,
+        passthrough: vfio.save(),
     };
     let sent = (|| -> Result<(), LiveUpdateError> {
         handshake::send_state(&mut s, &state)?;
@@ -206,6 +232,11 @@ fn rollback(
     tracing::warn!("live update failed: {cause}; rolling back");
     if let Some(pid) = new_pid.filter(|p| *p > 0) {
         workers::kill_and_wait(pid, Duration::from_secs(5));
+    }
+    // Passed-through devices: DMA mappings and interrupts back to this VM (a no-op where
+    // they were not let go yet).
+    if let Err(e) = vm.passthrough.reclaim(&vm.ram.mem) {
+        return LiveUpdateError::RollbackFailed(Box::new(cause), Box::new(e.into()));
     }
     for ((_, dev), b) in vm.devices.iter().zip(bases) {
         let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());

@@ -2,10 +2,10 @@
 //! same definitions as kvm-ioctls, whose own are private) by the fd they go to.
 
 use kvm_bindings::{
-    KVMIO, kvm_clock_data, kvm_cpuid2, kvm_fpu, kvm_ioeventfd, kvm_irq_routing, kvm_irqchip,
-    kvm_irqfd, kvm_lapic_state, kvm_mp_state, kvm_msr_list, kvm_msrs, kvm_pit_config,
-    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_userspace_memory_region, kvm_vcpu_events, kvm_xcrs,
-    kvm_xsave,
+    KVMIO, kvm_clock_data, kvm_cpuid2, kvm_create_device, kvm_device_attr, kvm_fpu, kvm_ioeventfd,
+    kvm_irq_routing, kvm_irqchip, kvm_irqfd, kvm_lapic_state, kvm_mp_state, kvm_msr_list, kvm_msrs,
+    kvm_pit_config, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_userspace_memory_region,
+    kvm_vcpu_events, kvm_xcrs, kvm_xsave,
 };
 use vmm_sys_util::ioctl::{_IOC_NONE, _IOC_READ, _IOC_WRITE, ioctl_expr};
 
@@ -41,11 +41,31 @@ const fn vfio(nr: u32) -> u64 {
     ioctl_expr(_IOC_NONE, VFIO_TYPE, VFIO_BASE + nr, 0)
 }
 
-// A VFIO device fd.
+// The VFIO container, group and device fds (also the numbers `crate::vfio::sys` calls).
+/// VFIO_GET_API_VERSION (container).
+pub const VFIO_GET_API_VERSION: u64 = vfio(0);
+/// VFIO_CHECK_EXTENSION (container).
+pub const VFIO_CHECK_EXTENSION: u64 = vfio(1);
+/// VFIO_SET_IOMMU (container).
+pub const VFIO_SET_IOMMU: u64 = vfio(2);
+/// VFIO_GROUP_GET_STATUS.
+pub const VFIO_GROUP_GET_STATUS: u64 = vfio(3);
+/// VFIO_GROUP_SET_CONTAINER.
+pub const VFIO_GROUP_SET_CONTAINER: u64 = vfio(4);
+/// VFIO_GROUP_GET_DEVICE_FD.
+pub const VFIO_GROUP_GET_DEVICE_FD: u64 = vfio(6);
+/// VFIO_DEVICE_GET_INFO.
+pub const VFIO_DEVICE_GET_INFO: u64 = vfio(7);
+/// VFIO_DEVICE_GET_REGION_INFO.
+pub const VFIO_DEVICE_GET_REGION_INFO: u64 = vfio(8);
 /// VFIO_DEVICE_SET_IRQS (MSI-X eventfds when the guest enables or disables MSI-X).
 pub const VFIO_DEVICE_SET_IRQS: u64 = vfio(10);
 /// VFIO_DEVICE_RESET.
 pub const VFIO_DEVICE_RESET: u64 = vfio(11);
+/// VFIO_IOMMU_MAP_DMA (container; also with VFIO_DMA_MAP_FLAG_VADDR).
+pub const VFIO_IOMMU_MAP_DMA: u64 = vfio(13);
+/// VFIO_IOMMU_UNMAP_DMA (container; with VFIO_DMA_UNMAP_FLAG_VADDR in a live update).
+pub const VFIO_IOMMU_UNMAP_DMA: u64 = vfio(14);
 
 // /dev/kvm.
 /// KVM_GET_API_VERSION.
@@ -134,6 +154,10 @@ pub const KVM_SET_XSAVE: u64 = iow::<kvm_xsave>(0xa5);
 pub const KVM_GET_XCRS: u64 = ior::<kvm_xcrs>(0xa6);
 /// KVM_SET_XCRS.
 pub const KVM_SET_XCRS: u64 = iow::<kvm_xcrs>(0xa7);
+/// KVM_CREATE_DEVICE (VM fd: the KVM-VFIO device).
+pub const KVM_CREATE_DEVICE: u64 = iowr::<kvm_create_device>(0xe0);
+/// KVM_SET_DEVICE_ATTR (device fd: a VFIO group added to the KVM-VFIO device).
+pub const KVM_SET_DEVICE_ATTR: u64 = iow::<kvm_device_attr>(0xe1);
 
 #[cfg(test)]
 mod tests {
@@ -153,6 +177,9 @@ mod tests {
         assert_eq!(KVM_GET_XSAVE, 0x9000_aea4);
         assert_eq!(KVM_SET_IRQCHIP, 0x8208_ae63);
         assert_eq!(VFIO_DEVICE_SET_IRQS, 0x3b6e);
+        assert_eq!(VFIO_IOMMU_UNMAP_DMA, 0x3b72);
+        assert_eq!(KVM_CREATE_DEVICE, 0xc00c_aee0);
+        assert_eq!(KVM_SET_DEVICE_ATTR, 0x4018_aee1);
         assert_eq!(VFIO_DEVICE_RESET, 0x3b6f);
     }
 }

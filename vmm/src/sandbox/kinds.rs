@@ -180,10 +180,18 @@ pub fn backend_watch() -> ThreadKind {
 /// the new VMM (state stream and cpr channel; SO_PEERCRED), pauses the vCPUs, reads vCPU and
 /// VM state from KVM, stops every ring (vhost-user GET_VRING_BASE) and hangs up, sends the
 /// state and the inflight fds (SCM_RIGHTS); on rollback kills the new VMM (pidfd) and
-/// reconnects the back-ends as `backend-watch` does.
+/// reconnects the back-ends as `backend-watch` does. With passed-through devices: duplicates
+/// their fds for the cpr channel, removes and (on rollback) restores their vectors' irqfds
+/// and routes, and moves the DMA mappings' addresses (VFIO_IOMMU_UNMAP_DMA and MAP_DMA with
+/// the VADDR flags).
 pub fn migration_out() -> ThreadKind {
     let mut l = vec![
         ioctls(&[
+            VFIO_CHECK_EXTENSION,
+            VFIO_IOMMU_UNMAP_DMA,
+            VFIO_IOMMU_MAP_DMA,
+            KVM_IRQFD,
+            KVM_SET_GSI_ROUTING,
             KVM_GET_MP_STATE,
             KVM_GET_REGS,
             KVM_GET_SREGS,
@@ -217,9 +225,19 @@ pub fn migration_out() -> ThreadKind {
 /// memory slots, irqchip, PIT, vCPUs, eventfds, ioeventfds and irqfds — then enters Landlock,
 /// receives the state and the inflight fds (SCM_RIGHTS), restores KVM state, reconnects every
 /// back-end on a thread of its own (clone; those threads inherit this filter), and after the
-/// commit enables the rings; finally removes its `--incoming` sockets.
+/// commit enables the rings; finally removes its `--incoming` sockets. With passed-through
+/// devices: receives their fds with the prepare, reads their region info and configuration
+/// space, maps their BARs (mmap of the device fd), registers their groups with a KVM-VFIO
+/// device, and at the switch gives the DMA mappings its addresses (VFIO_IOMMU_MAP_DMA with
+/// VFIO_DMA_MAP_FLAG_VADDR).
 pub fn migration_in() -> ThreadKind {
     let mut ioctl = vec![
+        VFIO_DEVICE_GET_INFO,
+        VFIO_DEVICE_GET_REGION_INFO,
+        VFIO_IOMMU_MAP_DMA,
+        VFIO_IOMMU_UNMAP_DMA,
+        KVM_CREATE_DEVICE,
+        KVM_SET_DEVICE_ATTR,
         KVM_GET_API_VERSION,
         KVM_CREATE_VM,
         KVM_GET_MSR_INDEX_LIST,
@@ -264,6 +282,7 @@ pub fn migration_in() -> ThreadKind {
         Syscall::any(libc::SYS_ftruncate),
         Syscall::any(libc::SYS_fchmod),
         Syscall::any(libc::SYS_eventfd2),
+        Syscall::any(libc::SYS_pread64),
         // Entering Landlock once the VM is built.
         Syscall::any(libc::SYS_landlock_create_ruleset),
         Syscall::any(libc::SYS_landlock_add_rule),

@@ -8,10 +8,10 @@ use std::sync::Arc;
 
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
-use vfio_ioctls::VfioDevice;
 
 use super::VfioError;
 use super::config::{CONFIG_SIZE, GuestBar, MsixCap};
+use super::sys::Device;
 
 /// VFIO region flag: the region can be mmap()ed.
 const REGION_FLAG_MMAP: u32 = 1 << 2;
@@ -54,17 +54,13 @@ impl Bar {
 
 /// The BAR registers of the device's configuration space `raw` and its VFIO regions: the memory
 /// BARs, each with its guest size (I/O BARs are not offered to the guest; they are logged).
-pub fn discover(
-    name: &str,
-    dev: &VfioDevice,
-    raw: &[u8; CONFIG_SIZE],
-) -> Vec<(usize, u64, u64, bool)> {
+pub fn discover(name: &str, dev: &Device, raw: &[u8; CONFIG_SIZE]) -> Vec<(usize, u64, u64, bool)> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < 6 {
         let off = 0x10 + 4 * i;
         let reg = u32::from_le_bytes([raw[off], raw[off + 1], raw[off + 2], raw[off + 3]]);
-        let size = dev.get_region_size(u32::try_from(i).unwrap_or(0));
+        let size = dev.region(u32::try_from(i).unwrap_or(0)).size;
         let is_64bit = reg & 1 == 0 && (reg >> 1) & 3 == 2;
         if size > 0 {
             if reg & 1 == 1 {
@@ -86,14 +82,15 @@ pub fn discover(
 /// holds no MSI-X structure; otherwise it stays trapped. `next_slot` hands out KVM slots.
 pub fn place(
     vm: &VmFd,
-    dev: &Arc<VfioDevice>,
+    dev: &Arc<Device>,
     guest: GuestBar,
     region_size: u64,
     msix: &MsixCap,
     next_slot: &mut u32,
 ) -> Result<Bar, VfioError> {
     let index = u32::try_from(guest.index).unwrap_or(0);
-    let mappable = dev.get_region_flags(index) & REGION_FLAG_MMAP != 0
+    let region = dev.region(index);
+    let mappable = region.flags & REGION_FLAG_MMAP != 0
         && region_size % MIN_BAR == 0
         && !msix.overlaps(guest.index, 0, guest.size);
     let mut bar = Bar {
@@ -104,7 +101,7 @@ pub fn place(
     if !mappable {
         return Ok(bar);
     }
-    let offset = libc::off_t::try_from(dev.get_region_offset(index)).map_err(|_| {
+    let offset = libc::off_t::try_from(region.offset).map_err(|_| {
         VfioError::MapBar(guest.index, std::io::Error::from_raw_os_error(libc::EINVAL))
     })?;
     let len = usize::try_from(region_size).map_err(|_| {

@@ -242,6 +242,12 @@ impl VirtualConfig {
         &self.space
     }
 
+    /// Takes the guest's view saved by another VMM (the 256 bytes of [`Self::space`]).
+    pub fn restore(&mut self, bytes: &[u8]) {
+        let n = bytes.len().min(CONFIG_SIZE);
+        self.space.set_bytes(0, &bytes[..n]);
+    }
+
     /// Where MSI-X lives.
     pub fn msix(&self) -> MsixCap {
         self.msix

@@ -7,16 +7,17 @@
 //! the guest's table entry and mask bits (the same routing helpers as virtio-pci). Interrupts
 //! never pass through this process.
 
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use baton_protocol::api::PassthroughInfo;
 use kvm_ioctls::VmFd;
-use vfio_ioctls::VfioDevice;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::bars::Bar;
 use super::config::{ConfigAccess, MsixCap, VirtualConfig};
+use super::sys::Device;
 use crate::interrupts::IrqRouting;
 use crate::pci::PciDevice;
 use crate::pci::config::{BarMove, ConfigSpace};
@@ -28,7 +29,7 @@ pub const CONFIG_REGION: u32 = 7;
 const MSIX_ENABLE: u16 = 1 << 15;
 
 /// The device's configuration region, for [`VirtualConfig`].
-struct Hw<'a>(&'a VfioDevice);
+struct Hw<'a>(&'a Device);
 
 impl ConfigAccess for Hw<'_> {
     fn read(&self, off: usize, data: &mut [u8]) {
@@ -44,7 +45,7 @@ impl ConfigAccess for Hw<'_> {
 pub struct VfioPciDevice {
     pub(super) name: String,
     pub(super) path: PathBuf,
-    pub(super) dev: Arc<VfioDevice>,
+    pub(super) dev: Arc<Device>,
     pub(super) config: VirtualConfig,
     pub(super) bars: Vec<Bar>,
     pub(super) msix: Msix,
@@ -55,6 +56,9 @@ pub struct VfioPciDevice {
     pub(super) irq: Arc<IrqRouting>,
     pub(super) gsi_base: u32,
     pub(super) vectors: Vec<EventFd>,
+    /// Per vector: its eventfd is a KVM irqfd of this VM (in a live update, only the other
+    /// VM's until the switch).
+    pub(super) irqfds: Vec<bool>,
 }
 
 impl VfioPciDevice {
@@ -108,7 +112,8 @@ impl VfioPciDevice {
         self.msix.control = control;
         let enable = control & MSIX_ENABLE != 0;
         if enable && !self.msix_on_device {
-            match self.dev.enable_msix(self.vectors.iter().collect()) {
+            let fds: Vec<_> = self.vectors.iter().map(AsRawFd::as_raw_fd).collect();
+            match self.dev.enable_msix(&fds) {
                 Ok(()) => self.msix_on_device = true,
                 Err(e) => tracing::error!(device = %self.name, "enabling MSI-X: {e}"),
             }

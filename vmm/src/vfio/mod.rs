@@ -7,19 +7,25 @@
 //! the [`container`] (Type1, the KVM-VFIO device, guest RAM mapped for DMA at IOVA = GPA), the
 //! device (reset), its [`bars`] and its virtualised [`config`] space, and MSI-X ([`device`]).
 //!
+//! A live update moves the devices to the new VMM without touching them ([`handover`]).
+//!
 //! Not yet: INTx and MSI (refused: the device must have MSI-X), I/O BARs (not offered), the
-//! expansion ROM (hidden), live update with the device (refused; issue #14 item 2).
+//! expansion ROM (hidden).
 
 pub mod bars;
 pub mod config;
 pub mod container;
 pub mod device;
+pub mod handover;
+pub mod sys;
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use baton_protocol::state::PassthroughConfigState;
 use kvm_ioctls::VmFd;
-use vfio_ioctls::VfioDevice;
 use vm_allocator::{AddressAllocator, AllocPolicy};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -30,6 +36,8 @@ use crate::pci::PciBus;
 use crate::pci::msix::Msix;
 pub use container::Container;
 pub use device::VfioPciDevice;
+pub use handover::Received;
+use sys::SysError;
 
 /// Why a device cannot be passed through; the VM error names the device.
 #[derive(Debug, thiserror::Error)]
@@ -60,23 +68,23 @@ pub enum VfioError {
     /// The same device twice.
     #[error("it is given twice")]
     Duplicate,
-    /// KVM_CREATE_DEVICE (KVM_DEV_TYPE_VFIO).
-    #[error("creating the KVM-VFIO device: {0}")]
+    /// KVM_CREATE_DEVICE (KVM_DEV_TYPE_VFIO) or adding a group to it.
+    #[error("the KVM-VFIO device: {0}")]
     KvmDevice(#[source] std::io::Error),
     /// The container could not be opened or set up.
     #[error("VFIO container: {0}")]
-    Container(#[source] vfio_ioctls::VfioError),
+    Container(#[source] SysError),
     /// The device could not be opened through its group.
     #[error("opening it through VFIO: {0}")]
-    Open(#[source] vfio_ioctls::VfioError),
-    /// Mapping guest RAM for DMA.
-    #[error("mapping guest RAM at {gpa:#x} for DMA: {source}")]
+    Open(#[source] SysError),
+    /// Mapping guest RAM for DMA (or changing the mapping's address in a live update).
+    #[error("DMA mapping of guest RAM at {gpa:#x}: {source}")]
     DmaMap {
         /// The region's guest address.
         gpa: u64,
         /// Why.
         #[source]
-        source: vfio_ioctls::VfioError,
+        source: SysError,
     },
     /// The configuration space says it cannot be passed through.
     #[error(transparent)]
@@ -90,12 +98,15 @@ pub enum VfioError {
     /// Interrupt routing.
     #[error(transparent)]
     Irq(#[from] crate::interrupts::IrqError),
-    /// eventfd creation.
+    /// eventfd creation or an irqfd.
     #[error("eventfd: {0}")]
     EventFd(#[source] std::io::Error),
     /// No free slot on the guest's PCI bus.
     #[error("no free slot on the guest's PCI bus")]
     BusFull,
+    /// A live update: the fds or the state the old VMM sent do not fit the device.
+    #[error("taking it over: {0}")]
+    Handover(String),
 }
 
 fn driver_of(dev: &Path) -> Option<String> {
@@ -104,9 +115,13 @@ fn driver_of(dev: &Path) -> Option<String> {
 }
 
 /// Checks in sysfs that each of `devices` can be passed through, before anything is created.
-/// Returns their paths as given (error messages name them so).
-pub fn check(devices: &[PassthroughConfig]) -> Result<Vec<PathBuf>, (PathBuf, VfioError)> {
-    let (mut seen, mut given): (Vec<PathBuf>, Vec<PathBuf>) = (Vec::new(), Vec::new());
+/// Returns each with its IOMMU group, under the path it was given as (error messages name it
+/// so).
+pub fn check(
+    devices: &[PassthroughConfig],
+) -> Result<Vec<PassthroughConfigState>, (PathBuf, VfioError)> {
+    let (mut seen, mut given): (Vec<PathBuf>, Vec<PassthroughConfigState>) =
+        (Vec::new(), Vec::new());
     for d in devices {
         let fail = |e| (d.path.clone(), e);
         let path = std::fs::canonicalize(&d.path).map_err(|_| fail(VfioError::Missing))?;
@@ -143,48 +158,151 @@ pub fn check(devices: &[PassthroughConfig]) -> Result<Vec<PathBuf>, (PathBuf, Vf
                 }
             }
         }
+        let group = group_name
+            .parse()
+            .map_err(|_| fail(VfioError::NoIommuGroup))?;
         seen.push(path);
-        given.push(d.path.clone());
+        given.push(PassthroughConfigState {
+            path: d.path.clone(),
+            group,
+        });
     }
     Ok(given)
+}
+
+/// The `DDDD:BB:DD.F` name VFIO knows the device at `path` by.
+fn bdf(path: &Path) -> String {
+    std::fs::canonicalize(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
 }
 
 /// (PCI slot, device) of each passed-through device.
 pub type OnBus = Vec<(u8, Arc<Mutex<VfioPciDevice>>)>;
 
-/// Puts the devices at `paths` (checked by [`check`]) on `bus`, in one VFIO container; an
-/// error names the device it is about.
+/// Where the passed-through devices of a VM being built come from.
+pub enum Source<'a> {
+    /// Opened here through their groups ([`check`]ed); reset; guest RAM mapped for DMA.
+    Open(&'a [PassthroughConfigState]),
+    /// Another VMM's, received on the cpr channel: left exactly as they are.
+    HandedOver(&'a [PassthroughConfigState], Received),
+}
+
+impl Source<'_> {
+    /// Whether there is no device.
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Source::Open(c) | Source::HandedOver(c, _) => c.is_empty(),
+        }
+    }
+}
+
+/// Every passed-through device of a VM and the container they share.
+#[derive(Default)]
+pub struct Passthrough {
+    container: Option<Container>,
+    /// The devices, by PCI slot.
+    pub devices: OnBus,
+    /// Their configuration, for a live update.
+    pub config: Vec<PassthroughConfigState>,
+    /// This VMM runs the guest (not a VM handed over, or being taken over): it resets the
+    /// devices when the guest stops.
+    owner: AtomicBool,
+}
+
+impl Passthrough {
+    /// Whether there is none.
+    pub fn is_empty(&self) -> bool {
+        self.devices.is_empty()
+    }
+
+    /// After a live update's commit (`false` on the old side, `true` on the new one).
+    pub fn set_owner(&self, owner: bool) {
+        self.owner.store(owner, Ordering::SeqCst);
+    }
+
+    /// The guest stopped: leave the devices as the next user expects them (unless they
+    /// belong to another VMM now).
+    pub fn reset_if_owner(&self) {
+        if self.owner.load(Ordering::SeqCst) {
+            for (_, d) in &self.devices {
+                d.lock().unwrap_or_else(|e| e.into_inner()).reset();
+            }
+        }
+    }
+}
+
+/// Puts the devices of `source` on `bus`, in one VFIO container; an error names the device
+/// it is about.
 pub fn add_to_bus(
     bus: &mut PciBus,
     vm: &Arc<VmFd>,
     mem: &GuestMemoryMmap,
     irq: &Arc<IrqRouting>,
     window: &mut AddressAllocator,
-    paths: &[PathBuf],
-) -> Result<OnBus, (PathBuf, VfioError)> {
-    let mut out = Vec::new();
-    let Some(first) = paths.first() else {
+    source: Source<'_>,
+) -> Result<Passthrough, (PathBuf, VfioError)> {
+    let (config, handed) = match source {
+        Source::Open(c) => (c, None),
+        Source::HandedOver(c, r) => (c, Some(r)),
+    };
+    let mut out = Passthrough {
+        owner: AtomicBool::new(handed.is_none()),
+        config: config.to_vec(),
+        ..Default::default()
+    };
+    let Some(first) = config.first() else {
         return Ok(out);
     };
-    let mut container = Container::new(vm).map_err(|e| (first.clone(), e))?;
+    let fail = |p: &PassthroughConfigState| {
+        let path = p.path.clone();
+        move |e| (path, e)
+    };
+    let (mut container, mut handed_devices) = match handed {
+        None => (Container::new(vm).map_err(fail(first))?, Vec::new()),
+        Some(r) => {
+            let c = Container::adopt(vm, r.container, r.groups).map_err(fail(first))?;
+            (c, r.devices)
+        }
+    };
+    handed_devices.reverse();
     let mut next_slot = bars::first_slot();
-    for (i, path) in paths.iter().enumerate() {
+    for (i, p) in config.iter().enumerate() {
+        let (dev, vectors) = match handed_devices.pop() {
+            Some((fd, vectors)) => (
+                sys::Device::adopt(fd)
+                    .map_err(VfioError::Open)
+                    .map_err(fail(p))?,
+                Some(vectors),
+            ),
+            None if out.owner.load(Ordering::SeqCst) => (
+                container
+                    .open_device(p.group, &bdf(&p.path))
+                    .map_err(fail(p))?,
+                None,
+            ),
+            None => return Err(fail(p)(VfioError::Handover("no device fd".into()))),
+        };
+        if vectors.is_none() {
+            container.map_guest_ram(mem).map_err(fail(p))?;
+        }
         let setup = Setup {
             vm,
-            mem,
             irq,
             window,
             next_slot: &mut next_slot,
         };
-        let dev = create(format!("vfio{i}"), path, &mut container, setup)
-            .map_err(|e| (path.clone(), e))?;
+        let dev = create(format!("vfio{i}"), &p.path, dev, vectors, setup).map_err(fail(p))?;
         let dev = Arc::new(Mutex::new(dev));
         let slot = bus
             .add(dev.clone())
             .and_then(|s| u8::try_from(s).ok())
-            .ok_or_else(|| (path.clone(), VfioError::BusFull))?;
-        out.push((slot, dev));
+            .ok_or_else(|| fail(p)(VfioError::BusFull))?;
+        out.devices.push((slot, dev));
     }
+    out.container = Some(container);
     Ok(out)
 }
 
@@ -192,8 +310,6 @@ pub fn add_to_bus(
 pub struct Setup<'a> {
     /// The KVM VM.
     pub vm: &'a Arc<VmFd>,
-    /// Guest RAM, mapped for DMA.
-    pub mem: &'a GuestMemoryMmap,
     /// GSI routing, shared with the other PCI devices.
     pub irq: &'a Arc<IrqRouting>,
     /// The guest's PCI MMIO window.
@@ -202,17 +318,21 @@ pub struct Setup<'a> {
     pub next_slot: &'a mut u32,
 }
 
-/// Opens the device at `path` in `container`, resets it and builds its device model, its BARs
-/// placed in the guest's window. Maps guest RAM for DMA with the first device.
+/// Builds the device model of `dev` (the device at `path`), its BARs placed in the guest's
+/// window. A device opened here (`handed_vectors` is `None`) is reset and gets new eventfds
+/// for its vectors, wired to KVM as irqfds; a device taken over from another VMM keeps its
+/// state and that VMM's eventfds, which become irqfds here only at the switch.
 pub fn create(
     name: String,
     path: &Path,
-    container: &mut Container,
+    dev: sys::Device,
+    handed_vectors: Option<Vec<OwnedFd>>,
     s: Setup<'_>,
 ) -> Result<VfioPciDevice, VfioError> {
-    let dev = Arc::new(VfioDevice::new(path, container.handle(), false).map_err(VfioError::Open)?);
-    container.map_guest_ram(s.mem)?;
-    dev.reset();
+    let dev = Arc::new(dev);
+    if handed_vectors.is_none() {
+        dev.reset();
+    }
     let mut raw = [0u8; config::CONFIG_SIZE];
     dev.region_read(device::CONFIG_REGION, &mut raw, 0);
     let mut guest_bars = Vec::new();
@@ -245,22 +365,22 @@ pub fn create(
     }
     let n = msix_cap.vectors;
     let gsi_base = s.irq.allocate(u32::from(n))?;
-    let mut vectors = Vec::new();
-    for v in 0..n {
-        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VfioError::EventFd)?;
-        s.vm.register_irqfd(&evt, gsi_base + u32::from(v))
-            .map_err(|e| VfioError::EventFd(std::io::Error::from_raw_os_error(e.errno())))?;
-        vectors.push(evt);
-    }
-    tracing::info!(
-        device = %name,
-        path = %path.display(),
-        vectors = n,
-        bars = placed.len(),
-        mapped = placed.iter().filter(|b| !b.trapped()).count(),
-        "VFIO device passed through"
-    );
-    Ok(VfioPciDevice {
+    let handed = handed_vectors.is_some();
+    let vectors: Vec<EventFd> = match handed_vectors {
+        Some(fds) => {
+            if fds.len() != usize::from(n) {
+                return Err(VfioError::Handover(format!(
+                    "{} vector eventfds for {n} vectors",
+                    fds.len()
+                )));
+            }
+            fds.into_iter().map(handover::eventfd).collect()
+        }
+        None => (0..n)
+            .map(|_| EventFd::new(libc::EFD_NONBLOCK).map_err(VfioError::EventFd))
+            .collect::<Result<_, _>>()?,
+    };
+    let mut d = VfioPciDevice {
         name,
         path: path.to_path_buf(),
         dev,
@@ -273,7 +393,21 @@ pub fn create(
         irq: s.irq.clone(),
         gsi_base,
         vectors,
-    })
+        irqfds: vec![false; usize::from(n)],
+    };
+    if !handed {
+        d.attach_irqfds()?;
+    }
+    tracing::info!(
+        device = %d.name,
+        path = %path.display(),
+        vectors = n,
+        bars = d.bars.len(),
+        mapped = d.bars.iter().filter(|b| !b.trapped()).count(),
+        handed_over = handed,
+        "VFIO device passed through"
+    );
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -324,7 +458,13 @@ mod tests {
     fn bad_devices_are_refused_before_anything_is_created() {
         let root = tree();
         let c = [dev(&root, "c")];
-        assert_eq!(check(&c).unwrap(), vec![root.join("devices/c")]);
+        assert_eq!(
+            check(&c).unwrap(),
+            vec![PassthroughConfigState {
+                path: root.join("devices/c"),
+                group: 2
+            }]
+        );
         let err = |d: &[PassthroughConfig]| check(d).unwrap_err();
         assert!(matches!(err(&[dev(&root, "x")]), (p, VfioError::Missing) if p.ends_with("x")));
         assert!(matches!(err(&[dev(&root, "b")]), (_, VfioError::NotVfio(d)) if d == "nvme"));

@@ -14,6 +14,8 @@
 #   check CONDITION-TEXT COMMAND...               run COMMAND, print ok/FAIL, count failures
 #   device_is API SOCKET N                        the device is connected after N reconnects
 #   kill_service NAME                             SIGKILL a back-end, keep its log
+#   nvme_find / nvme_bind                         L0's NVMe controller ($NVME_DEV) / bound to
+#                                                 vfio-pci
 # Everything a helper starts logs to /tmp/NAME.log; L2's console is /tmp/NAME.console.
 
 L2_KERNEL=/rig/l2/kernel
@@ -171,7 +173,7 @@ service_stop() {
 }
 
 # check TEXT COMMAND...: runs COMMAND; prints "ok: TEXT" or "FAIL: TEXT" and counts failures
-# (a scenario ends with `exit $FAILURES`).
+# (a scenario ends with `exit $FAILURES`); returns COMMAND's success.
 check() {
     _text=$1; shift
     if "$@"; then
@@ -179,6 +181,7 @@ check() {
     else
         echo "FAIL: $_text"
         FAILURES=$((FAILURES + 1))
+        return 1
     fi
 }
 
@@ -196,10 +199,12 @@ check() {
 # It exits 0 if no write, verify, clock or stream error happened.
 LOAD_BLOCKS=1024
 
-# load_l2_script FILE STREAM: writes L2's script (STREAM: 1 for the TCP stream, 0 without).
+# load_l2_script FILE STREAM [DISK]: writes L2's script (STREAM: 1 for the TCP stream, 0
+# without; DISK: the block device the writer writes, /dev/vda by default).
 load_l2_script() {
-    echo "LOAD_STREAM=$2 LOAD_BLOCKS=$LOAD_BLOCKS" >"$1"
+    echo "LOAD_STREAM=$2 LOAD_BLOCKS=$LOAD_BLOCKS LOAD_DISK=${3:-/dev/vda}" >"$1"
     cat >>"$1" <<'L2'
+for i in $(seq 1 300); do [ -b $LOAD_DISK ] && break; sleep 0.1; done
 ip addr add 10.0.2.2/24 dev eth0
 ip link set eth0 up
 ping -c 1 -W 30 10.0.2.1 >/dev/null || echo "load: no answer from L1 before the start"
@@ -227,12 +232,12 @@ clock=$!
     while running; do
         b=$((16 + n % LOAD_BLOCKS))
         printf '%4095s\n' "blk $b seq $n" >/tmp/blk
-        if ! dd if=/tmp/blk of=/dev/vda bs=4096 seek=$b count=1 oflag=direct conv=notrunc,fsync \
+        if ! dd if=/tmp/blk of=$LOAD_DISK bs=4096 seek=$b count=1 oflag=direct conv=notrunc,fsync \
             2>/tmp/dd.err; then
             werr=$((werr + 1))
             echo "writer: writing block $b (seq $n) failed: $(cat /tmp/dd.err)"
         fi
-        if ! dd if=/dev/vda bs=4096 skip=$b count=1 iflag=direct 2>/dev/null | cmp -s - /tmp/blk; then
+        if ! dd if=$LOAD_DISK bs=4096 skip=$b count=1 iflag=direct 2>/dev/null | cmp -s - /tmp/blk; then
             verr=$((verr + 1))
             echo "writer: block $b (seq $n) reads back wrong"
         fi
@@ -380,4 +385,30 @@ kill_service() {
     wait "$_pid"
     cat /tmp/$1.log >>/tmp/$1.all.log
     echo "--- SIGKILLed" >>/tmp/$1.all.log
+}
+
+# nvme_find: $NVME_DEV is the sysfs path of the NVMe controller L0 gave L1 (QEMU's nvme,
+# 1b36:0010), with an IOMMU group; fails (a check) otherwise.
+nvme_find() {
+    NVME_DEV=
+    for _d in /sys/bus/pci/devices/*; do
+        if [ "$(cat "$_d/vendor")" = 0x1b36 ] && [ "$(cat "$_d/device")" = 0x0010 ]; then
+            NVME_DEV=$_d
+        fi
+    done
+    check "L0 gave L1 an NVMe controller" test -n "$NVME_DEV" || return 1
+    echo "nvme: $NVME_DEV, driver $(basename "$(readlink "$NVME_DEV/driver" 2>/dev/null)" 2>/dev/null), IOMMU group $(basename "$(readlink "$NVME_DEV/iommu_group" 2>/dev/null)" 2>/dev/null)"
+    check "the NVMe controller has an IOMMU group (intel_iommu=on)" test -e "$NVME_DEV/iommu_group"
+}
+
+# nvme_bind: binds $NVME_DEV to vfio-pci and waits for its /dev/vfio/GROUP.
+nvme_bind() {
+    _bdf=$(basename "$NVME_DEV")
+    echo vfio-pci >"$NVME_DEV/driver_override"
+    [ -e "$NVME_DEV/driver" ] && echo "$_bdf" >"$NVME_DEV/driver/unbind"
+    echo "$_bdf" >/sys/bus/pci/drivers_probe
+    _group=$(basename "$(readlink "$NVME_DEV/iommu_group")")
+    check "the NVMe controller is bound to vfio-pci" \
+        test "$(basename "$(readlink "$NVME_DEV/driver")")" = vfio-pci || return 1
+    check "/dev/vfio/$_group appears" wait_for 10 test -e "/dev/vfio/$_group"
 }

@@ -232,6 +232,34 @@ fn linux_uses_a_passed_through_nvme() {
     }
 }
 
+/// A fresh 64 MiB NVMe image in target/.../nested, and the L0 options that give L1 an IOMMU
+/// and an NVMe controller over it (`msix-exclusive-bar` as given).
+fn nvme_rig(file: &str, exclusive_msix_bar: bool) -> (std::path::PathBuf, Vec<String>) {
+    let dir = baton_tests::harness::target_dir().join("nested");
+    std::fs::create_dir_all(&dir).expect("creating target/.../nested");
+    let image = dir.join(file);
+    let _ = std::fs::remove_file(&image);
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(64 << 20))
+        .expect("creating the NVMe image");
+    let drive = format!("if=none,id=nv0,file={},format=raw", image.display());
+    let nvme = format!("nvme,serial=baton,drive=nv0,msix-exclusive-bar={exclusive_msix_bar}");
+    let mut options = Vec::new();
+    for (flag, value) in [
+        ("--qemu", "-device"),
+        ("--qemu", "intel-iommu,intremap=on"),
+        ("--qemu", "-drive"),
+        ("--qemu", &drive),
+        ("--qemu", "-device"),
+        ("--qemu", &nvme),
+        ("--append", "intel_iommu=on"),
+    ] {
+        options.push(flag.to_string());
+        options.push(value.to_string());
+    }
+    (image, options)
+}
+
 /// One L0 run of scenarios/vfio-nvme.sh; false if the rig cannot run here.
 fn nvme_passthrough_run(exclusive_msix_bar: bool) -> bool {
     let what = if exclusive_msix_bar {
@@ -239,31 +267,7 @@ fn nvme_passthrough_run(exclusive_msix_bar: bool) -> bool {
     } else {
         "vfio-nvme, MSI-X in BAR0"
     };
-    let dir = baton_tests::harness::target_dir().join("nested");
-    std::fs::create_dir_all(&dir).expect("creating target/.../nested");
-    let image = dir.join("vfio-nvme.img");
-    let _ = std::fs::remove_file(&image);
-    std::fs::File::create(&image)
-        .and_then(|f| f.set_len(64 << 20))
-        .expect("creating the NVMe image");
-    let drive = format!("if=none,id=nv0,file={},format=raw", image.display());
-    let nvme = format!("nvme,serial=baton,drive=nv0,msix-exclusive-bar={exclusive_msix_bar}");
-    let options = [
-        "--qemu",
-        "-device",
-        "--qemu",
-        "intel-iommu,intremap=on",
-        "--qemu",
-        "-drive",
-        "--qemu",
-        &drive,
-        "--qemu",
-        "-device",
-        "--qemu",
-        &nvme,
-        "--append",
-        "intel_iommu=on",
-    ];
+    let (image, options) = nvme_rig("vfio-nvme.img", exclusive_msix_bar);
     let options: Vec<&std::ffi::OsStr> = options.iter().map(|s| s.as_ref()).collect();
     let mapped = if exclusive_msix_bar { "1" } else { "0" };
     let out = match run_scenario_with("vfio-nvme", &options, &[mapped]) {
@@ -311,4 +315,79 @@ fn nvme_passthrough_run(exclusive_msix_bar: bool) -> bool {
     }
     let _ = std::fs::remove_file(&image);
     true
+}
+
+#[test]
+fn linux_on_a_passed_through_nvme_through_10_live_updates_and_two_rollbacks() {
+    // L2 writes verified blocks to the passed-through NVMe (and pings over baton-net-tap) while
+    // L1 moves it to a new baton-vmm 10 times, then rolls back twice: once before and once
+    // after the new VMM took the DMA mappings and the vectors (scenarios/vfio-live-update.sh).
+    // BAR0 mapped into the guest (MSI-X in a BAR of its own), so that the doorbells go
+    // straight to the device through a KVM slot of whichever VMM runs the guest.
+    let what = "vfio-live-update";
+    let (image, options) = nvme_rig("vfio-live-update.img", true);
+    let options: Vec<&std::ffi::OsStr> = options.iter().map(|s| s.as_ref()).collect();
+    let out = match run_scenario_with(what, &options, &["10"]) {
+        Ok(out) => {
+            eprintln!("{what}: {}", out.summary());
+            out
+        }
+        Err(RigError::CannotRun(_)) => return,
+        Err(e) => panic!("{what}: {e}"),
+    };
+    let mut checks = vec![
+        "the NVMe controller is bound to vfio-pci".to_string(),
+        "the writer runs on the NVMe".to_string(),
+    ];
+    for n in 1..=10 {
+        checks.push(format!("swap {n}: batonctl live-update exits 0"));
+        checks.push(format!("swap {n}: the old VMM exits 0"));
+        checks.push(format!("swap {n}: the writer goes on"));
+    }
+    for why in ["fds", "switch"] {
+        checks.push(format!("rollback {why}: the old VMM says it rolled back"));
+        checks.push(format!("rollback {why}: the writer goes on"));
+    }
+    checks.extend(
+        [
+            "the last VMM lists the device with MSI-X on",
+            "rollback switch: the new VMM restores the device",
+            "after the rollbacks: a live update succeeds",
+            "after the rollbacks: the writer goes on",
+            "the last VMM exits 0",
+            "vlu: L2's writer had no write error and no verify error",
+            "no nvme timeout, abort or reset in L2's log",
+            "the NVMe controller is still bound to vfio-pci",
+        ]
+        .map(String::from),
+    );
+    let checks: Vec<&str> = checks.iter().map(String::as_str).collect();
+    assert_passes(&out, &checks);
+    // On the host: block 16 + i holds the last of L2's writes to it ("blk B seq N", right
+    // aligned in 4095 bytes and a newline; write N goes to block 16 + N mod 1024).
+    let writes: u64 = out
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("image: writer: ")?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .expect("no writer count on L1's console");
+    assert!(writes > 0, "{what}: no write");
+    let data = std::fs::read(&image).expect("reading the NVMe image");
+    const BLOCKS: u64 = 1024;
+    for i in 0..writes.min(BLOCKS) {
+        let last = i + BLOCKS * ((writes - 1 - i) / BLOCKS);
+        let want = format!("{:>4095}\n", format!("blk {} seq {last}", 16 + i));
+        let at = usize::try_from((16 + i) * 4096).unwrap();
+        assert!(
+            data.get(at..at + 4096) == Some(want.as_bytes()),
+            "{what}: block {} of {} does not hold write {last} of {writes}",
+            16 + i,
+            image.display()
+        );
+    }
+    let _ = std::fs::remove_file(&image);
 }

@@ -19,18 +19,8 @@
 . /rig/lib.sh
 mapped=${1:-0}
 
-nvme=
-for d in /sys/bus/pci/devices/*; do
-    if [ "$(cat "$d/vendor")" = 0x1b36 ] && [ "$(cat "$d/device")" = 0x0010 ]; then
-        nvme=$(basename "$d")
-    fi
-done
-check "L0 gave L1 an NVMe controller" test -n "$nvme"
-[ -n "$nvme" ] || exit $FAILURES
-dev=/sys/bus/pci/devices/$nvme
-echo "nvme: $nvme, driver $(basename "$(readlink "$dev/driver" 2>/dev/null)" 2>/dev/null), IOMMU group $(basename "$(readlink "$dev/iommu_group" 2>/dev/null)" 2>/dev/null)"
-check "the NVMe controller has an IOMMU group (intel_iommu=on)" test -e "$dev/iommu_group"
-[ -e "$dev/iommu_group" ] || exit $FAILURES
+nvme_find || exit $FAILURES
+dev=$NVME_DEV
 
 # Bad input, while it is not bound to vfio-pci yet.
 # bad NAME EXPECTED-TEXT DEVICE OPTIONS...: baton-vmm fails with EXPECTED-TEXT, naming DEVICE,
@@ -47,13 +37,7 @@ bad() {
 check "bad input: a device not bound to vfio-pci is refused, named" \
     bad bad-driver "not vfio-pci" "$dev" --device "path=$dev"
 
-echo vfio-pci >"$dev/driver_override"
-[ -e "$dev/driver" ] && echo "$nvme" >"$dev/driver/unbind"
-echo "$nvme" >/sys/bus/pci/drivers_probe
-group=$(basename "$(readlink "$dev/iommu_group")")
-check "the NVMe controller is bound to vfio-pci" \
-    test "$(basename "$(readlink "$dev/driver")")" = vfio-pci
-check "/dev/vfio/$group appears" wait_for 10 test -e "/dev/vfio/$group"
+nvme_bind || exit $FAILURES
 
 check "bad input: a missing device is refused, named" \
     bad bad-missing "no such PCI device" /sys/bus/pci/devices/0000:00:1f.7 \

@@ -32,7 +32,10 @@ for case in with without; do
         wait_for 30 test -S /tmp/$name.in.$n
         timeout 120 batonctl --api-socket /tmp/$name.api.$cur live-update /tmp/$name.in.$n \
             >/tmp/$name.report.$n 2>&1
-        check "$case: swap $n succeeds" test $? = 0
+        check "$case: swap $n succeeds" test $? = 0 || {
+            sed "s/^/old VMM: /" /tmp/$name.log.$cur; sed "s/^/new VMM: /" /tmp/$name.log.$n
+            kill -KILL $new_pid; load_stop; l2_wait $name; exit $FAILURES
+        }
         wait $old_pid
         echo $new_pid >/tmp/$name.pid
         cur=$n
@@ -40,7 +43,7 @@ for case in with without; do
         writer_grows /tmp/$name.serial.$n 60
     done
     check "$case: L2 is told to stop" load_stop
-    l2_wait $name >/dev/null
+    l2_wait $name
     check "$case: the last VMM exits 0" test $? = 0
     load_checks $name
 done

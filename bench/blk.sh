@@ -10,10 +10,13 @@
 # is tried on the headline case (4 KiB random read, QD 32, 1 queue); the better one is used for
 # every case of that medium and printed in each line ("peer_config").
 # Each number: a 1 s warm-up, then the median of 3 runs of BATON_BENCH_SECONDS (default 5).
+# BATON_BENCH_MEDIA="disk" (or "tmpfs") runs one medium only.
 # One JSON line per case:
 #   {"bench":"blk-randread-4k","medium":"tmpfs","unit":"IOPS","ours":N,"peer":"qemu-storage-daemon",
 #    "peer_value":N,"ratio":N,"qd":32,"queues":1,"ours_config":"...","peer_config":"..."}
-# (ratio > 1 = baton better), then idle RSS. Called by ./bench.sh (which builds in release).
+# (ratio > 1 = baton better), then idle RSS; on the disk, the medium's own ceiling for the
+# headline case (fio, io_uring, O_DIRECT: "device_ceiling"). Called by ./bench.sh (which builds
+# in release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 T=${CARGO_TARGET_DIR:-target}/release
@@ -23,6 +26,7 @@ if [[ ! -x $BLK || ! -x $BENCH ]]; then
     cargo build --release --quiet -p baton-blk -p baton-tools --bin baton-blk --bin baton-vu-bench
 fi
 command -v qemu-storage-daemon >/dev/null || { echo "bench/blk.sh: qemu-storage-daemon is not installed" >&2; exit 1; }
+command -v fio >/dev/null || { echo "bench/blk.sh: fio is not installed (./bench.sh installs it)" >&2; exit 1; }
 SECS=${BATON_BENCH_SECONDS:-5}
 SIZE_MB=${BATON_BENCH_IMAGE_MB:-256}
 DISK_DIR=${BATON_BENCH_DISK_DIR:-/var/tmp}
@@ -93,7 +97,7 @@ emit() { # name medium unit ours peer qd queues ours_config peer_config
 
 rss() { awk '/^VmRSS:/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
 
-for medium in tmpfs disk; do
+for medium in ${BATON_BENCH_MEDIA:-tmpfs disk}; do
     if [[ $medium == tmpfs ]]; then
         dir=$shm
         aios=("io_uring off" "threads off" "native on")
@@ -150,5 +154,19 @@ for medium in tmpfs disk; do
     awk -v m="$medium" -v o="$o_rss" -v p="$p_rss" 'BEGIN {
         printf "{\"bench\":\"blk-idle-rss\",\"medium\":\"%s\",\"unit\":\"MiB\",\"ours\":%s,\"peer\":\"qemu-storage-daemon\",\"peer_value\":%s,\"ratio\":%.3f,\"goal\":\"<= 10 MiB\"}\n", m, o, p, (o > 0) ? p / o : 0 }'
     stop_all
+    if [[ $medium == disk ]]; then
+        # What the medium itself gives the headline case, with no vhost-user in between: fio
+        # with io_uring, O_DIRECT, one job, QD 32 on the same image (median of 3). Neither
+        # back-end can beat it; with the peer near it, no back-end can be 1.3x faster here.
+        fio_runs=()
+        for _ in 1 2 3; do
+            fio_runs+=("$(fio --name=ceiling --filename="$dir/ours.img" --ioengine=io_uring --direct=1 \
+                --rw=randread --bs=4k --iodepth=32 --numjobs=1 --time_based --runtime="$SECS" \
+                --output-format=json | python3 -c 'import json,sys; print(int(json.load(sys.stdin)["jobs"][0]["read"]["iops"]))')")
+        done
+        ceiling=$(printf '%s\n' "${fio_runs[@]}" | sort -n | sed -n 2p)
+        printf '{"bench":"blk-randread-4k","medium":"disk","unit":"IOPS","device_ceiling":%s,"qd":32,"queues":1,"config":"fio %s, ioengine=io_uring, direct=1, randread 4k, iodepth=32, numjobs=1 (no vhost-user)"}\n' \
+            "$ceiling" "$(fio --version)"
+    fi
     rm -f "$dir/ours.img" "$dir/peer.img"
 done

@@ -39,9 +39,9 @@ setup_packages() {
 
 # What only the benchmarks need: DPDK's testpmd, the net benchmark's peer (in dpdk-dev).
 setup_bench_packages() {
-    command -v dpdk-testpmd >/dev/null && return 0
-    echo "== installing Debian packages: dpdk-dev"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpdk-dev >/dev/null
+    command -v dpdk-testpmd >/dev/null && command -v fio >/dev/null && return 0
+    echo "== installing Debian packages: dpdk-dev fio"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dpdk-dev fio >/dev/null
 }
 
 setup_rust() {

@@ -135,14 +135,25 @@ impl Engine {
         std::mem::take(&mut self.done)
     }
 
-    /// Sleeps until a request in the ring completes or `kick` (the guest's kick eventfd, whose
-    /// count it consumes) fires. Returns at once if nothing is in the ring.
-    pub fn wait(&mut self, kick: Option<&File>) {
+    /// Waits until a request in the ring completes or `kick` (the guest's kick eventfd, whose
+    /// count it consumes) fires: first by watching the completion queue for up to `spin`
+    /// (`--poll-us`: a completion that comes within it costs no sleep and wake-up), then
+    /// asleep. Returns at once if nothing is in the ring.
+    pub fn wait(&mut self, kick: Option<&File>, spin: std::time::Duration) {
         let Some(ring) = self.ring.as_mut() else {
             return;
         };
         if self.submitted == 0 || !ring.completion().is_empty() {
             return;
+        }
+        if ring.submission().is_empty() && !spin.is_zero() {
+            let until = std::time::Instant::now() + spin;
+            while std::time::Instant::now() < until {
+                if !ring.completion().is_empty() {
+                    return;
+                }
+                std::hint::spin_loop();
+            }
         }
         // Entries the kernel refused for now (EAGAIN, EBUSY) are retried after a short nap.
         let timeout = if ring.submission().is_empty() {

@@ -329,7 +329,7 @@ fn run(st: &mut Vring, dev: &Device, engine: &mut Engine, cut_short: &dyn Fn() -
         if engine.in_flight() == 0 {
             return stopped;
         }
-        engine.wait(st.kick.as_deref().filter(|_| watch));
+        engine.wait(st.kick.as_deref().filter(|_| watch), dev.poll());
     }
 }
 

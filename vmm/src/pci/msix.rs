@@ -1,6 +1,8 @@
 //! MSI-X: the vector table and pending-bit array a device exposes in a BAR, and the capability
 //! that describes them. Vector changes are turned into GSI routes by the owner.
 
+use baton_protocol::state::{MsixEntryState, MsixState};
+
 use crate::interrupts::MsiMessage;
 
 /// Bytes per table entry.
@@ -70,6 +72,41 @@ impl Msix {
         let mut m = [0u8; 12];
         m[3] = 0xc0;
         m
+    }
+
+    /// The table, pending bits and control word, for a live update.
+    pub fn save(&self) -> MsixState {
+        MsixState {
+            table: self
+                .table
+                .iter()
+                .map(|e| MsixEntryState {
+                    addr_lo: e.addr_lo,
+                    addr_hi: e.addr_hi,
+                    data: e.data,
+                    control: e.control,
+                })
+                .collect(),
+            pba: self.pba.clone(),
+            control: self.control,
+        }
+    }
+
+    /// Takes the table, pending bits and control word another VMM saved (entries beyond this
+    /// table's size are ignored; the caller checks the sizes match).
+    pub fn restore(&mut self, s: &MsixState) {
+        for (e, saved) in self.table.iter_mut().zip(&s.table) {
+            *e = MsixEntry {
+                addr_lo: saved.addr_lo,
+                addr_hi: saved.addr_hi,
+                data: saved.data,
+                control: saved.control,
+            };
+        }
+        for (p, saved) in self.pba.iter_mut().zip(&s.pba) {
+            *p = *saved;
+        }
+        self.control = s.control;
     }
 
     /// Whether MSI-X is enabled and not function-masked.
@@ -148,6 +185,22 @@ impl Msix {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn saved_state_restores_the_same_table() {
+        let mut a = Msix::new(3);
+        a.write_table(ENTRY_SIZE, &0xfee0_0000u32.to_le_bytes());
+        a.write_table(ENTRY_SIZE + 8, &0x41u32.to_le_bytes());
+        a.write_table(ENTRY_SIZE + 12, &0u32.to_le_bytes());
+        a.control = CTRL_ENABLE;
+        a.pba[0] = 0b100;
+        let mut b = Msix::new(3);
+        b.restore(&a.save());
+        assert_eq!(b.table, a.table);
+        assert_eq!((b.pba.clone(), b.control), (vec![0b100], CTRL_ENABLE));
+        assert_eq!(b.message(1), a.message(1));
+        assert!(b.message(1).is_some() && b.message(0).is_none());
+    }
 
     #[test]
     fn vectors_deliver_only_when_enabled_and_unmasked() {

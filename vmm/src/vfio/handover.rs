@@ -22,15 +22,12 @@ use baton_protocol::cpr;
 use baton_protocol::state::passthrough::{
     CONTAINER_FD, device_fd_name, group_fd_name, vector_fd_name,
 };
-use baton_protocol::state::{
-    Blob, MsixEntryState, MsixState, PassthroughConfigState, PassthroughState,
-};
+use baton_protocol::state::{Blob, PassthroughConfigState, PassthroughState};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::device::VfioPciDevice;
 use super::{Passthrough, VfioError};
-use crate::pci::msix::MsixEntry;
 
 /// The fds of another VMM's passed-through devices, received on the cpr channel.
 pub struct Received {
@@ -220,21 +217,7 @@ impl VfioPciDevice {
             slot,
             config: Blob(self.config.space().bytes(0, 256).to_vec()),
             bars: self.bars.iter().map(|b| b.guest.addr).collect(),
-            msix: MsixState {
-                table: self
-                    .msix
-                    .table
-                    .iter()
-                    .map(|e| MsixEntryState {
-                        addr_lo: e.addr_lo,
-                        addr_hi: e.addr_hi,
-                        data: e.data,
-                        control: e.control,
-                    })
-                    .collect(),
-                pba: self.msix.pba.clone(),
-                control: self.msix.control,
-            },
+            msix: self.msix.save(),
             msix_on_device: self.msix_on_device,
         }
     }
@@ -258,16 +241,7 @@ impl VfioPciDevice {
                 })?;
             }
         }
-        for (e, saved) in self.msix.table.iter_mut().zip(&s.msix.table) {
-            *e = MsixEntry {
-                addr_lo: saved.addr_lo,
-                addr_hi: saved.addr_hi,
-                data: saved.data,
-                control: saved.control,
-            };
-        }
-        self.msix.pba.clone_from(&s.msix.pba);
-        self.msix.control = s.msix.control;
+        self.msix.restore(&s.msix);
         self.msix_on_device = s.msix_on_device;
         Ok(())
     }

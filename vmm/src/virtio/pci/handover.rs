@@ -5,13 +5,11 @@
 use std::time::{Duration, Instant};
 
 use baton_protocol::api::{BackendState, DeviceInfo};
-use baton_protocol::state::{
-    Blob, InflightState, MsixEntryState, MsixState, PciDeviceState, VirtioPciState,
-};
+use baton_protocol::state::{Blob, InflightState, PciDeviceState, VirtioPciState};
 use vhost::vhost_user::message::VhostUserInflight;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::{DeviceError, VirtioPciDevice, enabled_queues, msix, status};
+use super::{DeviceError, VirtioPciDevice, enabled_queues, status};
 use crate::vhost_user::{ErrorClass, RingBase, TYPE_BLOCK, VhostUserDevice, VhostUserError};
 use crate::virtio::drain::{self, DRAIN_TIMEOUT, DrainError, RunningRing, StoppedRing};
 
@@ -50,21 +48,7 @@ impl VirtioPciDevice {
             slot,
             config: Blob(self.config.bytes(0, 256).to_vec()),
             bar_base: self.bar_base,
-            msix: MsixState {
-                table: self
-                    .msix
-                    .table
-                    .iter()
-                    .map(|e| MsixEntryState {
-                        addr_lo: e.addr_lo,
-                        addr_hi: e.addr_hi,
-                        data: e.data,
-                        control: e.control,
-                    })
-                    .collect(),
-                pba: self.msix.pba.clone(),
-                control: self.msix.control,
-            },
+            msix: self.msix.save(),
         };
         (pci, self.common.save())
     }
@@ -72,15 +56,7 @@ impl VirtioPciDevice {
     /// Loads transport state saved by another VMM; routes and irqfds follow it.
     pub fn restore(&mut self, pci: &PciDeviceState, virtio: &VirtioPciState) {
         self.config.set_bytes(0, pci.config.as_bytes());
-        for (e, s) in self.msix.table.iter_mut().zip(&pci.msix.table) {
-            *e = msix::MsixEntry {
-                addr_lo: s.addr_lo,
-                addr_hi: s.addr_hi,
-                data: s.data,
-                control: s.control,
-            };
-        }
-        self.msix.control = pci.msix.control;
+        self.msix.restore(&pci.msix);
         self.common.restore(virtio);
         for slot in 0..self.registered.len() {
             self.rewire(slot);

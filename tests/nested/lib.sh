@@ -14,6 +14,7 @@
 #   check CONDITION-TEXT COMMAND...               run COMMAND, print ok/FAIL, count failures
 #   device_is API SOCKET N                        the device is connected after N reconnects
 #   kill_service NAME                             SIGKILL a back-end, keep its log
+#   lu_swap NAME N FROM                           live update NAME to a new VMM (N) from FROM
 #   nvme_find / nvme_bind                         L0's NVMe controller ($NVME_DEV) / bound to
 #                                                 vfio-pci
 # Everything a helper starts logs to /tmp/NAME.log; L2's console is /tmp/NAME.console.
@@ -385,6 +386,32 @@ kill_service() {
     wait "$_pid"
     cat /tmp/$1.log >>/tmp/$1.all.log
     echo "--- SIGKILLed" >>/tmp/$1.all.log
+}
+
+# lu_swap NAME N FROM: a live update of VM NAME from the VMM whose API is /tmp/NAME.api.FROM
+# to a new one (`baton-vmm --incoming /tmp/NAME.in.N`, its serial /tmp/NAME.serial.N, its log
+# /tmp/NAME.log.N, its API /tmp/NAME.api.N); batonctl's report in /tmp/NAME.report.N. Sets
+# LU_RC (batonctl's status) and LU_OLD_RC (the old VMM's exit status once it is gone). On
+# success /tmp/NAME.pid names the new VMM; on failure the new VMM is killed and the old one
+# (which rolled back) stays.
+lu_swap() {
+    _name=$1 _n=$2 _from=$3
+    _old=$(cat "/tmp/$_name.pid")
+    baton-vmm --incoming "/tmp/$_name.in.$_n" --serial stdio --api-socket "/tmp/$_name.api.$_n" \
+        </dev/null >"/tmp/$_name.serial.$_n" 2>"/tmp/$_name.log.$_n" &
+    _new=$!
+    wait_for 30 test -S "/tmp/$_name.in.$_n"
+    timeout 120 batonctl --api-socket "/tmp/$_name.api.$_from" live-update "/tmp/$_name.in.$_n" \
+        >"/tmp/$_name.report.$_n" 2>&1
+    LU_RC=$? LU_OLD_RC=
+    if [ $LU_RC = 0 ]; then
+        wait "$_old"
+        LU_OLD_RC=$?
+        echo $_new >"/tmp/$_name.pid"
+    else
+        kill -KILL $_new 2>/dev/null
+        wait $_new 2>/dev/null
+    fi
 }
 
 # nvme_find: $NVME_DEV is the sysfs path of the NVMe controller L0 gave L1 (QEMU's nvme,

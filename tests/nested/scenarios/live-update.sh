@@ -29,26 +29,17 @@ check "the TCP stream from L2 flows" stream_grows 60
 
 cur=0
 for n in $(seq 1 "$swaps"); do
-    old_pid=$(cat /tmp/$name.pid)
-    baton-vmm --incoming /tmp/$name.in.$n --serial stdio --api-socket /tmp/$name.api.$n \
-        </dev/null >/tmp/$name.serial.$n 2>/tmp/$name.log.$n &
-    new_pid=$!
-    wait_for 30 test -S /tmp/$name.in.$n
     t0=$(cut -d' ' -f1 /proc/uptime)
-    timeout 120 batonctl --api-socket /tmp/$name.api.$cur live-update /tmp/$name.in.$n \
-        >/tmp/$name.report.$n 2>&1
-    rc=$?
+    lu_swap $name $n $cur
     t1=$(cut -d' ' -f1 /proc/uptime)
     blackout=$(sed -n 's/.*"blackout_us":\([0-9.]*\).*/\1/p' /tmp/$name.report.$n)
-    echo "swap $n: batonctl exited $rc after $t0 -> $t1 s of L1 uptime; blackout ${blackout:-?} us"
-    [ $rc = 0 ] || sed 's/^/  report: /' /tmp/$name.report.$n
-    check "swap $n: batonctl live-update exits 0" test $rc = 0
-    wait $old_pid
-    check "swap $n: the old VMM exits 0" test $? = 0
-    echo $new_pid >/tmp/$name.pid
-    cur=$n
+    echo "swap $n: batonctl exited $LU_RC after $t0 -> $t1 s of L1 uptime; blackout ${blackout:-?} us"
+    [ $LU_RC = 0 ] || sed 's/^/  report: /' /tmp/$name.report.$n
+    check "swap $n: batonctl live-update exits 0" test $LU_RC = 0
+    check "swap $n: the old VMM exits 0" test "$LU_OLD_RC" = 0
+    [ $LU_RC = 0 ] && cur=$n
     check "swap $n: the TCP stream goes on" stream_grows 60
-    check "swap $n: the writer goes on" writer_grows /tmp/$name.serial.$n 60
+    check "swap $n: the writer goes on" writer_grows /tmp/$name.serial.$cur 60
 done
 
 # The rollback: the new VMM is killed once it has taken the back-ends over.

@@ -34,28 +34,16 @@ check "the writer runs on the NVMe" writer_grows /tmp/$name.serial.0 120
 
 cur=0
 for n in $(seq 1 "$swaps"); do
-    old_pid=$(cat /tmp/$name.pid)
-    baton-vmm --incoming /tmp/$name.in.$n --serial stdio --api-socket /tmp/$name.api.$n \
-        </dev/null >/tmp/$name.serial.$n 2>/tmp/$name.log.$n &
-    new_pid=$!
-    wait_for 30 test -S /tmp/$name.in.$n
-    timeout 120 batonctl --api-socket /tmp/$name.api.$cur live-update /tmp/$name.in.$n \
-        >/tmp/$name.report.$n 2>&1
-    rc=$?
+    lu_swap $name $n $cur
     echo "swap $n: $(tr -d '\n' </tmp/$name.report.$n | cut -c1-600)"
-    check "swap $n: batonctl live-update exits 0" test $rc = 0
-    wait $old_pid
-    rc_old=$?
-    check "swap $n: the old VMM exits 0" test $rc_old = 0
-    if [ $rc != 0 ] || [ $rc_old != 0 ]; then
+    check "swap $n: batonctl live-update exits 0" test $LU_RC = 0
+    check "swap $n: the old VMM exits 0" test "$LU_OLD_RC" = 0
+    if [ $LU_RC != 0 ] || [ "$LU_OLD_RC" != 0 ]; then
         # Stop here: later swaps would only repeat the failure.
-        kill -KILL $new_pid 2>/dev/null
-        echo $old_pid >/tmp/$name.pid
         load_stop
         l2_wait $name
         exit $FAILURES
     fi
-    echo $new_pid >/tmp/$name.pid
     cur=$n
     check "swap $n: the writer goes on" writer_grows /tmp/$name.serial.$n 60
 done
@@ -99,17 +87,9 @@ rollback() {
 rollback fds exit-after-state
 rollback switch hang-before-ready
 n=$((swaps + 1))
-old_pid=$(cat /tmp/$name.pid)
-baton-vmm --incoming /tmp/$name.in.$n --serial stdio --api-socket /tmp/$name.api.$n \
-    </dev/null >/tmp/$name.serial.$n 2>/tmp/$name.log.$n &
-new_pid=$!
-wait_for 30 test -S /tmp/$name.in.$n
-timeout 120 batonctl --api-socket /tmp/$name.api.$cur live-update /tmp/$name.in.$n \
-    >/tmp/$name.report.$n 2>&1
-check "after the rollbacks: a live update succeeds" test $? = 0
-wait $old_pid
-check "after the rollbacks: the old VMM exits 0" test $? = 0
-echo $new_pid >/tmp/$name.pid
+lu_swap $name $n $cur
+check "after the rollbacks: a live update succeeds" test $LU_RC = 0
+check "after the rollbacks: the old VMM exits 0" test "$LU_OLD_RC" = 0
 check "after the rollbacks: the writer goes on" writer_grows /tmp/$name.serial.$n 60
 
 check "L2 is told to stop" load_stop

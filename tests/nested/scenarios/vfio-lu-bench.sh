@@ -25,19 +25,11 @@ for case in with without; do
     check "$case: L2's load starts" load_running $name || { kill $L2_PID; l2_wait $name; exit $FAILURES; }
     cur=0
     for n in $(seq 1 "$swaps"); do
-        old_pid=$(cat /tmp/$name.pid)
-        baton-vmm --incoming /tmp/$name.in.$n --serial stdio --api-socket /tmp/$name.api.$n \
-            </dev/null >/tmp/$name.serial.$n 2>/tmp/$name.log.$n &
-        new_pid=$!
-        wait_for 30 test -S /tmp/$name.in.$n
-        timeout 120 batonctl --api-socket /tmp/$name.api.$cur live-update /tmp/$name.in.$n \
-            >/tmp/$name.report.$n 2>&1
-        check "$case: swap $n succeeds" test $? = 0 || {
+        lu_swap $name $n $cur
+        check "$case: swap $n succeeds" test $LU_RC = 0 || {
             sed "s/^/old VMM: /" /tmp/$name.log.$cur; sed "s/^/new VMM: /" /tmp/$name.log.$n
-            kill -KILL $new_pid; load_stop; l2_wait $name; exit $FAILURES
+            load_stop; l2_wait $name; exit $FAILURES
         }
-        wait $old_pid
-        echo $new_pid >/tmp/$name.pid
         cur=$n
         echo "bench: $case $(tr -d '\n' </tmp/$name.report.$n)"
         writer_grows /tmp/$name.serial.$n 60

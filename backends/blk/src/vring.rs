@@ -259,12 +259,7 @@ fn poll_ring(ctl: &VringCtl, dev: &Device, engine: &mut Engine) -> bool {
             let _ = st.queue.disable_notification(&*mem);
             quiet = true;
         }
-        let next = st.queue.next_avail();
-        let pending = st
-            .queue
-            .avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)
-            .is_ok_and(|i| i.0 != next);
-        if pending {
+        if baton_service::ring::has_pending(&st.queue, &*mem) {
             // run() turns notifications back on when it is done.
             if run(&mut st, dev, engine, &|| ctl.contended()) {
                 return true;

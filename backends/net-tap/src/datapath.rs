@@ -368,11 +368,7 @@ pub fn tx_pending(dev: &Device, pair: &QueuePair) -> bool {
     if !vr.active() {
         return false;
     }
-    let mem = dev.mem.memory();
-    let next = vr.queue.next_avail();
-    vr.queue
-        .avail_idx(&*mem, std::sync::atomic::Ordering::Acquire)
-        .is_ok_and(|i| i.0 != next)
+    baton_service::ring::has_pending(&vr.queue, &*dev.mem.memory())
 }
 
 /// What the RX ring can offer for the next frame.

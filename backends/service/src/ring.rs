@@ -115,6 +115,15 @@ pub fn check_avail<M: GuestMemory>(queue: &Queue, mem: &M) -> Result<(), AvailOv
     Ok(())
 }
 
+/// Whether the guest's avail index is past the device's: chains wait to be taken (a look for
+/// a polling worker; an unreadable avail ring counts as nothing pending).
+pub fn has_pending<M: GuestMemory>(queue: &Queue, mem: &M) -> bool {
+    let next = queue.next_avail();
+    queue
+        .avail_idx(mem, Ordering::Acquire)
+        .is_ok_and(|i| i.0 != next)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

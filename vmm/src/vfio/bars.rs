@@ -3,7 +3,7 @@
 //! accesses never leave KVM) or trapped (each access a region read or write on the device fd).
 //! A BAR holding the MSI-X table or pending bits is always trapped: the table is baton's.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 
 use kvm_bindings::kvm_userspace_memory_region;
@@ -115,7 +115,7 @@ pub fn place(
             len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED,
-            dev.as_raw_fd(),
+            dev.as_fd().as_raw_fd(),
             offset,
         )
     };

@@ -70,7 +70,7 @@ impl Container {
     }
 
     fn register(&self, g: &sys::Group) -> Result<(), VfioError> {
-        let fd: i32 = g.as_raw_fd();
+        let fd: i32 = g.as_fd().as_raw_fd();
         let attr = kvm_device_attr {
             flags: 0,
             group: KVM_DEV_VFIO_GROUP,

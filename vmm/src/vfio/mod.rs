@@ -260,24 +260,25 @@ pub fn add_to_bus(
         let path = p.path.clone();
         move |e| (path, e)
     };
-    let (mut container, mut handed_devices) = match handed {
+    let handed_over = handed.is_some();
+    let (mut container, handed_devices) = match handed {
         None => (Container::new(vm).map_err(fail(first))?, Vec::new()),
         Some(r) => {
             let c = Container::adopt(vm, r.container, r.groups).map_err(fail(first))?;
             (c, r.devices)
         }
     };
-    handed_devices.reverse();
+    let mut handed_devices = handed_devices.into_iter();
     let mut next_slot = bars::first_slot();
     for (i, p) in config.iter().enumerate() {
-        let (dev, vectors) = match handed_devices.pop() {
+        let (dev, vectors) = match handed_devices.next() {
             Some((fd, vectors)) => (
                 sys::Device::adopt(fd)
                     .map_err(VfioError::Open)
                     .map_err(fail(p))?,
                 Some(vectors),
             ),
-            None if out.owner.load(Ordering::SeqCst) => (
+            None if !handed_over => (
                 container
                     .open_device(p.group, &bdf(&p.path))
                     .map_err(fail(p))?,

@@ -173,12 +173,6 @@ impl Container {
     }
 }
 
-impl AsRawFd for Container {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
-}
-
 impl AsFd for Container {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.0.as_fd()
@@ -218,7 +212,7 @@ impl Group {
                 source: std::io::Error::from_raw_os_error(libc::EBUSY),
             });
         }
-        let fd = container.as_raw_fd();
+        let fd = container.as_fd().as_raw_fd();
         // SAFETY: the kernel reads the container fd number from `fd`.
         check("VFIO_GROUP_SET_CONTAINER", unsafe {
             ioctl_with_ref(&file, VFIO_GROUP_SET_CONTAINER, &fd)
@@ -246,12 +240,6 @@ impl Group {
         })?;
         // SAFETY: a new fd the kernel just returned, owned by nothing else.
         Device::adopt(unsafe { OwnedFd::from_raw_fd(fd) })
-    }
-}
-
-impl AsRawFd for Group {
-    fn as_raw_fd(&self) -> RawFd {
-        self.file.as_raw_fd()
     }
 }
 
@@ -373,12 +361,6 @@ impl Device {
     /// Disables MSI-X.
     pub fn disable_msix(&self) -> Result<(), SysError> {
         self.set_msix(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER, &[])
-    }
-}
-
-impl AsRawFd for Device {
-    fn as_raw_fd(&self) -> RawFd {
-        self.file.as_raw_fd()
     }
 }
 

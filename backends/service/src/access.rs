@@ -77,6 +77,9 @@ pub enum BindError {
 pub struct AllowList {
     /// Sorted, without duplicates.
     uids: Vec<u32>,
+    /// Who owns the sockets once the process is set up: the uid it drops to (`--user`), else
+    /// its own. No ACL entry is needed for that uid.
+    owner: u32,
 }
 
 impl AllowList {
@@ -94,7 +97,10 @@ impl AllowList {
             Some(u) => {
                 let mut uids = extra.to_vec();
                 uids.push(u.uid);
-                Self::exactly(uids)
+                AllowList {
+                    owner: u.uid,
+                    ..Self::exactly(uids)
+                }
             }
             None => Self::new(extra),
         }
@@ -104,7 +110,10 @@ impl AllowList {
     pub fn exactly(mut uids: Vec<u32>) -> Self {
         uids.sort_unstable();
         uids.dedup();
-        AllowList { uids }
+        AllowList {
+            uids,
+            owner: nix::unistd::geteuid().as_raw(),
+        }
     }
 
     /// Whether `uid` may connect.
@@ -144,7 +153,8 @@ impl SocketPolicy {
 }
 
 /// Binds a listening socket at `path` that only `allow` can reach: mode 0600 (independent of
-/// the umask) plus an ACL entry for each allowed uid other than ours. A stale socket at the
+/// the umask) plus an ACL entry for each allowed uid other than the socket's owner once set up
+/// (ours, or the `--user` it is given to: [`crate::privilege::chown_socket`]). A stale socket at the
 /// path (nobody listening) is replaced; a live one, or anything that is not a socket (file,
 /// directory, symlink), is refused and left untouched.
 pub fn bind_private(path: &Path, allow: &AllowList) -> Result<UnixListener, BindError> {
@@ -173,10 +183,10 @@ pub fn bind_private(path: &Path, allow: &AllowList) -> Result<UnixListener, Bind
         let _ = std::fs::remove_file(path);
         e
     };
-    let ours = nix::unistd::geteuid().as_raw();
-    if let Some(&uid) = allow.uids().iter().find(|u| **u != ours) {
+    let owner = allow.owner;
+    if let Some(&uid) = allow.uids().iter().find(|u| **u != owner) {
         // One ACL holds every extra uid.
-        grant(path, ours, allow.uids()).map_err(|source| {
+        grant(path, owner, allow.uids()).map_err(|source| {
             fail(BindError::Grant {
                 path: path.into(),
                 uid,
@@ -222,12 +232,12 @@ fn clear_stale(path: &Path) -> Result<(), BindError> {
     }
 }
 
-/// Lets every uid of `allow` other than ours reach the socket at `path` (bound by us, mode
-/// 0600): a POSIX ACL entry each. Nothing to do when `allow` holds only our uid.
+/// Lets every uid of `allow` other than its owner reach the socket at `path` (bound by us,
+/// mode 0600): a POSIX ACL entry each. Nothing to do when `allow` holds only the owner.
 pub fn grant_allowed(path: &Path, allow: &AllowList) -> std::io::Result<()> {
-    let ours = nix::unistd::geteuid().as_raw();
-    if allow.uids().iter().any(|u| *u != ours) {
-        grant(path, ours, allow.uids())?;
+    let owner = allow.owner;
+    if allow.uids().iter().any(|u| *u != owner) {
+        grant(path, owner, allow.uids())?;
     }
     Ok(())
 }
@@ -529,6 +539,23 @@ mod tests {
         };
         assert_eq!(n, 4 + 5 * 8, "owner, one user, group, mask, other");
         assert_eq!(&buf[12..20], &[2, 0, 6, 0, 0xfe, 0xff, 0, 0]);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// With `--user`, the socket is given to that uid once bound ([`crate::privilege`]): the
+    /// uid needs no ACL entry of its own, only the other allowed uids do.
+    #[test]
+    fn the_user_a_socket_is_given_to_needs_no_acl_entry() {
+        let d = dir("acl-user");
+        let p = d.join("s.sock");
+        let user = crate::privilege::User {
+            uid: 65534,
+            gid: 65534,
+        };
+        let allow = AllowList::for_user(&[], Some(user));
+        assert_eq!(allow.uids(), [65534]);
+        let _l = bind_private(&p, &allow).unwrap();
+        assert_eq!(mode(&p), 0o600, "no ACL: the mask would show as group bits");
         std::fs::remove_dir_all(&d).unwrap();
     }
 

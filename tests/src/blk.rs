@@ -13,7 +13,7 @@ use crate::services::{blk_command, start_service};
 
 static N: AtomicU32 = AtomicU32::new(0);
 
-/// A fresh temporary directory.
+/// A fresh temporary directory, the [`test user`](crate::local_users::test_user)'s.
 pub fn tmpdir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!(
         "baton-blk-{tag}-{}-{}",
@@ -22,6 +22,7 @@ pub fn tmpdir(tag: &str) -> PathBuf {
     ));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
+    crate::local_users::give_to_test_user(&d).unwrap();
     d
 }
 

@@ -49,7 +49,8 @@ pub fn default_ram_file(name: &str) -> PathBuf {
 }
 
 /// Runs a baton-vmm command (with `--name name`) expecting it to be refused: a non-zero exit
-/// whose stderr contains every needle, and no RAM file left behind.
+/// whose stderr contains every needle, and no RAM file left behind (neither ours nor the test
+/// user's, whichever the command runs as).
 pub fn assert_refused(cmd: Command, name: &str, needles: &[&str]) {
     let f = run_to_end(cmd, Duration::from_secs(20)).expect("running baton-vmm");
     assert!(matches!(f.code, Some(c) if c != 0), "must fail: {f:?}");
@@ -60,10 +61,16 @@ pub fn assert_refused(cmd: Command, name: &str, needles: &[&str]) {
             f.stderr
         );
     }
-    assert!(
-        !default_ram_file(name).exists(),
-        "a refused start leaves no RAM file"
-    );
+    for ram in [
+        default_ram_file(name),
+        crate::local_users::test_ram_file(name),
+    ] {
+        assert!(
+            !ram.exists(),
+            "a refused start leaves no RAM file: {}",
+            ram.display()
+        );
+    }
 }
 
 /// The per-user directory of default RAM files, `/dev/shm/baton-UID`.
@@ -176,13 +183,15 @@ pub fn can_run(test: &str) -> bool {
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {
-    /// Creates `baton-<tag>-<pid>-<n>`.
+    /// Creates `baton-<tag>-<pid>-<n>`, the
+    /// [`test user`](crate::local_users::test_user)'s.
     pub fn new(tag: &str) -> Self {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let p = std::env::temp_dir().join(format!("baton-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).expect("create temp dir");
+        crate::local_users::give_to_test_user(&p).expect("give the temp dir to the test user");
         TempDir(p)
     }
 

@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::harness::{Proc, bin, run_to_end, wait_until};
+use crate::local_users::{backend_user_args, start_as_test_user, test_user};
 use crate::netns::Netns;
 
 /// How long any one step may take.
@@ -42,14 +43,16 @@ pub fn start_service(mut cmd: Command, socket: &Path, log: Option<&Path>) -> any
     }
 }
 
-/// The `baton-blk` command line serving `image` at `socket`.
+/// The `baton-blk` command line serving `image` at `socket`, dropping to the test user
+/// ([`backend_user_args`]).
 pub fn blk_command(image: &Path, socket: &Path, extra: &[&str]) -> Command {
     let mut c = Command::new(bin("baton-blk"));
     c.arg("--socket")
         .arg(socket)
         .arg("--image")
         .arg(image)
-        .args(extra);
+        .args(extra)
+        .args(backend_user_args(extra));
     c
 }
 
@@ -72,8 +75,9 @@ pub fn start_blk_on_new_image(
 /// Starts `qemu-storage-daemon` exporting `image` (a raw file) as a writable vhost-user-blk
 /// back-end with `queues` queues at `socket`, and waits for the socket. With `iops`, requests
 /// beyond that rate wait in qemu-storage-daemon (a throttle group), so that some are always in
-/// flight. An error (not a skip) when qemu-storage-daemon is not installed: `scripts/setup.sh`
-/// installs it.
+/// flight. It runs as the test user, as the VMMs that connect to it do (and so the image is
+/// given to that user). An error (not a skip) when qemu-storage-daemon is not installed:
+/// `scripts/setup.sh` installs it.
 pub fn start_qsd_blk(
     image: &Path,
     socket: &Path,
@@ -81,6 +85,10 @@ pub fn start_qsd_blk(
     iops: Option<u32>,
 ) -> anyhow::Result<Proc> {
     let mut c = Command::new("qemu-storage-daemon");
+    if let Some(u) = test_user() {
+        std::os::unix::fs::chown(image, Some(u.uid), Some(u.gid))?;
+    }
+    start_as_test_user(&mut c, &[], false);
     c.arg("--blockdev").arg(format!(
         "driver=file,node-name=f0,filename={}",
         image.display()
@@ -103,10 +111,14 @@ pub fn start_qsd_blk(
         .map_err(|e| anyhow::anyhow!("{e} (scripts/setup.sh installs qemu-storage-daemon)"))
 }
 
-/// The `baton-net-tap --socket SOCKET ARGS` command line, run inside `ns`.
+/// The `baton-net-tap --socket SOCKET ARGS` command line, run inside `ns`, dropping to the
+/// test user once its TAP is open ([`backend_user_args`]).
 pub fn net_tap_command(ns: &Netns, socket: &Path, args: &[&str]) -> Command {
     let mut c = ns.command(&bin("baton-net-tap"));
-    c.arg("--socket").arg(socket).args(args);
+    c.arg("--socket")
+        .arg(socket)
+        .args(args)
+        .args(backend_user_args(args));
     c
 }
 
@@ -117,15 +129,21 @@ pub fn start_net_tap(ns: &Netns, tap: &str, socket: &Path) -> anyhow::Result<Pro
 
 /// Starts `baton-net-tap --tap TAP EXTRA` inside `ns` under `baton-supervise`, which binds the
 /// socket at `socket`, keeps the TAP queues the service stores, and restarts it whenever it
-/// dies; waits until the TAP exists. Stop it with SIGTERM (dropping the [`Proc`] does); kill the
-/// service itself ([`service_pid`]) to restart it.
+/// dies; waits until the TAP exists. baton-net-tap drops to the test user once its TAP queue
+/// is open, still letting root in (whose VMMs and drivers connect). Stop it with SIGTERM
+/// (dropping the [`Proc`] does); kill the service itself ([`service_pid`]) to restart it.
 pub fn start_supervised_net_tap(
     ns: &Netns,
     tap: &str,
     socket: &Path,
     extra: &[&str],
 ) -> anyhow::Result<Proc> {
-    start_supervised_net_tap_as(ns, tap, socket, extra, None)
+    let user = test_user().map(|u| u.uid);
+    let mut args = extra.to_vec();
+    if user.is_some() && !extra.contains(&"--allow-uid") {
+        args.extend(["--allow-uid", "0"]);
+    }
+    start_supervised_net_tap_as(ns, tap, socket, &args, user)
 }
 
 /// [`start_supervised_net_tap`] with baton-net-tap dropping to `user` (`--user`) once its TAP
@@ -224,8 +242,9 @@ impl Vmm {
         Self::incoming_as(dir, n, extra, None)
     }
 
-    /// [`Vmm::incoming_with`], run as `user` (uid, gid) when given: a new VMM takes `--user`
-    /// only when it boots, so an unprivileged one is started as its user.
+    /// [`Vmm::incoming_with`], run as `user` (uid, gid) when given, else as the test user
+    /// ([`start_as_test_user`]): a new VMM takes `--user` only when it boots, so an
+    /// unprivileged one is started as its user.
     pub fn incoming_as(
         dir: &Path,
         n: usize,
@@ -240,6 +259,8 @@ impl Vmm {
         if let Some((uid, gid)) = user {
             use std::os::unix::process::CommandExt;
             c.uid(uid).gid(gid);
+        } else {
+            start_as_test_user(&mut c, extra, true);
         }
         c.stderr(log_file(&api)?);
         let vmm = Vmm {

@@ -762,28 +762,35 @@ fn half_a_message_does_not_wedge_the_back_end() {
 }
 
 /// The socket is 0600 whatever the umask, and a front-end of another uid is refused by
-/// SO_PEERCRED even where the file's mode would let it in, unless `--allow-uid` names it.
+/// SO_PEERCRED even where the file's mode would let it in, unless `--allow-uid` names it. (The
+/// back-end runs as root here, with no other uid allowed; the other uid is not nobody either,
+/// whom the other tests' back-ends run as.)
 #[test]
 fn other_users_are_kept_out_unless_allowed() {
     use baton_tests::hostile::{Attempt, vhost_user_attempt_as};
     use std::os::unix::fs::PermissionsExt;
-    const NOBODY: u32 = 65534;
+    const OTHER: u32 = 65533;
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "this test drops to uid {NOBODY}: run it as root");
-    let b = Blk::start(MIB, &[]);
+    assert_eq!(
+        euid, 0,
+        "this test runs a client as uid {OTHER}: run it as root"
+    );
+    let b = Blk::start(MIB, &["--allow-uid", "0"]);
+    baton_tests::local_users::open_dir(&b.dir).unwrap();
     let mode = std::fs::metadata(&b.sock).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "socket mode {mode:o}");
-    assert_eq!(vhost_user_attempt_as(NOBODY, &b.sock), Attempt::NoConnect);
+    assert_eq!(vhost_user_attempt_as(OTHER, &b.sock), Attempt::NoConnect);
     // Opened up by hand: the peer check still refuses.
     std::fs::set_permissions(&b.sock, std::fs::Permissions::from_mode(0o666)).unwrap();
-    assert_eq!(vhost_user_attempt_as(NOBODY, &b.sock), Attempt::HungUp);
+    assert_eq!(vhost_user_attempt_as(OTHER, &b.sock), Attempt::HungUp);
     let mut d = connect(&b, 16);
     still_serving(&mut d, 27);
     drop((d, b));
-    let b = Blk::start(MIB, &["--allow-uid", "65534"]);
+    let b = Blk::start(MIB, &["--allow-uid", &OTHER.to_string()]);
+    baton_tests::local_users::open_dir(&b.dir).unwrap();
     std::fs::set_permissions(&b.sock, std::fs::Permissions::from_mode(0o666)).unwrap();
-    assert_eq!(vhost_user_attempt_as(NOBODY, &b.sock), Attempt::Served);
+    assert_eq!(vhost_user_attempt_as(OTHER, &b.sock), Attempt::Served);
 }
 
 /// A front-end that sends requests and never reads the replies: the vhost crate would retry a

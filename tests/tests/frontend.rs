@@ -24,6 +24,7 @@ use baton_tests::harness::{
     Finished, Proc, TempDir, bin, can_run, guest, result_json, run_to_end, wait_until,
 };
 use baton_tests::harness::{Need, can_run_with};
+use baton_tests::local_users::give_socket_to_test_user;
 use baton_tests::net::*;
 use baton_tests::netns::{Netns, unique_tap};
 use baton_tests::services::{start_blk_on_new_image, start_qsd_blk};
@@ -37,20 +38,17 @@ fn unique(tag: &str) -> String {
 }
 
 fn ram_file(name: &str) -> PathBuf {
-    baton_tests::harness::default_ram_file(name)
+    baton_tests::local_users::test_ram_file(name)
 }
 
-/// baton-vmm booting the test guest with `cmdline`, serial on stdout, named `name`.
+/// baton-vmm booting the test guest with `cmdline`, serial on stdout, named `name`, dropping
+/// to the test user once set up.
 fn vmm(name: &str, cmdline: &str) -> Command {
     let mut c = Command::new(bin("baton-vmm"));
-    c.arg("--kernel").arg(guest()).args([
-        "--serial",
-        "stdio",
-        "--name",
-        name,
-        "--cmdline",
-        cmdline,
-    ]);
+    c.arg("--kernel")
+        .arg(guest())
+        .args(["--serial", "stdio", "--name", name, "--cmdline", cmdline])
+        .args(baton_tests::local_users::vmm_user_args());
     c
 }
 
@@ -497,6 +495,7 @@ fn refusing_backend_socket_is_named() {
     let sock = dir.join("dead.sock");
     // A socket file nobody listens on: bind, then close the listener.
     drop(UnixListener::bind(&sock).unwrap());
+    give_socket_to_test_user(&sock);
     assert!(sock.exists());
     let s = sock.display().to_string();
     let err = refused("refusing", &["--disk".into(), format!("socket={s}")], &[&s]);
@@ -526,6 +525,7 @@ fn fake_backend(sock: &Path, fake: Fake) -> std::thread::JoinHandle<Vec<u32>> {
     const GET_QUEUE_NUM: u32 = 17;
     const NEED_REPLY: u32 = 0x8;
     let l = UnixListener::bind(sock).unwrap();
+    give_socket_to_test_user(sock);
     std::thread::spawn(move || {
         let mut seen = Vec::new();
         l.set_nonblocking(true).unwrap();
@@ -771,6 +771,7 @@ struct Silent {
 impl Silent {
     fn start(sock: PathBuf) -> Silent {
         let l = UnixListener::bind(&sock).unwrap();
+        give_socket_to_test_user(&sock);
         l.set_nonblocking(true).unwrap();
         let (tx, accepted) = std::sync::mpsc::channel();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

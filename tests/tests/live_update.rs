@@ -13,9 +13,9 @@ use std::time::Duration;
 use baton_tests::boot::baton_cmd;
 use baton_tests::boot::percentile;
 use baton_tests::harness::{
-    Need, Proc, TempDir, bin, can_run, can_run_with, default_ram_file, result_json, run_to_end,
-    wait_until,
+    Need, Proc, TempDir, bin, can_run, can_run_with, result_json, run_to_end, wait_until,
 };
+use baton_tests::local_users::{uid_of, vmm_uid, vmm_user_args};
 use baton_tests::netns::{self, Netns};
 use baton_tests::services::{Vmm, start_blk_on_new_image, start_net_tap, verify_blk_cont_image};
 use baton_tests::udp::EchoStream;
@@ -37,6 +37,7 @@ fn start_vmm(
 ) -> Vmm {
     let api = dir.join(&format!("{name}.api"));
     let mut c = baton_cmd(cpus, mem, cmdline);
+    c.args(vmm_user_args());
     c.args(["--name", name]).arg("--api-socket").arg(&api);
     if let Some(d) = disk {
         c.arg("--disk")
@@ -51,6 +52,7 @@ fn start_incoming(dir: &TempDir, n: usize, fail: Option<&str>) -> (Vmm, PathBuf)
     let api = dir.join(&format!("new{n}.api"));
     let mut c = Command::new(bin("baton-vmm"));
     c.arg("--incoming").arg(&sock).arg("--api-socket").arg(&api);
+    baton_tests::local_users::start_as_test_user(&mut c, &[], true);
     if let Some(f) = fail {
         c.env("BATON_LIVE_UPDATE_FAIL", f);
     }
@@ -89,6 +91,11 @@ fn swap_under_ticks(mem: &str, swaps: usize) -> Vec<f64> {
         "{}",
         cur.proc.transcript()
     );
+    assert_eq!(
+        uid_of(cur.proc.child.id()),
+        Some(vmm_uid()),
+        "the VMM dropped to the test user"
+    );
     let mut blackouts = Vec::new();
     for n in 0..swaps {
         let (new, sock) = start_incoming(&dir, n, None);
@@ -108,6 +115,11 @@ fn swap_under_ticks(mem: &str, swaps: usize) -> Vec<f64> {
         let old_last = old.pop().unwrap_or_default();
         let before = old.iter().rev().find_map(|l| tick_number(l));
         let mut new = new;
+        assert_eq!(
+            uid_of(new.proc.child.id()),
+            Some(vmm_uid()),
+            "swap {n}: the new VMM runs as the test user"
+        );
         let first = new.proc.wait_line(T, |_| true).unwrap();
         let split = tick_number(&format!("{old_last}{first}"));
         let whole = (tick_number(&old_last), tick_number(&first));
@@ -137,7 +149,7 @@ fn swap_under_ticks(mem: &str, swaps: usize) -> Vec<f64> {
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(cur.proc.wait_exit(T), Some(0));
     assert!(
-        !default_ram_file(&name).exists(),
+        !baton_tests::local_users::test_ram_file(&name).exists(),
         "the last VMM removes the RAM file"
     );
     blackouts
@@ -200,6 +212,7 @@ fn swaps_under_io(mem: &str, subnet: u8) {
         mem,
         &format!("test=io-cont ip=10.213.{subnet}.2/24 seconds=0 blocks=1024"),
     );
+    c.args(vmm_user_args());
     c.arg("--disk")
         .arg(format!("socket={}", blk_sock.display()))
         .arg("--net")
@@ -405,6 +418,7 @@ fn rollback_on_protocol_version_mismatch() {
     c.arg("--incoming")
         .arg(&sock)
         .env("BATON_LIVE_UPDATE_VERSION", "999");
+    baton_tests::local_users::start_as_test_user(&mut c, &[], true);
     let mut new = Proc::spawn(c).unwrap();
     assert!(wait_until(T, || sock.exists().then_some(())).is_some());
     let (code, out) = live_update(&old.api, &sock, None);

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use baton_tests::boot::{baton_cmd, percentile};
 use baton_tests::harness::{TempDir, can_run, result_json, wait_until};
+use baton_tests::local_users::vmm_user_args;
 use baton_tests::services::{Vmm, blk_cont_max_seq, start_qsd_blk, verify_blk_cont_image};
 
 const T: Duration = Duration::from_secs(30);
@@ -63,6 +64,7 @@ fn swaps_on_qsd(test: &str, iops: Option<u32>) {
         "256M",
         &format!("test=blk-cont seconds=0 blocks={BLOCKS} depth={DEPTH}"),
     );
+    c.args(vmm_user_args());
     c.arg("--disk")
         .arg(format!("socket={},queues=1", sock.display()));
     let mut vmm = Vmm::boot(c, dir.join("vmm.api")).unwrap();

@@ -13,6 +13,7 @@ use baton_tests::bench::Rng;
 use baton_tests::boot::baton_cmd;
 use baton_tests::harness::{Need, can_run_with};
 use baton_tests::harness::{Proc, TempDir, bin, can_run, result_json, run_to_end, wait_until};
+use baton_tests::local_users::vmm_user_args;
 use baton_tests::netns::{Netns, unique_tap};
 use baton_tests::services::{
     kill, service_pid, start_blk as start_blk_service, start_net_tap, start_supervised_net_tap,
@@ -79,6 +80,7 @@ fn blk_vm(
     let blk = start_blk(&img, &sock);
     let api = dir.join("api.sock");
     let mut c = baton_cmd(cpus, "128M", cmdline);
+    c.args(vmm_user_args());
     c.arg("--disk")
         .arg(format!("socket={}{disk_opts}", sock.display()))
         .arg("--api-socket")
@@ -244,6 +246,7 @@ fn net_restarts(supervised: bool, restarts: u64) -> NetRestarts {
     };
     let api = dir.join("api.sock");
     let mut c = baton_cmd(1, "128M", &format!("test=net-cont ip={guest}/24 seconds=0"));
+    c.args(vmm_user_args());
     c.arg("--net")
         .arg(format!("socket={}", socket.display()))
         .arg("--api-socket")

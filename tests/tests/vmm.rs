@@ -8,15 +8,15 @@ use std::time::{Duration, Instant};
 
 use baton_tests::boot::baton_cmd;
 use baton_tests::harness::{
-    Proc, TempDir, assert_refused, bin, can_run, default_ram_file, guest, kvm_available,
-    result_json, run_to_end,
+    Proc, TempDir, assert_refused, bin, can_run, guest, kvm_available, result_json, run_to_end,
 };
+use baton_tests::local_users::{test_ram_file, vmm_user_args};
 
 const BOOT: Duration = Duration::from_secs(30);
 
 fn vmm(name: &str, cpus: u32, cmdline: &str) -> Command {
     let mut c = baton_cmd(cpus, "128M", cmdline);
-    c.args(["--name", name]);
+    c.args(["--name", name]).args(vmm_user_args());
     c
 }
 
@@ -30,7 +30,7 @@ fn boot_and_pass(cpus: u32, test: &str) -> serde_json::Value {
     let ready = p.wait_line(BOOT, |l| l.contains("ready"));
     assert!(ready.is_some(), "no ready line:\n{}", p.transcript());
     assert!(
-        default_ram_file(&name).exists(),
+        test_ram_file(&name).exists(),
         "guest RAM is a file under /dev/shm while the VM runs"
     );
     let code = p.wait_exit(BOOT);
@@ -40,10 +40,7 @@ fn boot_and_pass(cpus: u32, test: &str) -> serde_json::Value {
         "baton-vmm exits 0 on guest power-off:\n{}",
         p.transcript()
     );
-    assert!(
-        !default_ram_file(&name).exists(),
-        "RAM file removed at exit"
-    );
+    assert!(!test_ram_file(&name).exists(), "RAM file removed at exit");
     let r = result_json(&p.seen).unwrap_or_else(|| panic!("no result line:\n{}", p.transcript()));
     assert_eq!(r["result"], "pass", "{r}");
     r
@@ -96,7 +93,7 @@ fn api_pause_resume_info_shutdown() {
     assert_eq!(info["memory_bytes"], 128 << 20);
     assert_eq!(
         info["memory_path"],
-        default_ram_file(&name).display().to_string()
+        test_ram_file(&name).display().to_string()
     );
 
     // curl works on the same socket, as the README promises.
@@ -131,7 +128,7 @@ fn api_pause_resume_info_shutdown() {
     assert_eq!(api(&sock, "shutdown").0, Some(0));
     assert_eq!(p.wait_exit(BOOT), Some(0));
     assert!(!sock.exists(), "API socket removed at exit");
-    assert!(!default_ram_file(&name).exists());
+    assert!(!test_ram_file(&name).exists());
 }
 
 #[test]

@@ -66,6 +66,7 @@ fn vmm(kernel: &Path, name: &str, cmdline: &str) -> Command {
         "--name",
         name,
     ]);
+    c.args(baton_tests::local_users::vmm_user_args());
     c
 }
 

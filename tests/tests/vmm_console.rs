@@ -10,8 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use baton_tests::harness::{
-    Need, Proc, TempDir, bin, can_run, can_run_with, default_ram_file, guest, result_json,
-    run_to_end, wait_until,
+    Need, Proc, TempDir, bin, can_run, can_run_with, guest, result_json, run_to_end, wait_until,
 };
 use baton_tests::services::{Vmm, start_blk_on_new_image};
 
@@ -22,7 +21,8 @@ fn vmm(serial: &str, cmdline: &str, name: &str) -> Command {
     c.arg("--kernel")
         .arg(guest())
         .args(["--memory", "size=128M", "--cmdline", cmdline])
-        .args(["--serial", serial, "--name", name]);
+        .args(["--serial", serial, "--name", name])
+        .args(baton_tests::local_users::vmm_user_args());
     c
 }
 
@@ -276,5 +276,8 @@ fn a_console_socket_in_use_is_refused_and_nothing_is_left() {
         f.stderr
     );
     assert!(sock.exists(), "the other listener's socket is left alone");
-    assert!(!default_ram_file(&name).exists(), "no RAM file left behind");
+    assert!(
+        !baton_tests::local_users::test_ram_file(&name).exists(),
+        "no RAM file left behind"
+    );
 }

@@ -64,7 +64,14 @@ pub struct Disk {
     readonly: bool,
     is_block_device: bool,
     inline: Inline,
+    /// On FUSE: a request issued from the queue thread may block it for the whole request
+    /// (the file system does not honour non-blocking I/O), so every one goes to io_uring's
+    /// workers (IOSQE_ASYNC) and none runs inline.
+    punt: bool,
 }
+
+/// `statfs` type of a FUSE file system.
+const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
 
 impl Disk {
     /// Opens `path` (read-only if `readonly`, with O_DIRECT if `direct`).
@@ -101,8 +108,11 @@ impl Disk {
             readonly,
             is_block_device,
             inline: Inline::Never,
+            punt: false,
         };
-        disk.inline = if direct {
+        disk.punt = nix::sys::statfs::fstatfs(&disk.file)
+            .is_ok_and(|st| st.filesystem_type().0 == FUSE_SUPER_MAGIC);
+        disk.inline = if direct || disk.punt {
             Inline::Never
         } else {
             disk.probe_inline()
@@ -130,6 +140,11 @@ impl Disk {
             Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => Inline::ReadsNoWait,
             Err(_) => Inline::Never,
         }
+    }
+
+    /// Whether every request must go to io_uring's workers (see the field).
+    pub fn punt(&self) -> bool {
+        self.punt
     }
 
     /// What the io_uring engine may run inline.
@@ -326,6 +341,7 @@ impl Disk {
             readonly: false,
             is_block_device: false,
             inline: Inline::Never,
+            punt: false,
         }
     }
 }

@@ -188,6 +188,11 @@ impl Engine {
         };
         let slot = self.free.pop().unwrap_or(self.slots.len());
         let entry = entry.user_data(slot as u64);
+        let entry = if disk.punt() {
+            entry.flags(squeue::Flags::ASYNC)
+        } else {
+            entry
+        };
         // SAFETY: the iovec array (the request's `Vec`, whose buffer stays put when the request
         // moves into `slots`) and the guest memory it points into (mapped as long as the slot
         // holds its `Arc`) live until the completion is reaped or the engine is dropped, which
@@ -335,8 +340,8 @@ fn entry(disk: &Disk, r: &mut Request) -> Option<squeue::Entry> {
     None
 }
 
-/// An io_uring that can only ever run what this engine submits (READV, WRITEV, FSYNC, no SQE
-/// flags) and accepts no further io_uring_register call. The ring's operations run in the
+/// An io_uring that can only ever run what this engine submits (READV, WRITEV, FSYNC; of the
+/// SQE flags only ASYNC, for a disk on FUSE) and accepts no further io_uring_register call. The ring's operations run in the
 /// kernel without passing through seccomp, so without this a compromised worker could open
 /// files or sockets through its ring; created disabled, restricted, then enabled.
 fn restricted_ring(entries: u32) -> std::io::Result<IoUring> {
@@ -345,6 +350,7 @@ fn restricted_ring(entries: u32) -> std::io::Result<IoUring> {
         Restriction::sqe_op(opcode::Readv::CODE),
         Restriction::sqe_op(opcode::Writev::CODE),
         Restriction::sqe_op(opcode::Fsync::CODE),
+        Restriction::sqe_flags_allowed(squeue::Flags::ASYNC.bits()),
     ];
     ring.submitter().register_restrictions(&mut allowed)?;
     ring.submitter().register_enable_rings()?;

@@ -22,6 +22,9 @@ setup_packages() {
     command -v objcopy >/dev/null || need+=(binutils) # the rig: modules' .modinfo, strip
     command -v mmdebstrap >/dev/null || need+=(mmdebstrap) # the rig's Debian root file system
     command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)  # (tests/nested/build-rootfs.sh)
+    # tests/slowfs.py, the slow disk of the GET_VRING_BASE_INFLIGHT tests (blk_suspend.rs)
+    /usr/bin/python3 -c 'import fusepy' 2>/dev/null || need+=(python3-fusepy)
+    command -v fusermount >/dev/null || need+=(fuse3)
     ((${#need[@]})) || return 0
     echo "== installing Debian packages: ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -34,7 +37,7 @@ setup_packages() {
     grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d/ && bp=(-t bookworm-backports)
     apt-get install -y -qq "${bp[@]}" qemu-system-x86 qemu-system-common qemu-utils >/dev/null
     apt-get install -y -qq acpica-tools busybox-static cpio iproute2 curl gzip xz-utils binutils \
-        mmdebstrap e2fsprogs >/dev/null
+        mmdebstrap e2fsprogs python3-fusepy fuse3 >/dev/null
 }
 
 # What only the benchmarks need: DPDK's testpmd, the net benchmark's peer (in dpdk-dev).

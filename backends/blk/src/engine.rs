@@ -98,6 +98,18 @@ impl Engine {
         self.submitted + self.held.len()
     }
 
+    /// Marks every request started and not given back yet as suspended (its ring stopped
+    /// without waiting for it) and returns their heads.
+    pub fn suspend_all(&mut self) -> Vec<u16> {
+        let mut heads = Vec::new();
+        let in_flight = self.slots.iter_mut().flatten().chain(self.held.iter_mut());
+        for r in in_flight.map(|f| &mut f.req).chain(self.done.iter_mut()) {
+            r.suspended = true;
+            heads.push(r.head);
+        }
+        heads
+    }
+
     /// Starts a request; it comes back from [`Engine::take_done`] with its final status.
     pub fn start(&mut self, disk: &Disk, req: Request, mem: &Arc<GuestMemoryMmap>) {
         let r = InFlight {

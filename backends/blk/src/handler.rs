@@ -23,6 +23,7 @@ pub fn protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::RESET_DEVICE
         | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::GET_VRING_BASE_INFLIGHT
 }
 
 fn invalid(what: &str) -> io::Error {
@@ -134,6 +135,13 @@ impl VhostUserDevice for Device {
         Ok(st.queue.next_avail())
     }
 
+    fn suspend_queue(&self, index: usize) -> io::Result<u16> {
+        let q = self.ring(index)?;
+        let mut st = q.lock_suspending();
+        st.stop();
+        Ok(st.queue.next_avail())
+    }
+
     fn set_queue_call(&self, index: usize, call: Option<File>) -> io::Result<()> {
         self.ring(index)?.lock().call = call;
         Ok(())
@@ -152,6 +160,8 @@ impl VhostUserDevice for Device {
             st.stop();
             st.enabled = false;
             st.queue.reset();
+            // A reset device completes nothing it had taken before.
+            st.suspended.clear();
         }
     }
 

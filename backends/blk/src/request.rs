@@ -75,6 +75,9 @@ pub struct Request {
     pub status: u8,
     /// Bytes written into guest memory, status byte excluded.
     pub written: u32,
+    /// Still executing when its ring was suspended (GET_VRING_BASE without draining): it is
+    /// completed only if the front-end that restarts the ring lists it inflight.
+    pub suspended: bool,
 }
 
 impl Request {
@@ -145,6 +148,7 @@ pub fn parse(mem: &GuestMemoryMmap, head: u16, descs: &[Desc], disk: &DiskInfo) 
         status_addr: None,
         status: S_IOERR,
         written: 0,
+        suspended: false,
     };
     // The status byte is the last byte of the last writable descriptor.
     if let Some(last) = writable.last_mut() {

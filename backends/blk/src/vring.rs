@@ -15,6 +15,18 @@
 //! caller is done. So taking the lock waits for in-flight requests to complete, and not longer;
 //! after the caller clears `started`, the worker writes no guest memory and sends no
 //! notification.
+//!
+//! Except for a ring *suspended* ([`VringCtl::lock_suspending`]: GET_VRING_BASE when the
+//! front-end negotiated VHOST_USER_PROTOCOL_F_GET_VRING_BASE_INFLIGHT): the worker lets go
+//! without waiting for what is in flight. Those requests stay marked in the inflight region and
+//! keep executing in the engine; their status byte and used entry are written only once a
+//! front-end restarts the ring with an inflight region that still lists them (the new VMM of a
+//! live update, or the old one after a rollback, which hand the region over), and never
+//! otherwise: they are not resubmitted either, so each completes exactly once. Their data
+//! buffers may still be written after the stop — the spec asks a back-end to cancel such I/O
+//! instead, which the kernel cannot do for a read it has started on a disk or a FUSE file; it
+//! is harmless here because both VMMs share the guest memory and a buffer belongs to the device
+//! until its used entry is written, but it would not be in a migration that copies the memory.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -58,6 +70,11 @@ pub struct Vring {
     /// The guest broke the ring (see [`baton_service::ring::AvailOverrun`]): left alone until
     /// the front-end starts it again.
     pub broken: bool,
+    /// Heads still in the engine when the ring was suspended (see the module doc).
+    pub suspended: Vec<u16>,
+    /// Suspended heads the front-end that restarted the ring lists inflight: completed when
+    /// they finish. A suspended request not in here is dropped when it finishes.
+    pub adopted: Vec<u16>,
 }
 
 impl Vring {
@@ -75,6 +92,8 @@ impl Vring {
             completed: 0,
             resubmit: Vec::new(),
             broken: false,
+            suspended: Vec::new(),
+            adopted: Vec::new(),
         })
     }
 
@@ -109,19 +128,31 @@ impl Vring {
             .unwrap_or(0);
         self.queue.set_next_used(used);
         self.resubmit.clear();
+        let suspended = std::mem::take(&mut self.suspended);
+        self.adopted.clear();
         if let Some(inf) = &self.inflight {
             inf.reconcile(used);
             // As libvhost-user: the requests still marked inflight were popped and never
-            // completed; resubmit them (oldest first) and resume after them.
+            // completed; resubmit them (oldest first) and resume after them. Those still in
+            // our engine since a suspension are not resubmitted: they complete when done.
             let pending = inf.pending();
             if !pending.is_empty() {
                 let n = u16::try_from(pending.len()).unwrap_or(u16::MAX);
-                tracing::info!(
-                    ?pending,
-                    "resubmitting requests left inflight by a previous back-end"
-                );
                 self.queue.set_next_avail(used.wrapping_add(n));
-                self.resubmit = pending;
+                let (adopted, resubmit) = pending.into_iter().partition(|h| suspended.contains(h));
+                (self.adopted, self.resubmit) = (adopted, resubmit);
+                if !self.resubmit.is_empty() {
+                    tracing::info!(
+                        pending = ?self.resubmit,
+                        "resubmitting requests left inflight by a previous back-end"
+                    );
+                }
+                if !self.adopted.is_empty() {
+                    tracing::info!(
+                        heads = ?self.adopted,
+                        "completing the requests still executing since the ring was suspended"
+                    );
+                }
             }
         }
         self.queue.set_ready(true);
@@ -139,6 +170,8 @@ pub struct VringCtl {
     quit: AtomicBool,
     /// Control-path callers waiting for the lock: the worker drains and lets go.
     waiting: AtomicUsize,
+    /// The caller waiting suspends the ring: the worker lets go without draining.
+    suspending: AtomicBool,
 }
 
 impl VringCtl {
@@ -149,6 +182,7 @@ impl VringCtl {
             wake: EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC)?,
             quit: AtomicBool::new(false),
             waiting: AtomicUsize::new(0),
+            suspending: AtomicBool::new(false),
         })
     }
 
@@ -159,6 +193,32 @@ impl VringCtl {
         let st = self.state();
         self.waiting.fetch_sub(1, Ordering::Relaxed);
         st
+    }
+
+    /// Locks the queue state to suspend the ring: the worker lets go without waiting for the
+    /// requests in flight (see the module doc); the caller then stops the ring.
+    pub fn lock_suspending(&self) -> MutexGuard<'_, Vring> {
+        self.suspending.store(true, Ordering::SeqCst);
+        let st = self.lock();
+        self.suspending.store(false, Ordering::SeqCst);
+        st
+    }
+
+    /// The worker's [`run`]: cut short when the control path waits for the lock, without
+    /// waiting for the requests in flight when it suspends the ring.
+    fn run(&self, st: &mut Vring, dev: &Device, engine: &mut Engine) -> bool {
+        run_until(st, dev, engine, &|| self.contended(), &|| {
+            self.suspending.load(Ordering::SeqCst)
+        })
+    }
+
+    /// After a run cut short: if the ring is being suspended, records what stays in the engine.
+    fn let_go(&self, st: &mut Vring, engine: &mut Engine) {
+        if self.suspending.load(Ordering::SeqCst) && engine.in_flight() > 0 {
+            st.suspended = engine.suspend_all();
+            st.adopted.clear();
+            tracing::info!(heads = ?st.suspended, "ring suspended with requests in flight");
+        }
     }
 
     /// Locks the queue state for the worker.
@@ -222,7 +282,10 @@ pub fn worker(ctl: Arc<VringCtl>, dev: Arc<Device>, index: u16, gate: Gate) {
             return;
         }
         let mut st = ctl.state();
-        let cut_short = st.runnable() && run(&mut st, &dev, &mut engine, &|| ctl.contended());
+        let cut_short = st.runnable() && ctl.run(&mut st, &dev, &mut engine);
+        if cut_short {
+            ctl.let_go(&mut st, &mut engine);
+        }
         drop(st);
         // Cut short, the ring may hold requests the guest will not kick for: look again once
         // the control path is done.
@@ -261,15 +324,20 @@ fn poll_ring(ctl: &VringCtl, dev: &Device, engine: &mut Engine) -> bool {
         }
         if baton_service::ring::has_pending(&st.queue, &*mem) {
             // run() turns notifications back on when it is done.
-            if run(&mut st, dev, engine, &|| ctl.contended()) {
+            if ctl.run(&mut st, dev, engine) {
+                ctl.let_go(&mut st, engine);
                 return true;
             }
             quiet = false;
             deadline = Instant::now() + budget;
         } else if Instant::now() >= deadline {
             // Back on; a request that came meanwhile is processed now, not after a kick.
-            return matches!(st.queue.enable_notification(&*mem), Ok(true))
-                && run(&mut st, dev, engine, &|| ctl.contended());
+            let cut_short = matches!(st.queue.enable_notification(&*mem), Ok(true))
+                && ctl.run(&mut st, dev, engine);
+            if cut_short {
+                ctl.let_go(&mut st, engine);
+            }
+            return cut_short;
         }
         drop(st);
         std::hint::spin_loop();
@@ -283,8 +351,20 @@ pub fn process(st: &mut Vring, dev: &Device, engine: &mut Engine) {
 }
 
 /// The pipeline (see the module doc). Once `cut_short` says so, it stops popping, finishes
-/// what is in flight and returns true: the ring may still hold requests.
+/// what is in flight (unless the ring is being suspended) and returns true: the ring may still
+/// hold requests.
 fn run(st: &mut Vring, dev: &Device, engine: &mut Engine, cut_short: &dyn Fn() -> bool) -> bool {
+    run_until(st, dev, engine, cut_short, &|| false)
+}
+
+/// [`run`], letting go without waiting for what is in flight once `suspend` says so too.
+fn run_until(
+    st: &mut Vring,
+    dev: &Device,
+    engine: &mut Engine,
+    cut_short: &dyn Fn() -> bool,
+    suspend: &dyn Fn() -> bool,
+) -> bool {
     let Some(mem) = st.mem.clone() else {
         return false;
     };
@@ -310,7 +390,7 @@ fn run(st: &mut Vring, dev: &Device, engine: &mut Engine, cut_short: &dyn Fn() -
                 engine.start(dev.disk(), r, &mem);
             }
         }
-        let done = engine.take_done(dev.disk(), !dev.writeback());
+        let done = adopt(st, engine.take_done(dev.disk(), !dev.writeback()));
         complete(st, m, &done);
         if popped > 0 || !done.is_empty() {
             continue;
@@ -324,8 +404,40 @@ fn run(st: &mut Vring, dev: &Device, engine: &mut Engine, cut_short: &dyn Fn() -
         if engine.in_flight() == 0 {
             return stopped;
         }
+        if stopped && suspend() {
+            return true;
+        }
         engine.wait(st.kick.as_deref().filter(|_| watch), dev.poll());
     }
+}
+
+/// The finished requests that go to the used ring: all but those suspended with an earlier
+/// ring that the front-end which restarted it did not list inflight (dropped).
+fn adopt(st: &mut Vring, done: Vec<Request>) -> Vec<Request> {
+    if done.iter().all(|r| !r.suspended) {
+        return done;
+    }
+    done.into_iter()
+        .filter(|r| {
+            if !r.suspended {
+                return true;
+            }
+            match st.adopted.iter().position(|h| *h == r.head) {
+                Some(i) => {
+                    st.adopted.swap_remove(i);
+                    true
+                }
+                None => {
+                    tracing::info!(
+                        head = r.head,
+                        "dropping a request suspended with its ring: the front-end that \
+                         restarted the ring does not list it inflight"
+                    );
+                    false
+                }
+            }
+        })
+        .collect()
 }
 
 /// Pops up to `room` requests (after the heads a previous back-end instance left inflight,

@@ -49,6 +49,33 @@ pub fn queue_region_size(queue_size: u16) -> u64 {
     raw.div_ceil(64) * 64
 }
 
+/// How many requests queue `index`'s area of the inflight region in `file` (at `offset`, for
+/// queues of `queue_size`) marks inflight. Only reads (pread), so a front-end can check what a
+/// back-end recorded without mapping the region or touching it.
+pub fn count_inflight(
+    file: &File,
+    offset: u64,
+    queue_size: u16,
+    index: u16,
+) -> std::io::Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let start = offset + queue_region_size(queue_size) * u64::from(index);
+    let mut area = vec![0u8; HDR + DESC * usize::from(queue_size)];
+    let mut got = 0;
+    while got < area.len() {
+        match file.read_at(&mut area[got..], start + got as u64)? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    Ok(area[..got]
+        .get(HDR..)
+        .unwrap_or_default()
+        .chunks_exact(DESC)
+        .filter(|d| d[0] == 1)
+        .count())
+}
+
 /// A mapped inflight region shared with the front-end.
 #[derive(Debug, Clone)]
 pub struct InflightRegion {

@@ -428,6 +428,7 @@ pub struct BlkDriver {
     /// The inflight region, if set up.
     pub inflight: Option<(VhostUserInflight, File)>,
     opts: BlkOptions,
+    protocol: VhostUserProtocolFeatures,
     path: PathBuf,
 }
 
@@ -455,16 +456,29 @@ pub fn wanted_protocol(inflight: bool) -> VhostUserProtocolFeatures {
 impl BlkDriver {
     /// Connects to the back-end at `path` and starts `opts.queues` queues.
     pub fn connect(path: &Path, opts: BlkOptions) -> Result<Self> {
+        let protocol = wanted_protocol(opts.inflight);
+        Self::connect_asking(path, opts, protocol)
+    }
+
+    /// [`BlkDriver::connect`], asking also for GET_VRING_BASE_INFLIGHT: GET_VRING_BASE
+    /// ([`Connection::stop_queue`]) may then leave requests in flight, recorded in the
+    /// inflight region, for the next connection ([`BlkDriver::reconnect`]) to get back.
+    pub fn connect_suspending(path: &Path, opts: BlkOptions) -> Result<Self> {
+        let protocol =
+            wanted_protocol(opts.inflight) | VhostUserProtocolFeatures::GET_VRING_BASE_INFLIGHT;
+        Self::connect_asking(path, opts, protocol)
+    }
+
+    fn connect_asking(
+        path: &Path,
+        opts: BlkOptions,
+        protocol: VhostUserProtocolFeatures,
+    ) -> Result<Self> {
         let mem = Arc::new(SharedMemory::new(opts.mem_size)?);
         let queues = (0..opts.queues)
             .map(|i| BlkQueue::new(&mem, i, &opts))
             .collect::<Result<Vec<_>>>()?;
-        let conn = Connection::connect(
-            path,
-            u64::from(opts.queues),
-            opts.features,
-            wanted_protocol(opts.inflight),
-        )?;
+        let conn = Connection::connect(path, u64::from(opts.queues), opts.features, protocol)?;
         let mut d = Self {
             conn: Some(conn),
             mem,
@@ -472,6 +486,7 @@ impl BlkDriver {
             capacity: 0,
             inflight: None,
             opts,
+            protocol,
             path: path.to_path_buf(),
         };
         d.setup(true)?;
@@ -527,7 +542,7 @@ impl BlkDriver {
             &self.path,
             u64::from(self.opts.queues),
             self.opts.features,
-            wanted_protocol(self.opts.inflight),
+            self.protocol,
         )?;
         self.conn = Some(conn);
         self.setup(false)

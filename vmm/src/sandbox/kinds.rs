@@ -183,7 +183,8 @@ pub fn backend_watch() -> ThreadKind {
 /// reconnects the back-ends as `backend-watch` does. With passed-through devices: duplicates
 /// their fds for the cpr channel, removes and (on rollback) restores their vectors' irqfds
 /// and routes, and moves the DMA mappings' addresses (VFIO_IOMMU_UNMAP_DMA and MAP_DMA with
-/// the VADDR flags).
+/// the VADDR flags). Reads (pread) the inflight region of a back-end that suspended its rings,
+/// to check that it recorded the requests it left in flight.
 pub fn migration_out() -> ThreadKind {
     let mut l = vec![
         ioctls(&[
@@ -210,6 +211,7 @@ pub fn migration_out() -> ThreadKind {
         Syscall::arg_in(libc::SYS_pidfd_send_signal, 1, &[libc::SIGKILL as u64]),
         Syscall::arg_in(libc::SYS_kill, 1, &[libc::SIGKILL as u64]),
         Syscall::any(libc::SYS_poll),
+        Syscall::any(libc::SYS_pread64),
     ];
     l.extend(unix_connect());
     l.extend(vhost_user());

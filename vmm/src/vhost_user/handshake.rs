@@ -41,7 +41,11 @@ impl VhostUserDevice {
         let theirs = fe
             .get_protocol_features()
             .map_err(|e| E::GetProtocolFeatures(sock(), e))?;
-        let protocol = theirs & PROTOCOL_FEATURES;
+        let mut protocol = theirs & PROTOCOL_FEATURES;
+        if !protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+            // The spec: GET_VRING_BASE_INFLIGHT only with INFLIGHT_SHMFD.
+            protocol.remove(VhostUserProtocolFeatures::GET_VRING_BASE_INFLIGHT);
+        }
         fe.set_protocol_features(protocol)
             .map_err(|e| E::SetProtocolFeatures(sock(), e))?;
         if protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) {

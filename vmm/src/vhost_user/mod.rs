@@ -210,6 +210,15 @@ impl VhostUserDevice {
         self.inflight = Some((info, file));
     }
 
+    /// Whether GET_VRING_BASE suspends the rings instead of draining them: the back-end
+    /// negotiated VHOST_USER_PROTOCOL_F_GET_VRING_BASE_INFLIGHT and has an inflight region to
+    /// record the requests left in flight in (they go to the next front-end with the region).
+    pub fn suspends(&self) -> bool {
+        self.protocol
+            .contains(VhostUserProtocolFeatures::GET_VRING_BASE_INFLIGHT)
+            && self.inflight.is_some()
+    }
+
     /// Features acknowledged to the back-end.
     pub fn acked_features(&self) -> u64 {
         self.acked

@@ -29,6 +29,8 @@ pub struct Frontend<D: VhostUserDevice> {
     acked_protocol: u64,
     table: Option<MemoryTable>,
     inflight: Option<D::Inflight>,
+    /// SET_INFLIGHT_FD gave the rings a region to record their requests in.
+    inflight_set: bool,
 }
 
 impl<D: VhostUserDevice> Frontend<D> {
@@ -41,7 +43,17 @@ impl<D: VhostUserDevice> Frontend<D> {
             acked_protocol: 0,
             table: None,
             inflight: None,
+            inflight_set: false,
         }
+    }
+
+    /// Whether GET_VRING_BASE may leave requests in flight (suspend the ring): the front-end
+    /// negotiated VHOST_USER_PROTOCOL_F_GET_VRING_BASE_INFLIGHT (with INFLIGHT_SHMFD, as the
+    /// spec requires) and gave the rings an inflight region to record them in.
+    fn suspends(&self) -> bool {
+        let both = VhostUserProtocolFeatures::GET_VRING_BASE_INFLIGHT
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+        self.acked_protocol & both.bits() == both.bits() && self.inflight_set
     }
 
     /// Whether SET_FEATURES has acked VHOST_USER_F_PROTOCOL_FEATURES.
@@ -66,6 +78,7 @@ impl<D: VhostUserDevice> Frontend<D> {
         self.dev.disconnect();
         self.table = None;
         self.inflight = None;
+        self.inflight_set = false;
     }
 
     fn index(&self, index: u32) -> Result<usize> {
@@ -177,7 +190,12 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Frontend<D> {
 
     fn get_vring_base(&mut self, index: u32) -> Result<VhostUserVringState> {
         let i = self.index(index)?;
-        let base = self.dev.stop_queue(i).map_err(handler_err)?;
+        let base = if self.suspends() {
+            self.dev.suspend_queue(i)
+        } else {
+            self.dev.stop_queue(i)
+        }
+        .map_err(handler_err)?;
         Ok(VhostUserVringState::new(index, u32::from(base)))
     }
 
@@ -207,6 +225,15 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Frontend<D> {
 
     fn set_protocol_features(&mut self, features: u64) -> Result<()> {
         self.acked_protocol = features & self.dev.protocol_features().bits();
+        let suspend = VhostUserProtocolFeatures::GET_VRING_BASE_INFLIGHT.bits();
+        if self.acked_protocol & suspend != 0
+            && self.acked_protocol & VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits() == 0
+        {
+            // "must only be negotiated if VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD is also
+            // negotiated": without a region, GET_VRING_BASE drains.
+            tracing::warn!("GET_VRING_BASE_INFLIGHT acked without INFLIGHT_SHMFD: ignored");
+            self.acked_protocol &= !suspend;
+        }
         Ok(())
     }
 
@@ -287,6 +314,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Frontend<D> {
             )
             .map_err(handler_err)?;
         self.inflight = Some(keep);
+        self.inflight_set = true;
         Ok(())
     }
 

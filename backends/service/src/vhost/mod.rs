@@ -85,7 +85,18 @@ pub trait VhostUserDevice: Send + Sync + std::fmt::Debug {
     /// SET_VRING_KICK: the ring starts (it runs once also enabled).
     fn start_queue(&self, index: usize, kick: File) -> io::Result<()>;
     /// GET_VRING_BASE: the ring stops; returns where the front-end resumes it (next avail).
+    /// Requests the device had taken from the ring are completed first.
     fn stop_queue(&self, index: usize) -> io::Result<u16>;
+    /// GET_VRING_BASE from a front-end that negotiated
+    /// VHOST_USER_PROTOCOL_F_GET_VRING_BASE_INFLIGHT and set an inflight region: the ring
+    /// stops at once, and requests still in flight stay recorded in the region, to be
+    /// completed or resubmitted once a front-end restarts the ring (vhost-user spec as
+    /// extended by "vhost-user: introduce protocol feature for skip drain on GET_VRING_BASE",
+    /// v6 of the series, January 2026, merged for QEMU 11.0; protocol feature bit 20). The
+    /// spec lets a back-end drain anyway, which is what this default does.
+    fn suspend_queue(&self, index: usize) -> io::Result<u16> {
+        self.stop_queue(index)
+    }
     /// SET_VRING_CALL (also while the ring runs).
     fn set_queue_call(&self, index: usize, call: Option<File>) -> io::Result<()>;
     /// SET_VRING_ENABLE (and the implicit enable of a front-end without protocol features).

@@ -72,9 +72,18 @@ impl VirtioPciDevice {
 
     /// Stops the back-end's rings, waits until the requests it had taken have completed, and
     /// disconnects from it (live update; the vCPUs are paused). See [`drain`] for why.
+    ///
+    /// A back-end that negotiated GET_VRING_BASE_INFLIGHT ([`VhostUserDevice::suspends`])
+    /// is not waited for: its rings stop at once, and the requests it had taken stay in the
+    /// inflight region, which goes to the next front-end. What it recorded is checked first
+    /// (at least every request between the used index and the base must be marked); a
+    /// back-end that did not record them is waited for as one that drains.
+    ///
+    /// [`VhostUserDevice::suspends`]: crate::vhost_user::VhostUserDevice::suspends
     pub fn suspend(&mut self) -> Suspended {
         let since = Instant::now();
-        let idle_wait = if self.activated && self.backend.device_type() == TYPE_BLOCK {
+        let suspends = self.activated && self.backend.suspends();
+        let idle_wait = if self.activated && !suspends && self.backend.device_type() == TYPE_BLOCK {
             self.wait_idle(since)
         } else {
             Duration::ZERO
@@ -86,7 +95,12 @@ impl VirtioPciDevice {
             .backend
             .stop_rings(&mut bases)
             .map_err(SuspendError::StopRings)
-            .and_then(|()| Ok(self.wait_used(&bases, since)?));
+            .and_then(|()| {
+                if suspends && self.recorded_inflight(&bases) {
+                    return Ok(Duration::ZERO);
+                }
+                Ok(self.wait_used(&bases, since)?)
+            });
         // Hang up even if the guest has not started the device yet, and even if requests
         // are missing: the back-end serves one front-end at a time, and the next one is the
         // new VMM, or this one again on rollback.
@@ -102,6 +116,44 @@ impl VirtioPciDevice {
             waited
         });
         Suspended { bases, outcome }
+    }
+
+    /// Whether the inflight region marks, for every stopped ring, at least as many requests
+    /// as lie between its used index and its base (the ones a suspended ring left in flight).
+    fn recorded_inflight(&self, bases: &[RingBase]) -> bool {
+        let Some((info, file)) = self.backend.inflight() else {
+            return false;
+        };
+        bases.iter().all(|b| {
+            let Some(q) = self.common.queues.get(usize::from(b.index)) else {
+                return false;
+            };
+            let Ok(used) = used_index(&self.mem, b.index, q.used) else {
+                return false;
+            };
+            let in_flight = usize::from(b.next_avail.wrapping_sub(used));
+            let recorded = baton_service::inflight::count_inflight(
+                file,
+                info.mmap_offset,
+                info.queue_size,
+                b.index,
+            );
+            match recorded {
+                Ok(n) if n >= in_flight => {
+                    if in_flight > 0 {
+                        tracing::info!(device = %self.name, ring = b.index, in_flight,
+                            "ring suspended with requests in flight: they go over in the inflight region");
+                    }
+                    true
+                }
+                r => {
+                    tracing::warn!(device = %self.name, socket = %self.backend.socket().display(),
+                        ring = b.index, in_flight, recorded = ?r,
+                        "the back-end suspended the ring without recording its requests in flight: waiting for them instead");
+                    false
+                }
+            }
+        })
     }
 
     /// Kicks every enabled ring once, then waits until the back-end has completed every

@@ -13,5 +13,6 @@ pub mod nested;
 pub mod net;
 pub mod netns;
 pub mod services;
+pub mod slowfs;
 pub mod udp;
 pub mod vhost_user;

@@ -11,53 +11,17 @@
     clippy::cast_possible_truncation
 )]
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use baton_tests::blk::{Blk, pattern, tmpdir};
-use baton_tests::harness::{Need, Proc, can_run_with, wait_until};
+use baton_tests::harness::{Need, can_run_with, wait_until};
+use baton_tests::slowfs::SlowDisk;
 use baton_tests::vhost_user::blk::*;
 
 const MIB: u64 = 1 << 20;
 const DELAY_MS: u32 = 200;
 const IN_FLIGHT: u64 = 8;
 const WAIT: Duration = Duration::from_secs(10);
-
-/// `tests/slowfs.py` mounted on `<dir>/mnt` over `<dir>/backing.img`; unmounted on drop.
-struct SlowDisk {
-    proc: Proc,
-    mnt: PathBuf,
-}
-
-impl SlowDisk {
-    fn mount(dir: &Path, size: u64) -> SlowDisk {
-        let backing = dir.join("backing.img");
-        let data: Vec<u8> = (0..size / 4096).flat_map(|s| pattern(s, 4096)).collect();
-        std::fs::write(&backing, data).unwrap();
-        let mnt = dir.join("mnt");
-        std::fs::create_dir_all(&mnt).unwrap();
-        let mut c = Command::new("/usr/bin/python3");
-        c.arg(baton_tests::harness::repo_root().join("tests/slowfs.py"))
-            .arg(&backing)
-            .arg(&mnt)
-            .arg(DELAY_MS.to_string());
-        let proc = Proc::spawn(c).unwrap();
-        let img = mnt.join("disk.img");
-        assert!(
-            wait_until(WAIT, || img.exists().then_some(())).is_some(),
-            "slowfs did not mount (python3-fusepy installed? scripts/setup.sh installs it)"
-        );
-        SlowDisk { proc, mnt }
-    }
-}
-
-impl Drop for SlowDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.mnt).status();
-        let _ = self.proc.child.kill();
-    }
-}
 
 fn can_run(test: &str) -> bool {
     can_run_with(test, &[Need::Root, Need::Program("fusermount")])
@@ -97,11 +61,11 @@ fn a_suspended_ring_leaves_its_requests_to_the_next_front_end_which_gets_each_on
         return;
     }
     let dir = tmpdir("suspend");
-    let slow = SlowDisk::mount(&dir, 4 * MIB);
+    let slow = SlowDisk::mount(&dir, 4 * MIB, DELAY_MS, true);
     let log = dir.join("blk.log");
     let b = Blk::start_with_log(
         dir.clone(),
-        slow.mnt.join("disk.img"),
+        slow.image(),
         &["--direct"],
         Some(&log),
     );
@@ -178,8 +142,8 @@ fn without_the_feature_get_vring_base_still_drains() {
         return;
     }
     let dir = tmpdir("no-suspend");
-    let slow = SlowDisk::mount(&dir, 4 * MIB);
-    let b = Blk::start_on(dir.clone(), slow.mnt.join("disk.img"), &["--direct"]);
+    let slow = SlowDisk::mount(&dir, 4 * MIB, DELAY_MS, true);
+    let b = Blk::start_on(dir.clone(), slow.image(), &["--direct"]);
     let mut drv = BlkDriver::connect(&b.sock, opts()).unwrap();
     reads_in_flight(&mut drv);
     let base = drv.conn().unwrap().stop_queue(0).unwrap();

@@ -98,6 +98,11 @@ impl Engine {
         self.submitted + self.held.len()
     }
 
+    /// Requests finished and not given back yet.
+    pub fn finished(&self) -> usize {
+        self.done.len()
+    }
+
     /// Marks every request started and not given back yet as suspended (its ring stopped
     /// without waiting for it) and returns their heads.
     pub fn suspend_all(&mut self) -> Vec<u16> {
@@ -147,11 +152,16 @@ impl Engine {
         std::mem::take(&mut self.done)
     }
 
-    /// Waits until a request in the ring completes or `kick` (the guest's kick eventfd, whose
-    /// count it consumes) fires: first by watching the completion queue for up to `spin`
-    /// (`--poll-us`: a completion that comes within it costs no sleep and wake-up), then
-    /// asleep. Returns at once if nothing is in the ring.
-    pub fn wait(&mut self, kick: Option<&File>, spin: std::time::Duration) {
+    /// Waits until a request in the ring completes, `kick` (the guest's kick eventfd, whose
+    /// count it consumes) fires or `wake` becomes readable (left as it is): first by watching
+    /// the completion queue for up to `spin` (`--poll-us`: a completion that comes within it
+    /// costs no sleep and wake-up), then asleep. Returns at once if nothing is in the ring.
+    pub fn wait(
+        &mut self,
+        kick: Option<&File>,
+        spin: std::time::Duration,
+        wake: Option<std::os::fd::BorrowedFd<'_>>,
+    ) {
         let Some(ring) = self.ring.as_mut() else {
             return;
         };
@@ -176,6 +186,9 @@ impl Engine {
         let mut fds = vec![PollFd::new(ring.as_fd(), PollFlags::POLLIN)];
         if let Some(k) = kick {
             fds.push(PollFd::new(k.as_fd(), PollFlags::POLLIN));
+        }
+        if let Some(w) = wake {
+            fds.push(PollFd::new(w, PollFlags::POLLIN));
         }
         let _ = poll(&mut fds, timeout);
         let kicked = fds

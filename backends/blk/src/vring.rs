@@ -199,6 +199,8 @@ impl VringCtl {
     /// requests in flight (see the module doc); the caller then stops the ring.
     pub fn lock_suspending(&self) -> MutexGuard<'_, Vring> {
         self.suspending.store(true, Ordering::SeqCst);
+        // The worker may sleep until a request completes: wake it.
+        self.wake();
         let st = self.lock();
         self.suspending.store(false, Ordering::SeqCst);
         st
@@ -207,14 +209,19 @@ impl VringCtl {
     /// The worker's [`run`]: cut short when the control path waits for the lock, without
     /// waiting for the requests in flight when it suspends the ring.
     fn run(&self, st: &mut Vring, dev: &Device, engine: &mut Engine) -> bool {
-        run_until(st, dev, engine, &|| self.contended(), &|| {
-            self.suspending.load(Ordering::SeqCst)
-        })
+        run_until(
+            st,
+            dev,
+            engine,
+            &|| self.contended(),
+            &|| self.suspending.load(Ordering::SeqCst),
+            Some(self.wake.as_fd()),
+        )
     }
 
     /// After a run cut short: if the ring is being suspended, records what stays in the engine.
     fn let_go(&self, st: &mut Vring, engine: &mut Engine) {
-        if self.suspending.load(Ordering::SeqCst) && engine.in_flight() > 0 {
+        if self.suspending.load(Ordering::SeqCst) && engine.in_flight() + engine.finished() > 0 {
             st.suspended = engine.suspend_all();
             st.adopted.clear();
             tracing::info!(heads = ?st.suspended, "ring suspended with requests in flight");
@@ -354,16 +361,19 @@ pub fn process(st: &mut Vring, dev: &Device, engine: &mut Engine) {
 /// what is in flight (unless the ring is being suspended) and returns true: the ring may still
 /// hold requests.
 fn run(st: &mut Vring, dev: &Device, engine: &mut Engine, cut_short: &dyn Fn() -> bool) -> bool {
-    run_until(st, dev, engine, cut_short, &|| false)
+    run_until(st, dev, engine, cut_short, &|| false, None)
 }
 
-/// [`run`], letting go without waiting for what is in flight once `suspend` says so too.
+/// [`run`], letting go without waiting for what is in flight — nor for the write-through
+/// fdatasync of what finished — once `suspend` says so too; its sleeps end early when `wake`
+/// becomes readable (the control path announces itself there).
 fn run_until(
     st: &mut Vring,
     dev: &Device,
     engine: &mut Engine,
     cut_short: &dyn Fn() -> bool,
     suspend: &dyn Fn() -> bool,
+    wake: Option<std::os::fd::BorrowedFd<'_>>,
 ) -> bool {
     let Some(mem) = st.mem.clone() else {
         return false;
@@ -373,6 +383,9 @@ fn run_until(
     let mut stopped = false;
     loop {
         stopped = stopped || cut_short();
+        if stopped && suspend() && engine.in_flight() + engine.finished() > 0 {
+            return true;
+        }
         let mut popped = 0;
         if !stopped && !st.broken {
             if event_idx {
@@ -404,10 +417,7 @@ fn run_until(
         if engine.in_flight() == 0 {
             return stopped;
         }
-        if stopped && suspend() {
-            return true;
-        }
-        engine.wait(st.kick.as_deref().filter(|_| watch), dev.poll());
+        engine.wait(st.kick.as_deref().filter(|_| watch), dev.poll(), wake);
     }
 }
 

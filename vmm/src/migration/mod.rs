@@ -181,6 +181,10 @@ pub struct Report {
     pub incoming: Vec<Phase>,
     /// The new VMM's pid.
     pub new_pid: u32,
+    /// Sockets of the back-ends whose rings stopped without draining (they negotiated
+    /// GET_VRING_BASE_INFLIGHT): what they had in flight went over in the inflight region. The
+    /// others completed it before the switch.
+    pub suspended: Vec<String>,
 }
 
 struct Timer {

@@ -108,6 +108,7 @@ pub fn outgoing(vm: &Arc<Vm>, dest: &Path, timeout: Duration) -> Result<Report, 
     };
     t.lap("save_kvm_state");
     let mut bases = Vec::new();
+    let mut no_drain = Vec::new();
     for (_, dev) in &vm.devices {
         let mut d = dev.lock().unwrap_or_else(|e| e.into_inner());
         let suspended = d.suspend();
@@ -115,6 +116,9 @@ pub fn outgoing(vm: &Arc<Vm>, dest: &Path, timeout: Duration) -> Result<Report, 
         match suspended.outcome {
             Ok(waited) => {
                 let socket = d.backend().socket().display().to_string();
+                if suspended.without_drain {
+                    no_drain.push(socket.clone());
+                }
                 t.lap_with_part(
                     format!("suspend {socket}"),
                     Some((format!("wait_used {socket}"), waited)),
@@ -205,6 +209,7 @@ pub fn outgoing(vm: &Arc<Vm>, dest: &Path, timeout: Duration) -> Result<Report, 
         outgoing: t.phases,
         incoming,
         new_pid: hello.pid,
+        suspended: no_drain,
     })
 }
 

@@ -22,6 +22,8 @@ pub struct Suspended {
     /// How long the back-end took to complete the requests it had taken when its rings
     /// stopped, or why the device cannot be handed over.
     pub outcome: Result<Duration, SuspendError>,
+    /// The rings stopped without draining: what they had in flight is in the inflight region.
+    pub without_drain: bool,
 }
 
 /// Why a device cannot be handed over to another VMM.
@@ -91,12 +93,14 @@ impl VirtioPciDevice {
         self.activated = false;
         self.backend_state = BackendState::HandedOver;
         let mut bases = Vec::new();
+        let mut without_drain = false;
         let outcome = self
             .backend
             .stop_rings(&mut bases)
             .map_err(SuspendError::StopRings)
             .and_then(|()| {
                 if suspends && self.recorded_inflight(&bases) {
+                    without_drain = true;
                     return Ok(Duration::ZERO);
                 }
                 Ok(self.wait_used(&bases, since)?)
@@ -115,7 +119,11 @@ impl VirtioPciDevice {
             }
             waited
         });
-        Suspended { bases, outcome }
+        Suspended {
+            bases,
+            outcome,
+            without_drain,
+        }
     }
 
     /// Whether the inflight region marks, for every stopped ring, at least as many requests

@@ -82,6 +82,9 @@ pub struct DeviceConfig {
     pub kind: DeviceKind,
     /// How long to keep reconnecting to a back-end that went away; `None`: forever.
     pub reconnect_limit: Option<std::time::Duration>,
+    /// `drain=on`: a live update waits for the requests in flight even where the back-end
+    /// could hand them over (GET_VRING_BASE_INFLIGHT is not negotiated).
+    pub drain: bool,
 }
 
 /// A host PCI function passed through with VFIO (`--device path=...`).
@@ -231,15 +234,15 @@ pub fn default_mac(seed: u32) -> [u8; 6] {
     [0x52, 0x54, 0x00, b[1], b[2], b[3]]
 }
 
-/// Parses `--disk socket=PATH[,queues=N,queue_size=N]` or
-/// `--net socket=PATH[,mac=MAC,queues=N,queue_size=N,mtu=N]`.
+/// Parses `--disk socket=PATH[,queues=N,queue_size=N,reconnect_ms=N,drain=on|off]` or
+/// `--net socket=PATH[,mac=MAC,queues=N,queue_size=N,mtu=N,...]`.
 pub fn parse_device(s: &str, net: bool, seed: u32) -> Result<DeviceConfig, ConfigError> {
     let (mut socket, mut queues, mut queue_size, mut mac, mut mtu) = (None, 1, 256, None, None);
-    let mut reconnect_limit = None;
+    let (mut reconnect_limit, mut drain) = (None, false);
     let expected = if net {
-        "socket, queues, queue_size, reconnect_ms, mac, mtu"
+        "socket, queues, queue_size, reconnect_ms, drain, mac, mtu"
     } else {
-        "socket, queues, queue_size, reconnect_ms"
+        "socket, queues, queue_size, reconnect_ms, drain"
     };
     for (k, v) in key_values(s)? {
         match k {
@@ -259,6 +262,13 @@ pub fn parse_device(s: &str, net: bool, seed: u32) -> Result<DeviceConfig, Confi
                     .parse()
                     .map_err(|_| ConfigError::BadNumber("reconnect_ms", v.into()))?;
                 reconnect_limit = Some(std::time::Duration::from_millis(ms));
+            }
+            "drain" => {
+                drain = match v {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(ConfigError::BadNumber("drain (on or off)", v.into())),
+                }
             }
             "mac" if net => {
                 mac = Some(parse_mac(v).map_err(|e| ConfigError::BadMac(v.to_string(), e))?);
@@ -287,6 +297,7 @@ pub fn parse_device(s: &str, net: bool, seed: u32) -> Result<DeviceConfig, Confi
         queue_size,
         kind,
         reconnect_limit,
+        drain,
     })
 }
 
@@ -356,6 +367,10 @@ mod tests {
                 MacError::Zero
             ))
         );
+        assert!(parse_device("socket=/s,drain=on", false, 1).unwrap().drain);
+        assert!(!parse_device("socket=/s,drain=off", false, 1).unwrap().drain);
+        assert!(!parse_device("socket=/s", false, 1).unwrap().drain);
+        assert!(parse_device("socket=/s,drain=yes", false, 1).is_err());
         let r = parse_device("socket=/s,reconnect_ms=250", false, 1).unwrap();
         assert_eq!(
             r.reconnect_limit,

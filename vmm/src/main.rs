@@ -55,13 +55,15 @@ struct Args {
     /// it). Repeatable. The VMM's own uid is always allowed; root only if listed.
     #[arg(long = "allow-uid", value_name = "UID")]
     allow_uid: Vec<u32>,
-    /// A vhost-user block device: socket=PATH[,queues=N,queue_size=N,reconnect_ms=N].
-    /// Repeatable. A back-end that goes away is reconnected forever unless reconnect_ms says
-    /// how long to try.
+    /// A vhost-user block device: socket=PATH[,queues=N,queue_size=N,reconnect_ms=N,
+    /// drain=on|off]. Repeatable. A back-end that goes away is reconnected forever unless
+    /// reconnect_ms says how long to try. A live update stops the rings of a back-end that
+    /// offers GET_VRING_BASE_INFLIGHT without waiting for its requests in flight (they go over
+    /// in the inflight region) unless drain=on.
     #[arg(long)]
     disk: Vec<String>,
     /// A vhost-user net device: socket=PATH[,mac=MAC,queues=N,queue_size=N,mtu=N,
-    /// reconnect_ms=N]. Repeatable.
+    /// reconnect_ms=N,drain=on|off]. Repeatable.
     #[arg(long)]
     net: Vec<String>,
     /// A host PCI function passed through with VFIO: path=/sys/bus/pci/devices/DDDD:BB:DD.F,

@@ -107,6 +107,7 @@ pub(super) fn example(cpus: u32) -> VmState {
         queue_size: 256,
         kind: DeviceKindState::Block,
         reconnect_ms: None,
+        drain: false,
     };
     let net = DeviceConfigState {
         socket: "/run/baton/net0.sock".into(),
@@ -117,6 +118,7 @@ pub(super) fn example(cpus: u32) -> VmState {
             mtu: Some(1500),
         },
         reconnect_ms: Some(60_000),
+        drain: false,
     };
     let mut blk_dev = device(1, &blk, 1);
     blk_dev.vhost_user.inflight = Some(InflightState {

@@ -160,6 +160,10 @@ pub struct DeviceConfigState {
     /// Give up reconnecting to a back-end that went away after this many ms (`None`: never).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reconnect_ms: Option<u64>,
+    /// Always drain the rings in a live update: never negotiate GET_VRING_BASE_INFLIGHT
+    /// (`drain=on`; absent when off).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drain: bool,
 }
 
 /// What a vhost-user device is.

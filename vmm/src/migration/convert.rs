@@ -56,6 +56,7 @@ pub(super) fn config_state(vm: &Vm) -> VmConfigState {
                 reconnect_ms: d
                     .reconnect_limit
                     .map(|l| u64::try_from(l.as_millis()).unwrap_or(u64::MAX)),
+                drain: d.drain,
             })
             .collect(),
         passthrough: vm.passthrough.config.clone(),
@@ -94,6 +95,7 @@ pub(super) fn vm_config(s: &VmConfigState, console: ConsoleChoice) -> VmConfig {
                     DeviceKindState::Net { mac, mtu } => DeviceKind::Net { mac, mtu },
                 },
                 reconnect_limit: d.reconnect_ms.map(std::time::Duration::from_millis),
+                drain: d.drain,
             })
             .collect(),
     }

@@ -162,6 +162,7 @@ mod tests {
                 mtu: None,
             },
             reconnect_limit: None,
+            drain: false,
         };
         let (offered, queues) = offer(&cfg, F_VERSION_1 | net::F_CTRL_VQ | (1 << 40));
         assert_eq!(

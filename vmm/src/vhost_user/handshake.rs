@@ -42,7 +42,7 @@ impl VhostUserDevice {
             .get_protocol_features()
             .map_err(|e| E::GetProtocolFeatures(sock(), e))?;
         let mut protocol = theirs & PROTOCOL_FEATURES;
-        if !protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+        if !protocol.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) || cfg.drain {
             // The spec: GET_VRING_BASE_INFLIGHT only with INFLIGHT_SHMFD.
             protocol.remove(VhostUserProtocolFeatures::GET_VRING_BASE_INFLIGHT);
         }

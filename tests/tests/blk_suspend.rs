@@ -63,12 +63,7 @@ fn a_suspended_ring_leaves_its_requests_to_the_next_front_end_which_gets_each_on
     let dir = tmpdir("suspend");
     let slow = SlowDisk::mount(&dir, 4 * MIB, DELAY_MS, true);
     let log = dir.join("blk.log");
-    let b = Blk::start_with_log(
-        dir.clone(),
-        slow.image(),
-        &["--direct"],
-        Some(&log),
-    );
+    let b = Blk::start_with_log(dir.clone(), slow.image(), &["--direct"], Some(&log));
     let mut drv = BlkDriver::connect_suspending(&b.sock, opts()).unwrap();
     let heads = reads_in_flight(&mut drv);
 

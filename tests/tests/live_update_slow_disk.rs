@@ -23,7 +23,12 @@ const BLOCKS: u64 = 1024;
 fn ten_swaps_with_20_ms_requests_in_flight_do_not_drain_and_lose_nothing() {
     if !can_run_with(
         "ten_swaps_with_20_ms_requests_in_flight",
-        &[Need::Kvm, Need::Guest, Need::Root, Need::Program("fusermount")],
+        &[
+            Need::Kvm,
+            Need::Guest,
+            Need::Root,
+            Need::Program("fusermount"),
+        ],
     ) {
         return;
     }
@@ -61,12 +66,21 @@ fn ten_swaps_with_20_ms_requests_in_flight_do_not_drain_and_lose_nothing() {
         if std::env::var_os("SHOW_REPORTS").is_some() {
             eprintln!("{report}");
         }
-        assert_eq!(vmm.proc.wait_exit(T), Some(0), "old VMM exits 0 after swap {n}");
+        assert_eq!(
+            vmm.proc.wait_exit(T),
+            Some(0),
+            "old VMM exits 0 after swap {n}"
+        );
         vmm = new;
         std::thread::sleep(Duration::from_millis(200));
     }
     vmm.proc.send(b"q").unwrap();
-    assert_eq!(vmm.proc.wait_exit(T * 2), Some(0), "{}", vmm.proc.transcript());
+    assert_eq!(
+        vmm.proc.wait_exit(T * 2),
+        Some(0),
+        "{}",
+        vmm.proc.transcript()
+    );
     let r = result_json(&vmm.proc.seen).unwrap_or_else(|| panic!("{}", vmm.proc.transcript()));
     blackouts.sort_by(f64::total_cmp);
     eprintln!(

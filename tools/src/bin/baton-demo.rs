@@ -16,7 +16,8 @@
 //! queue) and this program, the operator, stay root. `unprivileged` is measured: the uid of
 //! every VMM and back-end process, read from /proc.
 //!
-//! Every figure is measured: `guest_ready` from the guest's `ready` line, `backend_restarts`
+//! Every figure is measured: `guest_ready` from the guest's `ready` line, `drain` (whether any
+//! live update waited for the disk's requests in flight) from the reports, `backend_restarts`
 //! from the last VMM's per-device reconnect counts (`vm.info`), the blackouts from the
 //! live-update reports, the disk from the host once everything stopped. A figure that could
 //! not be measured is `null` and a failure, never 0. Any failed check (a figure missing, an
@@ -69,6 +70,7 @@ const FIELDS: &[&str] = &[
     "blackout_ms_p50",
     "blackout_ms_p99",
     "blackout_ms_max",
+    "drain",
     "backend_restarts",
     "unprivileged",
 ];
@@ -222,6 +224,9 @@ fn run(report: &mut Report) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(1500));
 
     let mut blackouts = Vec::new();
+    // Whether any live update waited for the disk's requests in flight (baton-blk and baton-vmm
+    // negotiate GET_VRING_BASE_INFLIGHT: they go over in the inflight region instead).
+    let mut drained = false;
     let updates_from = echo.mark();
     for n in 0..LIVE_UPDATES {
         let (new, sock) =
@@ -233,6 +238,10 @@ fn run(report: &mut Report) -> anyhow::Result<()> {
             anyhow::anyhow!("live update {}: no blackout_us in the report: {lu}", n + 1)
         })? / 1000.0;
         blackouts.push(ms);
+        let disk = blk_sock.display().to_string();
+        drained |= !lu["suspended"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|s| s.as_str() == Some(disk.as_str())));
         let code = vmm.proc.wait_exit(Duration::from_secs(10));
         let old_pid = vmm.proc.child.id();
         println!(
@@ -255,6 +264,7 @@ fn run(report: &mut Report) -> anyhow::Result<()> {
     }
     let mut b = blackouts.clone();
     report.set("live_updates", blackouts.len());
+    report.set("drain", drained);
     report.set("blackout_ms_p50", round(percentile(&mut b, 50.0), 2));
     report.set("blackout_ms_p99", round(percentile(&mut b, 99.0), 2));
     report.set(

@@ -738,4 +738,89 @@ mod tests {
         );
         assert_eq!(ctl.lock().completed, 2);
     }
+
+    /// GET_VRING_BASE_INFLIGHT: a ring suspended while a read is in flight (from a pipe the
+    /// test feeds later) writes nothing while stopped; restarted with the inflight region that
+    /// lists the read, it completes it exactly once (not resubmitted); restarted with a fresh
+    /// region (another front-end's), it drops it.
+    #[test]
+    fn a_suspended_request_completes_once_if_the_next_region_lists_it() {
+        use baton_service::inflight::InflightRegion;
+        let uring = || Engine::new(crate::cli::IoEngineKind::IoUring, 16);
+        if format!("{:?}", uring()) != "io_uring" {
+            eprintln!("SKIP a_suspended_request_completes_once: no io_uring here");
+            return;
+        }
+        for same_region in [true, false] {
+            let (slow, feed) = nix::unistd::pipe().unwrap();
+            let disk = crate::disk::Disk::on(File::from(slow), 1 << 20);
+            let (avail, used) = (0x2000u64, 0x2400u64);
+            let dev = device_on(Some(disk), 8, avail, used, false);
+            let ctl = dev.queues()[0].clone();
+            let (region, _fd, _) = InflightRegion::create(1, 8).unwrap();
+            let mut st = ctl.lock();
+            let mem = st.mem.clone().unwrap();
+            let put = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
+                let a = GuestAddress(0x1000 + 16 * i);
+                mem.write_obj(addr, a).unwrap();
+                mem.write_obj(len, a.unchecked_add(8)).unwrap();
+                mem.write_obj(flags, a.unchecked_add(12)).unwrap();
+                mem.write_obj(next, a.unchecked_add(14)).unwrap();
+            };
+            // Head 0: read sector 0 (512 bytes at 0x4000), status at 0x3100.
+            mem.write_obj(request::T_IN, GuestAddress(0x3000)).unwrap();
+            put(0, 0x3000, 16, 1, 1);
+            put(1, 0x4000, 512, 3, 2);
+            put(2, 0x3100, 1, 2, 0);
+            mem.write_obj(0xffu8, GuestAddress(0x3100)).unwrap();
+            st.inflight = region.queue(0);
+            assert!(st.start());
+            let mut engine = uring();
+            // Pop and start the read, then be suspended (what the worker does for
+            // VringCtl::lock_suspending, and GET_VRING_BASE after it).
+            let looks = std::cell::Cell::new(0);
+            let cut = || {
+                looks.set(looks.get() + 1);
+                looks.get() > 1
+            };
+            assert!(run_until(&mut st, &dev, &mut engine, &cut, &|| true, None));
+            assert_eq!(engine.in_flight(), 1);
+            st.suspended = engine.suspend_all();
+            st.stop();
+            assert_eq!(st.suspended, [0]);
+            assert_eq!(st.queue.next_avail(), 1);
+            nix::unistd::write(&feed, &[7u8; 512]).unwrap();
+            let used_idx = || mem.read_obj::<u16>(GuestAddress(used + 2)).unwrap();
+            assert_eq!(used_idx(), 0, "a suspended ring got a used entry");
+            // The next front-end.
+            let next = if same_region {
+                region.clone()
+            } else {
+                InflightRegion::create(1, 8).unwrap().0
+            };
+            st.inflight = next.queue(0);
+            assert!(st.start());
+            assert!(st.resubmit.is_empty(), "resubmitted: {:?}", st.resubmit);
+            process(&mut st, &dev, &mut engine);
+            assert_eq!(engine.in_flight(), 0);
+            if same_region {
+                assert_eq!(used_idx(), 1);
+                assert_eq!(mem.read_obj::<u32>(GuestAddress(used + 4)).unwrap(), 0);
+                assert_eq!(mem.read_obj::<u8>(GuestAddress(0x3100)).unwrap(), 0);
+                assert_eq!(st.completed, 1);
+                assert!(next.queue(0).unwrap().pending().is_empty());
+            } else {
+                assert_eq!(
+                    used_idx(),
+                    0,
+                    "completed into a front-end that did not list it"
+                );
+                assert_eq!(mem.read_obj::<u8>(GuestAddress(0x3100)).unwrap(), 0xff);
+                assert_eq!(st.completed, 0);
+            }
+            // Nothing comes back later either.
+            process(&mut st, &dev, &mut engine);
+            assert_eq!(used_idx(), u16::from(same_region));
+        }
+    }
 }

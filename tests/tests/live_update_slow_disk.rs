@@ -1,23 +1,51 @@
 //! Live updates that do not wait for the disk: baton-blk on a disk whose every request takes
 //! 20 ms (`tests/slowfs.py`, FUSE, outside baton-blk), the test guest writing and verifying it
-//! 16 requests deep, ten swaps. baton-blk and baton-vmm negotiate GET_VRING_BASE_INFLIGHT:
+//! 16 requests deep, ten swaps and a rollback after the state was sent. baton-blk and baton-vmm negotiate GET_VRING_BASE_INFLIGHT:
 //! every swap stops the disk's ring without draining (the report names the socket under
 //! `suspended`), the requests in flight go over in the inflight region and complete in the
-//! new VMM. Nothing is lost, duplicated or corrupted: the guest's verified writes pass with
+//! new VMM (or in the old one after the rollback). Nothing is lost, duplicated or corrupted: the guest's verified writes pass with
 //! nothing outstanding, and the backing file holds what the guest completed.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::process::Command;
 use std::time::Duration;
 
 use baton_tests::blk::tmpdir;
 use baton_tests::boot::{baton_cmd, percentile};
-use baton_tests::harness::{Need, TempDir, can_run_with, result_json};
+use baton_tests::harness::{Need, Proc, TempDir, bin, can_run_with, result_json, wait_until};
 use baton_tests::local_users::vmm_user_args;
 use baton_tests::services::{Vmm, start_blk, verify_blk_cont_image};
 use baton_tests::slowfs::SlowDisk;
 
 const T: Duration = Duration::from_secs(30);
 const BLOCKS: usize = 1024;
+
+/// A live update whose new VMM exits once it has the state (after the old one suspended the
+/// disk's ring with requests in flight): the old VMM rolls back, restarting the ring with its
+/// inflight region, and the requests complete there.
+fn rollback_after_the_state(dir: &TempDir, vmm: &Vmm) {
+    let sock = dir.join("incoming-fail.sock");
+    let mut c = Command::new(bin("baton-vmm"));
+    c.arg("--incoming")
+        .arg(&sock)
+        .arg("--api-socket")
+        .arg(dir.join("vmm-fail.api"))
+        .env("BATON_LIVE_UPDATE_FAIL", "exit-after-state");
+    baton_tests::local_users::start_as_test_user(&mut c, &[], true);
+    let mut new = Proc::spawn(c).unwrap();
+    assert!(wait_until(T, || sock.exists().then_some(())).is_some());
+    let err = vmm.live_update(&sock).unwrap_err().to_string();
+    assert!(err.contains("rolled back"), "{err}");
+    assert_ne!(new.wait_exit(T), Some(0));
+    assert!(
+        wait_until(T, || {
+            (vmm.info().ok()?["devices"][0]["backend"] == "connected").then_some(())
+        })
+        .is_some(),
+        "the disk did not come back after the rollback"
+    );
+    std::thread::sleep(Duration::from_millis(200));
+}
 
 #[test]
 fn ten_swaps_with_20_ms_requests_in_flight_do_not_drain_and_lose_nothing() {
@@ -53,6 +81,9 @@ fn ten_swaps_with_20_ms_requests_in_flight_do_not_drain_and_lose_nothing() {
     std::thread::sleep(Duration::from_millis(300));
     let mut blackouts = Vec::new();
     for n in 0..10 {
+        if n == 5 {
+            rollback_after_the_state(&dir, &vmm);
+        }
         let (new, dest) = Vmm::incoming(&dir.0, n).unwrap();
         let report = vmm
             .live_update(&dest)

@@ -563,13 +563,7 @@ mod tests {
         let desc = 0x1000;
         // Descriptor 0: a flush header; descriptor 1: the status byte.
         mem.write_obj(4u32, GuestAddress(0x3000)).unwrap();
-        let put = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
-            let a = GuestAddress(desc + 16 * i);
-            mem.write_obj(addr, a).unwrap();
-            mem.write_obj(len, a.unchecked_add(8)).unwrap();
-            mem.write_obj(flags, a.unchecked_add(12)).unwrap();
-            mem.write_obj(next, a.unchecked_add(14)).unwrap();
-        };
+        let put = |i, addr, len, flags, next| put_desc(&mem, i, addr, len, flags, next);
         put(0, 0x3000, 16, 1, 1);
         put(1, 0x3100, 1, 2, 0);
         mem.write_obj(1u16, GuestAddress(avail + 2)).unwrap();
@@ -592,6 +586,23 @@ mod tests {
         }
         drop(disk);
         dev
+    }
+
+    /// Writes descriptor `i` of the table at 0x1000.
+    fn put_desc(mem: &GuestMemoryMmap, i: u64, addr: u64, len: u32, flags: u16, next: u16) {
+        let a = GuestAddress(0x1000 + 16 * i);
+        mem.write_obj(addr, a).unwrap();
+        mem.write_obj(len, a.unchecked_add(8)).unwrap();
+        mem.write_obj(flags, a.unchecked_add(12)).unwrap();
+        mem.write_obj(next, a.unchecked_add(14)).unwrap();
+    }
+
+    /// Head 0 (descriptors 0-2): read sector 0 (512 bytes at 0x4000), status at 0x3100.
+    fn read_at_head_0(mem: &GuestMemoryMmap) {
+        mem.write_obj(request::T_IN, GuestAddress(0x3000)).unwrap();
+        put_desc(mem, 0, 0x3000, 16, 1, 1);
+        put_desc(mem, 1, 0x4000, 512, 3, 2);
+        put_desc(mem, 2, 0x3100, 1, 2, 0);
     }
 
     /// Whether `process` on queue 0 returns within a few seconds (a livelocked worker thread is
@@ -688,18 +699,8 @@ mod tests {
             st.kick = Some(Arc::new(File::from(kick_rx)));
             st.mem.clone().unwrap()
         };
-        let put = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
-            let a = GuestAddress(0x1000 + 16 * i);
-            mem.write_obj(addr, a).unwrap();
-            mem.write_obj(len, a.unchecked_add(8)).unwrap();
-            mem.write_obj(flags, a.unchecked_add(12)).unwrap();
-            mem.write_obj(next, a.unchecked_add(14)).unwrap();
-        };
-        // Head 0: read sector 0 (512 bytes at 0x4000), status at 0x3100.
-        mem.write_obj(request::T_IN, GuestAddress(0x3000)).unwrap();
-        put(0, 0x3000, 16, 1, 1);
-        put(1, 0x4000, 512, 3, 2);
-        put(2, 0x3100, 1, 2, 0);
+        let put = |i, addr, len, flags, next| put_desc(&mem, i, addr, len, flags, next);
+        read_at_head_0(&mem);
         // Head 3: GET_ID with no data, status at 0x3300.
         mem.write_obj(request::T_GET_ID, GuestAddress(0x3200))
             .unwrap();
@@ -760,18 +761,7 @@ mod tests {
             let (region, _fd, _) = InflightRegion::create(1, 8).unwrap();
             let mut st = ctl.lock();
             let mem = st.mem.clone().unwrap();
-            let put = |i: u64, addr: u64, len: u32, flags: u16, next: u16| {
-                let a = GuestAddress(0x1000 + 16 * i);
-                mem.write_obj(addr, a).unwrap();
-                mem.write_obj(len, a.unchecked_add(8)).unwrap();
-                mem.write_obj(flags, a.unchecked_add(12)).unwrap();
-                mem.write_obj(next, a.unchecked_add(14)).unwrap();
-            };
-            // Head 0: read sector 0 (512 bytes at 0x4000), status at 0x3100.
-            mem.write_obj(request::T_IN, GuestAddress(0x3000)).unwrap();
-            put(0, 0x3000, 16, 1, 1);
-            put(1, 0x4000, 512, 3, 2);
-            put(2, 0x3100, 1, 2, 0);
+            read_at_head_0(&mem);
             mem.write_obj(0xffu8, GuestAddress(0x3100)).unwrap();
             st.inflight = region.queue(0);
             assert!(st.start());

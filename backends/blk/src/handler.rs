@@ -162,6 +162,7 @@ impl VhostUserDevice for Device {
             st.queue.reset();
             // A reset device completes nothing it had taken before.
             st.suspended.clear();
+            st.adopted.clear();
         }
     }
 

@@ -152,3 +152,63 @@ fn without_the_feature_get_vring_base_still_drains() {
     drop(b);
     drop(slow);
 }
+
+/// A back-end that suspends without recording (`--test-suspend-unrecorded`), restarted at the
+/// used index (the driver's reconnect; right here because the reads complete in order): the
+/// requests are taken from the ring again only once the ones left running since the
+/// suspension are done, and those are dropped, not completed: each read completes exactly once
+/// with the right data.
+#[test]
+fn requests_taken_again_after_an_unrecorded_suspension_complete_once() {
+    if !can_run("requests_taken_again_after_an_unrecorded_suspension_complete_once") {
+        return;
+    }
+    let dir = tmpdir("suspend-unrecorded");
+    let slow = SlowDisk::mount(&dir, 4 * MIB, DELAY_MS, true);
+    let b = Blk::start_on(
+        dir.clone(),
+        slow.image(),
+        &["--direct", "--test-suspend-unrecorded"],
+    );
+    let mut drv = BlkDriver::connect_suspending(&b.sock, opts()).unwrap();
+    let heads = reads_in_flight(&mut drv);
+    let base = drv.conn().unwrap().stop_queue(0).unwrap();
+    assert_eq!(base, IN_FLIGHT as u32);
+    assert_eq!(drv.queue(0).vq.device_used_idx(), 0);
+    let (info, file) = drv.inflight.as_ref().unwrap();
+    assert_eq!(
+        baton_service::inflight::count_inflight(file, info.mmap_offset, info.queue_size, 0)
+            .unwrap(),
+        0,
+        "the test back-end recorded them"
+    );
+    // The driver's reconnect restarts each ring at the used index: the reads are taken again.
+    drv.reconnect().unwrap();
+    let mut done = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while done.len() < heads.len() && Instant::now() < deadline {
+        done.extend(
+            drv.queue(0)
+                .wait(Duration::from_millis(100))
+                .unwrap_or_default(),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(u64::from(DELAY_MS) * 3));
+    done.extend(drv.queue(0).poll());
+    let mut got: Vec<u16> = done.iter().map(|d| d.head).collect();
+    got.sort_unstable();
+    let mut want = heads.clone();
+    want.sort_unstable();
+    assert_eq!(got, want, "each read completed exactly once: {done:?}");
+    for d in &done {
+        assert_eq!(
+            (d.status, &d.data),
+            (S_OK, &pattern(d.tag, 4096)),
+            "read {}",
+            d.tag
+        );
+    }
+    drop(drv);
+    drop(b);
+    drop(slow);
+}

@@ -127,3 +127,68 @@ fn ten_swaps_with_20_ms_requests_in_flight_do_not_drain_and_lose_nothing() {
     assert!(verify_blk_cont_image(&slow_backing, BLOCKS).unwrap() > 0);
     let _ = std::fs::remove_dir_all(&fuse_dir);
 }
+
+/// A back-end that negotiates GET_VRING_BASE_INFLIGHT but does not record what it leaves in
+/// flight (baton-blk `--test-suspend-unrecorded`): the old VMM sees the region short of the
+/// requests between the used index and the base, waits for them as for a back-end that drains
+/// (they never come: a suspended ring completes nothing) and rolls back past the deadline; the
+/// VM keeps running in the old VMM. (The requests that back-end dropped are lost with it: the
+/// used index cannot say which ones they were, completions come out of order.)
+#[test]
+fn a_backend_that_suspends_without_recording_makes_the_swap_roll_back() {
+    if !can_run_with(
+        "a_backend_that_suspends_without_recording",
+        &[
+            Need::Kvm,
+            Need::Guest,
+            Need::Root,
+            Need::Program("fusermount"),
+        ],
+    ) {
+        return;
+    }
+    let dir = TempDir::new("lu-slow-liar");
+    let fuse_dir = tmpdir("lu-slow-liar-fuse");
+    let slow = SlowDisk::mount(&fuse_dir, 16 << 20, 20, false);
+    let sock = dir.join("blk.sock");
+    let _blk = start_blk(
+        &slow.image(),
+        &sock,
+        &["--direct", "--test-suspend-unrecorded"],
+    )
+    .unwrap();
+    let mut c = baton_cmd(
+        2,
+        "256M",
+        &format!("test=blk-cont seconds=0 blocks={BLOCKS} depth=16"),
+    );
+    c.args(vmm_user_args());
+    c.arg("--disk").arg(format!("socket={}", sock.display()));
+    let mut vmm = Vmm::boot(c, dir.join("vmm.api")).unwrap();
+    assert!(
+        vmm.proc.wait_line(T, |l| l.contains("ready")).is_some(),
+        "{}",
+        vmm.proc.transcript()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let (mut new, dest) = Vmm::incoming(&dir.0, 0).unwrap();
+    let err = vmm.live_update(&dest).unwrap_err().to_string();
+    assert!(
+        err.contains("rolled back") && err.contains("did not complete"),
+        "{err}"
+    );
+    assert_ne!(new.proc.wait_exit(T), Some(0));
+    assert!(
+        wait_until(T, || {
+            let i = vmm.info().ok()?;
+            (i["state"] == "running" && i["devices"][0]["backend"] == "connected").then_some(())
+        })
+        .is_some(),
+        "the VM does not run in the old VMM with its disk after the rollback"
+    );
+    let (code, _, err) = baton_tests::services::batonctl(&vmm.api, &["shutdown"]).unwrap();
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(vmm.proc.wait_exit(T), Some(0), "{}", vmm.proc.transcript());
+    drop(slow);
+    let _ = std::fs::remove_dir_all(&fuse_dir);
+}

@@ -58,6 +58,11 @@ pub struct Args {
     /// so that tests can kill the back-end with requests in flight.
     #[arg(long, hide = true, default_value_t = 0)]
     pub test_delay_ms: u64,
+    /// Test only: a suspended ring (GET_VRING_BASE_INFLIGHT) unmarks the requests it leaves in
+    /// flight, as a back-end that breaks the feature's contract would, so that tests can check
+    /// the front-end's side of it.
+    #[arg(long, hide = true)]
+    pub test_suspend_unrecorded: bool,
 }
 
 impl Args {

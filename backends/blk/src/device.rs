@@ -57,6 +57,7 @@ pub struct Device {
     seg_max: u32,
     poll: std::time::Duration,
     test_delay: Option<std::time::Duration>,
+    test_suspend_unrecorded: bool,
 }
 
 impl Device {
@@ -86,6 +87,7 @@ impl Device {
             poll: std::time::Duration::from_micros(args.poll_us),
             test_delay: (args.test_delay_ms > 0)
                 .then(|| std::time::Duration::from_millis(args.test_delay_ms)),
+            test_suspend_unrecorded: args.test_suspend_unrecorded,
         })
     }
 
@@ -132,6 +134,12 @@ impl Device {
     /// Test-only delay before executing a batch (`--test-delay-ms`).
     pub fn test_delay(&self) -> Option<std::time::Duration> {
         self.test_delay
+    }
+
+    /// Test only (`--test-suspend-unrecorded`): a suspended ring unmarks what it leaves in
+    /// flight.
+    pub fn test_suspend_unrecorded(&self) -> bool {
+        self.test_suspend_unrecorded
     }
 
     /// Most descriptors a request may have: header, `seg_max` data segments, status.

@@ -98,6 +98,16 @@ impl Engine {
         self.submitted + self.held.len()
     }
 
+    /// Requests marked suspended ([`Engine::suspend_all`]) not given back yet.
+    pub fn suspended(&self) -> usize {
+        let in_flight = self.slots.iter().flatten().chain(self.held.iter());
+        in_flight
+            .map(|f| &f.req)
+            .chain(self.done.iter())
+            .filter(|r| r.suspended)
+            .count()
+    }
+
     /// Requests finished and not given back yet.
     pub fn finished(&self) -> usize {
         self.done.len()

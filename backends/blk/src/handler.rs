@@ -139,6 +139,14 @@ impl VhostUserDevice for Device {
         let q = self.ring(index)?;
         let mut st = q.lock_suspending();
         st.stop();
+        if self.test_suspend_unrecorded() {
+            let used = st.queue.next_used();
+            if let Some(inf) = &st.inflight {
+                for head in &st.suspended {
+                    inf.post_put(*head, used);
+                }
+            }
+        }
         Ok(st.queue.next_avail())
     }
 

@@ -387,7 +387,12 @@ fn run_until(
             return true;
         }
         let mut popped = 0;
-        if !stopped && !st.broken {
+        // Requests suspended with the ring that the front-end which restarted it does not
+        // list (they are dropped when done) may still write the guest's buffers: nothing new
+        // is taken from the ring until they are done, since the guest may meanwhile get some
+        // of those buffers back through requests taken again.
+        let stale = engine.suspended() > st.adopted.len();
+        if !stopped && !st.broken && !stale {
             if event_idx {
                 let _ = st.queue.disable_notification(m);
             }
@@ -403,14 +408,17 @@ fn run_until(
                 engine.start(dev.disk(), r, &mem);
             }
         }
-        let done = adopt(st, engine.take_done(dev.disk(), !dev.writeback()));
+        let finished = engine.take_done(dev.disk(), !dev.writeback());
+        let moved = popped > 0 || !finished.is_empty();
+        let done = adopt(st, finished);
         complete(st, m, &done);
-        if popped > 0 || !done.is_empty() {
+        if moved {
             continue;
         }
         // Nothing moved: sleep until something does, with the guest's notifications on if
         // there is room for more requests.
-        let watch = !stopped && !st.broken && engine.in_flight() < usize::from(st.queue.size());
+        let watch =
+            !stopped && !st.broken && !stale && engine.in_flight() < usize::from(st.queue.size());
         if watch && event_idx && matches!(st.queue.enable_notification(m), Ok(true)) {
             continue;
         }

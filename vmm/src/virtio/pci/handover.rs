@@ -94,17 +94,17 @@ impl VirtioPciDevice {
         self.backend_state = BackendState::HandedOver;
         let mut bases = Vec::new();
         let mut without_drain = false;
-        let outcome = self
-            .backend
-            .stop_rings(&mut bases)
-            .map_err(SuspendError::StopRings)
-            .and_then(|()| {
-                if suspends && self.recorded_inflight(&bases) {
-                    without_drain = true;
-                    return Ok(Duration::ZERO);
-                }
-                Ok(self.wait_used(&bases, since)?)
-            });
+        let outcome = match self.backend.stop_rings(&mut bases) {
+            Err(e) => Err(SuspendError::StopRings(e)),
+            Ok(()) if suspends && self.recorded_inflight(&bases) => {
+                without_drain = true;
+                Ok(Duration::ZERO)
+            }
+            // Not recorded: wait as for a back-end that drains. One that does neither loses
+            // them; the rollback cannot take them from the ring again, since completions come
+            // out of order: the used index does not say which requests are missing.
+            Ok(()) => self.wait_used(&bases, since).map_err(SuspendError::from),
+        };
         // Hang up even if the guest has not started the device yet, and even if requests
         // are missing: the back-end serves one front-end at a time, and the next one is the
         // new VMM, or this one again on rollback.

@@ -34,6 +34,7 @@ use nix::sys::signalfd::SignalFd;
 /// loop polls both; nothing ever connects or signals) and the disk image.
 struct Fixed {
     listener: UnixListener,
+    peers: baton_service::access::SocketPolicy,
     sig: SignalFd,
     disk: std::fs::File,
 }
@@ -46,6 +47,10 @@ fn fixed() -> &'static Fixed {
         let addr = SocketAddr::from_abstract_name(name.as_bytes()).expect("abstract name");
         Fixed {
             listener: UnixListener::bind_addr(&addr).expect("listener"),
+            peers: baton_service::access::SocketPolicy::new(
+                baton_service::access::AllowList::new(&[]),
+                None,
+            ),
             sig: SignalFd::new(&SigSet::empty()).expect("signalfd"),
             disk: memfd("baton-fuzz-disk", 1 << 20, &[]),
         }
@@ -67,7 +72,7 @@ fn blk(be: UnixStream, f: &Fixed) {
     ])
     .expect("arguments");
     let dev = Arc::new(baton_blk::device::Device::new(&args).expect("device"));
-    let end = serve(&dev, be, &f.listener, &f.sig);
+    let end = serve(&dev, be, &f.listener, &f.peers, &f.sig);
     assert_eq!(end, End::Disconnected);
     for q in dev.queues() {
         let st = q.lock();

@@ -206,9 +206,9 @@ fn net_cli_no_permission_to_create_a_tap() {
 }
 
 #[test]
-fn net_second_frontend_is_refused_without_disturbing_the_first() {
+fn net_a_second_front_end_waits_in_standby_and_a_third_is_refused() {
     if !can_run_with(
-        "net_second_frontend_is_refused_without_disturbing_the_first",
+        "net_a_second_front_end_waits_in_standby_and_a_third_is_refused",
         &[Need::Net],
     ) {
         return;
@@ -216,44 +216,68 @@ fn net_second_frontend_is_refused_without_disturbing_the_first() {
     let ns = Netns::new("nc4").unwrap();
     let dir = TempDir::new("net-cli");
     let tap = NetTap::start(&ns, &dir, &["--tap", &unique_tap("r")]);
+    let timeout = |s: &UnixStream, ms: u64| {
+        s.set_read_timeout(Some(Duration::from_millis(ms))).unwrap();
+    };
     let mut first = UnixStream::connect(&tap.socket).unwrap();
-    first
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    timeout(&first, 10_000);
     let f = get_features_on(&mut first);
     assert_ne!(f & (1 << 32), 0, "VERSION_1 offered");
+    // The second (a live update's next VMM connecting early) is served its handshake...
     let mut second = UnixStream::connect(&tap.socket).unwrap();
-    second
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
+    timeout(&second, 10_000);
+    assert_eq!(get_features_on(&mut second), f, "the standby's handshake");
+    assert!(
+        tap.wait_log("in standby", Duration::from_secs(5)),
+        "{}",
+        tap.log_text()
+    );
+    // ... but a message that touches the device waits, unread, while the first runs.
+    // GET_VRING_BASE (11) of ring 0.
+    let mut get_base = Vec::new();
+    for w in [11u32, 1, 8, 0, 0] {
+        get_base.extend_from_slice(&w.to_le_bytes());
+    }
+    second.write_all(&get_base).unwrap();
+    timeout(&second, 300);
+    let mut reply = [0u8; 20];
+    assert!(
+        second.read_exact(&mut reply).is_err(),
+        "the standby front-end reached the device while the first runs"
+    );
+    // A third is closed at once.
+    let mut third = UnixStream::connect(&tap.socket).unwrap();
+    timeout(&third, 10_000);
     let mut b = [0u8; 1];
     assert_eq!(
-        second.read(&mut b).unwrap_or(0),
+        third.read(&mut b).unwrap_or(0),
         0,
-        "second front-end must be closed"
+        "third front-end must be closed"
+    );
+    assert!(
+        tap.wait_log("refusing a third front-end", Duration::from_secs(5)),
+        "{}",
+        tap.log_text()
     );
     assert_eq!(
         get_features_on(&mut first),
         f,
         "first front-end still served"
     );
-    assert!(
-        tap.wait_log("refusing a second front-end", Duration::from_secs(5)),
-        "{}",
-        tap.log_text()
-    );
+    // The first goes: the second takes the device over, and its waiting message is served.
     drop(first);
+    timeout(&second, 10_000);
+    second.read_exact(&mut reply).unwrap();
+    assert_eq!(u32::from_le_bytes(reply[0..4].try_into().unwrap()), 11);
     assert!(
-        tap.wait_log("front-end gone", Duration::from_secs(5)),
+        tap.wait_log(
+            "the standby front-end takes the device over",
+            Duration::from_secs(5)
+        ),
         "{}",
         tap.log_text()
     );
-    // After the first leaves, the next one is served.
-    let mut third = UnixStream::connect(&tap.socket).unwrap();
-    third
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .unwrap();
-    assert_eq!(get_features_on(&mut third), f);
+    assert_eq!(get_features_on(&mut second), f);
 }
 
 #[test]

@@ -1,5 +1,5 @@
 //! Serving front-ends until SIGTERM/SIGINT: the framework's accept loop
-//! (`baton_service::vhost::serve_frontends`: one front-end at a time, a second one refused,
+//! (`baton_service::vhost::serve_frontends`: one front-end at a time, a second one in standby,
 //! SIGTERM noticed also mid-connection through a signalfd), then baton-blk's own shutdown: stop
 //! the rings (in-flight requests complete), fdatasync.
 
@@ -49,12 +49,14 @@ pub fn run(
 }
 
 /// Serves one connected front-end until it goes away (public for the fuzz targets): the
-/// framework's connection loop, which also refuses a second front-end and notices SIGTERM.
+/// framework's connection loop, which also keeps a second front-end (of `peers`) in standby,
+/// refuses a third and notices SIGTERM.
 pub fn serve(
     dev: &Arc<Device>,
     stream: UnixStream,
     listener: &UnixListener,
+    peers: &SocketPolicy,
     sig: &SignalFd,
 ) -> End {
-    serve_connection(dev, stream, Some(listener), Some(sig.as_fd()))
+    serve_connection(dev, stream, Some((listener, peers)), Some(sig.as_fd()))
 }

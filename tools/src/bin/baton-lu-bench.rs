@@ -145,6 +145,7 @@ fn run_baton(swaps: usize, echo: bool) -> anyhow::Result<Ours> {
         .arg(guest())
         .args(["--cpus", "2", "--memory", "size=256M", "--serial", "stdio"])
         .args(["--cmdline", &o.workload])
+        .args(baton_tests::local_users::vmm_user_args())
         .arg("--disk")
         .arg(format!("socket={}", blk_sock.display()));
     if echo {

@@ -13,12 +13,21 @@ use vm_memory::GuestMemoryMmap;
 
 use super::error::{ErrorClass, VhostUserError as E};
 use super::features::{self, F_VERSION_1, PROTOCOL_FEATURES, blk};
-use super::{REPLY_TIMEOUT, VhostUserDevice, deadline};
+use super::{REPLY_TIMEOUT, STANDBY_TIMEOUT, VhostUserDevice, deadline};
 use crate::config::{DeviceConfig, DeviceKind};
 
 impl VhostUserDevice {
     /// Connects and negotiates everything that does not depend on the guest.
     pub fn connect(cfg: DeviceConfig, mem: GuestMemoryMmap) -> Result<Self, E> {
+        Self::connect_within(cfg, mem, REPLY_TIMEOUT)
+    }
+
+    /// [`VhostUserDevice::connect`], each answer awaited for at most `timeout`.
+    fn connect_within(
+        cfg: DeviceConfig,
+        mem: GuestMemoryMmap,
+        timeout: Duration,
+    ) -> Result<Self, E> {
         let sock = || cfg.socket.clone();
         let queue_count = match cfg.kind {
             DeviceKind::Block => cfg.queues,
@@ -29,8 +38,7 @@ impl VhostUserDevice {
         let stream = UnixStream::connect(&cfg.socket).map_err(|e| E::Connect(sock(), e))?;
         // A back-end that accepts and then never answers (or answers short) must not hang the
         // VMM: past the deadline the connection is ended and the step fails.
-        let _deadline =
-            deadline::arm(&stream, REPLY_TIMEOUT).map_err(|e| E::Deadline(sock(), e))?;
+        let _deadline = deadline::arm(&stream, timeout).map_err(|e| E::Deadline(sock(), e))?;
         let mut fe = Frontend::from_stream(stream, u64::from(queue_count) + 1);
         fe.set_owner().map_err(|e| E::SetOwner(sock(), e))?;
         let features = fe.get_features().map_err(|e| E::GetFeatures(sock(), e))?;
@@ -83,18 +91,44 @@ impl VhostUserDevice {
             inflight: None,
             started: Vec::new(),
             acked: 0,
+            standby: false,
         })
     }
 
-    /// A device for a back-end that another VMM is using right now (incoming live update):
-    /// nothing is sent until [`VhostUserDevice::resume`]. `offered` and `queue_count` come
-    /// from the saved state, so the guest sees exactly the device it had.
+    /// A device for a back-end that another VMM is using right now (incoming live update).
+    /// `offered` and `queue_count` come from the saved state, so the guest sees exactly the
+    /// device it had. The connection is made now if the back-end keeps a second front-end in
+    /// standby (as baton's do: the handshake that does not touch the device is served at once,
+    /// the rest waits until the old VMM hangs up), which takes it out of the blackout; else
+    /// (it closes us, or does not answer within [`STANDBY_TIMEOUT`]) it is made by
+    /// [`VhostUserDevice::resume`].
     pub fn handed_over(
         cfg: DeviceConfig,
         mem: GuestMemoryMmap,
         offered: u64,
         queue_count: u16,
     ) -> Self {
+        let mut d = Self::waiting(cfg, mem, offered, queue_count);
+        match Self::connect_within(d.cfg.clone(), d.mem.clone(), STANDBY_TIMEOUT) {
+            Ok(fresh) if fresh.offered & offered == offered => {
+                tracing::info!(socket = %d.cfg.socket.display(), "connected in standby");
+                d.adopt_connection(fresh);
+                d.standby = true;
+            }
+            Ok(_) => {
+                tracing::info!(socket = %d.cfg.socket.display(),
+                    "the back-end offers less than the guest has: reconnecting at the switch");
+            }
+            Err(e) => {
+                tracing::info!(socket = %d.cfg.socket.display(),
+                    "no standby connection ({e}): reconnecting at the switch");
+            }
+        }
+        d
+    }
+
+    /// A device with no connection yet, as [`VhostUserDevice::handed_over`] describes it.
+    fn waiting(cfg: DeviceConfig, mem: GuestMemoryMmap, offered: u64, queue_count: u16) -> Self {
         let config_space = features::local_config_space(&cfg);
         VhostUserDevice {
             fe: None,
@@ -108,6 +142,17 @@ impl VhostUserDevice {
             inflight: None,
             started: Vec::new(),
             acked: 0,
+            standby: false,
+        }
+    }
+
+    /// Takes `fresh`'s connection and what it negotiated; the guest keeps what it saw.
+    fn adopt_connection(&mut self, fresh: VhostUserDevice) {
+        self.fe = fresh.fe;
+        self.backend_features = fresh.backend_features;
+        self.protocol = fresh.protocol;
+        if fresh.config_space.len() == self.config_space.len() {
+            self.config_space = fresh.config_space;
         }
     }
 
@@ -136,12 +181,7 @@ impl VhostUserDevice {
         if missing != 0 {
             return Err(E::MissingFeatures(self.cfg.socket.clone(), missing));
         }
-        self.fe = fresh.fe;
-        self.backend_features = fresh.backend_features;
-        self.protocol = fresh.protocol;
-        if fresh.config_space.len() == self.config_space.len() {
-            self.config_space = fresh.config_space;
-        }
+        self.adopt_connection(fresh);
         Ok(())
     }
 }

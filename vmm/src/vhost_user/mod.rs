@@ -33,6 +33,10 @@ use crate::config::{DeviceConfig, DeviceKind};
 /// How long the VMM waits for any one answer of a back-end before giving up on the step.
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long the incoming VMM of a live update waits for each answer of a back-end it connects
+/// to in standby (while the old VMM still runs it); past that it connects at the switch.
+pub const STANDBY_TIMEOUT: Duration = Duration::from_millis(100);
+
 /// How long a reconnect keeps retrying a back-end that refuses us.
 pub const RECONNECT_WINDOW: Duration = Duration::from_secs(3);
 
@@ -84,6 +88,8 @@ pub struct VhostUserDevice {
     started: Vec<u16>,
     /// Virtio features the guest acknowledged, as sent with SET_FEATURES.
     acked: u64,
+    /// `fe` was connected in standby ([`VhostUserDevice::handed_over`]) and not used yet.
+    standby: bool,
 }
 
 impl VhostUserDevice {
@@ -179,13 +185,26 @@ impl VhostUserDevice {
         bases: &[u16],
         enable: bool,
     ) -> Result<(), VhostUserError> {
+        let standby = std::mem::take(&mut self.standby) && self.fe.is_some();
         if self.fe.is_none() {
             self.reconnect(RECONNECT_WINDOW)?;
         }
         if queues.is_empty() {
             return Ok(());
         }
-        self.start_rings(features, queues, bases, enable)
+        match self.start_rings(features, queues, bases, enable) {
+            // The standby connection went away meanwhile (the back-end restarted, say):
+            // connect again, as without one.
+            Err(e) if standby => {
+                tracing::warn!(socket = %self.cfg.socket.display(),
+                    "the standby connection failed ({e}): reconnecting");
+                self.started.clear();
+                self.hang_up();
+                self.reconnect(RECONNECT_WINDOW)?;
+                self.start_rings(features, queues, bases, enable)
+            }
+            r => r,
+        }
     }
 
     /// One connection attempt with the full handshake (no rings).

@@ -3,8 +3,10 @@
 //!
 //! - Each peer is checked before it is served ([`SocketPolicy::admit`]: SO_PEERCRED against
 //!   the allowlist).
-//! - While a front-end is connected, further connections are accepted and closed at once
-//!   without touching it ([`serve_connection`] with the listener).
+//! - While a front-end is connected, a second one waits in standby (a live update's next VMM
+//!   connecting early: it is served its connection handshake, the rest waits until the first
+//!   goes) and a third is accepted and closed at once, without touching either
+//!   ([`serve_connection`] with the listener).
 //! - With a signal fd ([`stop_signals`]), SIGTERM/SIGINT end the loop, also in the middle of a
 //!   connection; the back-end then shuts its device down. A back-end that waits for its signals
 //!   in a thread of its own ([`block_stop_signals`]) passes none.
@@ -119,7 +121,7 @@ pub fn serve_frontends<D: VhostUserDevice>(
         let span = tracing::info_span!("frontend", n = generation);
         let _e = span.enter();
         tracing::info!("front-end connected");
-        match serve_connection(dev, stream, Some(listener), signals) {
+        match serve_connection(dev, stream, Some((listener, peers)), signals) {
             End::Disconnected => {
                 tracing::info!("front-end gone; rings stopped, waiting for the next one");
             }

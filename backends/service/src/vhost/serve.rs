@@ -10,6 +10,7 @@ use nix::sys::socket::{MsgFlags, recv};
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
 use super::{Frontend, VhostUserDevice};
+use crate::access::SocketPolicy;
 use crate::conn::{MESSAGE_DEADLINE, await_message, unread_replies};
 
 /// How serving one front-end ended.
@@ -27,82 +28,49 @@ fn readable(f: &PollFd<'_>) -> bool {
         .is_some_and(|r| r.intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR))
 }
 
-/// Serves one connected front-end until it goes away, then stops the device's rings
-/// ([`Frontend::disconnect`]).
-///
-/// - Each message must arrive whole within [`MESSAGE_DEADLINE`] once it has started, and the
-///   front-end must read our replies ([`crate::conn`]): otherwise it is dropped.
-/// - QEMU 10 sends SET_VRING_ENABLE before SET_FEATURES; the vhost crate's dispatcher rejects
-///   that (PROTOCOL_FEATURES not acked yet) without the reply QEMU waits for. So each header is
-///   peeked at first, and such a message is served here (answered when it asks for a reply);
-///   every other message goes through the crate's dispatcher (parsing, size checks, fds).
-/// - A request refused by the handler keeps the connection (the dispatcher acks it with an
-///   error when asked); a broken socket or message ends it.
-/// - With `listener`, a second front-end connecting meanwhile is accepted and closed at once
-///   (once the current connection has nothing pending, so that a front-end that hangs up and
-///   reconnects finds its EOF processed first); with `signals`, a readable signal fd ends the
-///   connection with [`End::Shutdown`].
-pub fn serve_connection<D: VhostUserDevice>(
-    dev: &Arc<D>,
-    stream: UnixStream,
-    listener: Option<&UnixListener>,
-    signals: Option<BorrowedFd<'_>>,
-) -> End {
-    let frontend = Arc::new(Mutex::new(Frontend::new(Arc::clone(dev))));
-    let peek = match stream.try_clone() {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!("cannot clone the connection: {e}");
-            return End::Disconnected;
-        }
-    };
-    let mut req = BackendReqHandler::from_stream(stream, Arc::clone(&frontend));
-    let end = loop {
-        let mut fds = vec![PollFd::new(peek.as_fd(), PollFlags::POLLIN)];
-        if let Some(l) = listener {
-            fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
-        }
-        if let Some(s) = signals {
-            fds.push(PollFd::new(s, PollFlags::POLLIN));
-        }
-        match poll(&mut fds, PollTimeout::NONE) {
-            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+/// One front-end connection: its negotiation state and its socket.
+struct Conn<D: VhostUserDevice> {
+    frontend: Arc<Mutex<Frontend<D>>>,
+    req: BackendReqHandler<Mutex<Frontend<D>>>,
+    /// A duplicate of the socket, to poll and peek at.
+    peek: UnixStream,
+}
+
+impl<D: VhostUserDevice> Conn<D> {
+    fn new(dev: &Arc<D>, stream: UnixStream) -> Option<Self> {
+        let frontend = Arc::new(Mutex::new(Frontend::new(Arc::clone(dev))));
+        let peek = match stream.try_clone() {
+            Ok(s) => s,
             Err(e) => {
-                tracing::error!("poll: {e}");
-                break End::Disconnected;
+                tracing::warn!("cannot clone the connection: {e}");
+                return None;
             }
-        }
-        let conn = fds.first().is_some_and(readable);
-        let lst = listener.is_some() && fds.get(1).is_some_and(readable);
-        let sig_at = 1 + usize::from(listener.is_some());
-        if signals.is_some() && fds.get(sig_at).is_some_and(readable) {
-            break End::Shutdown;
-        }
-        drop(fds);
-        if !conn {
-            if let (true, Some(l)) = (lst, listener) {
-                if let Ok((s, _)) = l.accept() {
-                    tracing::warn!("refusing a second front-end while one is connected");
-                    drop(s);
-                }
-            }
-            continue;
-        }
-        if let Err(e) = await_message(&peek, MESSAGE_DEADLINE) {
+        };
+        let req = BackendReqHandler::from_stream(stream, Arc::clone(&frontend));
+        Some(Conn {
+            frontend,
+            req,
+            peek,
+        })
+    }
+
+    /// Serves the message that has started to arrive; false once the connection is over.
+    fn step(&mut self) -> bool {
+        if let Err(e) = await_message(&self.peek, MESSAGE_DEADLINE) {
             tracing::warn!("{e}");
-            break End::Disconnected;
+            return false;
         }
-        if let Err(e) = unread_replies(&peek) {
+        if let Err(e) = unread_replies(&self.peek) {
             tracing::warn!("{e}");
-            break End::Disconnected;
+            return false;
         }
-        match early_enable(&peek, &frontend) {
-            Early::Handled => continue,
-            Early::Closed => break End::Disconnected,
+        match early_enable(&self.peek, &self.frontend) {
+            Early::Handled => return true,
+            Early::Closed => return false,
             Early::Pass => {}
         }
-        match req.handle_request() {
-            Ok(()) => {}
+        match self.req.handle_request() {
+            Ok(()) => true,
             // The request was read whole and refused (acked with an error if asked): go on.
             Err(
                 e @ (VuError::InvalidParam
@@ -113,18 +81,157 @@ pub fn serve_connection<D: VhostUserDevice>(
                 | VuError::BackendInternalError
                 | VuError::FeatureMismatch
                 | VuError::SocketRetry(_)),
-            ) => tracing::warn!("front-end request refused: {e}"),
-            Err(VuError::Disconnected | VuError::PartialMessage) => break End::Disconnected,
+            ) => {
+                tracing::warn!("front-end request refused: {e}");
+                true
+            }
+            Err(VuError::Disconnected | VuError::PartialMessage) => false,
             Err(e) => {
                 tracing::warn!("dropping the front-end: {e}");
+                false
+            }
+        }
+    }
+
+    /// The request code of the next message, `None` once the peer hung up (or the socket
+    /// broke), `Some(None)` while not even its header has arrived.
+    fn next_request(&self) -> Option<Option<u32>> {
+        let mut hdr = [0u8; 4];
+        match recv(
+            self.peek.as_raw_fd(),
+            &mut hdr,
+            MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
+        ) {
+            Ok(0) => None,
+            Ok(4) => Some(Some(u32::from_le_bytes(hdr))),
+            Ok(_) | Err(nix::errno::Errno::EAGAIN | nix::errno::Errno::EINTR) => Some(None),
+            Err(_) => None,
+        }
+    }
+
+    /// The front-end went away: the device's rings stop and it forgets this front-end.
+    fn end(&self) {
+        self.frontend
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .disconnect();
+    }
+}
+
+/// What a standby front-end may have served while another one runs the device: only what
+/// does not touch the device (GET_FEATURES, SET_OWNER, GET/SET_PROTOCOL_FEATURES,
+/// GET_QUEUE_NUM, GET_CONFIG, GET_MAX_MEM_SLOTS). Its first other message waits, unread,
+/// until the running front-end goes.
+const STANDBY_REQUESTS: [u32; 7] = [1, 3, 15, 16, 17, 24, 36];
+
+/// Serves a connected front-end until it goes away, then stops the device's rings.
+///
+/// - Each message must arrive whole within [`MESSAGE_DEADLINE`] once it has started, and the
+///   front-end must read our replies ([`crate::conn`]): otherwise it is dropped.
+/// - QEMU 10 sends SET_VRING_ENABLE before SET_FEATURES; the vhost crate's dispatcher rejects
+///   that (PROTOCOL_FEATURES not acked yet) without the reply QEMU waits for. So each header is
+///   peeked at first, and such a message is served here (answered when it asks for a reply);
+///   every other message goes through the crate's dispatcher (parsing, size checks, fds).
+/// - A request refused by the handler keeps the connection (the dispatcher acks it with an
+///   error when asked); a broken socket or message ends it.
+/// - With `listener` (and the policy its peers must pass), a second front-end connecting
+///   meanwhile is kept in *standby* (the next VMM of a live update, connecting while the guest
+///   still runs on the old one): it is served the messages that do not touch the device
+///   ([`STANDBY_REQUESTS`]: its connection handshake), and its first other message waits
+///   unread until the running front-end goes; then it runs the device, and this function
+///   serves it, and so on. A third front-end is accepted and closed at once (once the running
+///   connection has nothing pending, so that a front-end that hangs up and reconnects finds
+///   its EOF processed first). A standby front-end that goes away first leaves the device
+///   alone. With `signals`, a readable signal fd ends everything with [`End::Shutdown`].
+pub fn serve_connection<D: VhostUserDevice>(
+    dev: &Arc<D>,
+    stream: UnixStream,
+    listener: Option<(&UnixListener, &SocketPolicy)>,
+    signals: Option<BorrowedFd<'_>>,
+) -> End {
+    let Some(mut active) = Conn::new(dev, stream) else {
+        return End::Disconnected;
+    };
+    let mut standby: Option<Conn<D>> = None;
+    // The standby's next message waits for the device.
+    let mut parked = false;
+    let end = loop {
+        let mut fds = vec![PollFd::new(active.peek.as_fd(), PollFlags::POLLIN)];
+        let standby_at = standby.as_ref().filter(|_| !parked).map(|s| {
+            fds.push(PollFd::new(s.peek.as_fd(), PollFlags::POLLIN));
+            fds.len() - 1
+        });
+        let listener_at = listener.map(|(l, _)| {
+            fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
+            fds.len() - 1
+        });
+        let signals_at = signals.map(|s| {
+            fds.push(PollFd::new(s, PollFlags::POLLIN));
+            fds.len() - 1
+        });
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => {
+                tracing::error!("poll: {e}");
                 break End::Disconnected;
             }
         }
+        let ready = |at: Option<usize>| at.and_then(|i| fds.get(i)).is_some_and(readable);
+        let (conn, stby, lst) = (
+            fds.first().is_some_and(readable),
+            ready(standby_at),
+            ready(listener_at),
+        );
+        if ready(signals_at) {
+            break End::Shutdown;
+        }
+        drop(fds);
+        if conn {
+            if !active.step() {
+                let Some(next) = standby.take() else {
+                    break End::Disconnected;
+                };
+                active.end();
+                tracing::info!("front-end gone; the standby front-end takes the device over");
+                active = next;
+                parked = false;
+            }
+            continue;
+        }
+        if stby {
+            if let Some(s) = standby.as_mut() {
+                match s.next_request() {
+                    None => {
+                        tracing::info!("the standby front-end went away");
+                        // Dropped, not ended: the device belongs to the running front-end.
+                        standby = None;
+                    }
+                    Some(Some(code)) if !STANDBY_REQUESTS.contains(&code) => parked = true,
+                    Some(_) => {
+                        if !s.step() {
+                            tracing::info!("the standby front-end went away");
+                            standby = None;
+                        }
+                    }
+                }
+            }
+            continue;
+        }
+        if let (true, Some((l, peers))) = (lst, listener) {
+            if let Ok((s, _)) = l.accept() {
+                if standby.is_some() {
+                    tracing::warn!("refusing a third front-end while one runs and one waits");
+                } else if peers.admit(&s) {
+                    tracing::info!(
+                        "a second front-end connected: in standby until the running one goes"
+                    );
+                    standby = Conn::new(dev, s);
+                    parked = false;
+                }
+            }
+        }
     };
-    frontend
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .disconnect();
+    active.end();
     end
 }
 

@@ -40,8 +40,9 @@ pub enum ChainError {
     /// The chain loops, is longer than the ring, or links to a missing descriptor.
     #[error("chain loops or is longer than the queue")]
     Loop,
-    /// Too many segments for one frame.
-    #[error("chain has more than {MAX_IOVS} segments")]
+    /// Too many segments for one frame (empty descriptors count too: an indirect table may
+    /// hold millions of them, and walking those would stall the queue).
+    #[error("chain has more than {MAX_IOVS} descriptors")]
     TooManySegments,
     /// Shorter than the virtio-net header.
     #[error("chain shorter than the virtio-net header")]
@@ -168,6 +169,9 @@ pub fn gather(
     let mut total: u32 = 0;
     for desc in chain {
         count += 1;
+        if count > MAX_IOVS {
+            return Err(ChainError::TooManySegments);
+        }
         last_has_next = desc.has_next();
         if desc.is_write_only() != writable {
             return Err(ChainError::WrongDirection);

@@ -762,7 +762,8 @@ fn half_a_message_does_not_wedge_the_back_end() {
 }
 
 /// The socket is 0600 whatever the umask, and a front-end of another uid is refused by
-/// SO_PEERCRED even where the file's mode would let it in, unless `--allow-uid` names it. (The
+/// SO_PEERCRED even where the file's mode would let it in, unless `--allow-uid` names it; the
+/// same holds for the standby front-end taken while another one runs. (The
 /// back-end runs as root here, with no other uid allowed; the other uid is not nobody either,
 /// whom the other tests' back-ends run as.)
 #[test]
@@ -785,12 +786,18 @@ fn other_users_are_kept_out_unless_allowed() {
     std::fs::set_permissions(&b.sock, std::fs::Permissions::from_mode(0o666)).unwrap();
     assert_eq!(vhost_user_attempt_as(OTHER, &b.sock), Attempt::HungUp);
     let mut d = connect(&b, 16);
+    // Nor is it taken as the standby front-end while one runs.
+    assert_eq!(vhost_user_attempt_as(OTHER, &b.sock), Attempt::HungUp);
     still_serving(&mut d, 27);
     drop((d, b));
     let b = Blk::start(MIB, &["--allow-uid", &OTHER.to_string()]);
     baton_tests::local_users::open_dir(&b.dir).unwrap();
     std::fs::set_permissions(&b.sock, std::fs::Permissions::from_mode(0o666)).unwrap();
     assert_eq!(vhost_user_attempt_as(OTHER, &b.sock), Attempt::Served);
+    // Allowed, it is served its handshake as the standby while another front-end runs.
+    let mut d = connect(&b, 16);
+    assert_eq!(vhost_user_attempt_as(OTHER, &b.sock), Attempt::Served);
+    still_serving(&mut d, 27);
 }
 
 /// A front-end that sends requests and never reads the replies: the vhost crate would retry a

@@ -137,7 +137,7 @@ const STANDBY_REQUESTS: [u32; 7] = [1, 3, 15, 16, 17, 24, 36];
 /// - With `listener` (and the policy its peers must pass), a second front-end connecting
 ///   meanwhile is kept in *standby* (the next VMM of a live update, connecting while the guest
 ///   still runs on the old one): it is served the messages that do not touch the device
-///   ([`STANDBY_REQUESTS`]: its connection handshake), and its first other message waits
+///   (`STANDBY_REQUESTS`: its connection handshake), and its first other message waits
 ///   unread until the running front-end goes; then it runs the device, and this function
 ///   serves it, and so on. A third front-end is accepted and closed at once (once the running
 ///   connection has nothing pending, so that a front-end that hangs up and reconnects finds

@@ -57,6 +57,8 @@ pub struct Engine {
     held: VecDeque<InFlight>,
     /// Finished requests not yet given back.
     done: Vec<Request>,
+    /// How many of the requests above are marked suspended ([`Engine::suspend_all`]).
+    suspended: usize,
 }
 
 impl std::fmt::Debug for Engine {
@@ -90,6 +92,7 @@ impl Engine {
             submitted: 0,
             held: VecDeque::new(),
             done: Vec::new(),
+            suspended: 0,
         }
     }
 
@@ -100,12 +103,7 @@ impl Engine {
 
     /// Requests marked suspended ([`Engine::suspend_all`]) not given back yet.
     pub fn suspended(&self) -> usize {
-        let in_flight = self.slots.iter().flatten().chain(self.held.iter());
-        in_flight
-            .map(|f| &f.req)
-            .chain(self.done.iter())
-            .filter(|r| r.suspended)
-            .count()
+        self.suspended
     }
 
     /// Requests finished and not given back yet.
@@ -122,6 +120,7 @@ impl Engine {
             r.suspended = true;
             heads.push(r.head);
         }
+        self.suspended = heads.len();
         heads
     }
 
@@ -159,7 +158,12 @@ impl Engine {
                 .filter(|r| r.op == Op::Write)
                 .for_each(Request::set_ioerr);
         }
-        std::mem::take(&mut self.done)
+        let done = std::mem::take(&mut self.done);
+        if self.suspended > 0 {
+            let back = done.iter().filter(|r| r.suspended).count();
+            self.suspended = self.suspended.saturating_sub(back);
+        }
+        done
     }
 
     /// Waits until a request in the ring completes, `kick` (the guest's kick eventfd, whose

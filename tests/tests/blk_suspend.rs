@@ -55,6 +55,35 @@ fn reads_in_flight(drv: &mut BlkDriver) -> Vec<u16> {
     heads
 }
 
+/// Waits for the reads `heads` (of sectors `tag * 8`) to complete: each exactly once (nothing
+/// more comes within three delays), with the right data.
+fn each_read_completes_once(drv: &mut BlkDriver, heads: &[u16]) {
+    let mut done = Vec::new();
+    let deadline = Instant::now() + WAIT;
+    while done.len() < heads.len() && Instant::now() < deadline {
+        done.extend(
+            drv.queue(0)
+                .wait(Duration::from_millis(100))
+                .unwrap_or_default(),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(u64::from(DELAY_MS) * 3));
+    done.extend(drv.queue(0).poll());
+    let mut got: Vec<u16> = done.iter().map(|d| d.head).collect();
+    got.sort_unstable();
+    let mut want = heads.to_vec();
+    want.sort_unstable();
+    assert_eq!(got, want, "each read completed exactly once: {done:?}");
+    for d in &done {
+        assert_eq!(
+            (d.status, &d.data),
+            (S_OK, &pattern(d.tag, 4096)),
+            "read {} got the wrong data or status",
+            d.tag
+        );
+    }
+}
+
 #[test]
 fn a_suspended_ring_leaves_its_requests_to_the_next_front_end_which_gets_each_once() {
     if !can_run("a_suspended_ring_leaves_its_requests_to_the_next_front_end") {
@@ -89,32 +118,8 @@ fn a_suspended_ring_leaves_its_requests_to_the_next_front_end_which_gets_each_on
 
     // The next front-end (same memory, rings and inflight region, as a live update's new VMM).
     drv.reconnect().unwrap();
-    let mut done = Vec::new();
-    let deadline = Instant::now() + WAIT;
-    while done.len() < heads.len() && Instant::now() < deadline {
-        done.extend(
-            drv.queue(0)
-                .wait(Duration::from_millis(100))
-                .unwrap_or_default(),
-        );
-    }
-    let mut got: Vec<u16> = done.iter().map(|d| d.head).collect();
-    got.sort_unstable();
-    let mut want = heads.clone();
-    want.sort_unstable();
-    assert_eq!(got, want, "each read completed exactly once: {done:?}");
-    for d in &done {
-        assert_eq!(d.status, S_OK, "{d:?}");
-        assert_eq!(
-            d.data,
-            pattern(d.tag, 4096),
-            "read {} got the wrong data",
-            d.tag
-        );
-    }
-    // Nothing more comes (no duplicate), and the ring serves new requests.
-    std::thread::sleep(Duration::from_millis(u64::from(DELAY_MS) * 3));
-    assert!(drv.queue(0).poll().is_empty(), "a read completed twice");
+    each_read_completes_once(&mut drv, &heads);
+    // The ring serves new requests.
     let (status, data) = drv.queue(0).read(8 * 9, 4096).unwrap();
     assert_eq!((status, data), (S_OK, pattern(9, 4096)));
     let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -184,30 +189,7 @@ fn requests_taken_again_after_an_unrecorded_suspension_complete_once() {
     );
     // The driver's reconnect restarts each ring at the used index: the reads are taken again.
     drv.reconnect().unwrap();
-    let mut done = Vec::new();
-    let deadline = Instant::now() + WAIT;
-    while done.len() < heads.len() && Instant::now() < deadline {
-        done.extend(
-            drv.queue(0)
-                .wait(Duration::from_millis(100))
-                .unwrap_or_default(),
-        );
-    }
-    std::thread::sleep(Duration::from_millis(u64::from(DELAY_MS) * 3));
-    done.extend(drv.queue(0).poll());
-    let mut got: Vec<u16> = done.iter().map(|d| d.head).collect();
-    got.sort_unstable();
-    let mut want = heads.clone();
-    want.sort_unstable();
-    assert_eq!(got, want, "each read completed exactly once: {done:?}");
-    for d in &done {
-        assert_eq!(
-            (d.status, &d.data),
-            (S_OK, &pattern(d.tag, 4096)),
-            "read {}",
-            d.tag
-        );
-    }
+    each_read_completes_once(&mut drv, &heads);
     drop(drv);
     drop(b);
     drop(slow);

@@ -20,6 +20,43 @@ use baton_tests::slowfs::SlowDisk;
 const T: Duration = Duration::from_secs(30);
 const BLOCKS: usize = 1024;
 
+/// The guest writing and verifying a 20 ms disk, 16 requests deep, on baton-blk (`blk_args`)
+/// over the slow disk mounted in `fuse_dir`, its VMM booted in `dir`.
+struct SlowVm {
+    slow: SlowDisk,
+    sock: std::path::PathBuf,
+    blk: Proc,
+    vmm: Vmm,
+}
+
+impl SlowVm {
+    fn start(dir: &TempDir, fuse_dir: &std::path::Path, blk_args: &[&str]) -> SlowVm {
+        let slow = SlowDisk::mount(fuse_dir, 16 << 20, 20, false);
+        let sock = dir.join("blk.sock");
+        let blk = start_blk(&slow.image(), &sock, blk_args).unwrap();
+        let mut c = baton_cmd(
+            2,
+            "256M",
+            &format!("test=blk-cont seconds=0 blocks={BLOCKS} depth=16"),
+        );
+        c.args(vmm_user_args());
+        c.arg("--disk").arg(format!("socket={}", sock.display()));
+        let mut vmm = Vmm::boot(c, dir.join("vmm.api")).unwrap();
+        assert!(
+            vmm.proc.wait_line(T, |l| l.contains("ready")).is_some(),
+            "{}",
+            vmm.proc.transcript()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        SlowVm {
+            slow,
+            sock,
+            blk,
+            vmm,
+        }
+    }
+}
+
 /// A live update whose new VMM exits once it has the state (after the old one suspended the
 /// disk's ring with requests in flight): the old VMM rolls back, restarting the ring with its
 /// inflight region, and the requests complete there.
@@ -62,23 +99,12 @@ fn ten_swaps_with_20_ms_requests_in_flight_do_not_drain_and_lose_nothing() {
     }
     let dir = TempDir::new("lu-slow");
     let fuse_dir = tmpdir("lu-slow-fuse");
-    let slow = SlowDisk::mount(&fuse_dir, 16 << 20, 20, false);
-    let sock = dir.join("blk.sock");
-    let blk = start_blk(&slow.image(), &sock, &["--direct"]).unwrap();
-    let mut c = baton_cmd(
-        2,
-        "256M",
-        &format!("test=blk-cont seconds=0 blocks={BLOCKS} depth=16"),
-    );
-    c.args(vmm_user_args());
-    c.arg("--disk").arg(format!("socket={}", sock.display()));
-    let mut vmm = Vmm::boot(c, dir.join("vmm.api")).unwrap();
-    assert!(
-        vmm.proc.wait_line(T, |l| l.contains("ready")).is_some(),
-        "{}",
-        vmm.proc.transcript()
-    );
-    std::thread::sleep(Duration::from_millis(300));
+    let SlowVm {
+        slow,
+        sock,
+        blk,
+        mut vmm,
+    } = SlowVm::start(&dir, &fuse_dir, &["--direct"]);
     let mut blackouts = Vec::new();
     for n in 0..10 {
         if n == 5 {
@@ -149,28 +175,13 @@ fn a_backend_that_suspends_without_recording_makes_the_swap_roll_back() {
     }
     let dir = TempDir::new("lu-slow-liar");
     let fuse_dir = tmpdir("lu-slow-liar-fuse");
-    let slow = SlowDisk::mount(&fuse_dir, 16 << 20, 20, false);
-    let sock = dir.join("blk.sock");
-    let _blk = start_blk(
-        &slow.image(),
-        &sock,
-        &["--direct", "--test-suspend-unrecorded"],
-    )
-    .unwrap();
-    let mut c = baton_cmd(
-        2,
-        "256M",
-        &format!("test=blk-cont seconds=0 blocks={BLOCKS} depth=16"),
-    );
-    c.args(vmm_user_args());
-    c.arg("--disk").arg(format!("socket={}", sock.display()));
-    let mut vmm = Vmm::boot(c, dir.join("vmm.api")).unwrap();
-    assert!(
-        vmm.proc.wait_line(T, |l| l.contains("ready")).is_some(),
-        "{}",
-        vmm.proc.transcript()
-    );
-    std::thread::sleep(Duration::from_millis(300));
+    // (Bound, not `..`: the back-end must outlive the test.)
+    let SlowVm {
+        slow,
+        mut vmm,
+        blk: _blk,
+        sock: _,
+    } = SlowVm::start(&dir, &fuse_dir, &["--direct", "--test-suspend-unrecorded"]);
     let (mut new, dest) = Vmm::incoming(&dir.0, 0).unwrap();
     let err = vmm.live_update(&dest).unwrap_err().to_string();
     assert!(

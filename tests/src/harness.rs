@@ -75,7 +75,12 @@ pub fn assert_refused(cmd: Command, name: &str, needles: &[&str]) {
 
 /// The per-user directory of default RAM files, `/dev/shm/baton-UID`.
 pub fn default_ram_dir() -> PathBuf {
-    PathBuf::from(format!("/dev/shm/baton-{}", nix::unistd::geteuid()))
+    ram_dir_of(nix::unistd::geteuid().as_raw())
+}
+
+/// Where baton-vmm running as `uid` keeps its default RAM files: `/dev/shm/baton-UID`.
+pub fn ram_dir_of(uid: u32) -> PathBuf {
+    PathBuf::from(format!("/dev/shm/baton-{uid}"))
 }
 
 /// A test cannot run here (`kind`: `kvm`, `root`, `net`, `qemu`, `systemd`, `odirect`, …; `why`:

@@ -169,7 +169,7 @@ pub fn vmm_uid() -> u32 {
 /// Where a VMM the tests started ([`vmm_user_args`], [`start_as_test_user`]) keeps the RAM
 /// file of VM `name` by default: `/dev/shm/baton-UID/NAME.ram`, UID [`vmm_uid`].
 pub fn test_ram_file(name: &str) -> std::path::PathBuf {
-    std::path::PathBuf::from(format!("/dev/shm/baton-{}/{name}.ram", vmm_uid()))
+    crate::harness::ram_dir_of(vmm_uid()).join(format!("{name}.ram"))
 }
 
 /// Gives a socket the test binds itself (a fake back-end standing in for one of the VM's own

@@ -613,6 +613,36 @@ mod tests {
         put_desc(mem, 2, 0x3100, 1, 2, 0);
     }
 
+    /// Whether this kernel gives the io_uring engine a ring. If not, the test cannot run: a
+    /// failure, unless `BATON_ALLOW_SKIP` lists `io_uring` (or `all`), as ./test.sh's rule for
+    /// every test; an allowed skip is printed and appended to `$BATON_SKIP_LOG`, which
+    /// ./test.sh counts.
+    fn io_uring_here(test: &str) -> bool {
+        let e = Engine::new(crate::cli::IoEngineKind::IoUring, 16);
+        if format!("{e:?}") == "io_uring" {
+            return true;
+        }
+        let allowed = std::env::var("BATON_ALLOW_SKIP").unwrap_or_default();
+        assert!(
+            allowed
+                .split(',')
+                .any(|k| k.trim() == "io_uring" || k.trim() == "all"),
+            "{test} cannot run here: no io_uring (BATON_ALLOW_SKIP=io_uring skips it instead)"
+        );
+        eprintln!("SKIP {test}: no io_uring here");
+        if let Some(log) = std::env::var_os("BATON_SKIP_LOG") {
+            use std::io::Write;
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+            {
+                let _ = writeln!(f, "{test}\tio_uring\tno io_uring here");
+            }
+        }
+        false
+    }
+
     /// Whether `process` on queue 0 returns within a few seconds (a livelocked worker thread is
     /// left spinning until the test binary exits).
     fn process_ends(dev: Arc<Device>) -> bool {
@@ -691,11 +721,10 @@ mod tests {
     /// GET_ID, with a kick) nor the ring's lock holder's return once it completes.
     #[test]
     fn a_late_request_does_not_hold_up_later_ones() {
-        let uring = || Engine::new(crate::cli::IoEngineKind::IoUring, 16);
-        if format!("{:?}", uring()) != "io_uring" {
-            eprintln!("SKIP a_late_request_does_not_hold_up_later_ones: no io_uring here");
+        if !io_uring_here("a_late_request_does_not_hold_up_later_ones") {
             return;
         }
+        let uring = || Engine::new(crate::cli::IoEngineKind::IoUring, 16);
         let (slow, feed) = nix::unistd::pipe().unwrap();
         let disk = crate::disk::Disk::on(File::from(slow), 1 << 20);
         let (avail, used) = (0x2000u64, 0x2400u64);
@@ -755,11 +784,10 @@ mod tests {
     #[test]
     fn a_suspended_request_completes_once_if_the_next_region_lists_it() {
         use baton_service::inflight::InflightRegion;
-        let uring = || Engine::new(crate::cli::IoEngineKind::IoUring, 16);
-        if format!("{:?}", uring()) != "io_uring" {
-            eprintln!("SKIP a_suspended_request_completes_once: no io_uring here");
+        if !io_uring_here("a_suspended_request_completes_once_if_the_next_region_lists_it") {
             return;
         }
+        let uring = || Engine::new(crate::cli::IoEngineKind::IoUring, 16);
         for same_region in [true, false] {
             let (slow, feed) = nix::unistd::pipe().unwrap();
             let disk = crate::disk::Disk::on(File::from(slow), 1 << 20);

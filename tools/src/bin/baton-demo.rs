@@ -35,6 +35,7 @@ use baton_tests::bench::round;
 use baton_tests::boot::baton_cmd;
 use baton_tests::boot::percentile;
 use baton_tests::harness::{TempDir, result_json};
+use baton_tests::local_users::uid_of;
 use baton_tests::netns::{self, Netns};
 use baton_tests::services::{
     Vmm, blk_cont_seq, kill, service_pid, start_blk, start_supervised_net_tap_as,
@@ -77,13 +78,6 @@ const FIELDS: &[&str] = &[
 
 /// The uid the services and the VMMs run as: `nobody`.
 const DEMO_UID: u32 = 65534;
-
-/// The real uid of process `pid` (from /proc/PID/status).
-fn uid_of(pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("Uid:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
 
 fn step(what: &str) {
     println!("== {what}");

@@ -614,32 +614,13 @@ mod tests {
     }
 
     /// Whether this kernel gives the io_uring engine a ring. If not, the test cannot run: a
-    /// failure, unless `BATON_ALLOW_SKIP` lists `io_uring` (or `all`), as ./test.sh's rule for
-    /// every test; an allowed skip is printed and appended to `$BATON_SKIP_LOG`, which
-    /// ./test.sh counts.
-    fn io_uring_here(test: &str) -> bool {
+    /// failure unless skipping it is allowed ([`baton_service::skip::cannot_run`]).
+    fn io_uring_here() -> bool {
         let e = Engine::new(crate::cli::IoEngineKind::IoUring, 16);
         if format!("{e:?}") == "io_uring" {
             return true;
         }
-        let allowed = std::env::var("BATON_ALLOW_SKIP").unwrap_or_default();
-        assert!(
-            allowed
-                .split(',')
-                .any(|k| k.trim() == "io_uring" || k.trim() == "all"),
-            "{test} cannot run here: no io_uring (BATON_ALLOW_SKIP=io_uring skips it instead)"
-        );
-        eprintln!("SKIP {test}: no io_uring here");
-        if let Some(log) = std::env::var_os("BATON_SKIP_LOG") {
-            use std::io::Write;
-            if let Ok(mut f) = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)
-            {
-                let _ = writeln!(f, "{test}\tio_uring\tno io_uring here");
-            }
-        }
+        baton_service::skip::cannot_run("io_uring", "no io_uring here");
         false
     }
 
@@ -721,7 +702,7 @@ mod tests {
     /// GET_ID, with a kick) nor the ring's lock holder's return once it completes.
     #[test]
     fn a_late_request_does_not_hold_up_later_ones() {
-        if !io_uring_here("a_late_request_does_not_hold_up_later_ones") {
+        if !io_uring_here() {
             return;
         }
         let uring = || Engine::new(crate::cli::IoEngineKind::IoUring, 16);
@@ -784,7 +765,7 @@ mod tests {
     #[test]
     fn a_suspended_request_completes_once_if_the_next_region_lists_it() {
         use baton_service::inflight::InflightRegion;
-        if !io_uring_here("a_suspended_request_completes_once_if_the_next_region_lists_it") {
+        if !io_uring_here() {
             return;
         }
         let uring = || Engine::new(crate::cli::IoEngineKind::IoUring, 16);

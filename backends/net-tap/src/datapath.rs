@@ -2,7 +2,12 @@
 //!
 //! TX: each available chain's readable descriptors become an iovec array (reused per worker), the
 //! virtio-net header is checked against the negotiated features, and the chain goes to the TAP
-//! with one `writev` (the TAP parses the same header: IFF_VNET_HDR with TUNSETVNETHDRSZ).
+//! as one `writev` (the TAP parses the same header: IFF_VNET_HDR with TUNSETVNETHDRSZ). Up to
+//! [`TX_BATCH`] of those writes go to the kernel in one io_uring submission when the worker has
+//! a ring ([`TxBatch::use_ring`]), one `writev` syscall each otherwise. A TAP write never waits
+//! (the queue fd is non-blocking, so io_uring runs each write inline, in order, and a full TAP
+//! fails it with EAGAIN as `writev` would), and the chains are completed only after the whole
+//! batch has been written.
 //! RX: the writable descriptors of one chain (or, with MRG_RXBUF, of as many chains as the
 //! largest possible frame needs) become the iovec array and the TAP `readv`s the frame straight
 //! into guest memory (no bounce buffer). Chains a frame did not need carry over to the next
@@ -27,6 +32,11 @@ use crate::virtio::f;
 pub const MAX_IOVS: usize = 512;
 /// Most frames moved per ring per wake-up before the worker looks at its other events.
 const BUDGET: usize = 256;
+/// Most frames handed to the TAP in one io_uring submission.
+pub const TX_BATCH: usize = 128;
+/// A TX batch is sent once its frames hold this many iovecs (one more frame could then not
+/// fit in the array's fixed capacity, `TX_IOVS + MAX_IOVS + 1`).
+const TX_IOVS: usize = 1024;
 
 /// Why a descriptor chain was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -94,6 +104,8 @@ pub struct Scratch {
     pending_cap: u64,
     /// The first segments of a TX chain, to read the header.
     segs: Segs,
+    /// TX frames checked and waiting to be written to the TAP.
+    pub tx: TxBatch,
     /// (head, len) to complete.
     used: Vec<(u16, u32)>,
     /// One byte after the guest's RX buffers: the TAP truncates a frame that does not fit and
@@ -113,6 +125,7 @@ impl Scratch {
             iov_first: 0,
             pending_cap: 0,
             segs: Segs::default(),
+            tx: TxBatch::new(),
             used: Vec::with_capacity(BUDGET),
             overflow: Box::new([0u8; 1]),
         }
@@ -150,6 +163,207 @@ impl Scratch {
 impl Default for Scratch {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// TX frames checked and ready for the TAP: each is an iovec for our copy of its header followed
+/// by iovecs for the rest of the guest's buffers. Nothing here reallocates while frames are
+/// queued (the kernel reads these arrays when the batch is sent).
+pub struct TxBatch {
+    /// The headers as checked, one per queued frame (the TAP gets these, never the guest's
+    /// buffer, so what was checked is what is sent whatever the guest writes meanwhile).
+    hdrs: Box<[[u8; 12]; TX_BATCH]>,
+    /// The frames' iovecs; capacity `TX_IOVS + MAX_IOVS + 1`, never exceeded.
+    iovs: Vec<libc::iovec>,
+    /// (first iovec, iovec count) of each queued frame.
+    frames: Vec<(usize, usize)>,
+    /// A ring that can only write to the worker's TAP queue (fixed file 0), if the kernel
+    /// gave one.
+    ring: Option<io_uring::IoUring>,
+}
+
+impl std::fmt::Debug for TxBatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TxBatch")
+            .field("frames", &self.frames.len())
+            .field("io_uring", &self.ring.is_some())
+            .finish()
+    }
+}
+
+impl Drop for TxBatch {
+    /// Lets go of the TAP queue now: a ring closed with it registered would hold it until a
+    /// kernel worker tears the ring down, after this process may have exited (a TAP we created
+    /// would outlive us for a moment).
+    fn drop(&mut self) {
+        if let Some(ring) = &self.ring {
+            let _ = ring.submitter().unregister_files();
+        }
+    }
+}
+
+impl TxBatch {
+    fn new() -> Self {
+        TxBatch {
+            hdrs: Box::new([[0u8; 12]; TX_BATCH]),
+            iovs: Vec::with_capacity(TX_IOVS + MAX_IOVS + 1),
+            frames: Vec::with_capacity(TX_BATCH),
+            ring: None,
+        }
+    }
+
+    /// Sends batches through a ring restricted to writing to `tap` (as fixed file 0);
+    /// without one (an old kernel, io_uring disabled), each frame is one `writev`.
+    pub fn use_ring(&mut self, tap: std::os::fd::RawFd) -> io::Result<()> {
+        let entries = u32::try_from(TX_BATCH).unwrap_or(32);
+        let allowed = baton_service::uring::Allowed {
+            ops: &[io_uring::opcode::Writev::CODE],
+            flags: io_uring::squeue::Flags::empty(),
+            required: io_uring::squeue::Flags::FIXED_FILE,
+            files: &[tap],
+        };
+        self.ring = Some(baton_service::uring::restricted(entries, &allowed)?);
+        Ok(())
+    }
+
+    /// Whether batches go through io_uring.
+    pub fn has_ring(&self) -> bool {
+        self.ring.is_some()
+    }
+
+    /// Whether the batch must be sent before another frame is added.
+    fn full(&self) -> bool {
+        self.frames.len() >= TX_BATCH || self.iovs.len() >= TX_IOVS
+    }
+
+    /// Checks a TX chain and queues it as a frame; a refused chain is counted and dropped.
+    fn add(
+        &mut self,
+        chain: DescriptorChain<&GuestMem>,
+        mem: &GuestMem,
+        dev: &Device,
+        s: &mut Segs,
+    ) {
+        let neg = dev.negotiated();
+        let hdr_len = neg.hdr_len();
+        let start = self.iovs.len();
+        // The header's slot, filled once the header is checked.
+        self.iovs.push(libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        });
+        match gather(chain, mem, false, (&mut self.iovs, start + 1), s) {
+            Ok(total) if usize::try_from(total).unwrap_or(0) >= hdr_len => {
+                let Some(hdr) = self.hdrs.get_mut(self.frames.len()) else {
+                    self.iovs.truncate(start);
+                    return;
+                };
+                *hdr = [0u8; 12];
+                let copy = hdr.get_mut(..hdr_len).unwrap_or_default();
+                let ok = copy_from_iovs(self.iovs.get(start + 1..).unwrap_or_default(), copy);
+                let frame_len = usize::try_from(total).unwrap_or(0) - hdr_len;
+                let head10 = hdr.first_chunk::<10>().copied().unwrap_or_default();
+                let checked = if ok {
+                    neg.check_tx_header(&head10, frame_len)
+                } else {
+                    Err("unreadable header")
+                };
+                match checked {
+                    Ok(()) => {
+                        let rest = self.iovs.get_mut(start + 1..).unwrap_or_default();
+                        skip_bytes(rest, hdr_len);
+                        if let Some(slot) = self.iovs.get_mut(start) {
+                            *slot = libc::iovec {
+                                iov_base: hdr.as_mut_ptr().cast(),
+                                iov_len: hdr_len,
+                            };
+                        }
+                        self.frames.push((start, self.iovs.len() - start));
+                        debug_assert!(self.iovs.len() <= TX_IOVS + MAX_IOVS + 1);
+                        return;
+                    }
+                    Err(why) => dev.stats.bad_tx_header.hit("TX header refused", &why),
+                }
+            }
+            Ok(_) => dev.stats.bad_chain.hit("TX chain", &ChainError::TooShort),
+            Err(e) => dev.stats.bad_chain.hit("TX chain", &e),
+        }
+        self.iovs.truncate(start);
+    }
+
+    /// Writes every queued frame to the TAP (`tap`: the worker's queue fd, the ring's fixed
+    /// file 0) and empties the batch; counts what was written and what failed.
+    fn send(&mut self, tap: std::os::fd::RawFd, dev: &Device) {
+        let mut written = 0u64;
+        let fail = |e: io::Error| dev.stats.tap_io.hit("TAP write", &e);
+        match &mut self.ring {
+            Some(ring) => {
+                let n = self.frames.len();
+                {
+                    let mut sq = ring.submission();
+                    for (i, &(first, count)) in self.frames.iter().enumerate() {
+                        let iovs = self.iovs.get(first..).unwrap_or_default();
+                        let count = u32::try_from(count).unwrap_or(u32::MAX);
+                        let e = io_uring::opcode::Writev::new(
+                            io_uring::types::Fixed(0),
+                            iovs.as_ptr(),
+                            count,
+                        )
+                        .build()
+                        .user_data(i as u64);
+                        // SAFETY: the iovecs (into guest memory mapped while the caller holds
+                        // its memory guard, and into `hdrs`) stay valid and unchanged until
+                        // every completion below has been reaped; the ring has TX_BATCH
+                        // entries, so it has room for every frame.
+                        if unsafe { sq.push(&e) }.is_err() {
+                            fail(io::Error::other("TX ring full"));
+                        }
+                    }
+                }
+                let mut done = 0usize;
+                while done < n {
+                    match ring.submit_and_wait(n - done) {
+                        Ok(_) => {}
+                        Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                        Err(e) => {
+                            // Nothing was submitted (or the ring is broken): give up on the
+                            // ring, the next batches use writev.
+                            fail(e);
+                            break;
+                        }
+                    }
+                    for c in ring.completion() {
+                        done += 1;
+                        if c.result() < 0 {
+                            fail(io::Error::from_raw_os_error(-c.result()));
+                        } else {
+                            written += 1;
+                        }
+                    }
+                }
+                if done < n {
+                    self.ring = None;
+                }
+            }
+            None => {
+                for &(first, count) in &self.frames {
+                    let iovs = self.iovs.get(first..first + count).unwrap_or_default();
+                    // SAFETY: every iovec points into guest memory mapped by the caller's
+                    // memory guard, or into `hdrs`; the kernel only reads them.
+                    let r = unsafe { libc::writev(tap, iovs.as_ptr(), iov_count(iovs)) };
+                    if r < 0 {
+                        fail(io::Error::last_os_error());
+                    } else {
+                        written += 1;
+                    }
+                }
+            }
+        }
+        dev.stats
+            .tx_frames
+            .fetch_add(written, std::sync::atomic::Ordering::Relaxed);
+        self.frames.clear();
+        self.iovs.clear();
     }
 }
 
@@ -248,32 +462,37 @@ fn iov_count(iovs: &[libc::iovec]) -> libc::c_int {
     libc::c_int::try_from(iovs.len()).unwrap_or(libc::c_int::MAX)
 }
 
-/// Drops the first `hdr_len` bytes (the guest's header) from `iovs` and puts an iovec for our
-/// checked copy at `hdr` in their place.
-fn replace_header(iovs: &mut Vec<libc::iovec>, hdr: *mut u8, hdr_len: usize) {
-    let mut skip = hdr_len;
-    let mut drop_n = 0;
-    for v in iovs.iter_mut() {
-        if skip == 0 {
-            break;
-        }
-        let n = skip.min(v.iov_len);
-        // SAFETY: stays within the iovec's buffer (n <= iov_len); only the pointer moves.
-        v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
-        v.iov_len -= n;
-        skip -= n;
-        if v.iov_len == 0 {
-            drop_n += 1;
+/// Copies the first `buf.len()` bytes the iovecs (into guest memory, as `gather` made them)
+/// point to into `buf`, once each (the guest may be writing them meanwhile); false if they
+/// hold fewer.
+fn copy_from_iovs(iovs: &[libc::iovec], buf: &mut [u8]) -> bool {
+    let mut out = buf.iter_mut();
+    for v in iovs {
+        let base = v.iov_base.cast::<u8>().cast_const();
+        for i in 0..v.iov_len {
+            let Some(b) = out.next() else {
+                return true;
+            };
+            // SAFETY: `i < iov_len` and the iovec lies in guest memory mapped while the caller
+            // holds its memory guard; a volatile read, since the guest shares that memory.
+            *b = unsafe { base.add(i).read_volatile() };
         }
     }
-    iovs.drain(..drop_n);
-    iovs.insert(
-        0,
-        libc::iovec {
-            iov_base: hdr.cast(),
-            iov_len: hdr_len,
-        },
-    );
+    out.next().is_none()
+}
+
+/// Moves the start of `iovs` past their first `n` bytes (iovecs left empty stay, with length 0).
+fn skip_bytes(iovs: &mut [libc::iovec], mut n: usize) {
+    for v in iovs {
+        if n == 0 {
+            break;
+        }
+        let k = n.min(v.iov_len);
+        // SAFETY: stays within the iovec's buffer (k <= iov_len); only the pointer moves.
+        v.iov_base = unsafe { v.iov_base.cast::<u8>().add(k) }.cast();
+        v.iov_len -= k;
+        n -= k;
+    }
 }
 
 /// Sends the guest's frames to the TAP. Returns true if more work may be pending.
@@ -284,8 +503,6 @@ pub fn process_tx(dev: &Device, pair: &QueuePair, s: &mut Scratch) -> bool {
     }
     let mem = dev.mem.memory();
     let mem: &GuestMem = &mem;
-    let neg = dev.negotiated();
-    let hdr_len = neg.hdr_len();
     let mut sent = 0usize;
     loop {
         let _ = vr.queue.disable_notification(mem);
@@ -300,56 +517,19 @@ pub fn process_tx(dev: &Device, pair: &QueuePair, s: &mut Scratch) -> bool {
                 return false;
             }
         };
+        let tap = pair.tap.as_raw_fd();
         for chain in iter {
             let head = chain.head_index();
-            s.iovs.clear();
-            match gather(chain, mem, false, (&mut s.iovs, 0), &mut s.segs) {
-                Ok(total) if usize::try_from(total).unwrap_or(0) >= hdr_len => {
-                    // The kernel gets our copy of the header, never the guest's buffer: what
-                    // was checked is what is sent, whatever the guest writes meanwhile.
-                    let mut hdr = [0u8; 12];
-                    let copy = hdr.get_mut(..hdr_len).unwrap_or_default();
-                    let ok = access_segs(mem, s.segs.as_slice(), 0, copy, false);
-                    let frame_len = usize::try_from(total).unwrap_or(0) - hdr_len;
-                    let head10 = hdr.first_chunk::<10>().copied().unwrap_or_default();
-                    match if ok {
-                        neg.check_tx_header(&head10, frame_len)
-                    } else {
-                        Err("unreadable header")
-                    } {
-                        Ok(()) => {
-                            replace_header(&mut s.iovs, hdr.as_mut_ptr(), hdr_len);
-                            // SAFETY: every iovec points into guest memory mapped by `mem`, which
-                            // stays mapped while we hold the guard, or into `hdr`, which lives
-                            // until after the call; the kernel only reads them.
-                            let r = unsafe {
-                                libc::writev(
-                                    pair.tap.as_raw_fd(),
-                                    s.iovs.as_ptr(),
-                                    iov_count(&s.iovs),
-                                )
-                            };
-                            if r < 0 {
-                                dev.stats
-                                    .tap_io
-                                    .hit("TAP write", &io::Error::last_os_error());
-                            } else {
-                                dev.stats
-                                    .tx_frames
-                                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            }
-                        }
-                        Err(why) => dev.stats.bad_tx_header.hit("TX header refused", &why),
-                    }
-                }
-                Ok(_) => dev.stats.bad_chain.hit("TX chain", &ChainError::TooShort),
-                Err(e) => dev.stats.bad_chain.hit("TX chain", &e),
-            }
+            s.tx.add(chain, mem, dev, &mut s.segs);
             s.used.push((head, 0));
+            if s.tx.full() {
+                s.tx.send(tap, dev);
+            }
             if s.used.len() >= BUDGET {
                 break;
             }
         }
+        s.tx.send(tap, dev);
         for &(head, len) in &s.used {
             let _ = vr.queue.add_used(mem, head, len);
         }
@@ -732,7 +912,6 @@ mod tests {
     #[test]
     fn the_tap_gets_our_header_copy_and_the_rest_of_the_guest_buffers() {
         let mut guest = *b"HHHHHHHHHHHHframe-bytes";
-        let mut copy = *b"cccccccccccc";
         let base = guest.as_mut_ptr();
         let iov = |off: usize, len: usize| libc::iovec {
             // SAFETY: test buffers; offsets stay inside `guest`.
@@ -741,14 +920,92 @@ mod tests {
         };
         // The guest header spans two descriptors; the second also holds the frame's start.
         let mut iovs = vec![iov(0, 8), iov(8, 6), iov(14, 9)];
-        replace_header(&mut iovs, copy.as_mut_ptr(), 12);
-        let bytes: Vec<u8> = iovs
+        let mut hdr = [0u8; 12];
+        assert!(copy_from_iovs(&iovs, &mut hdr));
+        assert_eq!(&hdr, b"HHHHHHHHHHHH");
+        let mut too_much = [0u8; 24];
+        assert!(!copy_from_iovs(&iovs, &mut too_much));
+        skip_bytes(&mut iovs, 12);
+        let mut copy = *b"cccccccccccc";
+        let mut sent = vec![libc::iovec {
+            iov_base: copy.as_mut_ptr().cast(),
+            iov_len: 12,
+        }];
+        sent.extend_from_slice(&iovs);
+        let bytes: Vec<u8> = sent
             .iter()
             // SAFETY: each iovec points into `guest` or `copy`, both alive.
             .flat_map(|v| unsafe { std::slice::from_raw_parts(v.iov_base.cast::<u8>(), v.iov_len) })
             .copied()
             .collect();
         assert_eq!(&bytes[..], b"ccccccccccccframe-bytes");
-        assert_eq!(iovs.len(), 3);
+        assert_eq!(
+            iovs.iter().map(|v| v.iov_len).collect::<Vec<_>>(),
+            [0, 2, 9]
+        );
+    }
+
+    /// Queues `frames` in `t` as `add` would (header slot, then the frame's bytes).
+    fn queue_frames(t: &mut TxBatch, frames: &[Vec<u8>]) {
+        for (k, f) in frames.iter().enumerate() {
+            let start = t.iovs.len();
+            t.hdrs[k] = [u8::try_from(k).unwrap(); 12];
+            t.iovs.push(libc::iovec {
+                iov_base: t.hdrs[k].as_mut_ptr().cast(),
+                iov_len: 12,
+            });
+            t.iovs.push(libc::iovec {
+                iov_base: f.as_ptr().cast_mut().cast(),
+                iov_len: f.len(),
+            });
+            t.frames.push((start, 2));
+        }
+    }
+
+    #[test]
+    fn a_batch_reaches_the_tap_whole_and_in_order_with_and_without_io_uring() {
+        let cfg = crate::device::NetConfig {
+            mac: [2, 0, 0, 0, 0, 1],
+            mtu: 1500,
+            pairs: 0,
+        };
+        for ring in [true, false] {
+            let dev = Device::new(cfg, Vec::new()).unwrap();
+            // A datagram socket keeps each write a message of its own, as a TAP keeps frames.
+            let (tap, peer) = std::os::unix::net::UnixDatagram::pair().unwrap();
+            let mut t = TxBatch::new();
+            if ring {
+                if let Err(e) = t.use_ring(tap.as_raw_fd()) {
+                    baton_service::skip::cannot_run("io_uring", &format!("no io_uring: {e}"));
+                    continue;
+                }
+                assert!(t.has_ring());
+            }
+            let frames: Vec<Vec<u8>> = (0..TX_BATCH)
+                .map(|k| vec![u8::try_from(k).unwrap(); 20 + k])
+                .collect();
+            queue_frames(&mut t, &frames);
+            assert!(t.full());
+            t.send(tap.as_raw_fd(), &dev);
+            assert_eq!(
+                dev.stats
+                    .tx_frames
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                TX_BATCH as u64
+            );
+            assert!(t.frames.is_empty() && t.iovs.is_empty());
+            for (k, f) in frames.iter().enumerate() {
+                let mut buf = [0u8; 512];
+                let n = peer.recv(&mut buf).unwrap();
+                let mut want = vec![u8::try_from(k).unwrap(); 12];
+                want.extend_from_slice(f);
+                assert_eq!(&buf[..n], &want[..], "frame {k} (io_uring: {ring})");
+            }
+            // A write the TAP refuses is counted, and the rest of the batch still goes.
+            drop(peer);
+            queue_frames(&mut t, &frames[..2]);
+            t.send(tap.as_raw_fd(), &dev);
+            assert_eq!(dev.stats.tap_io.total(), 2);
+        }
     }
 }

@@ -169,6 +169,8 @@ pub struct Device {
     pub stats: Stats,
     /// Set on SIGTERM: workers exit.
     pub shutdown: AtomicBool,
+    /// Queue workers not yet returned (each lets go of its TAP queue's io_uring first).
+    live_workers: std::sync::atomic::AtomicUsize,
     /// How long an idle worker looks for work before it sleeps (`--poll-us`).
     poll: std::sync::atomic::AtomicU64,
 }
@@ -218,6 +220,7 @@ impl Device {
             active_pairs: AtomicUsize::new(n),
             stats: Stats::default(),
             shutdown: AtomicBool::new(false),
+            live_workers: std::sync::atomic::AtomicUsize::new(0),
             poll: std::sync::atomic::AtomicU64::new(DEFAULT_POLL_US),
         }))
     }
@@ -283,6 +286,19 @@ impl Device {
         Ok(())
     }
 
+    /// Waits (up to `limit`) until every queue worker has returned, after [`Device::shutdown`]
+    /// was set and the workers woken ([`Device::stop_all`]).
+    pub fn wait_workers_gone(&self, limit: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        while self.live_workers.load(Ordering::Acquire) > 0 {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        true
+    }
+
     /// Stops every ring (front-end gone, RESET_OWNER, or shutdown) and resets per-front-end
     /// state; the TAP queues stay open, so frames wait in them.
     pub fn stop_all(&self) {
@@ -314,20 +330,18 @@ impl Device {
             .map(|i| {
                 let dev = Arc::clone(self);
                 let kind = crate::seccomp::worker();
+                dev.live_workers.fetch_add(1, Ordering::AcqRel);
                 sandbox.spawn(format!("net-q{i}"), None, kind, move |gate| {
-                    let mut w = match Worker::new(&dev, i) {
-                        Ok(w) => w,
-                        Err(e) => {
-                            tracing::error!(pair = i, "worker set-up failed: {e}");
-                            return;
+                    match Worker::new(&dev, i) {
+                        Ok(mut w) if gate.enter() => {
+                            if let Err(e) = w.run() {
+                                tracing::error!(pair = i, "worker failed: {e}");
+                            }
                         }
-                    };
-                    if !gate.enter() {
-                        return;
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(pair = i, "worker set-up failed: {e}"),
                     }
-                    if let Err(e) = w.run() {
-                        tracing::error!(pair = i, "worker failed: {e}");
-                    }
+                    dev.live_workers.fetch_sub(1, Ordering::AcqRel);
                 })
             })
             .collect()
@@ -475,6 +489,11 @@ impl<'a> Worker<'a> {
             pair.tap.as_raw_fd(),
             EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, TOKEN_TAP),
         )?;
+        let mut scratch = Scratch::new();
+        match scratch.tx.use_ring(pair.tap.as_raw_fd()) {
+            Ok(()) => tracing::info!(pair = index, "TX through io_uring"),
+            Err(e) => tracing::warn!(pair = index, "no io_uring ({e}): TX by writev"),
+        }
         Ok(Worker {
             dev,
             index,
@@ -482,7 +501,7 @@ impl<'a> Worker<'a> {
             epoll,
             kicks: [None, None, None],
             attached: pair.tap.attached(),
-            scratch: Scratch::new(),
+            scratch,
         })
     }
 

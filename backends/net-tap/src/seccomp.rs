@@ -7,8 +7,11 @@
 //!   the connected front-end — fds (SCM_RIGHTS), guest memory mapped from them, the TAP's
 //!   header size and offloads (TUNSETVNETHDRSZ, TUNSETOFFLOAD) when features are set. It
 //!   spawns no thread after set-up.
-//! - `worker`: a queue-pair thread once its epoll set exists: epoll, `readv`/`writev` on the TAP,
-//!   eventfd reads and writes, attaching and detaching its TAP queue (TUNSETQUEUE).
+//! - `worker`: a queue-pair thread once its epoll set and its TX io_uring exist: epoll,
+//!   `readv`/`writev` on the TAP, `io_uring_enter` (the ring is restricted to WRITEV on the TAP
+//!   queue before) and the one `io_uring_register` the ring allows (dropping that queue when
+//!   the worker stops), eventfd reads and writes, attaching and detaching its TAP queue
+//!   (TUNSETQUEUE).
 //! - `signals`: the thread that waits for SIGTERM/SIGINT/SIGUSR1: logs counters, stops the
 //!   rings, removes the socket file it bound, exits.
 
@@ -35,6 +38,12 @@ pub fn worker() -> ThreadKind {
             Syscall::any(libc::SYS_read),
             Syscall::any(libc::SYS_readv),
             Syscall::any(libc::SYS_writev),
+            Syscall::any(libc::SYS_io_uring_enter),
+            Syscall::arg_in(
+                libc::SYS_io_uring_register,
+                1,
+                &[baton_service::uring::IORING_UNREGISTER_FILES.into()],
+            ),
             Syscall::arg_in(libc::SYS_ioctl, 1, &[TUNSETQUEUE]),
         ],
     )

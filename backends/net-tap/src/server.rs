@@ -41,6 +41,11 @@ pub fn handle_signals(
             tracing::info!("{sig:?}: stopping rings and exiting");
             dev.shutdown.store(true, Ordering::Release);
             dev.stop_all();
+            // Each worker lets go of its TAP queue's io_uring on the way out; then the TAP
+            // (if we created it) is gone when this process is.
+            if !dev.wait_workers_gone(std::time::Duration::from_millis(500)) {
+                tracing::warn!("a queue worker did not stop within 500 ms");
+            }
             if let Some(p) = socket {
                 let _ = std::fs::remove_file(p);
             }

@@ -23,7 +23,9 @@ pub mod ratelimit;
 pub mod ring;
 pub mod sandbox;
 pub mod sd;
+pub mod skip;
 pub mod supervise;
+pub mod uring;
 pub mod vhost;
 
 use std::os::unix::net::UnixListener;

@@ -351,6 +351,22 @@ fn poll_ring(ctl: &VringCtl, dev: &Device, engine: &mut Engine) -> bool {
     }
 }
 
+/// How many requests the worker pops at a time before it starts them (the ring's are then
+/// submitted) and completes those done (and notifies the guest). Popping all that is available
+/// first holds back the first completion until the last request is done: the front-end then
+/// refills the ring only once the worker has run dry, and the two take turns instead of
+/// overlapping. Measured with the host-side driver, 4 KiB random reads at QD 32 on one queue
+/// (`baton-vu-bench blk`): on tmpfs (requests run inline) 447k IOPS popping all, 552k by 2,
+/// 650k by 8, 616k by 16; on the disk with O_DIRECT (requests go to the ring) 93k popping all,
+/// ~122k by 1 or 2, ~112k by 4 or 8, against the disk's own 134k.
+fn pop_batch(disk: &crate::disk::Disk) -> usize {
+    if disk.inline() == crate::disk::Inline::Never {
+        2
+    } else {
+        8
+    }
+}
+
 /// Processes a started ring until nothing is available and nothing is in flight (public for
 /// the fuzz targets).
 pub fn process(st: &mut Vring, dev: &Device, engine: &mut Engine) {
@@ -396,7 +412,9 @@ fn run_until(
             if event_idx {
                 let _ = st.queue.disable_notification(m);
             }
-            let room = usize::from(st.queue.size()).saturating_sub(engine.in_flight());
+            let room = usize::from(st.queue.size())
+                .saturating_sub(engine.in_flight())
+                .min(pop_batch(dev.disk()));
             let batch = pop(st, dev, m, room);
             popped = batch.len();
             if let Some(d) = dev.test_delay().filter(|_| popped > 0) {
@@ -642,6 +660,38 @@ mod tests {
         let dev = device(0x2000, 0x2400, false);
         assert!(process_ends(dev.clone()));
         assert_eq!(dev.queues()[0].lock().completed, 1);
+    }
+
+    /// Sixteen requests available at once on a disk served inline: the guest is notified of
+    /// the first ones before the last are read (see [`pop_batch`]), not once after all.
+    #[test]
+    fn completions_go_back_while_the_rest_of_a_batch_waits() {
+        let dev = device_on(None, 32, 0x2000, 0x2400, false);
+        assert_eq!(pop_batch(dev.disk()), 8, "a memfd disk is served inline");
+        let call = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        {
+            let mut st = dev.queues()[0].lock();
+            let mem = st.mem.clone().unwrap();
+            for i in 0..16u16 {
+                let hdr = 0x3000 + 0x20 * u64::from(i);
+                mem.write_obj(4u32, GuestAddress(hdr)).unwrap();
+                let d = u64::from(2 * i);
+                put_desc(&mem, d, hdr, 16, 1, 2 * i + 1);
+                put_desc(&mem, d + 1, hdr + 0x10, 1, 2, 0);
+                let slot = GuestAddress(0x2000 + 4 + 2 * u64::from(i));
+                mem.write_obj(2 * i, slot).unwrap();
+            }
+            mem.write_obj(16u16, GuestAddress(0x2002)).unwrap();
+            // SAFETY: a dup of the eventfd, owned by nothing else.
+            let dup = unsafe { libc::dup(std::os::fd::AsRawFd::as_raw_fd(&call)) };
+            assert!(dup >= 0);
+            // SAFETY: `dup` is a fresh fd this File now owns.
+            st.call = Some(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(dup) });
+        }
+        assert!(process_ends(dev.clone()));
+        assert_eq!(dev.queues()[0].lock().completed, 16);
+        // Without EVENT_IDX every completed group notifies: two groups of 8.
+        assert_eq!(call.read().unwrap(), 2);
     }
 
     /// Found by fuzzing (`fuzz/regressions/blk_ring/used-ring-on-avail-ring`): with the used

@@ -17,7 +17,9 @@
 //! per frame does not grow with the number of pending chains (a guest with small mergeable
 //! buffers has dozens pending for the largest possible frame). A one-byte overflow iovec after the
 //! guest's buffers tells a frame that did not fit (the TAP truncates silently) from one that did.
-//! Every chain popped in one wake-up is completed in one batch and notified once.
+//! RX: every chain popped in one wake-up is completed in one batch and notified once. TX: each
+//! batch is completed (and notified) as soon as it is written, before the next is taken, so
+//! the guest refills its ring while the worker sends.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -518,14 +520,13 @@ pub fn process_tx(dev: &Device, pair: &QueuePair, s: &mut Scratch) -> bool {
             }
         };
         let tap = pair.tap.as_raw_fd();
+        // One batch at a time, completed before the next is taken: the guest gets its buffers
+        // back (and can refill them) while the worker sends the next batch.
         for chain in iter {
             let head = chain.head_index();
             s.tx.add(chain, mem, dev, &mut s.segs);
             s.used.push((head, 0));
             if s.tx.full() {
-                s.tx.send(tap, dev);
-            }
-            if s.used.len() >= BUDGET {
                 break;
             }
         }

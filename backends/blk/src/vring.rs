@@ -2,11 +2,11 @@
 //!
 //! Each queue has a `Mutex<Vring>` and a thread. The thread waits for a kick (or a wake-up from
 //! the control path), then, holding the lock, runs the ring as a pipeline ([`process`]): it pops
-//! what is available (marking each head inflight), starts it on its I/O engine, completes to the
-//! used ring whatever has finished (in completion order, as virtio allows), signals the guest
-//! per EVENT_IDX, and pops again; it sleeps, still holding the lock, only when nothing can
-//! progress, until a request finishes or the guest kicks. Up to a queue's worth of requests are
-//! in flight, so a slow request holds up only itself.
+//! a few of the available requests (see `pop_batch`; marking each head inflight), starts them
+//! on its I/O engine, completes to the used ring whatever has finished (in completion order, as
+//! virtio allows), signals the guest per EVENT_IDX, and pops again; it sleeps, still holding
+//! the lock, only when nothing can progress, until a request finishes or the guest kicks. Up to
+//! a queue's worth of requests are in flight, so a slow request holds up only itself.
 //!
 //! The lock is never released with a request in flight: the pipeline returns only once the
 //! engine is empty. A control-path caller of [`VringCtl::lock`] (GET_VRING_BASE, a new memory

@@ -300,7 +300,7 @@ impl TxBatch {
         let fail = |e: io::Error| dev.stats.tap_io.hit("TAP write", &e);
         match &mut self.ring {
             Some(ring) => {
-                let n = self.frames.len();
+                let mut n = 0usize;
                 {
                     let mut sq = ring.submission();
                     for (i, &(first, count)) in self.frames.iter().enumerate() {
@@ -317,7 +317,9 @@ impl TxBatch {
                         // its memory guard, and into `hdrs`) stay valid and unchanged until
                         // every completion below has been reaped; the ring has TX_BATCH
                         // entries, so it has room for every frame.
-                        if unsafe { sq.push(&e) }.is_err() {
+                        if unsafe { sq.push(&e) }.is_ok() {
+                            n += 1;
+                        } else {
                             fail(io::Error::other("TX ring full"));
                         }
                     }
@@ -526,7 +528,8 @@ pub fn process_tx(dev: &Device, pair: &QueuePair, s: &mut Scratch) -> bool {
             let head = chain.head_index();
             s.tx.add(chain, mem, dev, &mut s.segs);
             s.used.push((head, 0));
-            if s.tx.full() {
+            // (Refused chains count too: a guest cannot make one pass walk the whole ring.)
+            if s.tx.full() || s.used.len() >= TX_BATCH {
                 break;
             }
         }

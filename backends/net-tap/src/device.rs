@@ -330,8 +330,8 @@ impl Device {
             .map(|i| {
                 let dev = Arc::clone(self);
                 let kind = crate::seccomp::worker();
-                dev.live_workers.fetch_add(1, Ordering::AcqRel);
-                sandbox.spawn(format!("net-q{i}"), None, kind, move |gate| {
+                self.live_workers.fetch_add(1, Ordering::AcqRel);
+                let spawned = sandbox.spawn(format!("net-q{i}"), None, kind, move |gate| {
                     match Worker::new(&dev, i) {
                         Ok(mut w) if gate.enter() => {
                             if let Err(e) = w.run() {
@@ -342,7 +342,11 @@ impl Device {
                         Err(e) => tracing::error!(pair = i, "worker set-up failed: {e}"),
                     }
                     dev.live_workers.fetch_sub(1, Ordering::AcqRel);
-                })
+                });
+                if spawned.is_err() {
+                    self.live_workers.fetch_sub(1, Ordering::AcqRel);
+                }
+                spawned
             })
             .collect()
     }

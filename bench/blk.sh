@@ -107,9 +107,14 @@ for medium in ${BATON_BENCH_MEDIA:-tmpfs disk}; do
         aios=("native on" "io_uring on")
         ours_config="baton-blk --queues 2 --direct (io_uring engine)"
     fi
-    # Two images with the same random contents (reads are of real data, not holes).
-    dd if=/dev/urandom of="$dir/ours.img" bs=1M count="$SIZE_MB" status=none conv=fsync
-    cp "$dir/ours.img" "$dir/peer.img"
+    # Two images with the same random contents (reads are of real data, not holes), made the
+    # same way: how a file was written changes how fast it reads (on this tmpfs a `cp` of a
+    # file written by `dd bs=1M` reads 128 KiB blocks ~25 % faster than the original, whichever
+    # back-end serves it), so both are copies of a third.
+    dd if=/dev/urandom of="$dir/seed.img" bs=1M count="$SIZE_MB" status=none conv=fsync
+    cp "$dir/seed.img" "$dir/ours.img"
+    cp "$dir/seed.img" "$dir/peer.img"
+    rm "$dir/seed.img"
     sync
 
     # The peer's best aio mode for this medium, on the headline case.

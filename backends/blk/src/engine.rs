@@ -392,6 +392,7 @@ fn restricted_ring(entries: u32) -> std::io::Result<IoUring> {
             flags: squeue::Flags::ASYNC,
             required: squeue::Flags::empty(),
             files: &[],
+            buffers: &[],
         },
     )
 }

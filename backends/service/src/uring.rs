@@ -25,6 +25,9 @@ pub struct Allowed<'a> {
     /// The SQE flags every SQE must carry (`FIXED_FILE` with `files`: the ring then reaches
     /// only those files).
     pub required: Flags,
+    /// The buffers registered as fixed buffers 0, 1, ... (their memory counts against the
+    /// locked-memory limit; the caller keeps them in place as long as the ring lives).
+    pub buffers: &'a [libc::iovec],
     /// The files registered as fixed files 0, 1, ... The ring may unregister them (and so
     /// reach none): its owner does, to release them at once when it stops; a ring closed
     /// with files registered releases them later, from a kernel worker.
@@ -36,6 +39,11 @@ pub fn restricted(entries: u32, allowed: &Allowed<'_>) -> std::io::Result<IoUrin
     let ring = IoUring::builder().setup_r_disabled().build(entries)?;
     if !allowed.files.is_empty() {
         ring.submitter().register_files(allowed.files)?;
+    }
+    if !allowed.buffers.is_empty() {
+        // SAFETY: the caller keeps the buffers alive and in place as long as the ring (see
+        // `Allowed::buffers`).
+        unsafe { ring.submitter().register_buffers(allowed.buffers)? };
     }
     let mut rules: Vec<Restriction> = allowed
         .ops
@@ -70,6 +78,7 @@ mod tests {
             flags: Flags::empty(),
             required: Flags::FIXED_FILE,
             files: &[tx.as_raw_fd()],
+            buffers: &[],
         };
         let mut ring = match restricted(8, &allowed) {
             Ok(r) => r,

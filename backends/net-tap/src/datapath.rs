@@ -542,22 +542,23 @@ fn iov_count(iovs: &[libc::iovec]) -> libc::c_int {
 }
 
 /// Copies the first `buf.len()` bytes the iovecs (into guest memory, as `gather` made them)
-/// point to into `buf`, once each (the guest may be writing them meanwhile); false if they
-/// hold fewer.
+/// point to into `buf`, once each (the guest may be writing them meanwhile: vm-memory's
+/// volatile copy); false if they hold fewer.
 fn copy_from_iovs(iovs: &[libc::iovec], buf: &mut [u8]) -> bool {
-    let mut out = buf.iter_mut();
+    let mut done = 0usize;
     for v in iovs {
-        let base = v.iov_base.cast::<u8>().cast_const();
-        for i in 0..v.iov_len {
-            let Some(b) = out.next() else {
-                return true;
-            };
-            // SAFETY: `i < iov_len` and the iovec lies in guest memory mapped while the caller
-            // holds its memory guard; a volatile read, since the guest shares that memory.
-            *b = unsafe { base.add(i).read_volatile() };
+        let Some(rest) = buf.get_mut(done..) else {
+            break;
+        };
+        if rest.is_empty() {
+            break;
         }
+        // SAFETY: the iovec lies in guest memory mapped while the caller holds its memory
+        // guard (`gather` took it from a `VolatileSlice` of that memory).
+        let slice = unsafe { vm_memory::VolatileSlice::new(v.iov_base.cast(), v.iov_len) };
+        done += slice.copy_to(rest);
     }
-    out.next().is_none()
+    done == buf.len()
 }
 
 /// Moves the start of `iovs` past their first `n` bytes (iovecs left empty stay, with length 0).

@@ -157,7 +157,10 @@ net_start() {
     _name=$1 _tap=$2; shift 2
     baton-net-tap --socket "/tmp/$_name.sock" --tap "$_tap" "$@" >"/tmp/$_name.log" 2>&1 &
     echo $! >"/tmp/$_name.pid"
-    # The socket of a SIGKILLed predecessor may still be there: wait for the TAP too.
+    # The socket of a SIGKILLed predecessor may still be there, and so may its TAP for a
+    # moment (the kernel releases a killed process's io_uring, which holds its TAP queue, from
+    # a worker, after the process is gone): wait for this one's own word that it serves.
+    wait_for 30 grep -q "serving tap=" "/tmp/$_name.log" || { cat "/tmp/$_name.log"; return 1; }
     wait_for 30 test -S "/tmp/$_name.sock" || { cat "/tmp/$_name.log"; return 1; }
     wait_for 30 test -e "/sys/class/net/$_tap" || { cat "/tmp/$_name.log"; return 1; }
 }

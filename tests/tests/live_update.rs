@@ -97,6 +97,9 @@ fn swap_under_ticks(mem: &str, swaps: usize) -> Vec<f64> {
         "the VMM dropped to the test user"
     );
     let mut blackouts = Vec::new();
+    // The tick the current VMM's output began with, when that line was split between it and
+    // the VMM before (its first complete tick line may then be its only one).
+    let mut start_tick: Option<u64> = None;
     for n in 0..swaps {
         let (new, sock) = start_incoming(&dir, n, None);
         let (code, out) = live_update(&cur.api, &sock, None);
@@ -113,7 +116,7 @@ fn swap_under_ticks(mem: &str, swaps: usize) -> Vec<f64> {
         // ("tick 2" of "tick 24"), so both readings are tried.
         let mut old = cur.proc.seen.clone();
         let old_last = old.pop().unwrap_or_default();
-        let before = old.iter().rev().find_map(|l| tick_number(l));
+        let before = old.iter().rev().find_map(|l| tick_number(l)).or(start_tick);
         let mut new = new;
         assert_eq!(
             uid_of(new.proc.child.id()),
@@ -123,19 +126,20 @@ fn swap_under_ticks(mem: &str, swaps: usize) -> Vec<f64> {
         let first = new.proc.wait_line(T, |_| true).unwrap();
         let split = tick_number(&format!("{old_last}{first}"));
         let whole = (tick_number(&old_last), tick_number(&first));
-        let continues = match (split, before, whole) {
-            (Some(t), Some(b), _) if t == b + 1 => true,
-            (_, _, (Some(a), Some(b))) => b == a + 1,
-            (_, _, (Some(a), None)) => {
-                new.proc
-                    .wait_line(T, |l| tick_number(l).is_some())
-                    .and_then(|l| tick_number(&l))
-                    == Some(a + 1)
-            }
-            _ => false,
+        // The tick the new VMM's output continues with, if it is the next one.
+        let next = match (split, before, whole) {
+            (Some(t), Some(b), _) if t == b + 1 => Some(t),
+            (_, _, (Some(a), Some(b))) if b == a + 1 => Some(b),
+            (_, _, (Some(a), None)) => new
+                .proc
+                .wait_line(T, |l| tick_number(l).is_some())
+                .and_then(|l| tick_number(&l))
+                .filter(|t| *t == a + 1),
+            _ => None,
         };
+        start_tick = next;
         assert!(
-            continues,
+            next.is_some(),
             "swap {n}: ticks do not continue: old ended {old_last:?} (tick before: {before:?}), new began {first:?}"
         );
         cur = new;

@@ -305,30 +305,26 @@ impl TxBatch {
                     self.iovs.truncate(start);
                     return;
                 };
-                let copy = slot.get_mut(..hdr_len).unwrap_or_default();
-                let ok = copy_from_iovs(self.iovs.get(start + 1..).unwrap_or_default(), copy);
-                let frame_len = usize::try_from(total).unwrap_or(0) - hdr_len;
-                let mut head10 = [0u8; 10];
-                for (d, s) in head10.iter_mut().zip(slot.iter().take(hdr_len)) {
-                    *d = *s;
-                }
+                let len = usize::try_from(total).unwrap_or(0);
+                // A frame that fits is copied whole, header first; of a larger one, the header.
+                let copied = if len <= TX_COPY { len } else { hdr_len };
+                let guest = self.iovs.get(start + 1..).unwrap_or_default();
+                let ok = copy_from_iovs(guest, slot.get_mut(..copied).unwrap_or_default());
+                let head10 = slot.first_chunk::<10>().copied().unwrap_or_default();
                 let checked = if ok {
-                    neg.check_tx_header(&head10, frame_len)
+                    neg.check_tx_header(&head10, len - hdr_len)
                 } else {
                     Err("unreadable header")
                 };
                 match checked {
+                    Ok(()) if copied == len => {
+                        self.iovs.truncate(start);
+                        self.frames.push(Frame::Copied(len));
+                        return;
+                    }
                     Ok(()) => {
                         let rest = self.iovs.get_mut(start + 1..).unwrap_or_default();
                         skip_bytes(rest, hdr_len);
-                        let len = hdr_len + frame_len;
-                        if let Some(body) = slot.get_mut(hdr_len..len) {
-                            let rest = self.iovs.get(start + 1..).unwrap_or_default();
-                            copy_from_iovs(rest, body);
-                            self.iovs.truncate(start);
-                            self.frames.push(Frame::Copied(len));
-                            return;
-                        }
                         if let Some(v) = self.iovs.get_mut(start) {
                             *v = libc::iovec {
                                 iov_base: slot.as_mut_ptr().cast(),

@@ -100,8 +100,8 @@ impl VhostUserDevice {
     /// device it had. The connection is made now if the back-end keeps a second front-end in
     /// standby (as baton's do: the handshake that does not touch the device is served at once,
     /// the rest waits until the old VMM hangs up), which takes it out of the blackout; else
-    /// (it closes us, or does not answer within [`STANDBY_TIMEOUT`]) it is made by
-    /// [`VhostUserDevice::resume`].
+    /// (it closes us, does not answer within [`STANDBY_TIMEOUT`], or no longer offers a
+    /// feature the guest has) it is made by [`VhostUserDevice::resume`].
     pub fn handed_over(
         cfg: DeviceConfig,
         mem: GuestMemoryMmap,
@@ -109,15 +109,12 @@ impl VhostUserDevice {
         queue_count: u16,
     ) -> Self {
         let mut d = Self::waiting(cfg, mem, offered, queue_count);
-        match Self::connect_within(d.cfg.clone(), d.mem.clone(), STANDBY_TIMEOUT) {
-            Ok(fresh) if fresh.offered & offered == offered => {
+        match Self::connect_within(d.cfg.clone(), d.mem.clone(), STANDBY_TIMEOUT)
+            .and_then(|fresh| d.adopt_connection(fresh))
+        {
+            Ok(()) => {
                 tracing::info!(socket = %d.cfg.socket.display(), "connected in standby");
-                d.adopt_connection(fresh);
                 d.standby = true;
-            }
-            Ok(_) => {
-                tracing::info!(socket = %d.cfg.socket.display(),
-                    "the back-end offers less than the guest has: reconnecting at the switch");
             }
             Err(e) => {
                 tracing::info!(socket = %d.cfg.socket.display(),
@@ -146,14 +143,20 @@ impl VhostUserDevice {
         }
     }
 
-    /// Takes `fresh`'s connection and what it negotiated; the guest keeps what it saw.
-    fn adopt_connection(&mut self, fresh: VhostUserDevice) {
+    /// Takes `fresh`'s connection and what it negotiated, if it still offers every feature the
+    /// guest relies on; the guest keeps what it saw.
+    fn adopt_connection(&mut self, fresh: VhostUserDevice) -> Result<(), E> {
+        let missing = self.offered & !fresh.offered;
+        if missing != 0 {
+            return Err(E::MissingFeatures(self.cfg.socket.clone(), missing));
+        }
         self.fe = fresh.fe;
         self.backend_features = fresh.backend_features;
         self.protocol = fresh.protocol;
         if fresh.config_space.len() == self.config_space.len() {
             self.config_space = fresh.config_space;
         }
+        Ok(())
     }
 
     /// Connects again and renegotiates; the back-end must still offer every feature the guest
@@ -177,11 +180,6 @@ impl VhostUserDevice {
                 Err(e) => return Err(e),
             }
         };
-        let missing = self.offered & !fresh.offered;
-        if missing != 0 {
-            return Err(E::MissingFeatures(self.cfg.socket.clone(), missing));
-        }
-        self.adopt_connection(fresh);
-        Ok(())
+        self.adopt_connection(fresh)
     }
 }

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::socket::{MsgFlags, recv};
+use vhost::vhost_user::message::FrontendReq;
 use vhost::vhost_user::{BackendReqHandler, Error as VuError};
 
 use super::{Frontend, VhostUserDevice};
@@ -122,7 +123,15 @@ impl<D: VhostUserDevice> Conn<D> {
 /// does not touch the device (GET_FEATURES, SET_OWNER, GET/SET_PROTOCOL_FEATURES,
 /// GET_QUEUE_NUM, GET_CONFIG, GET_MAX_MEM_SLOTS). Its first other message waits, unread,
 /// until the running front-end goes.
-const STANDBY_REQUESTS: [u32; 7] = [1, 3, 15, 16, 17, 24, 36];
+const STANDBY_REQUESTS: [FrontendReq; 7] = [
+    FrontendReq::GET_FEATURES,
+    FrontendReq::SET_OWNER,
+    FrontendReq::GET_PROTOCOL_FEATURES,
+    FrontendReq::SET_PROTOCOL_FEATURES,
+    FrontendReq::GET_QUEUE_NUM,
+    FrontendReq::GET_CONFIG,
+    FrontendReq::GET_MAX_MEM_SLOTS,
+];
 
 /// Serves a connected front-end until it goes away, then stops the device's rings.
 ///
@@ -206,7 +215,9 @@ pub fn serve_connection<D: VhostUserDevice>(
                         // Dropped, not ended: the device belongs to the running front-end.
                         standby = None;
                     }
-                    Some(Some(code)) if !STANDBY_REQUESTS.contains(&code) => parked = true,
+                    Some(Some(code)) if !STANDBY_REQUESTS.iter().any(|r| u32::from(*r) == code) => {
+                        parked = true
+                    }
                     Some(_) => {
                         if !s.step() {
                             tracing::info!("the standby front-end went away");
